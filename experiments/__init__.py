@@ -1,0 +1,1 @@
+"""Datasets, the classifier, the run pipeline and the results tables."""

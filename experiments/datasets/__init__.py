@@ -1,0 +1,125 @@
+"""Datasets: a registry of loaders and one :func:`build_dataset` that applies the
+framework's deterministic split rules (official splits where they exist, a
+seeded stratified val split carved from train otherwise, an optional seeded
+few-shot ``train_per_class``).
+
+A loader is ``fn(cfg) -> RawSplits``; register one with :func:`register_loader`
+and add ``conf/dataset/<name>.yaml`` naming it as ``loader``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .core import (
+    DatasetError,
+    DatasetNotFoundError,
+    DatasetSplits,
+    FileImageSet,
+    ImageSet,
+    TensorImageSet,
+    per_class_choice,
+    stratified_holdout,
+)
+
+__all__ = [
+    "DatasetError",
+    "DatasetNotFoundError",
+    "DatasetSplits",
+    "FileImageSet",
+    "ImageSet",
+    "RawSplits",
+    "TensorImageSet",
+    "build_dataset",
+    "register_loader",
+    "LOADERS",
+]
+
+
+@dataclass
+class RawSplits:
+    """What a loader returns: the dataset's own splits (``val`` None when it has none)."""
+
+    class_names: list[str]
+    train: ImageSet
+    test: ImageSet
+    val: ImageSet | None = None
+    #: extra facts that identify the source (e.g. official split id), for the store key
+    source: dict[str, Any] | None = None
+
+
+Loader = Callable[[Mapping[str, Any]], RawSplits]
+LOADERS: dict[str, Loader] = {}
+# modules whose import registers loaders; imported lazily so one missing optional
+# dependency cannot break every dataset
+_LOADER_MODULES = ("simple", "torchvision_sets")
+
+
+def register_loader(name: str) -> Callable[[Loader], Loader]:
+    def deco(fn: Loader) -> Loader:
+        LOADERS[name] = fn
+        return fn
+
+    return deco
+
+
+def _ensure_registered() -> None:
+    for module in _LOADER_MODULES:
+        importlib.import_module(f"{__name__}.{module}")
+
+
+def build_dataset(cfg: Mapping[str, Any]) -> DatasetSplits:
+    """Load a dataset from its config and apply the split rules.
+
+    Order (so that val never depends on the few-shot size): official splits ->
+    carve val from train when there is none (``val_fraction``, seeded by
+    ``split_seed``) -> few-shot ``train_per_class`` from what remains.
+    """
+    _ensure_registered()
+    loader_name = cfg.get("loader", cfg["name"])
+    if loader_name not in LOADERS:
+        raise DatasetError(f"unknown dataset loader {loader_name!r}; known: {sorted(LOADERS)}")
+    raw = LOADERS[loader_name](cfg)
+    class_names = [str(c) for c in raw.class_names]
+    expected = cfg.get("num_classes")
+    if expected is not None and int(expected) != len(class_names):
+        raise DatasetError(
+            f"dataset {cfg['name']!r}: config says num_classes={expected} but the data has "
+            f"{len(class_names)} classes ({class_names[:5]}...)"
+        )
+    split_seed = int(cfg.get("split_seed", 0))
+    train, val, carved = raw.train, raw.val, False
+    if val is None:
+        keep, held = stratified_holdout(train.labels, float(cfg.get("val_fraction", 0.1)), split_seed)
+        train, val, carved = train.subset(keep), train.subset(held), True
+    n_per_class = cfg.get("train_per_class")
+    if n_per_class is not None:
+        chosen, _ = per_class_choice(train.labels, int(n_per_class), split_seed + 1, class_names)
+        train = train.subset(chosen)
+    if len(train) == 0:
+        raise DatasetError(f"dataset {cfg['name']!r}: the training split is empty")
+    identity = {
+        "name": cfg["name"],
+        "image_size": cfg.get("image_size"),
+        "train_per_class": n_per_class,
+        "split_seed": split_seed,
+        "val_fraction": cfg.get("val_fraction") if carved else None,
+        "source": raw.source or {},
+        "train_fingerprint": train.fingerprint(),
+    }
+    splits = DatasetSplits(
+        name=str(cfg["name"]),
+        class_names=class_names,
+        train=train,
+        val=val,
+        test=raw.test,
+        channels=train.channels,
+        image_size=cfg.get("image_size"),
+        identity=identity,
+        val_is_carved=carved,
+    )
+    splits.check_labels()
+    return splits

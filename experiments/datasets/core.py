@@ -1,0 +1,254 @@
+"""Labelled image splits, deterministic seeded splitting, and the errors a
+user sees when data is missing or malformed.
+
+Every split yields ``(uint8 tensor [C, H, W], int label)``; when the dataset
+config sets ``image_size`` every image is resized to that square size, so
+batches stack and the expansion store and classifier see one resolution.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision.transforms.v2 import functional as TF
+
+
+class DatasetError(RuntimeError):
+    """Bad or missing data, with the cause and the fix in the message."""
+
+
+class DatasetNotFoundError(DatasetError):
+    pass
+
+
+def missing_dataset(name: str, expected: Path | str, how: str) -> DatasetNotFoundError:
+    return DatasetNotFoundError(f"dataset {name!r}: expected {expected} but it is missing. {how}")
+
+
+def resize_square(image: torch.Tensor, size: int | None) -> torch.Tensor:
+    """Resize uint8 ``[..., C, H, W]`` to ``size x size`` (antialiased bilinear); no-op if already there."""
+    if size is None or tuple(image.shape[-2:]) == (size, size):
+        return image
+    return TF.resize(image, [size, size], antialias=True)
+
+
+def match_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
+    """Convert uint8 ``[..., C, H, W]`` between 1 and 3 channels (ITU-R 601 luma for RGB->L)."""
+    c = image.shape[-3]
+    if c == channels:
+        return image
+    if c == 1 and channels == 3:
+        return image.expand(*image.shape[:-3], 3, *image.shape[-2:]).contiguous()
+    if c == 3 and channels == 1:
+        return TF.rgb_to_grayscale(image, num_output_channels=1)
+    if c == 4:
+        return match_channels(image[..., :3, :, :], channels)
+    raise DatasetError(f"cannot convert an image with {c} channels to {channels}")
+
+
+class ImageSet(Dataset):
+    """A labelled split. Subclasses implement :meth:`load_image` and set ``labels``."""
+
+    labels: np.ndarray
+    channels: int
+    image_size: int | None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load_image(self, index: int) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.load_image(int(index))
+        image = resize_square(match_channels(image, self.channels), self.image_size)
+        return image, int(self.labels[index])
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> "ImageSet":
+        return SubsetImageSet(self, np.asarray(indices, dtype=np.int64))
+
+    def fingerprint(self) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def class_counts(self, num_classes: int) -> np.ndarray:
+        return np.bincount(self.labels, minlength=num_classes)
+
+    def to_tensor(self) -> torch.Tensor:
+        """Decode the whole split into one uint8 tensor ``[N, C, S, S]`` (needs ``image_size``
+        or uniformly sized images)."""
+        if len(self) == 0:
+            raise DatasetError("cannot stack an empty split")
+        return torch.stack([self[i][0] for i in range(len(self))])
+
+
+class TensorImageSet(ImageSet):
+    """Images held in memory as one uint8 tensor ``[N, C, H, W]``."""
+
+    def __init__(self, images: torch.Tensor, labels: np.ndarray | Sequence[int], *, image_size: int | None = None):
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise DatasetError(f"expected uint8 [N, C, H, W] images, got {images.dtype} {tuple(images.shape)}")
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if len(labels) != images.shape[0]:
+            raise DatasetError(f"{images.shape[0]} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels
+        self.channels = images.shape[1]
+        self.image_size = image_size
+
+    def load_image(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+    def to_tensor(self) -> torch.Tensor:
+        return resize_square(self.images, self.image_size)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        h.update(str(tuple(self.images.shape)).encode())
+        h.update(self.images.contiguous().numpy().tobytes())
+        h.update(self.labels.tobytes())
+        return h.hexdigest()[:16]
+
+
+class FileImageSet(ImageSet):
+    """Images decoded from files on access; an unreadable file is named in the error."""
+
+    def __init__(self, paths: Sequence[Path | str], labels: Sequence[int] | np.ndarray, *, channels: int = 3,
+                 image_size: int | None = None):
+        self.paths = [Path(p) for p in paths]
+        self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if len(self.paths) != len(self.labels):
+            raise DatasetError(f"{len(self.paths)} files but {len(self.labels)} labels")
+        self.channels = channels
+        self.image_size = image_size
+
+    def load_image(self, index: int) -> torch.Tensor:
+        return read_image(self.paths[index], self.channels)
+
+    def fingerprint(self) -> str:
+        # names relative to the class folder and sizes: independent of where the data root lives
+        h = hashlib.sha256()
+        for path, label in zip(self.paths, self.labels):
+            size = path.stat().st_size if path.exists() else -1
+            h.update(f"{path.parent.name}/{path.name}:{size}:{label};".encode())
+        return h.hexdigest()[:16]
+
+
+def read_image(path: Path, channels: int) -> torch.Tensor:
+    """Decode one image file to uint8 ``[channels, H, W]``; any decoding failure names the file."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = img.convert("L" if channels == 1 else "RGB")
+            array = np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DatasetError(f"unreadable image {path}: {exc}") from exc
+    tensor = torch.from_numpy(array.copy())
+    return tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()
+
+
+class SubsetImageSet(ImageSet):
+    def __init__(self, base: ImageSet, indices: np.ndarray):
+        self.base = base
+        self.indices = indices
+        self.labels = base.labels[indices]
+        self.channels = base.channels
+        self.image_size = base.image_size
+
+    def load_image(self, index: int) -> torch.Tensor:
+        return self.base.load_image(int(self.indices[index]))
+
+    def to_tensor(self) -> torch.Tensor:
+        if isinstance(self.base, TensorImageSet):
+            return resize_square(self.base.images[torch.from_numpy(self.indices)], self.image_size)
+        return super().to_tensor()
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(self.base.fingerprint().encode())
+        h.update(self.indices.tobytes())
+        return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded per-class split: ``round(fraction * n_c)`` (at least 1 when n_c > 1) of each
+    class go to the held-out part. Returns sorted ``(kept, held_out)`` indices."""
+    if not 0.0 < fraction < 1.0:
+        raise DatasetError(f"val_fraction must be in (0, 1), got {fraction}")
+    rng = np.random.default_rng(seed)
+    kept, held = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        n_out = int(round(fraction * len(idx)))
+        if len(idx) > 1:
+            n_out = min(max(n_out, 1), len(idx) - 1)
+        else:
+            n_out = 0
+        held.append(idx[:n_out])
+        kept.append(idx[n_out:])
+    return np.sort(np.concatenate(kept)), np.sort(np.concatenate(held))
+
+
+def per_class_choice(labels: np.ndarray, n_per_class: int, seed: int, class_names: Sequence[str],
+                     what: str = "train_per_class") -> tuple[np.ndarray, np.ndarray]:
+    """Seeded choice of exactly ``n_per_class`` indices of every class; returns sorted
+    ``(chosen, rest)``. Fails when a class has fewer images."""
+    if n_per_class < 1:
+        raise DatasetError(f"{what} must be >= 1, got {n_per_class}")
+    rng = np.random.default_rng(seed)
+    chosen, rest = [], []
+    for c in range(len(class_names)):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < n_per_class:
+            raise DatasetError(
+                f"{what}={n_per_class} but class {c} ({class_names[c]!r}) has only {len(idx)} images in this split"
+            )
+        idx = idx[rng.permutation(len(idx))]
+        chosen.append(idx[:n_per_class])
+        rest.append(idx[n_per_class:])
+    return np.sort(np.concatenate(chosen)), np.sort(np.concatenate(rest))
+
+
+@dataclass
+class DatasetSplits:
+    """A dataset ready for an experiment: train / val / test splits and class names.
+
+    ``identity`` describes exactly which training images an expansion saw; it is
+    hashed into the store key together with the training split's fingerprint.
+    """
+
+    name: str
+    class_names: list[str]
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+    channels: int
+    image_size: int | None
+    identity: dict[str, Any] = field(default_factory=dict)
+    val_is_carved: bool = False
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+    def check_labels(self) -> None:
+        for split_name in ("train", "val", "test"):
+            labels = getattr(self, split_name).labels
+            if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+                raise DatasetError(
+                    f"dataset {self.name!r}: {split_name} labels span [{labels.min()}, {labels.max()}] "
+                    f"but the dataset has {self.num_classes} classes"
+                )
