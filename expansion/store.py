@@ -1,0 +1,265 @@
+"""Content-addressed store of expanded images.
+
+Layout of one store (``<store_dir>/<key>/``)::
+
+    meta.json            key, format version, the full key payload, status
+    images/PPPPPPP_CCC.png   parent index P, copy index C
+    chunks/<first>-<last>-<digest>.jsonl   manifest rows of one written batch
+    manifest.jsonl       all rows sorted by (parent, copy); written on completion
+    .lock                a file lock held by the one job that writes the store
+
+Atomicity and resume: every file is written to a temporary name in the same
+folder and moved into place with ``os.replace``. A batch's images are written
+before its manifest chunk, so a parent counts as done only when its chunk
+exists, and a chunk names only images already in place. A run killed at any
+moment therefore leaves complete chunks, possibly some orphan images that the
+resumed run rewrites (bit-identically, thanks to per-image seeds), and
+temporary files that :meth:`ExpansionStore.open_for_writing` removes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from filelock import FileLock, Timeout
+from PIL import Image
+
+from .base import ExpansionError
+
+#: bump when the layout or the meaning of a manifest field changes
+FORMAT_VERSION = 1
+_TMP_MARK = ".tmp-"
+
+
+def canonical_json(payload: Any) -> str:
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def store_key(dataset_identity: Mapping[str, Any], signature: Mapping[str, Any], seed: int) -> tuple[str, dict]:
+    """``sha256(format version + dataset identity + method signature + seed)``, 20 hex chars."""
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "dataset": dict(dataset_identity),
+        "method": dict(signature),
+        "seed": int(seed),
+    }
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:20], payload
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that ``path`` is either absent, old or complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + _TMP_MARK)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def encode_png(image: torch.Tensor) -> bytes:
+    """uint8 ``[C, H, W]`` (C = 1 or 3) to PNG bytes."""
+    array = image.detach().cpu().numpy()
+    array = array[0] if array.shape[0] == 1 else np.ascontiguousarray(array.transpose(1, 2, 0))
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def image_name(parent: int, copy: int) -> str:
+    return f"{parent:07d}_{copy:03d}.png"
+
+
+@dataclass
+class ExpandedSet:
+    """A finished store, read back: the manifest rows and the image folder."""
+
+    root: Path
+    rows: list[dict[str, Any]]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.asarray([r["label"] for r in self.rows], dtype=np.int64)
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.root / "images" / r["file"] for r in self.rows]
+
+
+class ExpansionStore:
+    """One store directory. Create with :meth:`ExpansionStore.at`."""
+
+    def __init__(self, root: Path, key: str, payload: Mapping[str, Any]):
+        self.root = Path(root)
+        self.key = key
+        self.payload = dict(payload)
+
+    @classmethod
+    def at(cls, store_dir: Path | str, dataset_identity: Mapping[str, Any], signature: Mapping[str, Any],
+           seed: int) -> "ExpansionStore":
+        key, payload = store_key(dataset_identity, signature, seed)
+        return cls(Path(store_dir) / key, key, payload)
+
+    # -- paths -------------------------------------------------------------
+    @property
+    def meta_path(self) -> Path:
+        return self.root / "meta.json"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.jsonl"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def chunks_dir(self) -> Path:
+        return self.root / "chunks"
+
+    # -- state ----------------------------------------------------------------
+    def read_meta(self) -> dict[str, Any] | None:
+        if not self.meta_path.is_file():
+            return None
+        try:
+            meta = json.loads(self.meta_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ExpansionError(f"store {self.root}: meta.json is corrupt ({exc}); delete the folder to regenerate") from exc
+        version = meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ExpansionError(
+                f"store {self.root} was written by store format version {version}, this framework reads "
+                f"version {FORMAT_VERSION}; delete the folder to regenerate it"
+            )
+        return meta
+
+    def is_complete(self) -> bool:
+        meta = self.read_meta()
+        return bool(meta and meta.get("status") == "complete" and self.manifest_path.is_file())
+
+    @contextmanager
+    def lock(self, timeout: float = -1) -> Iterator[None]:
+        """Exclusive writer lock (flock: released by the OS if the holder dies).
+        A second job blocks here until the first finishes, then finds the store complete."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.root / ".lock"))
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout as exc:
+            raise ExpansionError(f"store {self.root} is locked by another job (waited {timeout}s)") from exc
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def open_for_writing(self, ratio: int) -> None:
+        """Create or reopen the store for writing; remove temporaries of a killed run."""
+        self.images_dir.mkdir(parents=True, exist_ok=True)
+        self.chunks_dir.mkdir(parents=True, exist_ok=True)
+        meta = self.read_meta()
+        if meta is None:
+            atomic_write_text(self.meta_path, json.dumps(
+                {"key": self.key, "format_version": FORMAT_VERSION, "status": "writing", "ratio": ratio,
+                 "payload": self.payload}, indent=2, default=str))
+        elif meta.get("key") != self.key:
+            raise ExpansionError(f"store {self.root} holds key {meta.get('key')}, expected {self.key}")
+        for folder in (self.root, self.images_dir, self.chunks_dir):
+            for tmp in folder.glob(f"*{_TMP_MARK}*"):
+                tmp.unlink(missing_ok=True)
+
+    def read_chunks(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        for chunk in sorted(self.chunks_dir.glob("*.jsonl")):
+            for line_no, line in enumerate(chunk.read_text().splitlines(), 1):
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ExpansionError(f"store chunk {chunk} line {line_no} is corrupt: {exc}") from exc
+        return rows
+
+    def done_parents(self, ratio: int) -> set[int]:
+        """Parents whose k images and manifest rows are all written."""
+        if self.is_complete():
+            return {r["parent"] for r in self.read_rows()}
+        copies: dict[int, set[int]] = {}
+        for row in self.read_chunks():
+            copies.setdefault(row["parent"], set()).add(row["copy"])
+        return {p for p, c in copies.items() if len(c) == ratio}
+
+    def write_batch(self, images: torch.Tensor, rows: list[dict[str, Any]]) -> None:
+        """Write ``images`` (uint8 ``[N, C, H, W]``) and their rows (each with
+        ``parent``, ``copy``); images first, then the chunk that vouches for them."""
+        if len(rows) != images.shape[0]:
+            raise ExpansionError(f"{images.shape[0]} images but {len(rows)} manifest rows")
+        if not torch.is_tensor(images) or images.dtype != torch.uint8:
+            raise ExpansionError("store images must be uint8 tensors")
+        for image, row in zip(images, rows):
+            row["file"] = image_name(row["parent"], row["copy"])
+            atomic_write_bytes(self.images_dir / row["file"], encode_png(image))
+        text = "".join(canonical_json(r) + "\n" for r in rows)
+        parents = [r["parent"] for r in rows]
+        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+        atomic_write_text(self.chunks_dir / f"{min(parents):07d}-{max(parents):07d}-{digest}.jsonl", text)
+
+    def finalize(self, expected_parents: Iterable[int], ratio: int) -> None:
+        """Merge chunks into ``manifest.jsonl`` (sorted) and mark the store complete.
+        Fails if any expected parent is missing (nothing is marked complete then)."""
+        by_image: dict[tuple[int, int], dict[str, Any]] = {}
+        for row in self.read_chunks():
+            by_image[(row["parent"], row["copy"])] = row  # duplicates (padded DDP batches) collapse
+        expected = sorted(set(int(p) for p in expected_parents))
+        missing = [p for p in expected if any((p, c) not in by_image for c in range(ratio))]
+        if missing:
+            raise ExpansionError(
+                f"store {self.root}: {len(missing)} seeds have no complete expansion (first: {missing[:5]}); "
+                "rerun to resume"
+            )
+        rows = [by_image[(p, c)] for p in expected for c in range(ratio)]
+        for row in rows:
+            if not (self.images_dir / row["file"]).is_file():
+                raise ExpansionError(f"store {self.root}: manifest names {row['file']} but the image is missing")
+        atomic_write_text(self.manifest_path, "".join(canonical_json(r) + "\n" for r in rows))
+        meta = self.read_meta() or {}
+        meta.update(status="complete", num_images=len(rows), num_parents=len(expected))
+        atomic_write_text(self.meta_path, json.dumps(meta, indent=2, default=str))
+        shutil.rmtree(self.chunks_dir, ignore_errors=True)
+
+    def read_rows(self) -> list[dict[str, Any]]:
+        if not self.manifest_path.is_file():
+            raise ExpansionError(f"store {self.root} is not complete (no manifest.jsonl)")
+        return [json.loads(line) for line in self.manifest_path.read_text().splitlines() if line]
+
+    def load(self) -> ExpandedSet:
+        if not self.is_complete():
+            raise ExpansionError(f"store {self.root} is not complete; run the expansion first")
+        return ExpandedSet(self.root, self.read_rows())
+
+    def content_hash(self) -> str:
+        """sha256 over the manifest and every image's bytes (equal stores hash equal)."""
+        h = hashlib.sha256(self.manifest_path.read_bytes())
+        for row in self.read_rows():
+            h.update((self.images_dir / row["file"]).read_bytes())
+        return h.hexdigest()
