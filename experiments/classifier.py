@@ -1,0 +1,131 @@
+"""The classifier that proves (or disproves) an expansion's value.
+
+Networks are trained from scratch (no pretrained weights), as in the GIF
+protocol: SGD momentum 0.9, weight decay 1e-4, per-dataset lr, one cosine
+schedule for every run of a table.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+
+class SmallConvNet(nn.Module):
+    """A CPU-friendly CNN for 8-32 px inputs: 3 conv blocks (32-64-128, BN, ReLU),
+    max-pooling only while the map is >= 8 px, global average pooling, linear head."""
+
+    def __init__(self, num_classes: int, in_chans: int = 3, width: int = 32, input_size: int = 28):
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels, size = in_chans, input_size
+        for i, out in enumerate((width, width * 2, width * 4)):
+            layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            if i < 2 and size >= 8:
+                layers.append(nn.MaxPool2d(2))
+                size //= 2
+            channels = out
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+def create_network(arch: str, num_classes: int, in_chans: int, input_size: int, **kwargs: Any) -> nn.Module:
+    """``small_cnn``, any timm model name (resnet50, resnext50_32x4d, wide_resnet50_2,
+    mobilenetv2_100, ...) or ``torchvision.<name>``; always randomly initialised."""
+    if arch == "small_cnn":
+        return SmallConvNet(num_classes, in_chans, input_size=input_size, **kwargs)
+    if arch.startswith("torchvision."):
+        import torchvision
+
+        name = arch.split(".", 1)[1]
+        try:
+            net = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+        except ValueError as exc:
+            raise ValueError(f"unknown torchvision model {name!r}: {exc}") from exc
+        return _ChannelAdapter(net, in_chans) if in_chans != 3 else net
+    import timm
+
+    if not timm.is_model(arch):
+        raise ValueError(f"unknown classifier arch {arch!r}: not small_cnn, torchvision.<name>, or a timm model")
+    return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+class _ChannelAdapter(nn.Module):
+    """Feeds 1-channel images to a 3-channel torchvision network by repetition."""
+
+    def __init__(self, net: nn.Module, in_chans: int):
+        super().__init__()
+        self.net, self.in_chans = net, in_chans
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x)
+
+
+class ImageClassifier(L.LightningModule):
+    """Cross-entropy training with SGD + cosine annealing (per epoch) and top-1 accuracy
+    on val and test. ``val_history`` holds the val accuracy of every epoch."""
+
+    def __init__(self, arch: str, num_classes: int, in_chans: int, input_size: int, *, lr: float,
+                 momentum: float = 0.9, weight_decay: float = 1e-4, epochs: int = 100,
+                 warmup_epochs: int = 0, label_smoothing: float = 0.0, channels_last: bool = False,
+                 net_kwargs: dict[str, Any] | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = create_network(arch, num_classes, in_chans, input_size, **(net_kwargs or {}))
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_history: list[float] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        self.train_acc(logits.detach(), y)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.val_acc(self(x), y)
+        self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.val_history.append(float(self.trainer.callback_metrics["val/acc"]))
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.test_acc(self(x), y)
+        self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+
+        def lr_lambda(epoch: int) -> float:
+            # linear warm-up, then cosine from lr to 0 over the remaining epochs (one schedule for all runs)
+            if epoch < hp.warmup_epochs:
+                return (epoch + 1) / hp.warmup_epochs
+            span = max(1, hp.epochs - hp.warmup_epochs)
+            return 0.5 * (1 + math.cos(math.pi * (epoch - hp.warmup_epochs) / span))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

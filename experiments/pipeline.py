@@ -1,0 +1,185 @@
+"""One experiment run: data -> expand -> train -> evaluate -> metrics.json.
+
+``run(cfg)`` is what ``run.py`` calls; every object is built from the Hydra
+config, so a run is fully described by its ``.hydra/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from expansion.base import Expander, ExpansionError
+from expansion.engine import ExpansionResult, expand_dataset
+from expansion.store import atomic_write_text
+
+from .classifier import ImageClassifier
+from .data import ExpansionDataModule, load_expanded_images
+from .datasets import DatasetSplits, build_dataset
+
+log = logging.getLogger(__name__)
+
+#: method config keys that belong to the framework, not to the expander's constructor
+FRAMEWORK_METHOD_KEYS = ("name", "paper_name", "batch_size", "num_workers", "trainer")
+
+
+def build_expander(method_cfg: DictConfig) -> Expander | None:
+    """Instantiate the expander of ``cfg.method`` (None for ``original``)."""
+    if method_cfg.get("_target_") is None:
+        return None
+    kwargs = {k: v for k, v in OmegaConf.to_container(method_cfg, resolve=True).items()
+              if k not in FRAMEWORK_METHOD_KEYS}
+    expander = instantiate(kwargs, _convert_="all")
+    if not isinstance(expander, Expander):
+        raise ExpansionError(f"method {method_cfg.get('name')!r}: {method_cfg._target_} is not an Expander")
+    return expander
+
+
+def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[return-value]
+
+
+def run_expansion(cfg: DictConfig, data: DatasetSplits, expander: Expander) -> ExpansionResult:
+    gen_trainer = dict(trainer_kwargs(cfg))
+    if cfg.method.get("trainer"):  # a method may override trainer settings for generation (e.g. precision)
+        gen_trainer.update(OmegaConf.to_container(cfg.method.trainer, resolve=True))
+    for key in ("max_epochs", "gradient_clip_val", "deterministic", "log_every_n_steps", "benchmark"):
+        gen_trainer.pop(key, None)
+    gen_trainer["enable_progress_bar"] = bool(cfg.get("progress_bar", False))
+    return expand_dataset(
+        expander,
+        data.train,
+        data.identity,
+        store_dir=cfg.paths.store_dir,
+        fit_dir=cfg.paths.fit_dir,
+        seed=int(cfg.expansion_seed),
+        batch_size=int(cfg.method.get("batch_size", 64)),
+        num_workers=int(cfg.method.get("num_workers", 0)),
+        trainer_kwargs=gen_trainer,
+        lock_timeout=float(cfg.get("store_lock_timeout", -1)),
+    )
+
+
+def train_and_evaluate(cfg: DictConfig, data: DatasetSplits, expanded_images, expanded_labels, run_dir: Path,
+                       logger: Any) -> dict[str, Any]:
+    """Train on original (+ expanded) images; report final-epoch test accuracy and test
+    accuracy at the best validation epoch (never selecting on test)."""
+    input_size = int(cfg.classifier.get("input_size") or data.image_size or 0)
+    if input_size <= 0:
+        raise ValueError("set classifier.input_size or dataset.image_size")
+    datamodule = ExpansionDataModule(
+        data, expanded_images, expanded_labels,
+        recipe=cfg.dataset.recipe.augment, input_size=input_size,
+        batch_size=int(cfg.train.batch_size), eval_batch_size=int(cfg.train.eval_batch_size),
+        num_workers=int(cfg.train.num_workers),
+    )
+    model = ImageClassifier(
+        cfg.classifier.arch, data.num_classes, data.channels, input_size,
+        lr=float(cfg.train.lr), momentum=float(cfg.train.momentum), weight_decay=float(cfg.train.weight_decay),
+        epochs=int(cfg.train.epochs), warmup_epochs=int(cfg.train.warmup_epochs),
+        label_smoothing=float(cfg.train.label_smoothing),
+        channels_last=bool(cfg.classifier.get("channels_last", False)),
+        net_kwargs=OmegaConf.to_container(cfg.classifier.get("kwargs", {}) or {}, resolve=True),
+    )
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc", mode="max",
+                                 save_top_k=1, save_last=True)
+    kwargs = trainer_kwargs(cfg)
+    kwargs.setdefault("enable_progress_bar", bool(cfg.get("progress_bar", False)))
+    trainer = L.Trainer(max_epochs=int(cfg.train.epochs), logger=logger, callbacks=[checkpoint],
+                        default_root_dir=str(run_dir), num_sanity_val_steps=0, enable_model_summary=False,
+                        **kwargs)
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule)
+    train_seconds = time.perf_counter() - start
+    final = trainer.test(model, datamodule=datamodule, verbose=False)[0]["test/acc"]
+    best = trainer.test(model, datamodule=datamodule, ckpt_path=checkpoint.best_model_path, verbose=False)[0]["test/acc"]
+    history = model.val_history
+    best_epoch = int(np.argmax(history)) if history else -1
+    return {
+        "test_acc_final": 100.0 * float(final),
+        "test_acc_best_val": 100.0 * float(best),
+        "best_val_acc": 100.0 * float(max(history)) if history else None,
+        "best_val_epoch": best_epoch,
+        "epochs": int(cfg.train.epochs),
+        "num_train_images": datamodule.num_train,
+        "train_seconds": round(train_seconds, 3),
+        "images_per_second": round(datamodule.num_train * int(cfg.train.epochs) / max(train_seconds, 1e-9), 1),
+    }
+
+
+def make_logger(cfg: DictConfig, run_dir: Path) -> Any:
+    logger_cfg = cfg.get("logger")
+    if not logger_cfg or logger_cfg.get("_target_") is None:
+        return False
+    return instantiate(logger_cfg, save_dir=str(run_dir))
+
+
+def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict[str, Any]:
+    """Run one experiment; returns (and writes to ``run_dir/metrics.json``) its metrics."""
+    run_dir = Path(run_dir) if run_dir is not None else _hydra_run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    total_start = time.perf_counter()
+    expander = build_expander(cfg.method)  # validates the method (ratio, options) before any data work
+    data = build_dataset(cfg.dataset)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+    metrics: dict[str, Any] = {
+        "table": cfg.get("table"),
+        "dataset": data.name,
+        "method": cfg.method.name,
+        "paper_method": cfg.method.get("paper_name"),
+        "classifier": cfg.classifier.name,
+        "ratio": expander.ratio if expander else 0,
+        "seed": int(cfg.seed),
+        "expansion_seed": int(cfg.expansion_seed),
+        "num_classes": data.num_classes,
+        "sizes": data.sizes(),
+    }
+    expanded_images = expanded_labels = None
+    if expander is not None:
+        result = run_expansion(cfg, data, expander)
+        expanded_images = load_expanded_images(result.expanded, data.channels, data.image_size)
+        expanded_labels = result.expanded.labels
+        metrics["expansion"] = {
+            "store": str(result.store.root), "key": result.store.key, "num_images": len(result.expanded),
+            "generated_images": result.generated_images, "reused": result.reused,
+            "seconds": round(result.seconds, 3), "fit_seconds": round(result.fit_seconds, 3),
+        }
+        log.info("expansion: %d images (%d generated now) in %.1fs", len(result.expanded),
+                 result.generated_images, result.seconds)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    metrics.update(train_and_evaluate(cfg, data, expanded_images, expanded_labels, run_dir / "train",
+                                      make_logger(cfg, run_dir)))
+    if expander is not None and cfg.train.get("compare_original", False):
+        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+        metrics["original"] = train_and_evaluate(cfg, data, None, None, run_dir / "train_original", False)
+    metrics["total_seconds"] = round(time.perf_counter() - total_start, 3)
+    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+    print(summary_line(metrics))
+    return metrics
+
+
+def summary_line(m: dict[str, Any]) -> str:
+    line = (f"[{m['dataset']} | {m['method']} x{m['ratio']} | {m['classifier']} | seed {m['seed']}] "
+            f"test acc: final {m['test_acc_final']:.2f}%, at best val epoch {m['test_acc_best_val']:.2f}%")
+    if "original" in m:
+        o = m["original"]
+        line += (f"\n[{m['dataset']} | original (no expansion) | {m['classifier']} | seed {m['seed']}] "
+                 f"test acc: final {o['test_acc_final']:.2f}%, at best val epoch {o['test_acc_best_val']:.2f}%"
+                 f"\nexpanded - original: {m['test_acc_final'] - o['test_acc_final']:+.2f} points (final epoch)")
+    return line
+
+
+def _hydra_run_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)

@@ -1,0 +1,34 @@
+"""Entry point: ``python run.py [overrides]`` runs one experiment, ``-m`` sweeps.
+
+Examples:
+    python run.py                                     # offline default (digits, CPU)
+    python run.py -m dataset=digits method=original,cutout,gridmask,randaugment
+    python run.py -m experiment=table2_medical trainer=gpu
+"""
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+import experiments.config  # noqa: F401  (registers the ${project_root:} resolver)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    from expansion.base import ExpansionError
+    from experiments.datasets import DatasetError
+    from experiments.pipeline import run
+
+    try:
+        run(cfg)
+    except (DatasetError, ExpansionError) as exc:
+        # a user-facing failure: one clear line, no stack trace
+        logging.getLogger("run").error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
