@@ -1,0 +1,207 @@
+"""Collect every ``metrics.json`` under a sweep folder into paper-style tables.
+
+    python -m experiments.aggregate multirun/2026-11-21/12-00-00
+
+writes ``results.csv`` (one line per cell) and ``results.md`` (rows = method,
+columns = dataset or classifier; mean +- std over seeds, the paper's number
+beside ours and the difference). A multirun does this by itself when it ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PAPER_NUMBERS_FILE = Path(__file__).with_name("paper_numbers.yaml")
+METRICS = ("test_acc_final", "test_acc_best_val")
+
+
+def load_paper_numbers(path: Path = PAPER_NUMBERS_FILE) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+def find_runs(root: Path) -> list[dict[str, Any]]:
+    runs = []
+    for path in sorted(Path(root).rglob("metrics.json")):
+        try:
+            run = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"corrupt metrics file {path}: {exc}") from exc
+        run["_path"] = str(path)
+        runs.append(run)
+    return runs
+
+
+@dataclass
+class Cell:
+    table: str
+    row: str
+    column: str
+    method: str
+    dataset: str
+    classifier: str
+    ratio: int
+    values: dict[str, list[float]]
+    paper: float | None
+
+    def stats(self, metric: str) -> tuple[float, float, int]:
+        vals = self.values[metric]
+        std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        return statistics.fmean(vals), std, len(vals)
+
+
+def _column_key(table_spec: dict[str, Any] | None, runs: list[dict[str, Any]]) -> str:
+    if table_spec:
+        return table_spec.get("column", "dataset")
+    datasets = {r["dataset"] for r in runs}
+    classifiers = {r["classifier"] for r in runs}
+    return "classifier" if len(datasets) == 1 and len(classifiers) > 1 else "dataset"
+
+
+def _row_label(run: dict[str, Any], with_ratio: bool) -> str:
+    method = run.get("paper_method") or run["method"]
+    return f"{method}@{run['ratio']}" if with_ratio and run["method"] != "original" else method
+
+
+def build_cells(runs: Iterable[dict[str, Any]], paper: dict[str, Any]) -> list[Cell]:
+    by_table: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for run in runs:
+        by_table[run.get("table") or "adhoc"].append(run)
+    cells: list[Cell] = []
+    for table, table_runs in by_table.items():
+        spec = paper.get(table)
+        column_key = _column_key(spec, table_runs)
+        ratios_per_method: dict[str, set] = defaultdict(set)
+        for run in table_runs:
+            ratios_per_method[run["method"]].add(run["ratio"])
+        with_ratio = bool(spec and spec.get("row_includes_ratio")) or any(len(r) > 1 for r in ratios_per_method.values())
+        grouped: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+        for run in table_runs:
+            grouped[(_row_label(run, with_ratio), str(run[column_key]))].append(run)
+        for (row, column), group in sorted(grouped.items()):
+            first = group[0]
+            paper_value = None
+            if spec:
+                paper_value = spec.get("values", {}).get(row, {}).get(column)
+            cells.append(Cell(
+                table=table, row=row, column=column, method=first["method"], dataset=first["dataset"],
+                classifier=first["classifier"], ratio=first["ratio"],
+                values={m: [float(r[m]) for r in group if r.get(m) is not None] for m in METRICS},
+                paper=paper_value,
+            ))
+    return cells
+
+
+def _fmt(mean: float, std: float, n: int) -> str:
+    return f"{mean:.1f} ± {std:.1f}" if n > 1 else f"{mean:.1f}"
+
+
+def _order(rows: Iterable[str], paper_rows: list[str]) -> list[str]:
+    known = [r for r in paper_rows if r in rows]
+    return known + sorted(r for r in rows if r not in paper_rows)
+
+
+def render_markdown(cells: list[Cell], paper: dict[str, Any]) -> str:
+    out = io.StringIO()
+    for table in sorted({c.table for c in cells}):
+        tcells = [c for c in cells if c.table == table]
+        spec = paper.get(table, {})
+        out.write(f"## {spec.get('title', table)}\n\n")
+        paper_rows = list(spec.get("values", {}).keys())
+        rows = _order({c.row for c in tcells}, paper_rows)
+        columns = sorted({c.column for c in tcells})
+        for metric, label in (("test_acc_final", "final-epoch test accuracy"),
+                              ("test_acc_best_val", "test accuracy at the best validation epoch")):
+            out.write(f"**{label}** (ours mean ± std over seeds [n]; paper; ours − paper)\n\n")
+            out.write("| method | " + " | ".join(columns) + " | avg |\n")
+            out.write("|---" * (len(columns) + 2) + "|\n")
+            index = {(c.row, c.column): c for c in tcells}
+            for row in rows:
+                cells_text, means, paper_vals = [], [], []
+                for col in columns:
+                    cell = index.get((row, col))
+                    if cell is None or not cell.values[metric]:
+                        cells_text.append("–")
+                        continue
+                    mean, std, n = cell.stats(metric)
+                    means.append(mean)
+                    text = f"{_fmt(mean, std, n)} [{n}]"
+                    if cell.paper is not None:
+                        paper_vals.append(cell.paper)
+                        text += f"; {cell.paper:.1f}; {mean - cell.paper:+.1f}"
+                    cells_text.append(text)
+                avg = "–"
+                if means and len(means) == len(columns):
+                    avg = f"{statistics.fmean(means):.1f}"
+                    if len(paper_vals) == len(columns):
+                        avg += f"; {statistics.fmean(paper_vals):.1f}"
+                out.write(f"| {row} | " + " | ".join(cells_text) + f" | {avg} |\n")
+            out.write("\n")
+    return out.getvalue()
+
+
+def write_csv(cells: list[Cell], path: Path) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["table", "row", "column", "method", "dataset", "classifier", "ratio", "n_seeds",
+                         "final_mean", "final_std", "best_val_mean", "best_val_std", "paper", "final_minus_paper"])
+        for c in cells:
+            fm, fs, n = c.stats("test_acc_final")
+            bm, bs, _ = c.stats("test_acc_best_val") if c.values["test_acc_best_val"] else (math.nan, math.nan, 0)
+            writer.writerow([c.table, c.row, c.column, c.method, c.dataset, c.classifier, c.ratio, n,
+                             f"{fm:.3f}", f"{fs:.3f}", f"{bm:.3f}", f"{bs:.3f}",
+                             "" if c.paper is None else c.paper,
+                             "" if c.paper is None else f"{fm - c.paper:.3f}"])
+
+
+def aggregate(root: Path | str) -> tuple[Path, Path]:
+    """Write ``results.csv`` and ``results.md`` into ``root``; returns their paths."""
+    root = Path(root)
+    runs = find_runs(root)
+    if not runs:
+        raise FileNotFoundError(f"no metrics.json under {root}")
+    paper = load_paper_numbers()
+    cells = build_cells(runs, paper)
+    csv_path, md_path = root / "results.csv", root / "results.md"
+    write_csv(cells, csv_path)
+    md_path.write_text(f"# Results ({len(runs)} runs under {root})\n\n" + render_markdown(cells, paper))
+    return csv_path, md_path
+
+
+try:  # the Hydra callback that aggregates a multirun when it ends
+    from hydra.experimental.callback import Callback
+
+    class AggregateOnMultirunEnd(Callback):
+        def on_multirun_end(self, config, **kwargs: Any) -> None:
+            try:
+                csv_path, md_path = aggregate(config.hydra.sweep.dir)
+            except FileNotFoundError as exc:
+                print(f"aggregate: {exc}")
+                return
+            print(f"results: {md_path}\n" + md_path.read_text())
+except ImportError:  # pragma: no cover
+    pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root", type=Path, help="a sweep folder (searched recursively for metrics.json)")
+    args = parser.parse_args(argv)
+    csv_path, md_path = aggregate(args.root)
+    print(md_path.read_text())
+    print(f"wrote {csv_path} and {md_path}")
+
+
+if __name__ == "__main__":
+    main()
