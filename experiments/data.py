@@ -12,25 +12,23 @@ from expansion.store import ExpandedSet
 
 from .datasets import DatasetError, DatasetSplits
 from .datasets.core import match_channels, read_image, resize_square
-from .transforms import eval_transform, train_transform
+from .augment import augment_batch, base_size, check_recipe, normalize, prepare_eval, resize_to, shrink_to
 
 
 class TensorImages(Dataset):
-    """uint8 images ``[N, C, H, W]`` + labels in memory; a transform per item."""
+    """uint8 images ``[N, C, H, W]`` + labels, in memory."""
 
-    def __init__(self, images: torch.Tensor, labels: np.ndarray | torch.Tensor, transform=None):
+    def __init__(self, images: torch.Tensor, labels: np.ndarray | torch.Tensor):
         self.images = images
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
         if len(self.images) != len(self.labels):
             raise DatasetError(f"{len(self.images)} images but {len(self.labels)} labels")
-        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int):
-        image = self.images[i]
-        return (self.transform(image) if self.transform else image), self.labels[i]
+        return self.images[i], self.labels[i]
 
 
 def load_expanded_images(expanded: ExpandedSet, channels: int, image_size: int | None) -> torch.Tensor:
@@ -52,22 +50,30 @@ def split_to_tensor(split, what: str) -> torch.Tensor:
 
 
 class ExpansionDataModule(L.LightningDataModule):
-    """train = original train (+ expanded images), val and test untouched."""
+    """train = original train (+ expanded images), val and test untouched.
+
+    All images are decoded once into uint8 tensors at the recipe's base size
+    (val/test also centre-cropped); batches of uint8 travel to the device and
+    are augmented there as a whole (:mod:`experiments.augment`)."""
 
     def __init__(self, data: DatasetSplits, expanded_images: torch.Tensor | None, expanded_labels: np.ndarray | None,
                  *, recipe: str, input_size: int, batch_size: int, eval_batch_size: int = 512,
                  num_workers: int = 0):
         super().__init__()
+        check_recipe(recipe)
         self.data = data
-        channels = data.channels
-        self.train_tf = train_transform(recipe, input_size, channels)
-        self.eval_tf = eval_transform(recipe, input_size, channels)
-        parts: list[Dataset] = [TensorImages(split_to_tensor(data.train, "train"), data.train.labels, self.train_tf)]
+        self.recipe, self.input_size = recipe, int(input_size)
+        size = base_size(recipe, self.input_size)
+        # downsample once (antialiased) when stored larger than the recipe needs; upsampling is left
+        # to the batched ops on the device, so e.g. 28 px MedMNIST at 224 px costs 28 px of memory
+        train_images = shrink_to(split_to_tensor(data.train, "train"), size)
+        train_labels = torch.as_tensor(data.train.labels, dtype=torch.long)
         if expanded_images is not None:
-            parts.append(TensorImages(expanded_images, expanded_labels, self.train_tf))
-        self.train_set = ConcatDataset(parts)
-        self.val_set = TensorImages(split_to_tensor(data.val, "val"), data.val.labels, self.eval_tf)
-        self.test_set = TensorImages(split_to_tensor(data.test, "test"), data.test.labels, self.eval_tf)
+            train_images = torch.cat([train_images, resize_to(expanded_images, train_images.shape[-1])])
+            train_labels = torch.cat([train_labels, torch.as_tensor(np.asarray(expanded_labels), dtype=torch.long)])
+        self.train_set = TensorImages(train_images, train_labels)
+        self.val_set = TensorImages(shrink_to(split_to_tensor(data.val, "val"), size), data.val.labels)
+        self.test_set = TensorImages(shrink_to(split_to_tensor(data.test, "test"), size), data.test.labels)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
@@ -96,3 +102,9 @@ class ExpansionDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, self.eval_batch_size, False)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, labels = batch
+        if self.trainer is not None and self.trainer.training:
+            return augment_batch(images, self.recipe, self.input_size), labels
+        return normalize(prepare_eval(images, self.recipe, self.input_size)), labels
