@@ -28,7 +28,11 @@ METRICS = ("test_acc_final", "test_acc_best_val")
 
 
 def load_paper_numbers(path: Path = PAPER_NUMBERS_FILE) -> dict[str, Any]:
-    return yaml.safe_load(path.read_text())
+    tables = yaml.safe_load(path.read_text())
+    for spec in tables.values():
+        if "same_values_as" in spec:
+            spec["values"] = tables[spec["same_values_as"]]["values"]
+    return tables
 
 
 def find_runs(root: Path) -> list[dict[str, Any]]:
@@ -108,8 +112,9 @@ def _fmt(mean: float, std: float, n: int) -> str:
 
 
 def _order(rows: Iterable[str], paper_rows: list[str]) -> list[str]:
-    known = [r for r in paper_rows if r in rows]
-    return known + sorted(r for r in rows if r not in paper_rows)
+    rows = set(rows)
+    known = [r for r in ["original", *paper_rows] if r in rows]
+    return list(dict.fromkeys(known)) + sorted(r for r in rows if r not in known)
 
 
 def render_markdown(cells: list[Cell], paper: dict[str, Any]) -> str:
