@@ -1,0 +1,27 @@
+"""A subprocess that expands BreastMNIST's train split with a slow expander (killed by tests)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from omegaconf import OmegaConf  # noqa: E402
+
+from expansion.engine import expand_dataset  # noqa: E402
+from experiments.datasets import build_dataset  # noqa: E402
+from tests.helpers.expanders import NoiseShift  # noqa: E402
+
+
+def main(shared: str, cache: str, delay: float, batch_size: int, limit: int) -> None:
+    cfg = OmegaConf.create({"name": "breastmnist", "loader": "medmnist", "root": f"{shared}/medmnist",
+                            "image_size": 28, "train_per_class": limit})
+    data = build_dataset(cfg)
+    result = expand_dataset(NoiseShift(3, delay=delay), data.train, data.identity, store_dir=f"{cache}/stores",
+                            fit_dir=f"{cache}/fits", seed=5, batch_size=batch_size)
+    print("DONE", result.store.root, result.generated_images, flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
