@@ -45,6 +45,8 @@ def load_expanded_images(expanded: ExpandedSet, channels: int, image_size: int |
 def split_to_tensor(split, what: str) -> torch.Tensor:
     try:
         return split.to_tensor()
+    except DatasetError:
+        raise
     except RuntimeError as exc:  # torch.stack on unequal sizes
         raise DatasetError(f"{what}: images have different sizes ({exc}); set dataset.image_size") from exc
 

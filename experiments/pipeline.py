@@ -14,6 +14,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
@@ -38,7 +39,14 @@ def build_expander(method_cfg: DictConfig) -> Expander | None:
         return None
     kwargs = {k: v for k, v in OmegaConf.to_container(method_cfg, resolve=True).items()
               if k not in FRAMEWORK_METHOD_KEYS}
-    expander = instantiate(kwargs, _convert_="all")
+    try:
+        expander = instantiate(kwargs, _convert_="all")
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ExpansionError):
+            raise cause from None
+        # e.g. an unknown option: TypeError "got an unexpected keyword argument 'foo'"
+        raise ExpansionError(f"method {method_cfg.get('name')!r}: {cause or exc}") from exc
     if not isinstance(expander, Expander):
         raise ExpansionError(f"method {method_cfg.get('name')!r}: {method_cfg._target_} is not an Expander")
     return expander
@@ -159,7 +167,7 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict[str, Any]:
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     metrics.update(train_and_evaluate(cfg, data, expanded_images, expanded_labels, run_dir / "train",
                                       make_logger(cfg, run_dir)))
-    if expander is not None and cfg.train.get("compare_original", False):
+    if expander is not None and _compare_original(cfg):
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
         metrics["original"] = train_and_evaluate(cfg, data, None, None, run_dir / "train_original", False)
     metrics["total_seconds"] = round(time.perf_counter() - total_start, 3)
@@ -177,6 +185,18 @@ def summary_line(m: dict[str, Any]) -> str:
                  f"test acc: final {o['test_acc_final']:.2f}%, at best val epoch {o['test_acc_best_val']:.2f}%"
                  f"\nexpanded - original: {m['test_acc_final'] - o['test_acc_final']:+.2f} points (final epoch)")
     return line
+
+
+def _compare_original(cfg: DictConfig) -> bool:
+    """``train.compare_original``: true/false, or ``auto`` = only in a single run (in a
+    multirun, ``method=original`` is a job of its own and training it again in every job is waste)."""
+    value = cfg.train.get("compare_original", "auto")
+    if value == "auto":
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN)
+    return bool(value)
 
 
 def _hydra_run_dir() -> Path:

@@ -1,0 +1,59 @@
+"""Aggregation of metrics.json files into results.csv / results.md with the paper's numbers."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from experiments.aggregate import aggregate, load_paper_numbers
+
+
+def _write(root, i, **m):
+    d = root / f"job{i}"
+    d.mkdir(parents=True)
+    base = {"table": "medical", "classifier": "resnet50", "ratio": 5, "seed": i, "test_acc_best_val": m["test_acc_final"] - 1}
+    (d / "metrics.json").write_text(json.dumps({**base, **m}))
+
+
+def test_mean_std_paper_and_difference(tmp_path):
+    for i, acc in enumerate([70.0, 72.0, 74.0]):
+        _write(tmp_path, i, dataset="breastmnist", method="cutout", test_acc_final=acc)
+    _write(tmp_path, 3, dataset="breastmnist", method="original", ratio=0, test_acc_final=60.0)
+    _write(tmp_path, 4, dataset="pathmnist", method="original", ratio=0, test_acc_final=80.0)
+    csv_path, md_path = aggregate(tmp_path)
+    rows = {(r["row"], r["column"]): r for r in csv.DictReader(csv_path.open())}
+    cut = rows[("cutout", "breastmnist")]
+    assert float(cut["final_mean"]) == pytest.approx(72.0) and float(cut["final_std"]) == pytest.approx(2.0)
+    assert cut["n_seeds"] == "3" and float(cut["paper"]) == 66.7
+    assert float(cut["final_minus_paper"]) == pytest.approx(72.0 - 66.7)
+    assert float(cut["best_val_mean"]) == pytest.approx(71.0)
+    md = md_path.read_text()
+    assert "72.0 ± 2.0 [3]; 66.7; +5.3" in md
+    assert "| original | 60.0 [1]; 55.8; +4.2 | 80.0 [1]; 72.4; +7.6 | 70.0; 64.1 |" in md
+    assert md.index("| original") < md.index("| cutout")
+
+
+def test_ratio_rows_and_classifier_columns(tmp_path):
+    for i, (ratio, acc) in enumerate([(5, 30.0), (10, 31.0)]):
+        _write(tmp_path, i, table="efficiency", dataset="cars", method="cutout", ratio=ratio, test_acc_final=acc)
+    _write(tmp_path, 2, table="architectures", dataset="cars", method="original", ratio=0, classifier="mobilenet_v2",
+           test_acc_final=20.0)
+    _, md_path = aggregate(tmp_path)
+    md = md_path.read_text()
+    assert "| cutout@5 | 30.0 [1]; 24.1; +5.9 |" in md and "| cutout@10 | 31.0 [1]; 25.7; +5.3 |" in md
+    assert "| method | mobilenet_v2 | avg |" in md and "20.0 [1]; 26.2; -6.2" in md
+
+
+def test_paper_numbers_match_benchmarks_spec():
+    paper = load_paper_numbers()
+    assert paper["natural"]["values"]["gif_sd"]["cars"] == 75.7
+    assert paper["medical"]["values"]["randaugment"]["organsmnist"] == 79.6
+    assert paper["medical_cpu"]["values"] == paper["medical"]["values"]
+    assert len(paper["natural"]["values"]) == 7 and all(len(v) == 6 for v in paper["natural"]["values"].values())
+
+
+def test_empty_folder_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no metrics.json"):
+        aggregate(tmp_path)

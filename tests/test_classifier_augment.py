@@ -1,0 +1,113 @@
+"""The classifier module and the batched training augmentation."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from experiments import augment
+from experiments.classifier import ImageClassifier, SmallConvNet, create_network
+from experiments.data import ExpansionDataModule
+from experiments.datasets import build_dataset
+from tests.conftest import compose
+
+
+@pytest.mark.parametrize("size", [8, 28, 32])
+def test_small_cnn_shapes(size):
+    net = SmallConvNet(num_classes=7, in_chans=1, input_size=size)
+    assert net(torch.zeros(2, 1, size, size)).shape == (2, 7)
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "resnext50_32x4d", "wide_resnet50_2", "mobilenetv2_100", "torchvision.resnet18"])
+def test_paper_architectures_build_from_scratch_for_gray_input(arch):
+    net = create_network(arch, num_classes=3, in_chans=1, input_size=64)
+    with torch.no_grad():
+        assert net.eval()(torch.zeros(1, 1, 64, 64)).shape == (1, 3)
+
+
+def test_unknown_arch_is_clear():
+    with pytest.raises(ValueError, match="unknown classifier arch 'resnet5O'"):
+        create_network("resnet5O", 3, 3, 32)
+
+
+def test_cosine_schedule_is_one_schedule_from_lr_to_zero():
+    model = ImageClassifier("small_cnn", 2, 1, 8, lr=0.1, epochs=10)
+    opt = model.configure_optimizers()
+    sched = opt["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt["optimizer"].param_groups[0]["lr"])
+        opt["optimizer"].step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1)
+    assert lrs[5] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    group = opt["optimizer"].param_groups[0]
+    assert group["momentum"] == 0.9 and group["weight_decay"] == 1e-4
+
+
+def test_training_on_real_digits_learns():
+    data = build_dataset(compose(["dataset=digits"]).dataset)
+    dm = ExpansionDataModule(data, None, None, recipe="digits", input_size=8, batch_size=32)
+    model = ImageClassifier("small_cnn", 10, 1, 8, lr=0.05, epochs=8)
+    trainer = L.Trainer(max_epochs=8, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    before = trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"]
+    trainer.fit(model, datamodule=dm)
+    after = trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"]
+    assert after > 0.7 and after > before + 0.3
+    assert len(model.val_history) == 8
+
+
+@pytest.mark.parametrize("recipe", augment.RECIPES)
+def test_every_recipe_produces_normalised_batches(recipe):
+    images = torch.randint(0, 256, (5, 3, 40, 40), dtype=torch.uint8)
+    out = augment.augment_batch(augment.shrink_to(images, augment.base_size(recipe, 32)), recipe, 32)
+    assert out.shape == (5, 3, 32, 32) and out.dtype == torch.float32
+    assert out.min() >= -1.0 and out.max() <= 1.0
+    ev = augment.normalize(augment.prepare_eval(images, recipe, 32))
+    assert ev.shape == (5, 3, 32, 32)
+
+
+def test_identity_params_reproduce_the_image(monkeypatch):
+    images = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8)
+    monkeypatch.setattr(torch, "rand", lambda n, device=None: torch.full((n,), 0.5))  # angle 0, no flip
+    out = augment.augment_batch(images, "medical", 16)
+    assert torch.allclose(out, augment.normalize(images), atol=1e-4)
+
+
+def test_flip_and_rotation_match_torchvision():
+    from torchvision.transforms.v2 import functional as TF
+
+    images = torch.randint(0, 256, (1, 1, 16, 16), dtype=torch.uint8).float()
+    theta = torch.tensor([[[-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+    grid = torch.nn.functional.affine_grid(theta, [1, 1, 16, 16], align_corners=False)
+    flipped = torch.nn.functional.grid_sample(images, grid, align_corners=False)
+    assert torch.allclose(flipped, TF.horizontal_flip(images), atol=1e-4)
+    # a 90 degree rotation is exact on the pixel grid; compare with torchvision's rotate
+    rot = augment._rotation(torch.tensor([90.0]))
+    theta = torch.cat([rot, torch.zeros(1, 2, 1)], 2)
+    grid = torch.nn.functional.affine_grid(theta, [1, 1, 16, 16], align_corners=False)
+    ours = torch.nn.functional.grid_sample(images, grid, align_corners=False)
+    assert torch.allclose(ours, TF.rotate(images, 90.0), atol=1e-3)
+
+
+def test_random_crop_shifts_stay_within_padding():
+    torch.manual_seed(0)
+    theta = augment.affine_params("cifar", 500, 32, 32, "cpu")
+    shifts = theta[:, :, 2] * 16  # in pixels (rotation mixes the components; bound by the norm)
+    assert shifts.norm(dim=1).max() <= 4 * math.sqrt(2) + 1e-4
+    angles = torch.rad2deg(torch.atan2(theta[:, 1, 0], theta[:, 1, 1]))
+    assert angles.abs().max() <= 15.0 + 1e-3 and angles.abs().max() > 10
+
+
+def test_datamodule_concatenates_expanded_images(shared_data):
+    data = build_dataset(OmegaConf.merge(compose(["dataset=breastmnist"]).dataset, {"train_per_class": 5}))
+    extra = torch.zeros(7, 1, 28, 28, dtype=torch.uint8)
+    dm = ExpansionDataModule(data, extra, [1] * 7, recipe="medical", input_size=28, batch_size=4)
+    assert dm.num_train == 17
+    assert dm.train_set.labels[-7:].tolist() == [1] * 7

@@ -1,0 +1,93 @@
+"""End to end: run.py on the offline default, a multirun into results.md, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from expansion.base import ExpansionError
+from experiments.datasets import DatasetError, DatasetNotFoundError
+from experiments.pipeline import run
+from tests.conftest import PROJECT_ROOT, compose
+
+
+def _cfg(overrides):
+    cfg = compose(overrides)
+    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+
+
+def test_pipeline_end_to_end_original_vs_expanded(tmp_path, capsys):
+    cfg = _cfg(["dataset=digits", "method=cutout", "method.ratio=2", "train.epochs=2", "train.compare_original=true",
+                "logger=csv"])
+    metrics = run(cfg, tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved == metrics
+    assert metrics["dataset"] == "digits" and metrics["method"] == "cutout" and metrics["ratio"] == 2
+    assert metrics["num_train_images"] == 3 * metrics["sizes"]["train"]
+    assert metrics["expansion"]["num_images"] == 2 * metrics["sizes"]["train"]
+    assert metrics["original"]["num_train_images"] == metrics["sizes"]["train"]
+    for m in (metrics, metrics["original"]):
+        assert 0 <= m["test_acc_final"] <= 100 and 0 <= m["test_acc_best_val"] <= 100
+        assert 0 <= m["best_val_epoch"] < 2
+    out = capsys.readouterr().out
+    assert "test acc: final" in out and "original (no expansion)" in out
+    assert list((tmp_path / "run" / "logs").rglob("metrics.csv"))
+    # the same expansion is reused by a second run
+    again = run(cfg, tmp_path / "run2")
+    assert again["expansion"]["reused"] and again["expansion"]["generated_images"] == 0
+    assert again["expansion"]["key"] == metrics["expansion"]["key"]
+
+
+def test_original_expands_nothing(tmp_path):
+    metrics = run(_cfg(["dataset=digits", "method=original", "train.epochs=1"]), tmp_path)
+    assert metrics["ratio"] == 0 and "expansion" not in metrics and "original" not in metrics
+    assert metrics["num_train_images"] == metrics["sizes"]["train"]
+
+
+@pytest.mark.parametrize("overrides,error,pattern", [
+    (["method=cutout", "method.ratio=0"], ExpansionError, "ratio must be an integer >= 1"),
+    (["method=gridmask", "method.ratio=2.5"], ExpansionError, "ratio must be an integer >= 1"),
+    (["method=cutout", "+method.hole_count=3"], ExpansionError, "unexpected keyword argument 'hole_count'"),
+    (["dataset.train_per_class=500"], DatasetError, "train_per_class=500 but class 0"),
+    (["dataset=breastmnist", "dataset.root=/nonexistent/medmnist"], DatasetNotFoundError, "breastmnist.npz"),
+])
+def test_bad_input_fails_before_any_work(tmp_path, overrides, error, pattern):
+    with pytest.raises(error, match=pattern):
+        run(_cfg(overrides + ["train.epochs=1"]), tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert not list((tmp_path / "cache").rglob("*.png")) if (tmp_path / "cache").exists() else True
+
+
+def _run_py(*args, cwd=PROJECT_ROOT, timeout=600):
+    env = {**os.environ, "PROGRESS_BAR": "false", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, "run.py", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_multirun_over_methods_produces_results_table(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = _run_py("-m", "dataset=digits", "method=original,cutout,gridmask,randaugment", "train.epochs=2",
+                   "logger=none", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = (sweep / "results.md").read_text()
+    table = results.split("**test accuracy at the best")[0]
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "method" not in line]
+    assert rows == ["original", "cutout", "gridmask", "randaugment"]
+    assert len((sweep / "results.csv").read_text().splitlines()) == 5
+    assert len(list(sweep.rglob("metrics.json"))) == 4
+
+
+def test_cli_errors_are_one_clear_line(tmp_path):
+    proc = _run_py("method=cutout", "method.ratio=0", f"hydra.run.dir={tmp_path}/r")
+    assert proc.returncode == 2
+    assert "error: cutout: expansion ratio must be an integer >= 1 (new images per seed), got 0" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = _run_py("dataset=nope", f"hydra.run.dir={tmp_path}/r2")
+    assert proc.returncode != 0
+    assert "Could not find 'dataset/nope'" in proc.stderr and "breastmnist" in proc.stderr
