@@ -42,15 +42,6 @@ def load_expanded_images(expanded: ExpandedSet, channels: int, image_size: int |
     return torch.stack(images)
 
 
-def split_to_tensor(split, what: str) -> torch.Tensor:
-    try:
-        return split.to_tensor()
-    except DatasetError:
-        raise
-    except RuntimeError as exc:  # torch.stack on unequal sizes
-        raise DatasetError(f"{what}: images have different sizes ({exc}); set dataset.image_size") from exc
-
-
 class ExpansionDataModule(L.LightningDataModule):
     """train = original train (+ expanded images), val and test untouched.
 
@@ -68,14 +59,14 @@ class ExpansionDataModule(L.LightningDataModule):
         size = base_size(recipe, self.input_size)
         # downsample once (antialiased) when stored larger than the recipe needs; upsampling is left
         # to the batched ops on the device, so e.g. 28 px MedMNIST at 224 px costs 28 px of memory
-        train_images = shrink_to(split_to_tensor(data.train, "train"), size)
+        train_images = shrink_to(data.train.to_tensor(), size)
         train_labels = torch.as_tensor(data.train.labels, dtype=torch.long)
         if expanded_images is not None:
             train_images = torch.cat([train_images, resize_to(expanded_images, train_images.shape[-1])])
             train_labels = torch.cat([train_labels, torch.as_tensor(np.asarray(expanded_labels), dtype=torch.long)])
         self.train_set = TensorImages(train_images, train_labels)
-        self.val_set = TensorImages(shrink_to(split_to_tensor(data.val, "val"), size), data.val.labels)
-        self.test_set = TensorImages(shrink_to(split_to_tensor(data.test, "test"), size), data.test.labels)
+        self.val_set = TensorImages(shrink_to(data.val.to_tensor(), size), data.val.labels)
+        self.test_set = TensorImages(shrink_to(data.test.to_tensor(), size), data.test.labels)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers

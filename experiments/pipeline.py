@@ -137,7 +137,9 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     total_start = time.perf_counter()
     expander = build_expander(cfg.method)  # validates the method (ratio, options) before any data work
-    data = build_dataset(cfg.dataset)
+    # decode every split once, before any expansion or training: data that fits in memory stays
+    # there, and an unreadable file fails now, with nothing generated
+    data = build_dataset(cfg.dataset).in_memory()
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     metrics: dict[str, Any] = {
@@ -170,6 +172,7 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict[str, Any]:
     if expander is not None and _compare_original(cfg):
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
         metrics["original"] = train_and_evaluate(cfg, data, None, None, run_dir / "train_original", False)
+    _finish_wandb_run()
     metrics["total_seconds"] = round(time.perf_counter() - total_start, 3)
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     print(summary_line(metrics))
@@ -185,6 +188,14 @@ def summary_line(m: dict[str, Any]) -> str:
                  f"test acc: final {o['test_acc_final']:.2f}%, at best val epoch {o['test_acc_best_val']:.2f}%"
                  f"\nexpanded - original: {m['test_acc_final'] - o['test_acc_final']:+.2f} points (final epoch)")
     return line
+
+
+def _finish_wandb_run() -> None:
+    """End this job's W&B run so the next job of a multirun starts its own."""
+    import sys
+
+    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        sys.modules["wandb"].finish()
 
 
 def _compare_original(cfg: DictConfig) -> bool:

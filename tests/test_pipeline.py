@@ -91,3 +91,38 @@ def test_cli_errors_are_one_clear_line(tmp_path):
     proc = _run_py("dataset=nope", f"hydra.run.dir={tmp_path}/r2")
     assert proc.returncode != 0
     assert "Could not find 'dataset/nope'" in proc.stderr and "breastmnist" in proc.stderr
+
+
+def test_unreadable_image_in_imagefolder_is_named(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (12, 12), (i * 50, 10, 10)).save(tmp_path / "data" / split / c / f"{i}.png")
+    (tmp_path / "data" / "train" / "a" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    cfg = _cfg(["dataset=imagefolder", f"dataset.path={tmp_path / 'data'}", "dataset.image_size=12",
+                "dataset.val_fraction=0.25", "method=cutout", "method.ratio=1", "train.epochs=1"])
+    with pytest.raises(DatasetError, match=r"unreadable image .*train/a/2.png"):
+        run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert not list((tmp_path / "cache").rglob("manifest.jsonl"))
+
+
+def test_readme_method_example_is_a_working_expander():
+    """The 'Adding a method' example in README.md runs and satisfies the contract."""
+    import re
+
+    import torch
+
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    code = re.search(r"```python\n(class MyMethod.*?)```", readme, re.S).group(1)
+    namespace = {}
+    exec("from expansion.base import Expander, ExpansionOutput, to_uint8\n"
+         "from expansion.seeding import per_image_rand\n" + code, namespace)
+    expander = namespace["MyMethod"](ratio=3)
+    images = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
+    out = expander.expand(images, torch.tensor([0, 1]), torch.arange(6).reshape(2, 3))
+    out.validate(2, 3)
+    assert "batch_size" not in expander.signature() and expander.signature()["strength"] == 0.5

@@ -86,7 +86,14 @@ class ImageSet(Dataset):
         or uniformly sized images)."""
         if len(self) == 0:
             raise DatasetError("cannot stack an empty split")
-        return torch.stack([self[i][0] for i in range(len(self))])
+        images = [self[i][0] for i in range(len(self))]
+        if len({tuple(im.shape) for im in images}) > 1:
+            raise DatasetError("images of different sizes in one split; set dataset.image_size")
+        return torch.stack(images)
+
+    def in_memory(self) -> "TensorImageSet":
+        """The split decoded once into memory (an unreadable file fails here, named)."""
+        return TensorImageSet(self.to_tensor(), self.labels, image_size=self.image_size)
 
 
 class TensorImageSet(ImageSet):
@@ -108,6 +115,9 @@ class TensorImageSet(ImageSet):
 
     def to_tensor(self) -> torch.Tensor:
         return resize_square(self.images, self.image_size)
+
+    def in_memory(self) -> "TensorImageSet":
+        return self
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -243,6 +253,12 @@ class DatasetSplits:
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+    def in_memory(self) -> "DatasetSplits":
+        """Every split decoded into memory once; identity and fingerprints are unchanged."""
+        from dataclasses import replace
+
+        return replace(self, train=self.train.in_memory(), val=self.val.in_memory(), test=self.test.in_memory())
 
     def check_labels(self) -> None:
         for split_name in ("train", "val", "test"):
