@@ -80,6 +80,17 @@ class ExpansionOutput:
         return [{name: col[i] for name, col in columns.items()} for i in range(n)]
 
 
+@dataclass
+class ExpansionContext:
+    """What a method may need to know about the dataset it expands (prompts, guides)."""
+
+    dataset_name: str
+    class_names: list[str]
+    channels: int
+    image_size: int | None = None
+    prompt_prefix: str | None = None  # e.g. "Ultrasound image of" for the medical sets
+
+
 class Expander(nn.Module, abc.ABC):
     """Base class of every expansion method (an ``nn.Module`` so that its
     networks follow the Lightning module to the right device).
@@ -104,6 +115,12 @@ class Expander(nn.Module, abc.ABC):
         self.params = dict(params)
 
     # -- contract -------------------------------------------------------
+    def prepare(self, context: ExpansionContext) -> None:
+        """Called once before ``fit``/``expand`` when generation is needed: load weights,
+        build prompts or guides. Kept out of ``__init__`` so that reusing a finished
+        store never loads a model."""
+        self.context = context
+
     def fit(self, train: Any, artifact_dir: Path) -> None:
         """Train or fine-tune on the training split; cache into ``artifact_dir``."""
 

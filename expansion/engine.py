@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
-from .base import Expander, ExpansionError, ExpansionOutput
+from .base import Expander, ExpansionContext, ExpansionError, ExpansionOutput
 from .seeding import image_seeds
 from .store import ExpandedSet, ExpansionStore, canonical_json, store_key
 
@@ -58,8 +58,7 @@ class ExpansionModule(L.LightningModule):
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         k = self.expander.ratio
         seeds = image_seeds(self.store_seed, batch["index"], k)
-        with torch.inference_mode(mode=not getattr(self.expander, "needs_grad", False)):
-            output = self.expander.expand(batch["image"], batch["label"], seeds.to(batch["image"].device))
+        output = self.expander.expand(batch["image"], batch["label"], seeds.to(batch["image"].device))
         if not isinstance(output, ExpansionOutput):
             raise ExpansionError(f"{self.expander.name}.expand must return an ExpansionOutput")
         output.validate(batch["image"].shape[0], k)
@@ -121,6 +120,7 @@ def expand_dataset(
     train: Any,
     dataset_identity: Mapping[str, Any],
     *,
+    context: ExpansionContext | None = None,
     store_dir: Path | str,
     fit_dir: Path | str,
     seed: int,
@@ -146,6 +146,9 @@ def expand_dataset(
     with lock:
         if store.is_complete():  # another job finished it while we waited for the lock
             return ExpansionResult(store.load(), store, 0, True, time.perf_counter() - start)
+        expander.prepare(context or ExpansionContext(
+            dataset_name=str(dataset_identity.get("name", "")), class_names=list(dataset_identity.get("class_names", [])),
+            channels=int(getattr(train, "channels", 3)), image_size=dataset_identity.get("image_size")))
         fit_seconds = fit_expander(expander, train, dataset_identity, fit_dir) if expander.needs_fit else 0.0
         store.open_for_writing(k)
         done = store.done_parents(k)
@@ -156,7 +159,9 @@ def expand_dataset(
                      len(pending), len(train), k, store.root, len(done))
             loader = DataLoader(SeedImages(train, pending), batch_size=batch_size, shuffle=False,
                                 num_workers=num_workers, pin_memory=torch.cuda.is_available())
-            kwargs = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, **(trainer_kwargs or {})}
+            kwargs = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, **(trainer_kwargs or {}),
+                      # guided methods differentiate through their decoder: predict under no_grad, not inference_mode
+                      "inference_mode": not getattr(expander, "needs_grad", False)}
             trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False,
                                 callbacks=[writer], **kwargs)
             trainer.predict(ExpansionModule(expander, seed), loader, return_predictions=False)

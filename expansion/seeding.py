@@ -36,6 +36,15 @@ def image_seeds(store_seed: int, parents: Sequence[int] | torch.Tensor, ratio: i
     return torch.from_numpy(seeds.astype(np.int64))
 
 
+def derive(seeds: torch.Tensor, purpose: str) -> torch.Tensor:
+    """Independent per-image seeds for one purpose (e.g. "vae_noise", "prompt"), so the
+    several random draws an image needs come from unrelated streams."""
+    tag = np.uint64(int.from_bytes(purpose.encode()[:8].ljust(8, b"\0"), "little"))
+    flat = seeds.reshape(-1).cpu().numpy().astype(np.uint64)
+    mixed = _splitmix64(_splitmix64(flat ^ tag) ^ np.uint64(len(purpose))) >> np.uint64(1)
+    return torch.from_numpy(mixed.astype(np.int64)).reshape(seeds.shape)
+
+
 def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A torch Generator seeded with one image seed."""
     g = torch.Generator(device=device)

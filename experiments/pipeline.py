@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from expansion.base import Expander, ExpansionError
+from expansion.base import Expander, ExpansionContext, ExpansionError
 from expansion.engine import ExpansionResult, expand_dataset
 from expansion.store import atomic_write_text
 
@@ -30,7 +30,7 @@ from .datasets import DatasetSplits, build_dataset
 log = logging.getLogger(__name__)
 
 #: method config keys that belong to the framework, not to the expander's constructor
-FRAMEWORK_METHOD_KEYS = ("name", "paper_name", "batch_size", "num_workers", "trainer")
+FRAMEWORK_METHOD_KEYS = ("name", "paper_name", "paper_settings", "batch_size", "num_workers", "trainer")
 
 
 def build_expander(method_cfg: DictConfig) -> Expander | None:
@@ -63,10 +63,13 @@ def run_expansion(cfg: DictConfig, data: DatasetSplits, expander: Expander) -> E
     for key in ("max_epochs", "gradient_clip_val", "deterministic", "log_every_n_steps", "benchmark"):
         gen_trainer.pop(key, None)
     gen_trainer["enable_progress_bar"] = bool(cfg.get("progress_bar", False))
+    context = ExpansionContext(dataset_name=data.name, class_names=data.class_names, channels=data.channels,
+                               image_size=data.image_size, prompt_prefix=cfg.dataset.get("prompt_prefix"))
     return expand_dataset(
         expander,
         data.train,
         data.identity,
+        context=context,
         store_dir=cfg.paths.store_dir,
         fit_dir=cfg.paths.fit_dir,
         seed=int(cfg.expansion_seed),

@@ -103,6 +103,7 @@ def build_dataset(cfg: Mapping[str, Any]) -> DatasetSplits:
         raise DatasetError(f"dataset {cfg['name']!r}: the training split is empty")
     identity = {
         "name": cfg["name"],
+        "class_names": class_names,
         "image_size": cfg.get("image_size"),
         "train_per_class": n_per_class,
         "split_seed": split_seed,
