@@ -77,7 +77,7 @@ class StoreWriter(BasePredictionWriter):
         output: ExpansionOutput = prediction["output"]
         images = output.images.detach().cpu()
         b, k = images.shape[:2]
-        fields = output.field_rows()
+        fields = [{k: _round_float(v) for k, v in row.items()} for row in output.field_rows()]
         rows = []
         for i in range(b):
             for j in range(k):
@@ -90,6 +90,11 @@ class StoreWriter(BasePredictionWriter):
                 })
         self.store.write_batch(images.reshape(b * k, *images.shape[2:]), rows)
         self.images_written += b * k
+
+
+def _round_float(value: Any) -> Any:
+    """Manifest floats to 6 significant digits: readable, and not dependent on float noise."""
+    return float(f"{value:.6g}") if isinstance(value, float) else value
 
 
 @dataclass
@@ -106,7 +111,7 @@ class ExpansionResult:
 def fit_expander(expander: Expander, train: Any, dataset_identity: Mapping[str, Any], fit_dir: Path | str) -> float:
     """Run ``expander.fit`` once per (dataset, fit signature); artifacts are cached by key."""
     key, payload = store_key(dataset_identity, expander.fit_signature(), seed=0)
-    artifact_dir = Path(fit_dir) / f"{expander.name}-{key}"
+    artifact_dir = Path(fit_dir) / key  # methods with the same fit signature share it (gif_sd and sd_img2img)
     artifact_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with FileLock(str(artifact_dir / ".lock")):

@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+# tests never touch the network: hub clients fail at once instead of waiting for a time-out
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 

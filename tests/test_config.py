@@ -86,3 +86,21 @@ def test_unknown_option_lists_choices():
 
     with pytest.raises(MissingConfigException, match="cutout"):
         compose(["method=nope"])
+
+
+@pytest.mark.parametrize("dataset,expected", [
+    ("cars", (50.0, 0.9, 0.8, 5)), ("pets", (50.0, 0.7, 0.8, 10)), ("flowers102", (8.0, 0.5, 0.8, 5)),
+    ("caltech101", (5.0, 0.9, 4.0, 5)), ("organsmnist", (5.0, 0.4, 0.5, 5)), ("digits", (50.0, 0.9, 0.8, 5)),
+])
+def test_gif_sd_takes_the_paper_settings_of_each_dataset(dataset, expected):
+    m = compose([f"dataset={dataset}", "method=gif_sd"]).method
+    assert (m.guidance_scale, m.strength, m.radius, m.ratio) == expected
+    assert compose([f"dataset={dataset}", "method=gif_sd", "method.strength=0.3"]).method.strength == 0.3
+    medical = dataset.endswith("mnist")
+    assert (compose([f"dataset={dataset}", "method=gif_sd"]).method.dreambooth is not None) == medical
+
+
+def test_gif_tables_include_gif_sd_and_its_ablation():
+    for experiment in ("table1_natural", "table2_medical"):
+        methods = _sweep_params(experiment)[1]["method"].split(",")
+        assert {"gif_sd", "sd_img2img", "original"} <= set(methods)

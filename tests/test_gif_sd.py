@@ -1,0 +1,203 @@
+"""GIF-SD and the sd_img2img ablation with a tiny SD and a tiny open_clip built in code."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from expansion.base import ExpansionContext, ExpansionError
+from expansion.gif_sd import GifSD, SDImg2Img, load_sd_components
+from expansion.seeding import image_seeds
+from expansion.store import ExpansionStore
+from tests.conftest import PROJECT_ROOT
+from tests.helpers.tiny_clip import save_tiny_clip
+from tests.helpers.tiny_sd import save_tiny_sd
+
+CLASSES = ["malignant", "normal, benign"]
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_models")
+    return save_tiny_sd(root), save_tiny_clip(root / "clip")
+
+
+@pytest.fixture(scope="module")
+def seeds_batch(shared_data):
+    data = np.load(shared_data / "medmnist" / "breastmnist.npz")
+    images = torch.from_numpy(data["train_images"][:4])[:, None]
+    labels = torch.from_numpy(data["train_labels"][:4, 0].astype(np.int64))
+    return images, labels
+
+
+def _expander(tiny_models, cls=GifSD, **kw):
+    sd_path, clip_spec = tiny_models
+    params = dict(ratio=3, model_id=str(sd_path), guide=clip_spec, guidance_scale=5.0, strength=0.9, radius=0.1,
+                  num_inference_steps=4, resolution=16, output_size=None)
+    params.update(kw)
+    if cls is SDImg2Img:
+        params.pop("guide")
+    exp = cls(**params)
+    exp.prepare(ExpansionContext("breastmnist", CLASSES, channels=1, prompt_prefix="Ultrasound image of"))
+    return exp
+
+
+def test_gif_sd_produces_k_images_with_full_manifest_fields(tiny_models, seeds_batch):
+    exp = _expander(tiny_models)
+    images, labels = seeds_batch
+    out = exp.expand(images, labels, image_seeds(7, range(4), 3))
+    out.validate(4, 3)
+    assert out.images.shape == (4, 3, 1, 16, 16)
+    rows = out.field_rows()
+    assert set(rows[0]) == {"prompt", "strength", "guidance_scale", "radius", "score_before", "score_after",
+                            "guide_class", "guide_confidence"}
+    assert all(r["prompt"].startswith("Ultrasound image of") for r in rows)
+    assert rows[0]["prompt"].endswith(CLASSES[int(labels[0])])
+    assert all(0 <= r["guide_confidence"] <= 1 and r["guide_class"] in (0, 1) for r in rows)
+
+
+def test_prompts_are_random_per_image_seed_and_fixed_without_randomisation(tiny_models):
+    exp = _expander(tiny_models)
+    exp.context = ExpansionContext("cars", ["audi a4", "bmw m3"], channels=3)
+    seeds = image_seeds(0, range(20), 5)
+    prompts = exp.prompts(torch.zeros(20, dtype=torch.long), seeds)
+    assert len(set(prompts)) > 10 and all(p.endswith("audi a4") for p in prompts)
+    assert exp.prompts(torch.zeros(20, dtype=torch.long), seeds) == prompts
+    domains = {" ".join(p.split()[:2]) for p in prompts}
+    assert domains <= {"an image", "a real-world", "a cartoon", "an oil", "a sketch"}
+    fixed = _expander(tiny_models, prompt_randomization=False)
+    fixed.context = exp.context
+    assert set(fixed.prompts(torch.zeros(3, dtype=torch.long), seeds[:3])) == {"an image of audi a4"}
+
+
+def test_output_depends_only_on_per_image_seeds(tiny_models, seeds_batch):
+    exp = _expander(tiny_models)
+    images, labels = seeds_batch[0][:3], seeds_batch[1][:3]
+    seeds = image_seeds(3, range(3), 3)
+    full = exp.expand(images, labels, seeds)
+    parts = [exp.expand(images[:1], labels[:1], seeds[:1]), exp.expand(images[1:], labels[1:], seeds[1:])]
+    assert torch.equal(full.images, torch.cat([h.images for h in parts]))
+    other = exp.expand(images, labels, image_seeds(4, range(3), 3))
+    assert not torch.equal(full.images, other.images)
+
+
+def test_guidance_raises_the_score_of_the_same_inputs(tiny_models, seeds_batch):
+    """score_after (projected, decoded) vs score_before (random perturbation) on the same seeds."""
+    exp = _expander(tiny_models, radius=100.0, guidance={"step_size": 0.05})
+    images, labels = seeds_batch
+    out = exp.expand(images, labels, image_seeds(11, range(4), 3))
+    before = torch.tensor(out.fields["score_before"]).reshape(4, 3).mean(1)
+    after = torch.tensor(out.fields["score_after"]).reshape(4, 3).mean(1)
+    assert (after > before).float().mean() >= 0.75, (before, after)
+    assert after.mean() > before.mean()
+
+
+def test_unguided_ablation_needs_no_guide_and_differs_from_gif(tiny_models, seeds_batch):
+    images, labels = seeds_batch
+    seeds = image_seeds(3, range(4), 3)
+    sd = _expander(tiny_models, cls=SDImg2Img)
+    assert sd.guide is None and not sd.needs_grad
+    plain = sd.expand(images, labels, seeds)
+    assert set(plain.field_rows()[0]) == {"prompt", "strength", "guidance_scale"}
+    gif = _expander(tiny_models).expand(images, labels, seeds)
+    assert not torch.equal(plain.images, gif.images)
+    assert sd.signature() != _expander(tiny_models).signature()
+
+
+def test_official_loop_settings_are_reachable(tiny_models, seeds_batch):
+    exp = _expander(tiny_models, group_size=2, dtype="float32", batch_size=1)
+    images, labels = seeds_batch
+    out = exp.expand(images[:1], labels[:1], image_seeds(1, [0], 3))
+    assert out.images.shape == (1, 3, 1, 16, 16)
+    assert exp.signature()["group_size"] == 2
+
+
+def test_bad_settings_and_missing_weights_are_clear(tmp_path, monkeypatch):
+    with pytest.raises(ExpansionError, match="strength must be in"):
+        GifSD(ratio=2, strength=1.5)
+    with pytest.raises(ExpansionError, match="folder .*nope does not exist"):
+        load_sd_components(str(tmp_path / "nope"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ExpansionError, match="'CompVis/stable-diffusion-v1-4' are not available.*huggingface-cli download"):
+        load_sd_components("CompVis/stable-diffusion-v1-4")
+
+
+def test_missing_clip_weights_are_clear(monkeypatch):
+    from expansion.gif_sd import build_guide
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ExpansionError, match="could not load the CLIP guide open_clip 'ViT-B-32'.*local open_clip weights"):
+        build_guide({"kind": "clip", "arch": "ViT-B-32", "pretrained": "openai"}, ["a", "b"])
+
+
+def _run(args, tmp_path):
+    env = {**os.environ, "PROGRESS_BAR": "false", "HF_HUB_OFFLINE": "1", "EXPANSION_CACHE": str(tmp_path / "cache")}
+    return subprocess.run([sys.executable, "run.py", *args], cwd=PROJECT_ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+def test_run_py_gif_sd_end_to_end_and_batch_size_independent(tiny_models, tmp_path):
+    sd_path, clip = tiny_models
+    common = ["dataset=breastmnist", "dataset.train_per_class=3", "method=gif_sd", f"method.model_id={sd_path}",
+              f"method.guide.arch={clip['arch']}", f"method.guide.pretrained={clip['pretrained']}",
+              f"method.guide.model_config={clip['model_config']}", "method.resolution=16", "method.output_size=16",
+              "method.num_inference_steps=3", "method.ratio=2", "method.paper_settings.breastmnist.dreambooth=null",
+              "train.epochs=1", "logger=none", "train.compare_original=false"]
+    stores = []
+    for batch in (1, 4):
+        proc = _run(common + [f"method.batch_size={batch}", f"hydra.run.dir={tmp_path}/run{batch}"], tmp_path / f"b{batch}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        metrics = json.loads((tmp_path / f"run{batch}" / "metrics.json").read_text())
+        assert metrics["method"] == "gif_sd" and metrics["expansion"]["num_images"] == 2 * 6
+        stores.append(ExpansionStore(Path(metrics["expansion"]["store"]), "", {}))
+    rows = stores[0].read_rows()
+    assert len(rows) == 12 and {"prompt", "radius", "score_before", "score_after", "guide_class"} <= set(rows[0])
+    assert rows[0]["radius"] == 0.1 and rows[0]["guidance_scale"] == 5.0  # BreastMNIST's paper settings
+    # images are bit-identical whatever the batch size; float fields agree to float precision
+    other = stores[1].read_rows()
+    for a, b in zip(rows, other):
+        assert (a["parent"], a["copy"], a["seed"], a["prompt"]) == (b["parent"], b["copy"], b["seed"], b["prompt"])
+        assert (stores[0].images_dir / a["file"]).read_bytes() == (stores[1].images_dir / b["file"]).read_bytes()
+        assert a["score_before"] == pytest.approx(b["score_before"], abs=1e-5)
+        assert a["score_after"] == pytest.approx(b["score_after"], abs=1e-5)
+
+
+def test_dreambooth_fit_is_cached_and_shared_with_the_ablation(tiny_models, seeds_batch, tmp_path, monkeypatch):
+    from expansion import dreambooth
+    from expansion.engine import expand_dataset
+    from experiments.datasets import TensorImageSet
+
+    images, labels = seeds_batch
+    train = TensorImageSet(images, labels.numpy())
+    identity = {"name": "breastmnist", "class_names": CLASSES, "train_fingerprint": train.fingerprint()}
+    context = ExpansionContext("breastmnist", CLASSES, channels=1, prompt_prefix="Ultrasound image of")
+    db = {"steps": 3, "lr": 1e-3, "batch_size": 2, "resolution": 16, "instance_prompt": "{prefix} {class} breast"}
+    calls = []
+    real = dreambooth.dreambooth_finetune
+    monkeypatch.setattr(dreambooth, "dreambooth_finetune", lambda *a, **k: calls.append(a[6]) or real(*a, **k))
+
+    def run(cls, ratio):
+        sd_path, clip = tiny_models
+        kw = dict(ratio=ratio, model_id=str(sd_path), guidance_scale=5.0, num_inference_steps=2, resolution=16,
+                  dreambooth=db)
+        if cls is GifSD:
+            kw["guide"] = clip
+        return expand_dataset(cls(**kw), train, identity, context=context, store_dir=tmp_path / "stores",
+                              fit_dir=tmp_path / "fits", seed=0, batch_size=4)
+
+    first = run(GifSD, 2)
+    assert len(calls) == 1
+    assert set(calls[0]) <= {"Ultrasound image of malignant breast", "Ultrasound image of normal, benign breast"}
+    saved = list((tmp_path / "fits").glob("*/dreambooth/DONE"))
+    assert len(saved) == 1
+    run(SDImg2Img, 2)  # same fit signature: reuses the fine-tuned weights, no second fine-tune
+    run(GifSD, 3)
+    assert len(calls) == 1
+    assert first.expanded.rows[0]["prompt"].startswith("Ultrasound image of")
