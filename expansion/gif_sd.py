@@ -138,14 +138,21 @@ class GifSD(Expander):
     def prepare(self, context: ExpansionContext) -> None:
         super().prepare(context)
         p = self.params
-        comps = load_sd_components(p["model_id"], p["revision"], p["local_files_only"])
+        self.set_components(load_sd_components(p["model_id"], p["revision"], p["local_files_only"]))
+        if self.guided and self.guide_spec.get("kind", "clip") == "clip":
+            self.guide = build_guide(self.guide_spec, context.class_names)
+
+    def set_components(self, comps: Mapping[str, Any], guide: Guide | None = None) -> None:
+        """Use already-built SD components (vae, unet, text_encoder, tokenizer, scheduler) and,
+        optionally, a guide; e.g. benchmarks with random weights at the real architecture sizes."""
         for key in ("vae", "unet", "text_encoder"):
             comps[key].eval().requires_grad_(False)
             self.add_module(key, comps[key])
         self.tokenizer, self.scheduler_config = comps["tokenizer"], comps["scheduler"].config
         self.scheduler_cls = type(comps["scheduler"])
-        if self.guided and self.guide_spec.get("kind", "clip") == "clip":
-            self.guide = build_guide(self.guide_spec, context.class_names)
+        self._dtypes_set_for = None
+        if guide is not None:
+            self.guide = guide
 
     def fit(self, train: Any, artifact_dir: Path) -> None:
         """DreamBooth fine-tuning (medical sets in the paper) and/or the probe guide, cached in ``artifact_dir``."""
