@@ -17,12 +17,14 @@ import experiments.config  # noqa: F401  (registers the ${project_root:} resolve
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    # Lightning attaches its own console handler; Hydra's root handler already prints (and files) its records
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).handlers.clear()
     from expansion.base import ExpansionError
     from experiments.datasets import DatasetError
     from experiments.pipeline import run
+
+    # Lightning attaches its own console handler on import; Hydra's root handler already prints
+    # (and files) its records, so drop Lightning's to avoid every line twice
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).handlers.clear()
 
     try:
         run(cfg)
