@@ -58,6 +58,8 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
 
 def run_expansion(cfg: DictConfig, data: DatasetSplits, expander: Expander) -> ExpansionResult:
     gen_trainer = dict(trainer_kwargs(cfg))
+    # expanders manage their own dtypes (e.g. fp16 UNet, fp32 VAE): no autocast around generation
+    gen_trainer["precision"] = "32-true"
     if cfg.method.get("trainer"):  # a method may override trainer settings for generation (e.g. precision)
         gen_trainer.update(OmegaConf.to_container(cfg.method.trainer, resolve=True))
     for key in ("max_epochs", "gradient_clip_val", "deterministic", "log_every_n_steps", "benchmark"):
