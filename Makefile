@@ -3,7 +3,7 @@ VENV   ?= .venv
 PYTHON ?= $(VENV)/bin/python
 EXTRAS ?= dev,slurm,joblib
 
-.PHONY: help install run test test-slow test-gpu test-all sweep-digits benchmark-cpu clean-cache
+.PHONY: help install run test test-slow test-gpu test-all sweep-digits benchmark-cpu report clean-cache
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -33,6 +33,10 @@ sweep-digits:  ## original vs the three baselines on digits, 3 seeds, into resul
 
 benchmark-cpu:  ## the recorded CPU benchmark: BreastMNIST 28 px, small CNN, 4 methods x 3 seeds
 	$(PYTHON) run.py -m experiment=medical_cpu
+
+report:  ## tables, figures, expansion grids and settings of a sweep: make report DIR=multirun/<date>/<time>
+	@test -n "$(DIR)" || { echo "usage: make report DIR=<sweep folder>"; exit 2; }
+	$(PYTHON) -m experiments.report $(DIR)
 
 clean-cache:  ## delete expansion stores and fitted generators (.cache/)
 	rm -rf .cache

@@ -17,7 +17,7 @@ import math
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,9 @@ import yaml
 
 PAPER_NUMBERS_FILE = Path(__file__).with_name("paper_numbers.yaml")
 METRICS = ("test_acc_final", "test_acc_best_val")
+#: results.csv column -> key under metrics["quality"] (experiments/quality.py); mean over the cell's runs
+QUALITY_COLUMNS = {"fid": "fid", "kid": "kid_mean", "label_agreement": "label_agreement", "vendi": "vendi_expanded",
+                   "vendi_original": "vendi_original", "near_duplicate_fraction": "near_duplicate_fraction"}
 
 
 def load_paper_numbers(path: Path = PAPER_NUMBERS_FILE) -> dict[str, Any]:
@@ -58,6 +61,8 @@ class Cell:
     ratio: int
     values: dict[str, list[float]]
     paper: float | None
+    quality: dict[str, list[float]] = field(default_factory=dict)  # QUALITY_COLUMNS name -> one value per run
+    extractors: list[str] = field(default_factory=list)  # the quality feature extractors named by the runs
 
     def stats(self, metric: str) -> tuple[float, float, int]:
         vals = self.values[metric]
@@ -103,6 +108,11 @@ def build_cells(runs: Iterable[dict[str, Any]], paper: dict[str, Any]) -> list[C
                 classifier=first["classifier"], ratio=first["ratio"],
                 values={m: [float(r[m]) for r in group if r.get(m) is not None] for m in METRICS},
                 paper=paper_value,
+                quality={col: [float(r["quality"][key]) for r in group
+                               if isinstance(r.get("quality"), dict) and r["quality"].get(key) is not None]
+                         for col, key in QUALITY_COLUMNS.items()},
+                extractors=sorted({str(r["quality"].get("feature_extractor")) for r in group
+                                   if isinstance(r.get("quality"), dict)}),
             ))
     return cells
 
@@ -156,18 +166,67 @@ def render_markdown(cells: list[Cell], paper: dict[str, Any]) -> str:
     return out.getvalue()
 
 
+def has_quality(cells: list[Cell]) -> bool:
+    return any(any(v for v in c.quality.values()) for c in cells)
+
+
+def quality_mean(cell: Cell, column: str) -> float | None:
+    vals = cell.quality.get(column) or []
+    return statistics.fmean(vals) if vals else None
+
+
+def render_quality_markdown(cells: list[Cell], paper: dict[str, Any]) -> str:
+    """One table per paper table: the expanded sets' quality (experiments/quality.py), mean over runs."""
+    out = io.StringIO()
+    for table in sorted({c.table for c in cells}):
+        tcells = [c for c in cells if c.table == table and any(c.quality.values())]
+        if not tcells:
+            continue
+        spec = paper.get(table, {})
+        out.write(f"## Quality of the expanded sets: {spec.get('title', table)}\n\n")
+        extractors = sorted({e for c in tcells for e in c.extractors})
+        out.write("Feature extractor: " + "; ".join(extractors) + ". FID/KID against the original training "
+                  "images (0 = same distribution), label agreement of the classifier with the assigned labels, "
+                  "Vendi score of the expanded (original) set, near-duplicates of training images "
+                  "(rule in experiments/quality.py); mean over runs [n].\n\n")
+        out.write("| method | column | FID | KID | label agreement | Vendi (original) | near-duplicates |\n")
+        out.write("|---|---|---|---|---|---|---|\n")
+        paper_rows = list(spec.get("values", {}).keys())
+        order = {r: i for i, r in enumerate(_order({c.row for c in tcells}, paper_rows))}
+        for c in sorted(tcells, key=lambda c: (order[c.row], c.column)):
+            q = {col: quality_mean(c, col) for col in QUALITY_COLUMNS}
+            n = max(len(v) for v in c.quality.values())
+
+            def f(x, fmt):
+                return "–" if x is None else format(x, fmt)
+
+            agree = "–" if q["label_agreement"] is None else f"{100 * q['label_agreement']:.1f}%"
+            dup = "–" if q["near_duplicate_fraction"] is None else f"{100 * q['near_duplicate_fraction']:.1f}%"
+            out.write(f"| {c.row} | {c.column} | {f(q['fid'], '.3g')} | {f(q['kid'], '.3g')} | {agree} | "
+                      f"{f(q['vendi'], '.2f')} ({f(q['vendi_original'], '.2f')}) | {dup} [{n}] |\n")
+        out.write("\n")
+    return out.getvalue()
+
+
 def write_csv(cells: list[Cell], path: Path) -> None:
+    quality = has_quality(cells)
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["table", "row", "column", "method", "dataset", "classifier", "ratio", "n_seeds",
-                         "final_mean", "final_std", "best_val_mean", "best_val_std", "paper", "final_minus_paper"])
+                         "final_mean", "final_std", "best_val_mean", "best_val_std", "paper", "final_minus_paper"]
+                        + (list(QUALITY_COLUMNS) if quality else []))
         for c in cells:
             fm, fs, n = c.stats("test_acc_final")
             bm, bs, _ = c.stats("test_acc_best_val") if c.values["test_acc_best_val"] else (math.nan, math.nan, 0)
             writer.writerow([c.table, c.row, c.column, c.method, c.dataset, c.classifier, c.ratio, n,
                              f"{fm:.3f}", f"{fs:.3f}", f"{bm:.3f}", f"{bs:.3f}",
                              "" if c.paper is None else c.paper,
-                             "" if c.paper is None else f"{fm - c.paper:.3f}"])
+                             "" if c.paper is None else f"{fm - c.paper:.3f}"]
+                            + ([_fmt_quality(quality_mean(c, col)) for col in QUALITY_COLUMNS] if quality else []))
+
+
+def _fmt_quality(value: float | None) -> str:
+    return "" if value is None else f"{value:.6g}"
 
 
 def aggregate(root: Path | str) -> tuple[Path, Path]:
@@ -180,7 +239,8 @@ def aggregate(root: Path | str) -> tuple[Path, Path]:
     cells = build_cells(runs, paper)
     csv_path, md_path = root / "results.csv", root / "results.md"
     write_csv(cells, csv_path)
-    md_path.write_text(f"# Results ({len(runs)} runs under {root})\n\n" + render_markdown(cells, paper))
+    md_path.write_text(f"# Results ({len(runs)} runs under {root})\n\n" + render_markdown(cells, paper)
+                       + (render_quality_markdown(cells, paper) if has_quality(cells) else ""))
     return csv_path, md_path
 
 

@@ -171,6 +171,15 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict[str, Any]:
         }
         log.info("expansion: %d images (%d generated now) in %.1fs", len(result.expanded),
                  result.generated_images, result.seconds)
+        if (cfg.get("quality") or {}).get("enabled", False):
+            from .quality import evaluate_expansion
+
+            metrics["quality"] = evaluate_expansion(cfg, data, result.expanded, expanded_images, run_dir)
+            log.info("quality (%s): FID %.3f, label agreement %s, Vendi %.2f (original %.2f), "
+                     "near-duplicates %d, in %.1fs", metrics["quality"]["feature_extractor"],
+                     metrics["quality"]["fid"], metrics["quality"]["label_agreement"],
+                     metrics["quality"]["vendi_expanded"], metrics["quality"]["vendi_original"],
+                     metrics["quality"]["near_duplicates"], metrics["quality"]["seconds"])
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     metrics.update(train_and_evaluate(cfg, data, expanded_images, expanded_labels, run_dir / "train",
                                       make_logger(cfg, run_dir)))

@@ -1,0 +1,531 @@
+"""How good is an expanded set? Quality metrics against the original training images,
+and a picture of seeds beside their expansions.
+
+``quality_metrics(original, original_labels, expanded, expanded_labels, num_classes,
+extractor)`` returns one flat dict (written under ``metrics["quality"]``):
+
+* **feature space** (``feature_extractor`` names it): ``classifier`` (the offline default)
+  is a small CNN (:class:`experiments.classifier.SmallConvNet`) trained, seeded, for a
+  few epochs on the ORIGINAL training images; its 128-d penultimate (global-pooled)
+  activations are the features and its predictions give the label agreement.
+  ``inception`` is torchmetrics' FID InceptionV3 (2048-d pool features; needs
+  torch-fidelity and its weights), ``clip`` an open_clip image encoder (needs weights;
+  CLIP's zero-shot prediction over the class names then gives the label agreement).
+* ``fid``: Fréchet distance between Gaussians fitted to original and expanded features
+  (torchmetrics ``FrechetInceptionDistance`` with the custom extractor). ``kid_mean`` /
+  ``kid_std``: torchmetrics' ``KernelInceptionDistance`` (unbiased polynomial-kernel MMD²,
+  ``kid_subsets`` (50) seeded subsets of ``min(1000, n_original, n_expanded)``). Both are 0
+  for identical distributions; values are only comparable under one extractor.
+* ``label_agreement``: fraction of expanded images whose predicted class (the probe's,
+  or CLIP zero-shot's) equals the label the expansion assigned; ``label_agreement_original``
+  is the same on the original images (the probe's training accuracy: the ceiling).
+* diversity: ``vendi_*`` = Vendi score ``exp(-sum_i l_i log l_i)``, ``l_i`` the eigenvalues
+  of ``K / n`` with ``K`` the cosine-similarity kernel of the features (1 = all images
+  identical, at most min(n, feature dim)); ``pairwise_distance_*`` = mean L2 distance
+  between the features of two different images. Both for the expanded and the original set.
+* memorisation: for every expanded image the nearest-neighbour (NN) distance to the
+  training images, in pixel space (RMS difference of [0, 1] pixels, images resized to at
+  most 32 px, against ALL training images) and in feature space. An expanded image is a
+  **near-duplicate** when its pixel NN distance is <= ``dup_factor`` (0.05) x the median
+  leave-one-out NN distance among original images, or its feature NN distance is <=
+  ``dup_factor`` x the same median in feature space. ``exact_duplicates`` counts
+  pixel-identical copies. ``near_duplicate_fraction`` = near-duplicates / expanded images.
+
+Both sets are subsampled (seeded) to ``max_images`` before feature work; everything is
+batched (``torch.cdist`` in chunks).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from expansion.base import ExpansionError
+
+from .augment import normalize, resize_to
+from .classifier import SmallConvNet
+
+DUP_RULE = ("near-duplicate: pixel NN distance (RMS of [0,1] pixels, <=32 px) <= {f} x median leave-one-out "
+            "NN distance among originals, or feature NN distance <= {f} x the same median in feature space; "
+            "exact: pixel-identical")
+PIXEL_SIZE = 32  # memorisation in pixel space compares images at most this large
+
+
+class QualityError(ExpansionError):
+    """A quality metric cannot be computed (e.g. missing extractor weights); one clear line."""
+
+
+def _progress(enabled: bool) -> bool:
+    """Bars only when asked for and on a terminal (quiet in CI logs and files)."""
+    return bool(enabled) and sys.stderr.isatty()
+
+
+def _tqdm(iterable, *, progress: bool, desc: str, total: int | None = None, unit: str = "it"):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, disable=not _progress(progress),
+                dynamic_ncols=True)
+
+
+# -- feature extractors ---------------------------------------------------------------------------------
+
+
+class FeatureExtractor(nn.Module):
+    """``forward(uint8 [N, C, H, W]) -> float [N, D]``; ``logits`` (optional) gives class scores."""
+
+    description: str = "features"
+    num_features: int
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+
+class ProbeExtractor(FeatureExtractor):
+    """A SmallConvNet trained on the original images: penultimate features, head logits."""
+
+    def __init__(self, net: SmallConvNet, size: int, description: str):
+        super().__init__()
+        self.net = net.eval().requires_grad_(False)
+        self.size = int(size)
+        self.num_features = net.head.in_features
+        self.description = description
+
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        return normalize(resize_to(images, self.size))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(F.adaptive_avg_pool2d(self.net.features(self._prepare(images)), 1), 1)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net.head(self(images))
+
+
+def train_probe(images: torch.Tensor, labels: torch.Tensor | np.ndarray, num_classes: int, *, epochs: int = 10,
+                size: int = 32, seed: int = 0, batch_size: int = 32, lr: float = 3e-3, width: int = 32,
+                min_steps: int = 200, progress: bool = False) -> ProbeExtractor:
+    """Train the probe (AdamW, cross-entropy, random shifts of up to 1/8 of the side) on uint8
+    ``images`` for ``epochs`` epochs, more if needed to make ``min_steps`` optimisation steps
+    (a few-shot set has few batches per epoch); deterministic given ``seed``, global RNG untouched."""
+    size = min(int(size), images.shape[-1])
+    steps_per_epoch = max(1, math.ceil(len(images) / batch_size))
+    epochs = max(int(epochs), math.ceil(int(min_steps) / steps_per_epoch))
+    x = resize_to(images, size)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    g = torch.Generator().manual_seed(int(seed))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        net = SmallConvNet(num_classes, images.shape[1], width=width, input_size=size)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    pad = max(1, size // 8)
+    net.train()
+    for _ in _tqdm(range(int(epochs)), progress=progress, desc="quality: probe training", unit="epoch"):
+        order = torch.randperm(len(x), generator=g)
+        for start in range(0, len(x), batch_size):
+            idx = order[start:start + batch_size]
+            if len(idx) < 2:  # BatchNorm needs two images
+                continue
+            batch = F.pad(normalize(x[idx]), (pad, pad, pad, pad), mode="replicate")
+            dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=g).tolist()
+            batch = batch[..., dy:dy + size, dx:dx + size]
+            loss = F.cross_entropy(net(batch), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    description = (f"classifier(small_cnn, trained on {len(x)} original images, {int(epochs)} epochs, {size} px, "
+                   f"{net.head.in_features}-d penultimate features)")
+    return ProbeExtractor(net, size, description)
+
+
+class InceptionExtractor(FeatureExtractor):
+    """torchmetrics' FID InceptionV3 (2048-d pool3 features), as in the standard FID."""
+
+    def __init__(self):
+        super().__init__()
+        try:
+            from torchmetrics.image.fid import NoTrainInceptionV3
+
+            self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"])
+        except Exception as exc:  # torch-fidelity missing, or its weights cannot be fetched offline
+            raise QualityError(
+                f"quality.extractor=inception needs torch-fidelity and its FID InceptionV3 weights "
+                f"(pt_inception-2015-12-05, downloaded once into the torch hub cache): {type(exc).__name__}: {exc}. "
+                "Install with `pip install torch-fidelity` where there is network and run once, or use "
+                "quality.extractor=classifier (offline)."
+            ) from exc
+        self.num_features = 2048
+        self.description = "inception(torchmetrics FID InceptionV3, 2048-d pool features)"
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+        return self.net(x).reshape(len(x), -1).float()
+
+
+class ClipExtractor(FeatureExtractor):
+    """An open_clip image encoder (unit-norm embeddings) and its zero-shot class prediction."""
+
+    def __init__(self, class_names: Sequence[str], arch: str = "ViT-B-32", pretrained: str = "openai"):
+        super().__init__()
+        from expansion.guides import ClipGuide
+
+        try:
+            self.guide = ClipGuide.from_open_clip(list(class_names), arch=arch, pretrained=pretrained)
+        except ExpansionError as exc:
+            raise QualityError(f"quality.extractor=clip: {exc} (or use quality.extractor=classifier)") from exc
+        self.num_features = int(self.guide.text_features.shape[-1])
+        self.description = f"clip(open_clip {arch}, pretrained={pretrained}, image embeddings)"
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.guide(images.float() / 255.0).embeddings
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.guide(images.float() / 255.0).probs.log()
+
+
+def _has_head(model: nn.Module) -> bool:
+    return isinstance(model, FeatureExtractor) and type(model).logits is not FeatureExtractor.logits
+
+
+def build_extractor(kind: str, original: torch.Tensor, original_labels, num_classes: int, *,
+                    class_names: Sequence[str] | None = None, epochs: int = 10, probe_size: int = 32,
+                    seed: int = 0, progress: bool = False, clip_arch: str = "ViT-B-32",
+                    clip_pretrained: str = "openai") -> FeatureExtractor:
+    if kind == "classifier":
+        return train_probe(original, original_labels, num_classes, epochs=epochs, size=probe_size, seed=seed,
+                           progress=progress)
+    if kind == "inception":
+        return InceptionExtractor()
+    if kind == "clip":
+        names = list(class_names) if class_names else [str(c) for c in range(num_classes)]
+        return ClipExtractor(names, arch=clip_arch, pretrained=clip_pretrained)
+    raise QualityError(f"unknown quality.extractor {kind!r}: use classifier, inception or clip")
+
+
+@torch.no_grad()
+def extract(extractor: nn.Module, images: torch.Tensor, *, batch_size: int = 256, device: str = "cpu",
+            progress: bool = False, desc: str = "quality: features", logits: bool = False) -> torch.Tensor:
+    """Run ``extractor`` (or its ``logits``) over uint8 ``images`` in batches; float32 on the CPU."""
+    fn = extractor.logits if logits else extractor
+    out = []
+    starts = range(0, len(images), batch_size)
+    for start in _tqdm(starts, progress=progress, desc=desc, total=len(starts), unit="batch"):
+        out.append(fn(images[start:start + batch_size].to(device)).float().cpu())
+    return torch.cat(out)
+
+
+# -- the metrics ---------------------------------------------------------------------------------------------
+
+
+class _Precomputed(nn.Module):
+    """Hands already extracted features to torchmetrics (features are computed once and
+    shared by FID, KID, diversity and memorisation)."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = int(num_features)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def fid_kid(real: torch.Tensor, fake: torch.Tensor, *, kid_subsets: int = 50, kid_subset_size: int = 1000,
+            seed: int = 0) -> dict[str, float]:
+    """FID and KID (torchmetrics) between two feature sets ``[N, D]``, ``[M, D]``."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    dim = real.shape[1]
+    fid = FrechetInceptionDistance(feature=_Precomputed(dim))
+    fid.update(real.double(), real=True)
+    fid.update(fake.double(), real=False)
+    subset = min(int(kid_subset_size), len(real), len(fake))
+    # every subset is the whole of both sets: one is enough
+    subsets = 1 if subset == len(real) == len(fake) else int(kid_subsets)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        kid = KernelInceptionDistance(feature=_Precomputed(dim), subsets=subsets, subset_size=subset)
+    kid.update(real.float(), real=True)
+    kid.update(fake.float(), real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        kid_mean, kid_std = kid.compute()
+    return {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_std": float(kid_std)}
+
+
+def vendi_score(features: torch.Tensor) -> float:
+    """Vendi score with the cosine-similarity kernel: ``exp(entropy(eig(K / n)))``.
+    The nonzero eigenvalues of ``X X^T / n`` equal those of ``X^T X / n`` (D x D): cheap."""
+    x = F.normalize(features.double(), dim=1)
+    n, d = x.shape
+    gram = (x.T @ x) / n if d < n else (x @ x.T) / n
+    eig = torch.linalg.eigvalsh(gram).clamp_min(0)
+    eig = eig / eig.sum()
+    eig = eig[eig > 0]
+    return float(torch.exp(-(eig * eig.log()).sum()))
+
+
+def mean_pairwise_distance(features: torch.Tensor) -> float:
+    n = len(features)
+    if n < 2:
+        return 0.0
+    x = features.double()
+    total = sum(float(torch.cdist(x[s:s + 1024], x).sum()) for s in range(0, n, 1024))
+    return total / (n * (n - 1))
+
+
+def nn_distances(queries: torch.Tensor, reference: torch.Tensor, *, exclude_self: bool = False,
+                 chunk: int = 256) -> torch.Tensor:
+    """L2 distance of every query row to its nearest reference row (``exclude_self``:
+    queries ARE the reference, skip the diagonal)."""
+    out = []
+    q, r = queries.double(), reference.double()
+    for s in range(0, len(q), chunk):
+        d = torch.cdist(q[s:s + chunk], r)
+        if exclude_self:
+            rows = torch.arange(d.shape[0])
+            d[rows, rows + s] = math.inf
+        out.append(d.min(dim=1).values)
+    return torch.cat(out)
+
+
+def _pixels(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> flat [0, 1] vectors at most PIXEL_SIZE px, scaled so L2 distance = RMS difference."""
+    x = resize_to(images, PIXEL_SIZE) if images.shape[-1] > PIXEL_SIZE else images
+    x = x.reshape(len(x), -1).float() / 255.0
+    return x / math.sqrt(x.shape[1])
+
+
+def _subsample(n: int, cap: int, generator: torch.Generator) -> torch.Tensor:
+    if cap <= 0 or n <= cap:
+        return torch.arange(n)
+    return torch.randperm(n, generator=generator)[:cap].sort().values
+
+
+def _num(x: float | None) -> float | None:
+    if x is None or not math.isfinite(x):
+        return None if x is None else float(x)
+    return float(f"{x:.6g}")
+
+
+def quality_metrics(original: torch.Tensor, original_labels, expanded: torch.Tensor, expanded_labels,
+                    num_classes: int, extractor: str | FeatureExtractor = "classifier", *,
+                    class_names: Sequence[str] | None = None, max_images: int = 2000, epochs: int = 10,
+                    probe_size: int = 32, dup_factor: float = 0.05, kid_subsets: int = 50, seed: int = 0,
+                    batch_size: int = 256, device: str = "cpu", progress: bool = False,
+                    clip_arch: str = "ViT-B-32", clip_pretrained: str = "openai") -> dict[str, Any]:
+    """All quality metrics of ``expanded`` (uint8 ``[M, C, H, W]``) against ``original``
+    (uint8 ``[N, C, H, W]``, the training images); see the module docstring."""
+    start = time.perf_counter()
+    for name, t in (("original", original), ("expanded", expanded)):
+        if not torch.is_tensor(t) or t.dtype != torch.uint8 or t.dim() != 4:
+            raise QualityError(f"{name} images must be a uint8 tensor [N, C, H, W]")
+    if original.shape[1:] != expanded.shape[1:]:
+        raise QualityError(f"original images {tuple(original.shape[1:])} and expanded images "
+                           f"{tuple(expanded.shape[1:])} differ in shape")
+    if len(original) < 2 or len(expanded) < 2:
+        raise QualityError("quality metrics need at least two original and two expanded images")
+    original_labels = torch.as_tensor(np.asarray(original_labels), dtype=torch.long)
+    expanded_labels = torch.as_tensor(np.asarray(expanded_labels), dtype=torch.long)
+
+    if isinstance(extractor, str):
+        model = build_extractor(extractor, original, original_labels, num_classes, class_names=class_names,
+                                epochs=epochs, probe_size=probe_size, seed=seed, progress=progress,
+                                clip_arch=clip_arch, clip_pretrained=clip_pretrained)
+    else:
+        model = extractor
+    model = model.to(device).eval()
+
+    g = torch.Generator().manual_seed(int(seed))
+    oi = _subsample(len(original), int(max_images), g)
+    ei = _subsample(len(expanded), int(max_images), g)
+    orig, exp = original[oi], expanded[ei]
+    f_orig = extract(model, orig, batch_size=batch_size, device=device, progress=progress,
+                     desc="quality: original features")
+    f_exp = extract(model, exp, batch_size=batch_size, device=device, progress=progress,
+                    desc="quality: expanded features")
+
+    out: dict[str, Any] = {"feature_extractor": getattr(model, "description", type(model).__name__),
+                           "num_original": len(orig), "num_expanded": len(exp), "num_expanded_total": len(expanded)}
+    out.update(fid_kid(f_orig, f_exp, kid_subsets=kid_subsets, seed=seed))
+
+    # label agreement: the extractor's own classifier (probe, CLIP zero-shot); for Inception a probe
+    # trained on the originals (as for extractor=classifier)
+    judge = model if _has_head(model) else None
+    if judge is None and isinstance(extractor, str):
+        judge = train_probe(original, original_labels, num_classes, epochs=epochs, size=probe_size, seed=seed,
+                            progress=progress).to(device)
+    agreement = agreement_orig = None
+    if judge is not None:
+        pred_exp = extract(judge, exp, batch_size=batch_size, device=device, logits=True).argmax(1)
+        pred_orig = extract(judge, orig, batch_size=batch_size, device=device, logits=True).argmax(1)
+        agreement = float((pred_exp == expanded_labels[ei]).double().mean())
+        agreement_orig = float((pred_orig == original_labels[oi]).double().mean())
+    out["label_agreement"] = agreement
+    out["label_agreement_original"] = agreement_orig
+    out["label_agreement_by"] = judge.description.split("(")[0] if judge is not None else None
+
+    out["vendi_expanded"] = vendi_score(f_exp)
+    out["vendi_original"] = vendi_score(f_orig)
+    out["pairwise_distance_expanded"] = mean_pairwise_distance(f_exp)
+    out["pairwise_distance_original"] = mean_pairwise_distance(f_orig)
+
+    # memorisation: NN distance of every (subsampled) expanded image to the training images
+    p_train = _pixels(original)
+    p_exp = _pixels(exp)
+    nn_pix = nn_distances(p_exp, p_train)
+    # leave-one-out NN among originals: queries are the subsample, reference all originals
+    ref_pix = float(_loo_nn(_pixels(orig), p_train, oi).median())
+    nn_feat = nn_distances(f_exp, f_orig)
+    ref_feat = float(nn_distances(f_orig, f_orig, exclude_self=True).median())
+    train_hashes = {_digest(img) for img in original}
+    exact = torch.tensor([_digest(img) in train_hashes for img in exp], dtype=torch.bool)
+    near = exact | (nn_pix <= dup_factor * ref_pix) | (nn_feat <= dup_factor * ref_feat)
+    out.update({
+        "nn_pixel_mean": float(nn_pix.mean()), "nn_pixel_median": float(nn_pix.median()),
+        "nn_pixel_original_median": ref_pix,
+        "nn_feature_mean": float(nn_feat.mean()), "nn_feature_median": float(nn_feat.median()),
+        "nn_feature_original_median": ref_feat,
+        "exact_duplicates": int(exact.sum()), "near_duplicates": int(near.sum()),
+        "near_duplicate_fraction": float(near.double().mean()),
+        "near_duplicate_rule": DUP_RULE.format(f=dup_factor),
+    })
+    out = {k: (_num(v) if isinstance(v, float) else v) for k, v in out.items()}
+    out["seconds"] = round(time.perf_counter() - start, 3)
+    return out
+
+
+def _digest(image: torch.Tensor) -> bytes:
+    import hashlib
+
+    return hashlib.blake2b(image.contiguous().numpy().tobytes(), digest_size=16).digest()
+
+
+def _loo_nn(queries: torch.Tensor, reference: torch.Tensor, query_index: torch.Tensor,
+            chunk: int = 256) -> torch.Tensor:
+    """NN distance of original images (``reference[query_index]``) to the other originals."""
+    out = []
+    q, r = queries.double(), reference.double()
+    for s in range(0, len(q), chunk):
+        d = torch.cdist(q[s:s + chunk], r)
+        rows = torch.arange(d.shape[0])
+        d[rows, query_index[s:s + chunk]] = math.inf
+        out.append(d.min(dim=1).values)
+    return torch.cat(out)
+
+
+# -- the picture -------------------------------------------------------------------------------------------
+
+
+def grid_parents(labels: Sequence[int] | np.ndarray, parents: Sequence[int], rows: int) -> list[int]:
+    """``rows`` seed indices, round-robin over the classes (the first seed of each class,
+    then the second, ...), among seeds that have expansions; deterministic."""
+    labels = np.asarray(labels)
+    have = sorted(set(int(p) for p in parents))
+    by_class: dict[int, list[int]] = {}
+    for p in have:
+        by_class.setdefault(int(labels[p]), []).append(p)
+    chosen: list[int] = []
+    depth = 0
+    while len(chosen) < rows and any(depth < len(v) for v in by_class.values()):
+        for c in sorted(by_class):
+            if depth < len(by_class[c]) and len(chosen) < rows:
+                chosen.append(by_class[c][depth])
+        depth += 1
+    return chosen
+
+
+def save_expansion_grid(path: Path | str, original: torch.Tensor, original_labels, expanded: torch.Tensor,
+                        parents: Sequence[int], copies: Sequence[int], *, rows: int = 8,
+                        class_names: Sequence[str] | None = None, title: str | None = None) -> Path:
+    """PNG grid: one row per seed image (first column), then its k expansions in copy order."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    path = Path(path)
+    parents = np.asarray(parents)
+    copies = np.asarray(copies)
+    chosen = grid_parents(original_labels, parents, rows)
+    if not chosen:
+        raise QualityError("no seed image has expansions: nothing to draw")
+    k = int(max((parents == p).sum() for p in chosen))
+    c, h, w = original.shape[1:]
+    scale = max(1, math.ceil(48 / max(h, w)))
+    ch, cw = h * scale, w * scale
+    gap, sep, margin, header = 2, 8, 90, 16 + (16 if title else 0)
+    width = margin + cw + sep + k * (cw + gap)
+    height = header + len(chosen) * (ch + gap)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    if title:
+        draw.text((4, 2), title, fill="black", font=font)
+    draw.text((margin, header - 14), "seed", fill="black", font=font)
+    draw.text((margin + cw + sep, header - 14), f"its {k} expansions", fill="black", font=font)
+
+    def tile(img: torch.Tensor) -> Image.Image:
+        arr = img.numpy()
+        arr = arr[0] if c == 1 else arr.transpose(1, 2, 0)
+        im = Image.fromarray(np.ascontiguousarray(arr)).convert("RGB")
+        return im.resize((cw, ch), Image.NEAREST)
+
+    labels = np.asarray(original_labels)
+    for r, p in enumerate(chosen):
+        y = header + r * (ch + gap)
+        name = class_names[int(labels[p])] if class_names else str(int(labels[p]))
+        draw.text((4, y + ch // 2 - 13), str(name)[:14], fill="black", font=font)
+        draw.text((4, y + ch // 2 + 1), f"train #{p}", fill="gray", font=font)
+        canvas.paste(tile(original[p]), (margin, y))
+        idx = np.flatnonzero(parents == p)
+        idx = idx[np.argsort(copies[idx], kind="stable")]
+        for j, i in enumerate(idx):
+            canvas.paste(tile(expanded[i]), (margin + cw + sep + j * (cw + gap), y))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+# -- the pipeline's entry point ------------------------------------------------------------------------
+
+
+def quality_options(cfg) -> dict[str, Any]:
+    """``quality_metrics`` keyword arguments from a ``quality:`` config section."""
+    q = dict(cfg or {})
+    return {
+        "extractor": str(q.get("extractor", "classifier")), "max_images": int(q.get("max_images", 2000)),
+        "epochs": int(q.get("epochs", 10)), "probe_size": int(q.get("probe_size", 32)),
+        "dup_factor": float(q.get("dup_factor", 0.05)), "kid_subsets": int(q.get("kid_subsets", 50)),
+        "clip_arch": str(q.get("clip_arch", "ViT-B-32")), "clip_pretrained": str(q.get("clip_pretrained", "openai")),
+    }
+
+
+def evaluate_expansion(cfg, data, expanded_set, expanded_images: torch.Tensor, run_dir: Path | str) -> dict[str, Any]:
+    """Quality metrics of one run's expansion + ``<run_dir>/expansion_grid.png`` (the pipeline's step)."""
+    from omegaconf import OmegaConf
+
+    start = time.perf_counter()
+    q = cfg.get("quality") or {}
+    q = OmegaConf.to_container(q, resolve=True) if not isinstance(q, dict) else q
+    original = data.train.to_tensor()
+    labels = np.asarray(data.train.labels)
+    accelerator = str(cfg.get("trainer", {}).get("accelerator", "cpu"))
+    device = "cuda" if torch.cuda.is_available() and accelerator in ("gpu", "cuda", "auto") else "cpu"
+    metrics = quality_metrics(original, labels, expanded_images, expanded_set.labels, data.num_classes,
+                              class_names=data.class_names, seed=int(cfg.get("expansion_seed", 0)), device=device,
+                              progress=bool(cfg.get("progress_bar", False)), **quality_options(q))
+    grid = save_expansion_grid(
+        Path(run_dir) / "expansion_grid.png", original, labels, expanded_images,
+        [r["parent"] for r in expanded_set.rows], [r["copy"] for r in expanded_set.rows],
+        rows=int(q.get("grid_seeds", 8)), class_names=data.class_names,
+        title=f"{data.name} | {cfg.method.name} x{cfg.method.ratio} | expansion seed {cfg.get('expansion_seed', 0)}",
+    )
+    metrics["grid"] = grid.name
+    metrics["seconds"] = round(time.perf_counter() - start, 3)
+    return metrics
