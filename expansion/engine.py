@@ -175,6 +175,7 @@ def expand_dataset(
             trainer.strategy.barrier()
         else:
             store.finalize(range(len(train)), k)
-    return ExpansionResult(store.load(), store, writer.images_written, False,
+    # every pending seed was written k times (by this process or, under DDP, by its ranks)
+    return ExpansionResult(store.load(), store, len(pending) * k, False,
                            time.perf_counter() - start, fit_seconds,
                            info={"pending_at_start": len(pending), "signature": canonical_json(expander.signature())})

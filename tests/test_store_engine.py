@@ -93,6 +93,16 @@ def test_output_independent_of_batch_size(breast, tmp_path):
     assert a.store.content_hash() == b.store.content_hash()
 
 
+def test_two_devices_shard_to_the_same_store(breast, tmp_path):
+    """Trainer.predict over 2 CPU processes (DDP) writes the same store as one process."""
+    single = _expand(breast, tmp_path / "one", NoiseShift(2), batch_size=5)
+    sharded = expand_dataset(NoiseShift(2), breast.train, breast.identity, store_dir=tmp_path / "two" / "stores",
+                             fit_dir=tmp_path / "two" / "fits", seed=5, batch_size=3,
+                             trainer_kwargs={"accelerator": "cpu", "devices": 2, "strategy": "ddp_spawn"})
+    assert sharded.generated_images == 2 * len(breast.train)
+    assert sharded.store.content_hash() == single.store.content_hash()
+
+
 def test_different_seed_or_setting_gives_a_new_store(breast, tmp_path):
     a = _expand(breast, tmp_path, NoiseShift(3))
     assert _expand(breast, tmp_path, NoiseShift(3), seed=6).store.key != a.store.key
