@@ -80,7 +80,8 @@ class ExpansionDataModule(L.LightningDataModule):
             dataset,
             batch_size=min(batch_size, len(dataset)),
             shuffle=train,
-            # a last batch of one image breaks BatchNorm: drop it when there is more than one batch
+            # the last incomplete batch is dropped when there is more than one (a batch of one image
+            # breaks BatchNorm; with shuffling every image is still seen)
             drop_last=train and len(dataset) > batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
