@@ -1,0 +1,207 @@
+"""GIF-MAE throughput: images per second at the real ViT-MAE-Large size, random weights.
+
+Speed does not depend on weight values, so ``ViTMAEForPreTraining`` is built in code
+from the facebook/vit-mae-large configuration (ViT-L/16 encoder: 1024 hidden, 24
+layers, 16 heads, MLP 4096; decoder: 512 hidden, 8 layers, 16 heads, MLP 2048;
+224 px, patch 16 -> 197 x 1024 tokens; 329.5M parameters) with random weights,
+and the guide is open_clip's ViT-B/32 (151.3M) with random weights: nothing is
+downloaded. The same components are timed in one run in two modes:
+
+* per-seed: one seed per ``expand`` call (seeds ``[1, k]``), k images per call;
+* batched: ``--seeds-per-pass`` seeds x k images in one ``expand`` call.
+
+Both modes use ``--dtype`` (auto: bfloat16 MAE on CUDA GPUs that support it,
+float16 otherwise, float32 on CPU; the guide and the criteria stay float32) and score
+each seed's k samples together, so their ratio isolates batching.
+
+Usage (from the repository root)::
+
+    python benchmarks/gif_mae_throughput.py                       # CUDA: k=5, 16 seeds/pass, 2 repeats
+    OMP_NUM_THREADS=1 python benchmarks/gif_mae_throughput.py --device cpu --ratio 2 --seeds-per-pass 2
+    python benchmarks/gif_mae_throughput.py --json gif_mae_throughput.json --mask-ratio 0.75
+
+``--tiny`` swaps in the tiny test MAE and CLIP to check the script end to end in
+seconds; its figures say nothing about real speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from benchmarks.gif_sd_throughput import DATASETS, _sync, build_real_guide, load_seeds, machine, n_params  # noqa: E402
+from expansion.base import ExpansionContext  # noqa: E402
+from expansion.gif_mae import GifMAE  # noqa: E402
+from expansion.guides import ClipGuide  # noqa: E402
+from expansion.seeding import image_seeds  # noqa: E402
+
+#: facebook/vit-mae-large's config.json (transformers ViTMAEConfig)
+VIT_MAE_LARGE = dict(
+    image_size=224, patch_size=16, num_channels=3, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+    intermediate_size=4096, decoder_hidden_size=512, decoder_num_hidden_layers=8, decoder_num_attention_heads=16,
+    decoder_intermediate_size=2048, hidden_act="gelu", layer_norm_eps=1e-12, qkv_bias=True, norm_pix_loss=False,
+)
+TINY_MAE = dict(
+    image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+    decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=4, decoder_intermediate_size=37,
+)
+#: parameter counts of the released models, for the sanity check printed with the figures
+EXPECTED_PARAMS = {"mae": 329_541_888, "guide": 151_277_313}
+
+
+def build_mae(config: dict[str, Any], seed: int = 0):
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ViTMAEForPreTraining(ViTMAEConfig(**config))
+
+
+def build_tiny_guide(tmp_dir: Path | str, class_names: list[str]) -> ClipGuide:
+    from expansion.gif_sd import build_guide
+    from tests.helpers.tiny_clip import save_tiny_clip
+
+    return build_guide(save_tiny_clip(Path(tmp_dir) / "clip"), class_names)
+
+
+def make_expander(model, guide: ClipGuide, context: ExpansionContext, args: argparse.Namespace,
+                  batch: int) -> GifMAE:
+    exp = GifMAE(ratio=args.ratio, model_id="unused (random weights)", mask_ratio=args.mask_ratio,
+                 radius=args.radius, guide={"kind": "clip", "arch": "ViT-B-32", "pretrained": None},
+                 output_size=None, dtype=args.dtype, batch_size=batch)
+    exp.context = context  # prepare() would load weights from model_id: set the context and components instead
+    exp.set_components(model, guide=guide)
+    return exp
+
+
+def calls_for(mode: str, images: torch.Tensor, labels: torch.Tensor, k: int) -> list[tuple]:
+    n = images.shape[0]
+    seeds = image_seeds(0, range(n), k)
+    if mode == "batched":
+        return [(images, labels, seeds)]
+    return [(images[b:b + 1], labels[b:b + 1], seeds[b:b + 1]) for b in range(n)]
+
+
+def measure(mode: str, model, guide: ClipGuide, images: torch.Tensor, labels: torch.Tensor,
+            context: ExpansionContext, args: argparse.Namespace) -> dict[str, Any]:
+    device = images.device
+    calls = calls_for(mode, images, labels, args.ratio)
+    exp = make_expander(model, guide, context, args, batch=int(calls[0][2].shape[0]))
+    exp.expand(*calls[0])  # warm-up (casts the weights, allocator, kernels): not timed
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(args.repeats):
+        _sync(device)
+        start = time.perf_counter()
+        for call in calls:
+            out = exp.expand(*call)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    images_done = args.repeats * images.shape[0] * args.ratio
+    return {
+        "mode": mode, "dtype": str(exp.model_dtype).replace("torch.", ""), "seeds_per_call": list(calls[0][2].shape),
+        "calls_per_repeat": len(calls), "repeats": args.repeats, "images": images_done, "seconds": sum(times),
+        "seconds_per_repeat": times, "images_per_s": images_done / sum(times),
+        "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "output_shape": list(out.images.shape[2:]),
+    }
+
+
+def _line(r: dict[str, Any]) -> str:
+    shape = "x".join(map(str, r["seeds_per_call"]))
+    peak = f", peak GPU {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else ""
+    return (f"  gif_mae {r['mode']:<8} {r['dtype']:<8} seeds [B,k]={shape:<5} x {r['calls_per_repeat']} call(s): "
+            f"{r['images_per_s']:.4f} img/s ({r['images']} images in {r['seconds']:.2f} s{peak})")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--seeds-per-pass", type=int, default=None, help="seeds per batched call (default 16 on cuda, "
+                   "2 on cpu); also the number of seeds the per-seed mode goes through")
+    p.add_argument("--ratio", type=int, default=None, help="k images per seed (default 5 on cuda, 2 on cpu)")
+    p.add_argument("--mask-ratio", type=float, default=0.0, help="MAE masking ratio at expansion time")
+    p.add_argument("--radius", type=float, default=0.8, help="L-inf radius in token-std units")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="MAE dtype (auto: bfloat16/float16 on cuda, float32 on cpu)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per mode (default 2 on cuda, 1 on cpu)")
+    p.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS), help="where the seed images come from")
+    p.add_argument("--data", type=Path, default=Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data")),
+                   help="the shared data folder (cifar10_subset/, medmnist/)")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    p.add_argument("--tiny", action="store_true", help="tiny test MAE and CLIP (script check only)")
+    args = p.parse_args(argv)
+    on_cuda = torch.device(args.device).type == "cuda"
+    defaults = {"seeds_per_pass": 16 if on_cuda else 2, "ratio": 5 if on_cuda else 2, "repeats": 2 if on_cuda else 1}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.repeats < 1 or args.seeds_per_pass < 1 or args.ratio < 1:
+        raise SystemExit("--repeats, --seeds-per-pass and --ratio must be >= 1")
+    device = torch.device(args.device)
+    images, labels, context = load_seeds(args.data.expanduser(), args.dataset, args.seeds_per_pass)
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_mae(TINY_MAE if args.tiny else VIT_MAE_LARGE)
+        guide = build_tiny_guide(tmp, context.class_names) if args.tiny else build_real_guide(context.class_names)
+    build_s = time.perf_counter() - start
+    params = {"mae": n_params(model), "guide": n_params(guide.model)}
+    model.to(device)
+    guide.to(device)
+    images, labels = images.to(device), labels.to(device)
+
+    cfg = model.config
+    tokens = 1 + (cfg.image_size // cfg.patch_size) ** 2
+    what = "TINY test MAE + CLIP: figures say nothing about speed" if args.tiny else \
+        "real ViT-MAE-Large + CLIP ViT-B/32 sizes, random weights"
+    print(f"GIF-MAE throughput ({what})")
+    print(f"  machine: {machine(device)}")
+    counts = [f"{k} {v / 1e6:.1f}M" + ("" if args.tiny else f" (expected {EXPECTED_PARAMS[k] / 1e6:.1f}M)")
+              for k, v in params.items()]
+    print(f"  parameters: {', '.join(counts)}; built in {build_s:.1f} s")
+    print(f"  seeds: {args.dataset} {tuple(images.shape)} uint8 -> {cfg.image_size} px, {tokens} x {cfg.hidden_size} "
+          f"tokens, mask ratio {args.mask_ratio}, k={args.ratio}, {args.seeds_per_pass} seeds, {args.repeats} timed "
+          "repeat(s), warm-up excluded")
+
+    results = []
+    for mode in ("per_seed", "batched"):
+        results.append(measure(mode, model, guide, images, labels, context, args))
+        print(_line(results[-1]), flush=True)
+    speedup = results[1]["images_per_s"] / results[0]["images_per_s"]
+    print(f"  gif_mae: batched / per-seed = {speedup:.2f}x")
+
+    report = {"machine": machine(device), "device": str(device), "torch": torch.__version__, "tiny": args.tiny,
+              "parameters": params, "build_seconds": build_s,
+              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"},
+              "results": results, "speedup": speedup}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"  written to {args.json}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""GIF-MAE with a tiny ViTMAE and a tiny open_clip built in code (no download)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from expansion.base import ExpansionContext, ExpansionError
+from expansion.gif_mae import GifMAE, load_mae
+from expansion.seeding import image_seeds
+from expansion.store import ExpansionStore
+from tests.conftest import PROJECT_ROOT
+from tests.helpers.tiny_clip import save_tiny_clip
+
+CLASSES = ["malignant", "normal, benign"]
+FIELDS = {"mask_ratio", "radius", "radius_abs", "score_before", "score_after", "guide_class", "guide_confidence"}
+
+
+def tiny_mae(norm_pix_loss: bool = False, seed: int = 0):
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    config = ViTMAEConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=37, decoder_hidden_size=32, decoder_num_hidden_layers=1,
+                          decoder_num_attention_heads=4, decoder_intermediate_size=37, norm_pix_loss=norm_pix_loss)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ViTMAEForPreTraining(config)
+
+
+@pytest.fixture(scope="module")
+def clip_spec(tmp_path_factory):
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
+@pytest.fixture(scope="module")
+def seeds_batch(shared_data):
+    data = np.load(shared_data / "medmnist" / "breastmnist.npz")
+    images = torch.from_numpy(data["train_images"][:4])[:, None]
+    labels = torch.from_numpy(data["train_labels"][:4, 0].astype(np.int64))
+    return images, labels
+
+
+def _expander(clip_spec, model=None, **kw):
+    from expansion.gif_sd import build_guide
+
+    params = dict(ratio=3, model_id="unused (set_components)", guide=clip_spec, output_size=None)
+    params.update(kw)
+    exp = GifMAE(**params)
+    exp.context = ExpansionContext("breastmnist", CLASSES, channels=1, prompt_prefix="Ultrasound image of")
+    exp.set_components(model if model is not None else tiny_mae(), guide=build_guide(clip_spec, CLASSES))
+    return exp
+
+
+@pytest.mark.parametrize("norm_pix_loss,mask_ratio", [(False, 0.0), (True, 0.5)])
+def test_expand_shapes_fields_and_per_image_seed_determinism(clip_spec, seeds_batch, norm_pix_loss, mask_ratio):
+    exp = _expander(clip_spec, tiny_mae(norm_pix_loss), mask_ratio=mask_ratio)
+    images, labels = seeds_batch[0][:3], seeds_batch[1][:3]
+    seeds = image_seeds(3, range(3), 3)
+    full = exp.expand(images, labels, seeds)
+    full.validate(3, 3)
+    assert full.images.shape == (3, 3, 1, 32, 32) and full.images.dtype == torch.uint8
+    rows = full.field_rows()
+    assert set(rows[0]) == FIELDS
+    assert all(r["mask_ratio"] == mask_ratio and r["radius"] == 0.8 and r["radius_abs"] > 0 for r in rows)
+    assert all(0 <= r["guide_confidence"] <= 1 and r["guide_class"] in (0, 1) for r in rows)
+    parts = [exp.expand(images[:1], labels[:1], seeds[:1]), exp.expand(images[1:], labels[1:], seeds[1:])]
+    assert torch.equal(full.images, torch.cat([p.images for p in parts]))
+    assert full.fields["score_after"] == pytest.approx(parts[0].fields["score_after"] + parts[1].fields["score_after"],
+                                                       abs=1e-5)
+    other = exp.expand(images, labels, image_seeds(4, range(3), 3))
+    assert not torch.equal(full.images, other.images)
+    # a seed's k copies differ (own perturbation, own augmentation)
+    assert not torch.equal(full.images[0, 0], full.images[0, 1])
+
+
+def test_unaugmented_copies_share_the_encoding_and_still_differ(clip_spec, seeds_batch):
+    exp = _expander(clip_spec, augment=False, output_size=24, ratio=2)
+    out = exp.expand(*seeds_batch, image_seeds(0, range(4), 2))
+    assert out.images.shape == (4, 2, 1, 24, 24)
+    assert not torch.equal(out.images[:, 0], out.images[:, 1])
+    assert exp.signature()["augment"] is False and "guidance_chunk" not in exp.signature()
+
+
+def _real_images(shared_data, n_per_class=12):
+    from PIL import Image
+
+    root = shared_data / "cifar10_subset" / "train"
+    files = [f for c in sorted(root.iterdir()) for f in sorted(c.glob("*.jpg"))[:n_per_class]]
+    return torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files])
+
+
+def _train_mae(model, images, exp, steps=150, mask_ratio=0.75):
+    """MAE pre-training with random masking; the loss on all patches (visible ones too, which the
+    reconstruction at mask ratio 0 uses), per-patch normalised targets for norm_pix_loss models."""
+    x = (exp.resize_to_model(images) - exp.pixel_mean) / exp.pixel_std
+    model.train().requires_grad_(True)
+    model.vit.embeddings.position_embeddings.requires_grad_(False)
+    model.decoder.decoder_pos_embed.requires_grad_(False)
+    for cfg in {id(c): c for c in (model.config, model.vit.config, model.vit.embeddings.config)}.values():
+        cfg.mask_ratio = mask_ratio
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    n_patches = model.vit.embeddings.patch_embeddings.num_patches
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (32,), generator=g)
+        out = model(pixel_values=x[idx], noise=torch.rand(len(idx), n_patches, generator=g))
+        target = model.patchify(x[idx])
+        if model.config.norm_pix_loss:
+            target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+        loss = ((out.logits - target) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_trained_mae_reconstructs_better_than_at_init(shared_data, norm_pix_loss):
+    """Zero perturbation, mask ratio 0: encode + decode is a real autoencoder, not a pass-through --
+    a few MAE training steps lower the reconstruction error on held-out real images."""
+    images = _real_images(shared_data)
+    train, held_out = images[::2], images[1::2]
+    model = tiny_mae(norm_pix_loss)
+    exp = GifMAE(ratio=1, mask_ratio=0.0, augment=False, output_size=None)
+    exp.set_components(model)
+
+    def mse():
+        return ((exp.reconstruct(held_out) - exp.resize_to_model(held_out)) ** 2).mean().item()
+
+    at_init = mse()
+    exp.set_components(_train_mae(model, train, exp))
+    trained = mse()
+    assert trained < 0.5 * at_init, (at_init, trained)
+    assert exp.mae.config.mask_ratio == 0.0  # reconstruct() encoded the whole image
+    assert not exp.mae.training and not any(p.requires_grad for p in exp.mae.parameters())
+
+
+def test_guidance_raises_the_score_of_the_same_inputs(clip_spec, seeds_batch):
+    """score_after (projected, decoded) vs score_before (random perturbation) on the same seeds."""
+    exp = _expander(clip_spec, radius=100.0, guidance={"step_size": 0.05})
+    images, labels = seeds_batch
+    out = exp.expand(images, labels, image_seeds(11, range(4), 3))
+    before = torch.tensor(out.fields["score_before"]).reshape(4, 3).mean(1)
+    after = torch.tensor(out.fields["score_after"]).reshape(4, 3).mean(1)
+    assert (after > before).float().mean() >= 0.75, (before, after)
+    assert after.mean() > before.mean()
+
+
+def test_radius_is_relative_to_the_token_std(clip_spec, seeds_batch):
+    images, labels = seeds_batch
+    seeds = image_seeds(5, range(4), 2)
+    exp = _expander(clip_spec, ratio=2, augment=False, radius=0.0)
+    z0 = exp.encode(exp._preprocess(images, seeds[:, :1]), seeds[:, 0])[0]
+    assert exp.expand(images, labels, seeds).fields["radius_abs"] == [0.0] * 8
+    exp = _expander(clip_spec, ratio=2, augment=False, radius=0.5)
+    rows = exp.expand(images, labels, seeds).fields["radius_abs"]
+    expected = (0.5 * z0.flatten(1).std(dim=1)).repeat_interleave(2).tolist()
+    assert rows == pytest.approx(expected, rel=1e-5)
+
+
+def test_bad_settings_and_missing_weights_are_clear(tmp_path, monkeypatch):
+    with pytest.raises(ExpansionError, match="mask_ratio must be in"):
+        GifMAE(ratio=2, mask_ratio=1.0)
+    with pytest.raises(ExpansionError, match="dtype must be"):
+        GifMAE(ratio=2, dtype="float8")
+    with pytest.raises(ExpansionError, match="MAE folder .*nope does not exist"):
+        load_mae(str(tmp_path / "nope"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ExpansionError, match="'facebook/vit-mae-large' are not available.*huggingface-cli download"):
+        load_mae("facebook/vit-mae-large")
+    exp = GifMAE(ratio=2)  # the constructor never loads weights; prepare() does
+    with pytest.raises(ExpansionError, match="facebook/vit-mae-large.*local folder"):
+        exp.prepare(ExpansionContext("breastmnist", CLASSES, channels=1))
+
+
+def test_saved_model_loads_from_a_local_folder(tmp_path):
+    model = tiny_mae(seed=3)
+    model.save_pretrained(tmp_path / "mae")
+    loaded = load_mae(str(tmp_path / "mae"))
+    assert loaded.config.hidden_size == 32
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_run_py_gif_mae_end_to_end(clip_spec, tmp_path):
+    tiny_mae(seed=1).save_pretrained(tmp_path / "mae")
+    args = ["dataset=breastmnist", "dataset.train_per_class=3", "method=gif_mae", f"method.model_id={tmp_path / 'mae'}",
+            f"method.guide.arch={clip_spec['arch']}", f"method.guide.pretrained={clip_spec['pretrained']}",
+            f"method.guide.model_config={clip_spec['model_config']}", "method.output_size=32", "method.ratio=2",
+            "train.epochs=1", "logger=none", "quality.enabled=false", "train.compare_original=false",
+            f"hydra.run.dir={tmp_path}/run"]
+    env = {**os.environ, "PROGRESS_BAR": "false", "HF_HUB_OFFLINE": "1", "EXPANSION_CACHE": str(tmp_path / "cache"),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "run.py", *args], cwd=PROJECT_ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["method"] == "gif_mae" and metrics["expansion"]["num_images"] == 2 * 6
+    store = ExpansionStore(Path(metrics["expansion"]["store"]), "", {})
+    rows = store.read_rows()
+    assert len(rows) == 12 and FIELDS <= set(rows[0])
+    per_parent = {}
+    for r in rows:
+        per_parent.setdefault(r["parent"], set()).add(r["copy"])
+    assert per_parent == {p: {0, 1} for p in range(6)}
+    assert rows[0]["mask_ratio"] == 0.0 and rows[0]["radius"] == 0.8
+    assert all((store.images_dir / r["file"]).is_file() for r in rows)
+
+
+def test_benchmark_script_runs_on_the_tiny_model(shared_data, tmp_path, capsys):
+    from benchmarks import gif_mae_throughput as bench
+
+    out = tmp_path / "figures.json"
+    report = bench.main(["--tiny", "--device", "cpu", "--ratio", "2", "--seeds-per-pass", "2", "--repeats", "1",
+                         "--data", str(shared_data), "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "img/s" in printed and "batched / per-seed" in printed and "TINY" in printed
+    assert json.loads(out.read_text())["speedup"] > 0
+    rows = {r["mode"]: r for r in report["results"]}
+    assert rows["per_seed"]["seeds_per_call"] == [1, 2] and rows["per_seed"]["calls_per_repeat"] == 2
+    assert rows["batched"]["seeds_per_call"] == [2, 2] and rows["batched"]["calls_per_repeat"] == 1
+    assert all(r["images"] == 4 and r["dtype"] == "float32" for r in rows.values())
+
+
+def test_real_architecture_has_the_released_size():
+    from benchmarks import gif_mae_throughput as bench
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    with torch.device("meta"):
+        model = ViTMAEForPreTraining(ViTMAEConfig(**bench.VIT_MAE_LARGE))
+    assert sum(p.numel() for p in model.parameters()) == bench.EXPECTED_PARAMS["mae"]
+    n_tokens = 1 + (bench.VIT_MAE_LARGE["image_size"] // bench.VIT_MAE_LARGE["patch_size"]) ** 2
+    assert (n_tokens, bench.VIT_MAE_LARGE["hidden_size"]) == (197, 1024)
