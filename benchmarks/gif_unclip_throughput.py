@@ -1,0 +1,225 @@
+"""GIF-unCLIP throughput: images per second at the real stable-unCLIP size, random weights.
+
+Speed does not depend on weight values, so a ``StableUnCLIPImg2ImgPipeline`` is built in code
+at the stabilityai/stable-diffusion-2-1-unclip-small sizes (SD 2.1 UNet: 320/640/1280/1280
+blocks, linear-projection attention with 5/10/20/20-dim heads, 1024-wide cross attention,
+``class_embed_type: projection`` over 2 x 768 = [noised CLIP image embedding, noise-level
+embedding]; OpenCLIP ViT-H text encoder (1024 wide, 23 layers); CLIP ViT-L/14 image encoder
+with a 768-d projection; SD VAE; DDIM v-prediction) with random weights, and the guide is
+open_clip's ViT-B/32 with random weights: nothing is downloaded. Timed in two modes:
+
+* per-seed: one seed per ``expand`` call (seeds ``[1, k]``);
+* batched: ``--seeds-per-pass`` seeds x k images in one call.
+
+Scoring path: ``--score-path cheap`` (default; ``--score-steps`` sampler steps with gradients)
+or ``faithful``. ``--resolution`` (default 768, the model's native size) and ``--steps`` (final
+decode, default 20) make CPU runs feasible at smaller settings.
+
+Usage (from the repository root)::
+
+    python benchmarks/gif_unclip_throughput.py                    # CUDA: k=5, 8 seeds/pass
+    OMP_NUM_THREADS=1 python benchmarks/gif_unclip_throughput.py --device cpu --resolution 128 --steps 2
+
+``--tiny`` swaps in the tiny test pipeline and CLIP (script check only; figures say nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from benchmarks.gif_sd_throughput import (DATASETS, SD_V1_SCHEDULER, SD_V1_VAE, _sync, build_real_guide,  # noqa: E402
+                                          clip_bpe_tokenizer, load_seeds, machine, n_params)
+from expansion.base import ExpansionContext  # noqa: E402
+from expansion.gif_unclip import GifUnCLIP  # noqa: E402
+from expansion.guides import ClipGuide  # noqa: E402
+from expansion.seeding import image_seeds  # noqa: E402
+
+#: stabilityai/stable-diffusion-2-1-unclip-small unet/config.json
+SD21_UNCLIP_UNET = dict(
+    sample_size=96, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True, norm_num_groups=32,
+    class_embed_type="projection", projection_class_embeddings_input_dim=1536,
+)
+#: OpenCLIP ViT-H/14 text tower as SD 2.x's CLIPTextModel
+OPENCLIP_H_TEXT = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                       num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512)
+#: CLIP ViT-L/14 vision tower + projection (the unclip-small image encoder)
+VIT_L14_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                      image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+SD21_SCHEDULER = {**SD_V1_SCHEDULER, "prediction_type": "v_prediction"}
+
+
+def build_real_pipe(tmp_dir: Path | str, seed: int = 0):
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableUnCLIPImg2ImgPipeline, UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+    from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig,
+                              CLIPVisionModelWithProjection)
+
+    tokenizer = clip_bpe_tokenizer(tmp_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**SD21_UNCLIP_UNET)
+        vae = AutoencoderKL(**SD_V1_VAE)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**OPENCLIP_H_TEXT, bos_token_id=tokenizer.bos_token_id,
+                                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=0))
+        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**VIT_L14_VISION))
+    return StableUnCLIPImg2ImgPipeline(
+        feature_extractor=CLIPImageProcessor(crop_size=224, size=224), image_encoder=image_encoder,
+        image_normalizer=StableUnCLIPImageNormalizer(embedding_dim=768),
+        image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"), tokenizer=tokenizer,
+        text_encoder=text_encoder, unet=unet, scheduler=DDIMScheduler(**SD21_SCHEDULER), vae=vae)
+
+
+def build_tiny(tmp_dir: Path | str, class_names: list[str]):
+    from expansion.gif_sd import build_guide
+    from tests.helpers.tiny_clip import save_tiny_clip
+    from tests.test_gif_unclip import tiny_stable_unclip
+
+    return tiny_stable_unclip(Path(tmp_dir)), build_guide(save_tiny_clip(Path(tmp_dir) / "clip"), class_names)
+
+
+def make_expander(pipe, guide: ClipGuide, context: ExpansionContext, args: argparse.Namespace,
+                  batch: int) -> GifUnCLIP:
+    exp = GifUnCLIP(ratio=args.ratio, backend="stable_unclip", model_id="unused (random weights)",
+                    radius=args.radius, guide={"kind": "clip", "arch": "ViT-B-32", "pretrained": None},
+                    score_path=args.score_path, score_steps=args.score_steps, num_inference_steps=args.steps,
+                    guidance_scale=args.guidance_scale, resolution=args.resolution, output_size=None,
+                    dtype=args.dtype, batch_size=batch)
+    exp.context = context
+    exp.set_components(pipe, guide=guide)
+    return exp
+
+
+def calls_for(mode: str, images: torch.Tensor, labels: torch.Tensor, k: int) -> list[tuple]:
+    n = images.shape[0]
+    seeds = image_seeds(0, range(n), k)
+    if mode == "batched":
+        return [(images, labels, seeds)]
+    return [(images[b:b + 1], labels[b:b + 1], seeds[b:b + 1]) for b in range(n)]
+
+
+def measure(mode: str, pipe, guide: ClipGuide, images: torch.Tensor, labels: torch.Tensor,
+            context: ExpansionContext, args: argparse.Namespace) -> dict[str, Any]:
+    device = images.device
+    calls = calls_for(mode, images, labels, args.ratio)
+    exp = make_expander(pipe, guide, context, args, batch=int(calls[0][2].shape[0]))
+    if args.warmup:
+        exp.expand(*calls[0])  # warm-up: not timed
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(args.repeats):
+        _sync(device)
+        start = time.perf_counter()
+        for call in calls:
+            out = exp.expand(*call)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    images_done = args.repeats * images.shape[0] * args.ratio
+    return {
+        "mode": mode, "dtype": str(exp.model_dtype).replace("torch.", ""), "seeds_per_call": list(calls[0][2].shape),
+        "calls_per_repeat": len(calls), "repeats": args.repeats, "images": images_done, "seconds": sum(times),
+        "images_per_s": images_done / sum(times),
+        "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "output_shape": list(out.images.shape[2:]),
+    }
+
+
+def _line(r: dict[str, Any]) -> str:
+    shape = "x".join(map(str, r["seeds_per_call"]))
+    peak = f", peak GPU {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else ""
+    return (f"  gif_unclip {r['mode']:<8} {r['dtype']:<8} seeds [B,k]={shape:<5} x {r['calls_per_repeat']} call(s): "
+            f"{r['images_per_s']:.4f} img/s ({r['images']} images in {r['seconds']:.2f} s{peak})")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--seeds-per-pass", type=int, default=None, help="default 8 on cuda, 2 on cpu")
+    p.add_argument("--ratio", type=int, default=None, help="k images per seed (default 5 on cuda, 2 on cpu)")
+    p.add_argument("--radius", type=float, default=0.5, help="L-inf radius in embedding-std units")
+    p.add_argument("--score-path", default="cheap", choices=["cheap", "faithful"])
+    p.add_argument("--score-steps", type=int, default=2)
+    p.add_argument("--steps", type=int, default=20, help="final decode sampler steps")
+    p.add_argument("--guidance-scale", type=float, default=10.0)
+    p.add_argument("--resolution", type=int, default=None, help="px (default: the UNet's native 768; tiny 16)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per mode (default 2 on cuda, 1 on cpu)")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed warm-up call")
+    p.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS))
+    p.add_argument("--data", type=Path, default=Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data")))
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    p.add_argument("--tiny", action="store_true", help="tiny test pipeline and CLIP (script check only)")
+    args = p.parse_args(argv)
+    on_cuda = torch.device(args.device).type == "cuda"
+    defaults = {"seeds_per_pass": 8 if on_cuda else 2, "ratio": 5 if on_cuda else 2, "repeats": 2 if on_cuda else 1}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    images, labels, context = load_seeds(args.data.expanduser(), args.dataset, args.seeds_per_pass)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.tiny:
+            pipe, guide = build_tiny(tmp, context.class_names)
+        else:
+            pipe, guide = build_real_pipe(tmp), build_real_guide(context.class_names)
+    build_s = time.perf_counter() - start
+    params = {n: n_params(getattr(pipe, n)) for n in ("unet", "vae", "text_encoder", "image_encoder")}
+    params["guide"] = n_params(guide.model)
+    for n in ("unet", "vae", "text_encoder", "image_encoder"):
+        getattr(pipe, n).to(device)
+    guide.to(device)
+    images, labels = images.to(device), labels.to(device)
+    res = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    what = "TINY test pipeline + CLIP: figures say nothing about speed" if args.tiny else \
+        "real SD 2.1 unCLIP-small + CLIP ViT-B/32 guide sizes, random weights"
+    print(f"GIF-unCLIP throughput ({what})")
+    print(f"  machine: {machine(device)}")
+    print(f"  parameters: {', '.join(f'{k} {v / 1e6:.1f}M' for k, v in params.items())}; built in {build_s:.1f} s")
+    print(f"  seeds: {args.dataset} {tuple(images.shape)} -> {res} px, k={args.ratio}, {args.seeds_per_pass} seeds, "
+          f"score path {args.score_path} ({args.score_steps if args.score_path == 'cheap' else args.steps} steps), "
+          f"final decode {args.steps} steps, cfg {args.guidance_scale}, {args.repeats} timed repeat(s), "
+          f"warm-up {'excluded' if args.warmup else 'skipped'}")
+    results = []
+    for mode in ("per_seed", "batched"):
+        results.append(measure(mode, pipe, guide, images, labels, context, args))
+        print(_line(results[-1]), flush=True)
+    speedup = results[1]["images_per_s"] / results[0]["images_per_s"]
+    print(f"  gif_unclip: batched / per-seed = {speedup:.2f}x")
+    report = {"machine": machine(device), "device": str(device), "torch": torch.__version__, "tiny": args.tiny,
+              "parameters": params, "build_seconds": build_s,
+              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"},
+              "results": results, "speedup": speedup}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"  written to {args.json}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,459 @@
+"""GIF-unCLIP: the open replacement of GIF-DALLE (arXiv 2211.13976; issue 4).
+
+GIF-DALLE perturbs the CLIP *image embedding* of a seed and decodes it with DALL-E 2's
+decoder (closed weights). Here the decoder is an open unCLIP decoder that takes CLIP image
+embeddings, selectable with ``backend``:
+
+* ``karlo`` -- diffusers' ``UnCLIPImageVariationPipeline`` (default
+  ``kakaobrain/karlo-v1-alpha-image-variations``, a DALL-E 2 reproduction): CLIP ViT-L/14
+  image embedding -> ``text_proj`` (extra context tokens + additive time embedding, empty
+  text) -> 64 px pixel-space decoder UNet (UnCLIPScheduler, classifier-free guidance) ->
+  two-stage 256 px super-resolution UNets (``super_res_first`` / ``super_res_last``);
+* ``stable_unclip`` -- diffusers' ``StableUnCLIPImg2ImgPipeline`` (default
+  ``stabilityai/stable-diffusion-2-1-unclip-small``): CLIP image embedding, noise-augmented
+  with the pipeline's ``image_normalizer`` + ``image_noising_scheduler`` at ``noise_level``
+  (default 0) and concatenated with the noise level's timestep embedding, fed as
+  ``class_labels`` to the SD 2.1 UNet (empty text prompt; the unconditional branch of
+  classifier-free guidance gets zeros, as in the pipeline), latent sampling with the
+  pipeline's scheduler, then the VAE decoder.
+
+For each seed and each of its k output images (all seeds of a batch at once, every random
+draw from the output image's own seed via :func:`expansion.seeding.derive`):
+
+1. encode: RGB in [0, 1], bicubic resize to the image encoder's size, CLIP mean/std
+   normalisation (the pipeline's ``feature_extractor`` values) -> ``CLIPVisionModelWithProjection``
+   ``image_embeds`` ``z0 [B, D]`` (unnormalised, as both pipelines use it), repeated k times;
+2. GIF (:mod:`expansion.guidance`): ``z' = z0 * (1 + e) + b`` with ``e ~ U(0, 1)``, ``b ~ N(0, 1)``
+   of shape ``[N, D]`` (one value per embedding channel), score the decoded samples of each seed
+   with the guide, signed-gradient step(s) on (e, b), projection onto the L-inf ball around z0;
+3. decode the projected embedding with the full sampler (no gradient).
+
+Scoring path (``score_path``). The pipelines' ``__call__`` run under ``no_grad``, so the sampling
+loops are re-written here over the pipelines' components, once, and used both for guidance (with
+gradients) and for the final decode (without); the final decode is the faithful sampler.
+
+* ``cheap`` (default): guidance scores a SHORT decode -- ``score_steps`` (default 2) sampler
+  steps from the image's own initial noise, gradients through that short chain (and the VAE
+  decoder for stable unCLIP); Karlo's cheap path stops at the decoder's 64 px base image
+  (no super-resolution). The guide therefore scores a blurry preview of the sample the final
+  decode produces from the same noise.
+* ``faithful``: guidance backpropagates through exactly the final sampler (all
+  ``num_inference_steps`` steps, and Karlo's super-resolution), as GIF-DALLE does through
+  DALL-E 2's decoder. Memory grows with the number of steps (activations of every UNet call
+  are kept); lower ``guidance_chunk`` to fit.
+
+Radius. The CLIP image embeddings both pipelines consume are the projection head's raw
+output (not L2-normalised), whose scale depends on the model. As in GIF-MAE, ``radius`` is
+RELATIVE: the L-inf radius around each image's z0 is ``radius * std(z0)`` (std over its D
+channels). Because the raw perturbation (``b ~ N(0, 1)`` plus ``z0 * e``) is much larger than
+the per-channel std of a CLIP embedding (about 1/sqrt(D) of its norm), nearly every channel is
+clipped to the ball's surface, so the perturbation's norm is about ``radius * ||z0 - mean||``
+and the cosine similarity to the seed's embedding is about ``1 / sqrt(1 + radius**2)``. The
+default 0.5 keeps it near 0.9: the variation stays recognisably the seed's content (unCLIP
+variations of the unperturbed embedding already vary a lot), while 0.8 (GIF-SD's number) would
+drop it to about 0.78. The manifest records ``radius`` (relative) and ``radius_abs``.
+
+No seed augmentation (rotation/flip) is applied: the decoder only sees the embedding, and a
+seed's k copies share one encoder pass; they differ by their own perturbation and noise.
+``dtype: auto`` runs the image encoder and the UNets in bfloat16 on GPUs that support it
+(float16 otherwise) and float32 on CPU; the stable-unCLIP VAE, the perturbation, the guide and
+the criteria stay in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .base import Expander, ExpansionContext, ExpansionError, ExpansionOutput, to_uint8
+from .gif_sd import build_guide
+from .guidance import GuidanceSettings, criteria, guided_perturbation, project_linf, sample_groups
+from .guides import Guide, ProbeGuide, to_rgb
+from .seeding import derive, generator, per_image_rand
+
+BACKENDS = {
+    "karlo": "kakaobrain/karlo-v1-alpha-image-variations",
+    "stable_unclip": "stabilityai/stable-diffusion-2-1-unclip-small",
+}
+#: the pipelines' own __call__ defaults
+DEFAULT_STEPS = {"karlo": 25, "stable_unclip": 20}
+DEFAULT_GUIDANCE_SCALE = {"karlo": 8.0, "stable_unclip": 10.0}
+KARLO_SUPER_RES_STEPS = 7
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SCORE_PATHS = ("cheap", "faithful")
+
+
+def _pipeline_class(backend: str):
+    if backend == "karlo":
+        from diffusers import UnCLIPImageVariationPipeline
+
+        return UnCLIPImageVariationPipeline
+    from diffusers import StableUnCLIPImg2ImgPipeline
+
+    return StableUnCLIPImg2ImgPipeline
+
+
+def load_unclip(backend: str, model_id: str | None = None, revision: str | None = None,
+                local_files_only: bool | None = None):
+    """The backend's diffusers pipeline from a hub id or a local ``save_pretrained`` folder.
+    A missing model is an error that says how to get it."""
+    if backend not in BACKENDS:
+        raise ExpansionError(f"gif_unclip: backend must be one of {sorted(BACKENDS)}, got {backend!r}")
+    model_id = model_id or BACKENDS[backend]
+    cls = _pipeline_class(backend)
+    looks_local = model_id.startswith(("/", ".", "~")) or Path(model_id).expanduser().exists()
+    path = Path(model_id).expanduser()
+    if looks_local and not path.is_dir():
+        raise ExpansionError(f"unCLIP folder {path} does not exist; set method.model_id to a diffusers "
+                             f"{cls.__name__} folder (model_index.json + its components) or a hub id such as "
+                             f"{BACKENDS[backend]}")
+    source = str(path) if looks_local else model_id
+    kwargs: dict[str, Any] = {"revision": revision} if revision and not looks_local else {}
+    if local_files_only is None and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        local_files_only = True  # read at call time (huggingface_hub reads it only at import)
+    if local_files_only is not None:
+        kwargs["local_files_only"] = local_files_only
+    try:
+        pipe = cls.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise ExpansionError(
+            f"unCLIP weights {model_id!r} ({cls.__name__}, backend {backend}) are not available here "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Provide them: download once "
+            f"on a machine with network (`huggingface-cli download {model_id}`, cached under HF_HOME), or set "
+            f"method.model_id to a local folder saved with {cls.__name__}.save_pretrained."
+        ) from exc
+    return pipe
+
+
+def _step_kwargs(scheduler, gens: list[torch.Generator] | None) -> dict[str, Any]:
+    params = set(inspect.signature(scheduler.step).parameters)
+    kw: dict[str, Any] = {}
+    if "eta" in params:
+        kw["eta"] = 0.0
+    if "generator" in params and gens is not None:
+        kw["generator"] = gens if len(gens) > 1 else gens[0]
+    return kw
+
+
+class GifUnCLIP(Expander):
+    name = "gif_unclip"
+    speed_only_params = ("batch_size", "num_workers", "guidance_chunk", "local_files_only")
+
+    def __init__(self, ratio: int, backend: str = "karlo", model_id: str | None = None, revision: str | None = None,
+                 radius: float = 0.5, guide: Mapping[str, Any] | None = None,
+                 guidance: Mapping[str, Any] | None = None, group_size: int | None = None,
+                 score_path: str = "cheap", score_steps: int = 2, num_inference_steps: int | None = None,
+                 super_res_num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 noise_level: int = 0, resolution: int | None = None, output_size: int | None = None,
+                 dtype: str = "auto", guidance_chunk: int | None = None, local_files_only: bool | None = None,
+                 batch_size: int = 8, num_workers: int = 0):
+        if backend not in BACKENDS:
+            raise ExpansionError(f"{self.name}: backend must be one of {sorted(BACKENDS)}, got {backend!r}")
+        if score_path not in SCORE_PATHS:
+            raise ExpansionError(f"{self.name}: score_path must be one of {SCORE_PATHS}, got {score_path!r}")
+        if dtype != "auto" and dtype not in DTYPES:
+            raise ExpansionError(f"{self.name}: dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
+        guide = dict(guide or {"kind": "clip", "arch": "ViT-B-32", "pretrained": "openai"})
+        guidance = dict(guidance or {})
+        steps = int(num_inference_steps or DEFAULT_STEPS[backend])
+        if int(score_steps) < 1 or steps < 1:
+            raise ExpansionError(f"{self.name}: score_steps and num_inference_steps must be >= 1")
+        super().__init__(
+            ratio, backend=backend, model_id=model_id or BACKENDS[backend], revision=revision, radius=float(radius),
+            guide=guide, guidance=guidance, group_size=group_size, score_path=score_path,
+            score_steps=int(score_steps) if score_path == "cheap" else None, num_inference_steps=steps,
+            super_res_num_inference_steps=(int(super_res_num_inference_steps or KARLO_SUPER_RES_STEPS)
+                                           if backend == "karlo" else None),
+            guidance_scale=float(guidance_scale if guidance_scale is not None else DEFAULT_GUIDANCE_SCALE[backend]),
+            noise_level=int(noise_level) if backend == "stable_unclip" else None,
+            resolution=resolution if backend == "stable_unclip" else None, output_size=output_size, dtype=dtype,
+            guidance_chunk=guidance_chunk, local_files_only=local_files_only, batch_size=batch_size,
+            num_workers=num_workers)
+        self.guide_spec = guide
+        # radius is applied per image (radius * std(z0)) in _guide; guided_perturbation's own projection is a no-op
+        self.settings = GuidanceSettings(radius=float(radius), **guidance)
+        self._unprojected = dataclasses.replace(self.settings, radius=math.inf)
+        self.needs_grad = True
+        self.needs_fit = guide.get("kind") == "probe"
+        self.pipe = None
+        self.guide: Guide | None = None
+        self._dtype_set_for: str | None = None
+
+    # -- set-up ------------------------------------------------------------------
+    def prepare(self, context: ExpansionContext) -> None:
+        super().prepare(context)
+        p = self.params
+        self.set_components(load_unclip(p["backend"], p["model_id"], p["revision"], p["local_files_only"]))
+        if self.guide_spec.get("kind", "clip") == "clip":
+            self.guide = build_guide(self.guide_spec, context.class_names)
+
+    def set_components(self, pipe, guide: Guide | None = None) -> None:
+        """Use an already-built pipeline of the configured backend and, optionally, a guide (tests,
+        benchmarks with random weights at the real architecture size)."""
+        expected = _pipeline_class(self.params["backend"])
+        if not isinstance(pipe, expected):
+            raise ExpansionError(f"{self.name}: backend {self.params['backend']} needs a {expected.__name__}, "
+                                 f"got {type(pipe).__name__}")
+        self.pipe = pipe
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                module.eval().requires_grad_(False)
+        fe = getattr(pipe, "feature_extractor", None)
+        mean = getattr(fe, "image_mean", None) or CLIP_MEAN
+        std = getattr(fe, "image_std", None) or CLIP_STD
+        self.register_buffer("clip_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("clip_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        size = pipe.image_encoder.config.image_size
+        self.encoder_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self._dtype_set_for = None
+        if guide is not None:
+            self.guide = guide
+
+    def fit(self, train: Any, artifact_dir: Path) -> None:
+        """The probe guide (``guide.kind: probe``), trained on the seeds and cached in ``artifact_dir``."""
+        if self.guide_spec.get("kind") != "probe":
+            return
+        images = train.to_tensor() if hasattr(train, "to_tensor") else torch.stack([train[i][0] for i in range(len(train))])
+        labels = torch.as_tensor(train.labels)
+        path = artifact_dir / "probe_guide.safetensors"
+        opts = {k: self.guide_spec[k] for k in ("width", "input_size") if k in self.guide_spec}
+        if path.is_file():
+            self.guide = ProbeGuide.load(path, len(self.context.class_names), **opts)
+        else:
+            self.guide = ProbeGuide.train_on(images, labels, len(self.context.class_names),
+                                             epochs=int(self.guide_spec.get("epochs", 30)), **opts)
+            self.guide.save(path)
+
+    def fit_signature(self) -> dict[str, Any]:
+        return {"kind": "unclip", "backend": self.params["backend"], "model_id": self.params["model_id"],
+                "revision": self.params["revision"],
+                "probe": self.guide_spec if self.guide_spec.get("kind") == "probe" else None}
+
+    def _models(self) -> list[torch.nn.Module]:
+        names = (["image_encoder", "text_encoder", "text_proj", "decoder", "super_res_first", "super_res_last"]
+                 if self.params["backend"] == "karlo" else ["image_encoder", "text_encoder", "unet"])
+        return [getattr(self.pipe, n) for n in names]
+
+    def _set_dtype(self, device: torch.device) -> None:
+        if self.pipe is None:
+            raise ExpansionError(f"{self.name}: no unCLIP pipeline loaded (prepare() or set_components() not run)")
+        if self._dtype_set_for == str(device):
+            return
+        dtype = self.params["dtype"]
+        if dtype == "auto":
+            if device.type == "cuda":
+                dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+            else:
+                dtype = "float32"
+        self.model_dtype = DTYPES[dtype]
+        for m in self._models():
+            m.to(device=device, dtype=self.model_dtype)
+        if self.params["backend"] == "stable_unclip":
+            self.pipe.vae.to(device=device, dtype=torch.float32)
+            self.pipe.image_normalizer.to(device, torch.float32)
+        self.clip_mean, self.clip_std = self.clip_mean.to(device), self.clip_std.to(device)
+        self._dtype_set_for = str(device)
+
+    # -- the prior: encode / decode ------------------------------------------------
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (or [0, 1] float) ``[B, C, H, W]`` -> CLIP image embeddings ``[B, D]`` (fp32)."""
+        self._set_dtype(images.device)
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        x = to_rgb(x)
+        s = self.encoder_size
+        if x.shape[-2:] != (s, s):
+            x = F.interpolate(x, size=(s, s), mode="bicubic", align_corners=False,
+                              antialias=x.shape[-1] > s).clamp(0, 1)
+        x = (x - self.clip_mean) / self.clip_std
+        return self.pipe.image_encoder(pixel_values=x.to(self.model_dtype)).image_embeds.float()
+
+    def _empty_text(self, n: int, device):
+        tok = self.pipe.tokenizer([""], padding="max_length", max_length=self.pipe.tokenizer.model_max_length,
+                                  truncation=True, return_tensors="pt")
+        out = self.pipe.text_encoder(tok.input_ids.to(device))
+        return out, tok.attention_mask.bool().to(device)
+
+    def decode(self, z: torch.Tensor, flat_seeds: torch.Tensor, full: bool = True) -> torch.Tensor:
+        """Image embeddings ``[N, D]`` -> images in [0, 1] (differentiable when called with grad).
+        ``full``: the faithful sampler (all steps, Karlo's super-resolution); otherwise the cheap path
+        (``score_steps`` steps at the base resolution)."""
+        p = self.params
+        steps = p["num_inference_steps"] if full or p["score_steps"] is None else p["score_steps"]
+        if p["backend"] == "karlo":
+            return self._decode_karlo(z, flat_seeds, steps, super_res=full or p["score_steps"] is None)
+        return self._decode_stable(z, flat_seeds, steps)
+
+    def _decode_stable(self, z: torch.Tensor, flat_seeds: torch.Tensor, steps: int) -> torch.Tensor:
+        pipe, p = self.pipe, self.params
+        device, n = z.device, z.shape[0]
+        # pipe.noise_image_embeddings, with per-image noise (normaliser and noising scheduler in fp32)
+        level = torch.full((n,), p["noise_level"], device=device, dtype=torch.long)
+        emb_noise = per_image_rand(derive(flat_seeds, "embed_noise"), z.shape[1:], normal=True, device=device)
+        from diffusers.models.embeddings import get_timestep_embedding
+
+        emb = pipe.image_normalizer.scale(z.float())
+        emb = pipe.image_noising_scheduler.add_noise(emb, timesteps=level, noise=emb_noise)
+        emb = pipe.image_normalizer.unscale(emb)
+        level_emb = get_timestep_embedding(timesteps=level, embedding_dim=emb.shape[-1], flip_sin_to_cos=True,
+                                           downscale_freq_shift=0)
+        class_labels = torch.cat([emb, level_emb.to(emb)], 1)
+        text, _ = self._empty_text(n, device)
+        cond = text[0].expand(n, -1, -1)
+        cfg = p["guidance_scale"] > 1.0
+        if cfg:
+            class_labels = torch.cat([torch.zeros_like(class_labels), class_labels])
+            cond = torch.cat([cond, cond])
+        class_labels, cond = class_labels.to(self.model_dtype), cond.to(self.model_dtype)
+        scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
+        scheduler.set_timesteps(steps, device=device)
+        res = p["resolution"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        shape = (pipe.unet.config.in_channels, res // pipe.vae_scale_factor, res // pipe.vae_scale_factor)
+        latents = per_image_rand(derive(flat_seeds, "latents"), shape, normal=True, device=device)
+        latents = latents * scheduler.init_noise_sigma
+        gens = [generator(s) for s in derive(flat_seeds, "step_noise").tolist()]
+        kw = _step_kwargs(scheduler, gens)
+        for t in scheduler.timesteps:
+            model_in = torch.cat([latents, latents]) if cfg else latents
+            model_in = scheduler.scale_model_input(model_in, t)
+            eps = pipe.unet(model_in.to(self.model_dtype), t, encoder_hidden_states=cond,
+                            class_labels=class_labels).sample.float()
+            if cfg:
+                eps_u, eps_c = eps.chunk(2)
+                eps = eps_u + p["guidance_scale"] * (eps_c - eps_u)
+            latents = scheduler.step(eps, t, latents, **kw).prev_sample
+        x = pipe.vae.decode(latents.float() / pipe.vae.config.scaling_factor).sample.float()
+        return ((x + 1) / 2).clamp(0, 1)
+
+    def _decode_karlo(self, z: torch.Tensor, flat_seeds: torch.Tensor, steps: int, super_res: bool) -> torch.Tensor:
+        pipe, p = self.pipe, self.params
+        device, n = z.device, z.shape[0]
+        text, mask = self._empty_text(n, device)
+        prompt_embeds = text.text_embeds.expand(n, -1)
+        hidden = text.last_hidden_state.expand(n, -1, -1)
+        mask = mask.expand(n, -1)
+        cfg = p["guidance_scale"] > 1.0
+        if cfg:
+            prompt_embeds, hidden, mask = (torch.cat([prompt_embeds] * 2), torch.cat([hidden] * 2),
+                                           torch.cat([mask] * 2))
+        hidden, time_emb = pipe.text_proj(image_embeddings=z.to(self.model_dtype),
+                                          prompt_embeds=prompt_embeds.to(self.model_dtype),
+                                          text_encoder_hidden_states=hidden.to(self.model_dtype),
+                                          do_classifier_free_guidance=cfg)
+        dec_mask = F.pad(mask, (pipe.text_proj.clip_extra_context_tokens, 0), value=True)
+        scheduler = pipe.decoder_scheduler.__class__.from_config(pipe.decoder_scheduler.config)
+        scheduler.set_timesteps(steps, device=device)
+        timesteps = scheduler.timesteps
+        size = pipe.decoder.config.sample_size
+        shape = (pipe.decoder.config.in_channels, size, size)
+        latents = per_image_rand(derive(flat_seeds, "latents"), shape, normal=True, device=device)
+        latents = latents * scheduler.init_noise_sigma
+        gens = [generator(s) for s in derive(flat_seeds, "step_noise").tolist()]
+        for i, t in enumerate(timesteps):
+            model_in = torch.cat([latents] * 2) if cfg else latents
+            out = pipe.decoder(sample=model_in.to(self.model_dtype), timestep=t, encoder_hidden_states=hidden,
+                               class_labels=time_emb, attention_mask=dec_mask).sample.float()
+            if cfg:
+                out_u, out_c = out.chunk(2)
+                out_u, _ = out_u.split(latents.shape[1], dim=1)
+                out_c, var = out_c.split(latents.shape[1], dim=1)
+                out = torch.cat([out_u + p["guidance_scale"] * (out_c - out_u), var], dim=1)
+            prev = None if i + 1 == len(timesteps) else timesteps[i + 1]
+            latents = scheduler.step(out, t, latents, prev_timestep=prev, generator=gens if n > 1 else gens[0]).prev_sample
+        image = latents.clamp(-1, 1)
+        if super_res:
+            image = self._super_res(image, flat_seeds)
+        return (image * 0.5 + 0.5).clamp(0, 1)
+
+    def _super_res(self, small: torch.Tensor, flat_seeds: torch.Tensor) -> torch.Tensor:
+        pipe, p = self.pipe, self.params
+        device, n = small.device, small.shape[0]
+        scheduler = pipe.super_res_scheduler.__class__.from_config(pipe.super_res_scheduler.config)
+        scheduler.set_timesteps(p["super_res_num_inference_steps"], device=device)
+        timesteps = scheduler.timesteps
+        size = pipe.super_res_first.config.sample_size
+        shape = (pipe.super_res_first.config.in_channels // 2, size, size)
+        latents = per_image_rand(derive(flat_seeds, "sr_latents"), shape, normal=True, device=device)
+        latents = latents * scheduler.init_noise_sigma
+        up = F.interpolate(small, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+        gens = [generator(s) for s in derive(flat_seeds, "sr_noise").tolist()]
+        for i, t in enumerate(timesteps):
+            unet = pipe.super_res_last if i == len(timesteps) - 1 else pipe.super_res_first
+            out = unet(sample=torch.cat([latents, up], 1).to(self.model_dtype), timestep=t).sample.float()
+            prev = None if i + 1 == len(timesteps) else timesteps[i + 1]
+            latents = scheduler.step(out, t, latents, prev_timestep=prev, generator=gens if n > 1 else gens[0]).prev_sample
+        return latents
+
+    # -- generation ---------------------------------------------------------------
+    def expand(self, images: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor) -> ExpansionOutput:
+        device = images.device
+        self._set_dtype(device)
+        b, k = seeds.shape
+        flat = seeds.reshape(-1)
+        z0 = self.encode(images).repeat_interleave(k, 0)  # a seed's k copies share one encoder pass
+        latents, fields = self._guide(images, z0, seeds)
+        with torch.no_grad():
+            out = self.decode(latents, flat, full=True)
+            final = self.guide(out)
+        seed_probs = fields.pop("_seed_probs")
+        n = b * k
+        fields = {"backend": [self.params["backend"]] * n, "score_path": [self.params["score_path"]] * n,
+                  "radius": [self.settings.radius] * n, **fields}
+        fields["score_after"] = criteria(seed_probs, final.probs, final.embeddings, self._groups(b, k, device),
+                                         self.settings).score.tolist()
+        fields["guide_class"] = final.probs.argmax(-1).tolist()
+        fields["guide_confidence"] = final.probs.max(-1).values.tolist()
+        return ExpansionOutput(self._finish(out, b, k), fields)
+
+    def _groups(self, b: int, k: int, device) -> torch.Tensor:
+        return sample_groups(b, k, self.params["group_size"]).to(device)
+
+    def _guide(self, images: torch.Tensor, z0: torch.Tensor, seeds: torch.Tensor):
+        """Step 2 of the module doc, in chunks of ``guidance_chunk`` seeds (memory)."""
+        b, k = seeds.shape
+        if self.guide is None:
+            raise ExpansionError(f"{self.name}: no guide was built (prepare/fit not run)")
+        with torch.no_grad():
+            seed_probs = self.guide(images.float() / 255.0).probs.repeat_interleave(k, 0)
+        flat = seeds.reshape(-1)
+        shape = (z0.shape[-1],)  # [N, D]: one value per embedding channel
+        e = per_image_rand(derive(flat, "gif_e"), shape, device=z0.device)
+        bias = per_image_rand(derive(flat, "gif_b"), shape, normal=True, device=z0.device)
+        radius = self.settings.radius * z0.std(dim=1, keepdim=True)  # per-image, in units of the embedding std
+        groups = self._groups(b, k, z0.device)
+        chunk = int(self.params["guidance_chunk"] or b) * k
+        full = self.params["score_path"] == "faithful"
+        latents, before = [], []
+        for start in range(0, b * k, chunk):
+            rows = slice(start, start + chunk)
+            g = groups[rows] - groups[rows].min()
+
+            def score_fn(z, rows=rows, g=g):
+                out = self.guide(self.decode(z, flat[rows], full=full))
+                return criteria(seed_probs[rows], out.probs, out.embeddings, g, self.settings)
+
+            res = guided_perturbation(z0[rows], e[rows], bias[rows], score_fn, self._unprojected)
+            latents.append(project_linf(res.latents, z0[rows], radius[rows]))
+            before.append(res.score_before)
+        return torch.cat(latents), {"radius_abs": radius.reshape(-1).tolist(),
+                                    "score_before": torch.cat(before).tolist(), "_seed_probs": seed_probs}
+
+    def _finish(self, images01: torch.Tensor, b: int, k: int) -> torch.Tensor:
+        size = self.params["output_size"]
+        if size and images01.shape[-1] != size:
+            images01 = F.interpolate(images01, size=(size, size), mode="bilinear", antialias=True,
+                                     align_corners=False)
+        if self.context.channels == 1:
+            images01 = (images01 * torch.tensor([0.299, 0.587, 0.114], device=images01.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        out = to_uint8(images01)
+        return out.reshape(b, k, *out.shape[1:]).cpu()

@@ -1,0 +1,207 @@
+"""GIF-unCLIP (open GIF-DALLE) with a tiny stable-unCLIP pipeline and a tiny open_clip built in code."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from expansion.base import ExpansionContext, ExpansionError
+from expansion.gif_unclip import GifUnCLIP, load_unclip
+from expansion.seeding import image_seeds
+from expansion.store import ExpansionStore
+from tests.conftest import PROJECT_ROOT
+from tests.helpers.tiny_clip import save_tiny_clip
+
+CLASSES = ["malignant", "normal, benign"]
+FIELDS = {"backend", "score_path", "radius", "radius_abs", "score_before", "score_after", "guide_class",
+          "guide_confidence"}
+EMBED_DIM = 16
+
+
+def tiny_stable_unclip(tmp_dir: Path, seed: int = 0):
+    """A StableUnCLIPImg2ImgPipeline of tiny random components: the tiny SD of tests/helpers/tiny_sd.py
+    with a UNet taking [noised image embedding, noise-level embedding] (2 x 16) as projection class
+    labels, a tiny CLIPVisionModelWithProjection (32 px, projection 16) and its processor."""
+    from diffusers import DDIMScheduler, DDPMScheduler, StableUnCLIPImg2ImgPipeline, UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from tests.helpers.tiny_sd import SD_V1_SCHEDULER, TINY_CROSS_ATTENTION_DIM, build_tiny_sd
+
+    parts = build_tiny_sd(Path(tmp_dir), seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=TINY_CROSS_ATTENTION_DIM, attention_head_dim=8, norm_num_groups=8,
+            class_embed_type="projection", projection_class_embeddings_input_dim=2 * EMBED_DIM)
+        encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+            hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+            patch_size=8, projection_dim=EMBED_DIM))
+        normalizer = StableUnCLIPImageNormalizer(embedding_dim=EMBED_DIM)
+    pipe = StableUnCLIPImg2ImgPipeline(
+        feature_extractor=CLIPImageProcessor(crop_size=32, size=32), image_encoder=encoder,
+        image_normalizer=normalizer, image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
+        tokenizer=parts["tokenizer"], text_encoder=parts["text_encoder"], unet=unet,
+        scheduler=DDIMScheduler(**SD_V1_SCHEDULER), vae=parts["vae"])
+    return pipe
+
+
+def save_tiny_stable_unclip(tmp_dir: Path, seed: int = 0) -> Path:
+    out = Path(tmp_dir) / "tiny_stable_unclip"
+    tiny_stable_unclip(tmp_dir, seed).save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def clip_spec(tmp_path_factory):
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
+@pytest.fixture(scope="module")
+def unclip_dir(tmp_path_factory):
+    return save_tiny_stable_unclip(tmp_path_factory.mktemp("tiny_unclip"))
+
+
+@pytest.fixture(scope="module")
+def seeds_batch(shared_data):
+    data = np.load(shared_data / "medmnist" / "breastmnist.npz")
+    images = torch.from_numpy(data["train_images"][:4])[:, None]
+    labels = torch.from_numpy(data["train_labels"][:4, 0].astype(np.int64))
+    return images, labels
+
+
+def _expander(clip_spec, unclip_dir, **kw):
+    from expansion.gif_sd import build_guide
+
+    params = dict(ratio=3, backend="stable_unclip", model_id=str(unclip_dir), guide=clip_spec,
+                  num_inference_steps=4, guidance_scale=3.0)
+    params.update(kw)
+    exp = GifUnCLIP(**params)
+    exp.context = ExpansionContext("breastmnist", CLASSES, channels=1, prompt_prefix="Ultrasound image of")
+    exp.set_components(load_unclip("stable_unclip", str(unclip_dir)), guide=build_guide(clip_spec, CLASSES))
+    return exp
+
+
+@pytest.mark.parametrize("score_path", ["cheap", "faithful"])
+def test_expand_shapes_fields_and_per_image_seed_determinism(clip_spec, unclip_dir, seeds_batch, score_path):
+    exp = _expander(clip_spec, unclip_dir, score_path=score_path)
+    images, labels = seeds_batch[0][:3], seeds_batch[1][:3]
+    seeds = image_seeds(3, range(3), 3)
+    full = exp.expand(images, labels, seeds)
+    full.validate(3, 3)
+    assert full.images.shape == (3, 3, 1, 16, 16) and full.images.dtype == torch.uint8
+    rows = full.field_rows()
+    assert set(rows[0]) == FIELDS
+    assert all(r["backend"] == "stable_unclip" and r["score_path"] == score_path and r["radius"] == 0.5
+               and r["radius_abs"] > 0 for r in rows)
+    assert all(0 <= r["guide_confidence"] <= 1 and r["guide_class"] in (0, 1) for r in rows)
+    parts = [exp.expand(images[:1], labels[:1], seeds[:1]), exp.expand(images[1:], labels[1:], seeds[1:])]
+    assert torch.equal(full.images, torch.cat([p.images for p in parts]))
+    assert full.fields["score_after"] == pytest.approx(parts[0].fields["score_after"] + parts[1].fields["score_after"],
+                                                       abs=1e-5)
+    other = exp.expand(images, labels, image_seeds(4, range(3), 3))
+    assert not torch.equal(full.images, other.images)
+    assert not torch.equal(full.images[0, 0], full.images[0, 1])  # a seed's k copies differ
+
+
+def test_signature_and_settings(clip_spec, unclip_dir):
+    exp = GifUnCLIP(ratio=2, backend="stable_unclip", output_size=24)
+    sig = exp.signature()
+    assert sig["model_id"] == "stabilityai/stable-diffusion-2-1-unclip-small" and sig["score_path"] == "cheap"
+    assert sig["score_steps"] == 2 and sig["num_inference_steps"] == 20 and "guidance_chunk" not in sig
+    karlo = GifUnCLIP(ratio=2)
+    assert karlo.params["model_id"] == "kakaobrain/karlo-v1-alpha-image-variations"
+    assert karlo.params["super_res_num_inference_steps"] == 7
+    assert GifUnCLIP(ratio=2, score_path="faithful").signature()["score_steps"] is None
+    with pytest.raises(ExpansionError, match="backend must be one of"):
+        GifUnCLIP(ratio=2, backend="dalle2")
+    with pytest.raises(ExpansionError, match="score_path must be one of"):
+        GifUnCLIP(ratio=2, score_path="fast")
+    with pytest.raises(ExpansionError, match="needs a UnCLIPImageVariationPipeline"):
+        GifUnCLIP(ratio=2).set_components(load_unclip("stable_unclip", str(unclip_dir)))
+
+
+def test_output_size_and_rgb(clip_spec, unclip_dir, seeds_batch):
+    exp = _expander(clip_spec, unclip_dir, ratio=1, output_size=24, num_inference_steps=2)
+    exp.context = ExpansionContext("x", CLASSES, channels=3)
+    out = exp.expand(seeds_batch[0][:2], seeds_batch[1][:2], image_seeds(0, range(2), 1))
+    assert out.images.shape == (2, 1, 3, 24, 24)
+
+
+def test_guidance_raises_the_score_of_the_same_inputs(clip_spec, unclip_dir, seeds_batch):
+    """score_after (projected, fully decoded) vs score_before (random perturbation, scoring path) on the
+    same seeds; faithful path so that both are measured on the same decoder."""
+    exp = _expander(clip_spec, unclip_dir, radius=100.0, score_path="faithful", num_inference_steps=2,
+                    guidance={"step_size": 0.05})
+    images, labels = seeds_batch
+    out = exp.expand(images, labels, image_seeds(11, range(4), 3))
+    before = torch.tensor(out.fields["score_before"]).reshape(4, 3).mean(1)
+    after = torch.tensor(out.fields["score_after"]).reshape(4, 3).mean(1)
+    assert (after > before).float().mean() >= 0.75, (before, after)
+    assert after.mean() > before.mean()
+
+
+def test_radius_is_relative_to_the_embedding_std(clip_spec, unclip_dir, seeds_batch):
+    images, labels = seeds_batch
+    seeds = image_seeds(5, range(4), 2)
+    exp = _expander(clip_spec, unclip_dir, ratio=2, radius=0.25, num_inference_steps=1)
+    z0 = exp.encode(images)
+    rows = exp.expand(images, labels, seeds).fields["radius_abs"]
+    assert rows == pytest.approx((0.25 * z0.std(dim=1)).repeat_interleave(2).tolist(), rel=1e-5)
+
+
+def test_missing_weights_and_folders_are_clear(tmp_path, monkeypatch):
+    with pytest.raises(ExpansionError, match="unCLIP folder .*nope does not exist"):
+        load_unclip("stable_unclip", str(tmp_path / "nope"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ExpansionError, match="'stabilityai/stable-diffusion-2-1-unclip-small'.*not available"
+                                             ".*huggingface-cli download"):
+        load_unclip("stable_unclip")
+    exp = GifUnCLIP(ratio=2)  # the constructor never loads weights; prepare() does
+    with pytest.raises(ExpansionError, match="kakaobrain/karlo-v1-alpha-image-variations.*UnCLIPImageVariationPipeline"
+                                             ".*save_pretrained"):
+        exp.prepare(ExpansionContext("breastmnist", CLASSES, channels=1))
+
+
+def test_run_py_gif_unclip_end_to_end(clip_spec, unclip_dir, tmp_path):
+    args = ["dataset=breastmnist", "dataset.train_per_class=3", "method=gif_unclip", "method.backend=stable_unclip",
+            f"method.model_id={unclip_dir}", f"method.guide.arch={clip_spec['arch']}",
+            f"method.guide.pretrained={clip_spec['pretrained']}", f"method.guide.model_config={clip_spec['model_config']}",
+            "method.output_size=32", "method.ratio=2", "method.num_inference_steps=2", "method.guidance_scale=3.0",
+            "train.epochs=1", "logger=none", "quality.enabled=false", "train.compare_original=false",
+            f"hydra.run.dir={tmp_path}/run"]
+    env = {**os.environ, "PROGRESS_BAR": "false", "HF_HUB_OFFLINE": "1", "EXPANSION_CACHE": str(tmp_path / "cache"),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "run.py", *args], cwd=PROJECT_ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["method"] == "gif_unclip" and metrics["expansion"]["num_images"] == 2 * 6
+    store = ExpansionStore(Path(metrics["expansion"]["store"]), "", {})
+    rows = store.read_rows()
+    assert len(rows) == 12 and FIELDS <= set(rows[0])
+    assert {r["parent"] for r in rows} == set(range(6))
+    assert rows[0]["backend"] == "stable_unclip" and rows[0]["score_path"] == "cheap" and rows[0]["radius"] == 0.5
+    assert all((store.images_dir / r["file"]).is_file() for r in rows)
+
+
+def test_benchmark_script_runs_on_the_tiny_model(shared_data, tmp_path, capsys):
+    from benchmarks import gif_unclip_throughput as bench
+
+    out = tmp_path / "figures.json"
+    report = bench.main(["--tiny", "--ratio", "2", "--seeds-per-pass", "2", "--repeats", "1",
+                         "--data", str(shared_data), "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "img/s" in printed and "batched / per-seed" in printed and "TINY" in printed
+    assert json.loads(out.read_text())["speedup"] > 0
+    rows = {r["mode"]: r for r in report["results"]}
+    assert rows["per_seed"]["calls_per_repeat"] == 2 and rows["batched"]["calls_per_repeat"] == 1
