@@ -104,3 +104,11 @@ def test_gif_tables_include_gif_sd_and_its_ablation():
     for experiment in ("table1_natural", "table2_medical"):
         methods = _sweep_params(experiment)[1]["method"].split(",")
         assert {"gif_sd", "sd_img2img", "original"} <= set(methods)
+
+
+def test_tables_include_the_gif_variants_of_the_paper():
+    grids = {e: _sweep_params(e)[1]["method"].split(",") for e in
+             ("table1_natural", "table2_medical", "table3_architectures", "efficiency")}
+    assert {"gif_mae", "gif_unclip"} <= set(grids["table1_natural"]) and {"gif_mae", "gif_unclip"} <= set(grids["table2_medical"])
+    assert "gif_unclip" in grids["table3_architectures"] and {"gif_mae", "gif_unclip"} <= set(grids["efficiency"])
+    assert compose(["method=gif_unclip"]).method.paper_name == "gif_dalle"
