@@ -2,10 +2,12 @@
 
 GIF-DALLE perturbs the CLIP *image embedding* of a seed and decodes it with DALL-E 2's
 decoder (closed weights). Here the decoder is an open unCLIP decoder that takes CLIP image
-embeddings, selectable with ``backend``:
+embeddings, selectable with ``backend`` (default ``stable_unclip``, as in ``conf/method/gif_unclip.yaml``):
 
 * ``karlo`` -- diffusers' ``UnCLIPImageVariationPipeline`` (default
-  ``kakaobrain/karlo-v1-alpha-image-variations``, a DALL-E 2 reproduction): CLIP ViT-L/14
+  ``kakaobrain/karlo-v1-alpha-image-variations``, a DALL-E 2 reproduction; diffusers 0.42 deprecates
+  the pipeline and cannot ``from_pretrained`` it, so :func:`load_unclip` loads its ten components one
+  by one from the repo's / folder's subfolders and builds the pipeline by hand): CLIP ViT-L/14
   image embedding -> ``text_proj`` (extra context tokens + additive time embedding, empty
   text) -> 64 px pixel-space decoder UNet (UnCLIPScheduler, classifier-free guidance) ->
   two-stage 256 px super-resolution UNets (``super_res_first`` / ``super_res_last``);
@@ -32,15 +34,15 @@ Scoring path (``score_path``). The pipelines' ``__call__`` run under ``no_grad``
 loops are re-written here over the pipelines' components, once, and used both for guidance (with
 gradients) and for the final decode (without); the final decode is the faithful sampler.
 
-* ``cheap`` (default): guidance scores a SHORT decode -- ``score_steps`` (default 2) sampler
-  steps from the image's own initial noise, gradients through that short chain (and the VAE
-  decoder for stable unCLIP); Karlo's cheap path stops at the decoder's 64 px base image
-  (no super-resolution). The guide therefore scores a blurry preview of the sample the final
-  decode produces from the same noise.
-* ``faithful``: guidance backpropagates through exactly the final sampler (all
-  ``num_inference_steps`` steps, and Karlo's super-resolution), as GIF-DALLE does through
-  DALL-E 2's decoder. Memory grows with the number of steps (activations of every UNet call
-  are kept); lower ``guidance_chunk`` to fit.
+* ``cheap`` (the DEFAULT, both backends): guidance scores a SHORT decode -- ``score_steps``
+  (default 2) sampler steps from the image's own initial noise, gradients through that short
+  chain (and the VAE decoder for stable unCLIP); Karlo's cheap path stops at the decoder's 64 px
+  base image (no super-resolution). The guide therefore scores a blurry preview of the sample the
+  final decode produces from the same noise.
+* ``faithful`` (available, opt in with ``score_path: faithful``): guidance backpropagates
+  through exactly the final sampler (all ``num_inference_steps`` steps, and Karlo's
+  super-resolution), as GIF-DALLE does through DALL-E 2's decoder. Memory grows with the number
+  of steps (activations of every UNet call are kept); lower ``guidance_chunk`` to fit.
 
 Radius. The CLIP image embeddings both pipelines consume are the projection head's raw
 output (not L2-normalised), whose scale depends on the model. As in GIF-MAE, ``radius`` is
@@ -93,30 +95,93 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 SCORE_PATHS = ("cheap", "faithful")
 
 
+#: Karlo's components: attribute / subfolder -> (module, class) (the hub repo's layout, loaded one by one)
+KARLO_COMPONENTS = {
+    "decoder": ("diffusers", "UNet2DConditionModel"),
+    "text_proj": ("text_proj", "UnCLIPTextProjModel"),
+    "super_res_first": ("diffusers", "UNet2DModel"),
+    "super_res_last": ("diffusers", "UNet2DModel"),
+    "text_encoder": ("transformers", "CLIPTextModelWithProjection"),
+    "tokenizer": ("transformers", "CLIPTokenizer"),
+    "image_encoder": ("transformers", "CLIPVisionModelWithProjection"),
+    "feature_extractor": ("transformers", "CLIPImageProcessor"),
+    "decoder_scheduler": ("diffusers", "UnCLIPScheduler"),
+    "super_res_scheduler": ("diffusers", "UnCLIPScheduler"),
+}
+
+
+class KarloComponents:
+    """Karlo's components as plain attributes (what the sampling loop here uses), for diffusers versions
+    that no longer ship ``UnCLIPImageVariationPipeline``."""
+
+    def __init__(self, **components: Any):
+        missing = sorted(set(KARLO_COMPONENTS) - set(components))
+        if missing:
+            raise ExpansionError(f"gif_unclip: Karlo components missing: {missing}")
+        self.components = dict(components)
+        for name, module in components.items():
+            setattr(self, name, module)
+
+
+def _text_proj_class():
+    """diffusers' ``UnCLIPTextProjModel``: deprecated (and moved) in recent diffusers."""
+    for module in ("diffusers.pipelines.deprecated.unclip.text_proj", "diffusers.pipelines.unclip.text_proj"):
+        try:
+            return getattr(__import__(module, fromlist=["UnCLIPTextProjModel"]), "UnCLIPTextProjModel")
+        except (ImportError, AttributeError):
+            continue
+    raise ExpansionError("gif_unclip: this diffusers has no UnCLIPTextProjModel (needed by backend karlo); "
+                         "use backend stable_unclip or a diffusers release that ships the unCLIP pipelines")
+
+
+def _karlo_pipeline_class():
+    try:
+        from diffusers import UnCLIPImageVariationPipeline
+    except ImportError:
+        return None
+    return UnCLIPImageVariationPipeline
+
+
 def _pipeline_class(backend: str):
     if backend == "karlo":
-        from diffusers import UnCLIPImageVariationPipeline
-
-        return UnCLIPImageVariationPipeline
+        return _karlo_pipeline_class() or KarloComponents
     from diffusers import StableUnCLIPImg2ImgPipeline
 
     return StableUnCLIPImg2ImgPipeline
 
 
+def _load_karlo(source: str, kwargs: dict[str, Any]):
+    """Karlo, component by component (``from_pretrained(source, subfolder=name)``), then the pipeline built
+    by hand: diffusers 0.42 cannot ``from_pretrained`` the deprecated ``UnCLIPImageVariationPipeline`` (its
+    model_index names text_proj under the ``unclip`` library, which is no longer importable)."""
+    import diffusers
+    import transformers
+
+    libs = {"diffusers": diffusers, "transformers": transformers}
+    parts: dict[str, Any] = {}
+    for name, (lib, cls_name) in KARLO_COMPONENTS.items():
+        cls = _text_proj_class() if lib == "text_proj" else getattr(libs[lib], cls_name)
+        parts[name] = cls.from_pretrained(source, subfolder=name, **kwargs)
+    cls = _karlo_pipeline_class()
+    return cls(**parts) if cls is not None else KarloComponents(**parts)
+
+
 def load_unclip(backend: str, model_id: str | None = None, revision: str | None = None,
                 local_files_only: bool | None = None):
-    """The backend's diffusers pipeline from a hub id or a local ``save_pretrained`` folder.
-    A missing model is an error that says how to get it."""
+    """The backend's diffusers pipeline from a hub id or a local folder (``save_pretrained`` of the pipeline,
+    or for Karlo any folder with the hub repo's component subfolders). A missing model is an error that says
+    how to get it."""
     if backend not in BACKENDS:
         raise ExpansionError(f"gif_unclip: backend must be one of {sorted(BACKENDS)}, got {backend!r}")
     model_id = model_id or BACKENDS[backend]
     cls = _pipeline_class(backend)
+    layout = ("model_index.json + its components" if backend == "stable_unclip" else
+              "subfolders " + ", ".join(KARLO_COMPONENTS))
     looks_local = model_id.startswith(("/", ".", "~")) or Path(model_id).expanduser().exists()
     path = Path(model_id).expanduser()
     if looks_local and not path.is_dir():
         raise ExpansionError(f"unCLIP folder {path} does not exist; set method.model_id to a diffusers "
-                             f"{cls.__name__} folder (model_index.json + its components) or a hub id such as "
-                             f"{BACKENDS[backend]}")
+                             f"{cls.__name__} folder ({layout}) or a hub id such as {BACKENDS[backend]}")
     source = str(path) if looks_local else model_id
     kwargs: dict[str, Any] = {"revision": revision} if revision and not looks_local else {}
     if local_files_only is None and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
@@ -124,13 +189,13 @@ def load_unclip(backend: str, model_id: str | None = None, revision: str | None 
     if local_files_only is not None:
         kwargs["local_files_only"] = local_files_only
     try:
-        pipe = cls.from_pretrained(source, **kwargs)
+        pipe = _load_karlo(source, kwargs) if backend == "karlo" else cls.from_pretrained(source, **kwargs)
     except (OSError, ValueError, EnvironmentError) as exc:
         raise ExpansionError(
             f"unCLIP weights {model_id!r} ({cls.__name__}, backend {backend}) are not available here "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Provide them: download once "
             f"on a machine with network (`huggingface-cli download {model_id}`, cached under HF_HOME), or set "
-            f"method.model_id to a local folder saved with {cls.__name__}.save_pretrained."
+            f"method.model_id to a local folder saved with {cls.__name__}.save_pretrained ({layout})."
         ) from exc
     return pipe
 
@@ -149,7 +214,8 @@ class GifUnCLIP(Expander):
     name = "gif_unclip"
     speed_only_params = ("batch_size", "num_workers", "guidance_chunk", "local_files_only")
 
-    def __init__(self, ratio: int, backend: str = "karlo", model_id: str | None = None, revision: str | None = None,
+    def __init__(self, ratio: int, backend: str = "stable_unclip", model_id: str | None = None,
+                 revision: str | None = None,
                  radius: float = 0.5, guide: Mapping[str, Any] | None = None,
                  guidance: Mapping[str, Any] | None = None, group_size: int | None = None,
                  score_path: str = "cheap", score_steps: int = 2, num_inference_steps: int | None = None,
@@ -201,7 +267,7 @@ class GifUnCLIP(Expander):
         """Use an already-built pipeline of the configured backend and, optionally, a guide (tests,
         benchmarks with random weights at the real architecture size)."""
         expected = _pipeline_class(self.params["backend"])
-        if not isinstance(pipe, expected):
+        if not isinstance(pipe, (expected, KarloComponents) if self.params["backend"] == "karlo" else expected):
             raise ExpansionError(f"{self.name}: backend {self.params['backend']} needs a {expected.__name__}, "
                                  f"got {type(pipe).__name__}")
         self.pipe = pipe

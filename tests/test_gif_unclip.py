@@ -61,6 +61,54 @@ def save_tiny_stable_unclip(tmp_dir: Path, seed: int = 0) -> Path:
     return out
 
 
+def save_tiny_karlo(tmp_dir: Path, seed: int = 0) -> Path:
+    """A tiny Karlo (UnCLIPImageVariationPipeline) of random components, each saved with save_pretrained into
+    its own subfolder (the layout of kakaobrain/karlo-v1-alpha-image-variations): 16 px pixel-space decoder
+    (learned-range variance, image embedding as extra context tokens + additive time embedding), 32 px
+    super-resolution UNets, 32 px CLIP vision encoder, tiny CLIP text encoder (all width 32)."""
+    from diffusers import UNet2DConditionModel, UNet2DModel, UnCLIPScheduler
+    from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig,
+                              CLIPVisionModelWithProjection)
+
+    from expansion.gif_unclip import _text_proj_class
+    from tests.helpers.tiny_sd import build_tiny_tokenizer
+
+    out = Path(tmp_dir) / "tiny_karlo"
+    tok = build_tiny_tokenizer(Path(tmp_dir) / "karlo_tok")
+    d = 32
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        sr = dict(sample_size=32, layers_per_block=1, block_out_channels=(32, 64),
+                  down_block_types=("ResnetDownsampleBlock2D", "ResnetDownsampleBlock2D"),
+                  up_block_types=("ResnetUpsampleBlock2D", "ResnetUpsampleBlock2D"),
+                  resnet_time_scale_shift="scale_shift", in_channels=6, out_channels=3, norm_num_groups=8)
+        parts = {
+            "text_encoder": CLIPTextModelWithProjection(CLIPTextConfig(
+                hidden_size=d, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tok),
+                max_position_embeddings=77, projection_dim=d, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)),
+            "image_encoder": CLIPVisionModelWithProjection(CLIPVisionConfig(
+                hidden_size=d, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                patch_size=8, projection_dim=d)),
+            "text_proj": _text_proj_class()(clip_embeddings_dim=d, time_embed_dim=d * 4, cross_attention_dim=d),
+            "decoder": UNet2DConditionModel(
+                sample_size=16, in_channels=3, out_channels=6, layers_per_block=1, block_out_channels=(32, 64),
+                down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+                up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+                mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=d, attention_head_dim=4,
+                resnet_time_scale_shift="scale_shift", class_embed_type="identity", norm_num_groups=8),
+            "super_res_first": UNet2DModel(**sr),
+            "super_res_last": UNet2DModel(**sr),
+        }
+    parts.update(
+        tokenizer=tok, feature_extractor=CLIPImageProcessor(crop_size=32, size=32),
+        decoder_scheduler=UnCLIPScheduler(variance_type="learned_range", prediction_type="epsilon"),
+        super_res_scheduler=UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="epsilon"))
+    for name, part in parts.items():
+        part.save_pretrained(str(out / name))
+    return out
+
+
 @pytest.fixture(scope="module")
 def clip_spec(tmp_path_factory):
     return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
@@ -113,21 +161,49 @@ def test_expand_shapes_fields_and_per_image_seed_determinism(clip_spec, unclip_d
     assert not torch.equal(full.images[0, 0], full.images[0, 1])  # a seed's k copies differ
 
 
+def test_karlo_loads_by_component_and_expands(clip_spec, seeds_batch, tmp_path):
+    """load_unclip("karlo") on a tiny Karlo saved component by component (the hub repo's layout), then
+    expand real BreastMNIST seeds through the full decoder + super-resolution."""
+    from expansion.gif_sd import build_guide
+
+    karlo_dir = save_tiny_karlo(tmp_path)
+    pipe = load_unclip("karlo", str(karlo_dir))
+    assert type(pipe.text_proj).__name__ == "UnCLIPTextProjModel" and pipe.decoder.config.sample_size == 16
+    exp = GifUnCLIP(ratio=2, backend="karlo", model_id=str(karlo_dir), guide=clip_spec, num_inference_steps=3,
+                    super_res_num_inference_steps=2, guidance_scale=3.0)
+    exp.context = ExpansionContext("breastmnist", CLASSES, channels=1, prompt_prefix="Ultrasound image of")
+    exp.set_components(pipe, guide=build_guide(clip_spec, CLASSES))
+    images, labels = seeds_batch[0][:3], seeds_batch[1][:3]
+    seeds = image_seeds(2, range(3), 2)
+    full = exp.expand(images, labels, seeds)
+    full.validate(3, 2)
+    assert full.images.shape == (3, 2, 1, 32, 32) and full.images.dtype == torch.uint8
+    rows = full.field_rows()
+    assert set(rows[0]) == FIELDS
+    assert all(r["backend"] == "karlo" and r["score_path"] == "cheap" and r["radius"] == 0.5 and r["radius_abs"] > 0
+               for r in rows)
+    parts = [exp.expand(images[:1], labels[:1], seeds[:1]), exp.expand(images[1:], labels[1:], seeds[1:])]
+    assert torch.equal(full.images, torch.cat([p.images for p in parts]))
+    assert not torch.equal(full.images[0, 0], full.images[0, 1])
+
+
 def test_signature_and_settings(clip_spec, unclip_dir):
     exp = GifUnCLIP(ratio=2, backend="stable_unclip", output_size=24)
     sig = exp.signature()
     assert sig["model_id"] == "stabilityai/stable-diffusion-2-1-unclip-small" and sig["score_path"] == "cheap"
     assert sig["score_steps"] == 2 and sig["num_inference_steps"] == 20 and "guidance_chunk" not in sig
-    karlo = GifUnCLIP(ratio=2)
+    assert GifUnCLIP(ratio=2).params["backend"] == "stable_unclip"  # the default, as in conf/method/gif_unclip.yaml
+    karlo = GifUnCLIP(ratio=2, backend="karlo")
     assert karlo.params["model_id"] == "kakaobrain/karlo-v1-alpha-image-variations"
     assert karlo.params["super_res_num_inference_steps"] == 7
     assert GifUnCLIP(ratio=2, score_path="faithful").signature()["score_steps"] is None
+    assert GifUnCLIP(ratio=2).signature()["score_path"] == "cheap"  # the default scoring path
     with pytest.raises(ExpansionError, match="backend must be one of"):
         GifUnCLIP(ratio=2, backend="dalle2")
     with pytest.raises(ExpansionError, match="score_path must be one of"):
         GifUnCLIP(ratio=2, score_path="fast")
     with pytest.raises(ExpansionError, match="needs a UnCLIPImageVariationPipeline"):
-        GifUnCLIP(ratio=2).set_components(load_unclip("stable_unclip", str(unclip_dir)))
+        GifUnCLIP(ratio=2, backend="karlo").set_components(load_unclip("stable_unclip", str(unclip_dir)))
 
 
 def test_output_size_and_rgb(clip_spec, unclip_dir, seeds_batch):
@@ -166,9 +242,11 @@ def test_missing_weights_and_folders_are_clear(tmp_path, monkeypatch):
     with pytest.raises(ExpansionError, match="'stabilityai/stable-diffusion-2-1-unclip-small'.*not available"
                                              ".*huggingface-cli download"):
         load_unclip("stable_unclip")
-    exp = GifUnCLIP(ratio=2)  # the constructor never loads weights; prepare() does
+    with pytest.raises(ExpansionError, match="unCLIP folder .*nope does not exist.*subfolders decoder, text_proj"):
+        load_unclip("karlo", str(tmp_path / "nope"))
+    exp = GifUnCLIP(ratio=2, backend="karlo")  # the constructor never loads weights; prepare() does
     with pytest.raises(ExpansionError, match="kakaobrain/karlo-v1-alpha-image-variations.*UnCLIPImageVariationPipeline"
-                                             ".*save_pretrained"):
+                                             ".*huggingface-cli download.*save_pretrained"):
         exp.prepare(ExpansionContext("breastmnist", CLASSES, channels=1))
 
 
