@@ -33,9 +33,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import Expander, ExpansionContext, ExpansionError, ExpansionOutput, to_uint8
-from .guidance import GuidanceSettings, criteria, guided_perturbation, sample_groups
-from .guides import ClipGuide, Guide, ProbeGuide, to_rgb
+from .gif_base import GifExpander, train_tensors
+from .base import ExpansionContext, ExpansionError, ExpansionOutput
+from .guidance import GuidanceSettings, criteria, guided_perturbation
+from .guides import ClipGuide, Guide, to_rgb
 from .seeding import derive, per_image_rand
 
 DOMAINS = ("an image of", "a real-world photo of", "a cartoon image of", "an oil painting of", "a sketch of")
@@ -94,7 +95,7 @@ def build_guide(spec: Mapping[str, Any], class_names: Sequence[str]) -> Guide:
                                     logit_scale=float(spec.get("logit_scale", 100.0)))
 
 
-class GifSD(Expander):
+class GifSD(GifExpander):
     name = "gif_sd"
     guided = True
     speed_only_params = ("batch_size", "num_workers", "guidance_chunk", "local_files_only")
@@ -156,24 +157,15 @@ class GifSD(Expander):
 
     def fit(self, train: Any, artifact_dir: Path) -> None:
         """DreamBooth fine-tuning (medical sets in the paper) and/or the probe guide, cached in ``artifact_dir``."""
-        images = train.to_tensor() if hasattr(train, "to_tensor") else torch.stack([train[i][0] for i in range(len(train))])
-        labels = torch.as_tensor(train.labels)
+        images, labels = train_tensors(train)
         if self.params["dreambooth"]:
             self._dreambooth(images, labels, artifact_dir)
-        if self.guided and self.guide_spec.get("kind") == "probe":
-            path = artifact_dir / "probe_guide.safetensors"
-            opts = {k: self.guide_spec[k] for k in ("width", "input_size") if k in self.guide_spec}
-            if path.is_file():
-                self.guide = ProbeGuide.load(path, len(self.context.class_names), **opts)
-            else:
-                self.guide = ProbeGuide.train_on(images, labels, len(self.context.class_names),
-                                                 epochs=int(self.guide_spec.get("epochs", 30)), **opts)
-                self.guide.save(path)
+        self.fit_probe_guide(images, labels, artifact_dir)
 
     def fit_signature(self) -> dict[str, Any]:
         return {"kind": "stable_diffusion", "model_id": self.params["model_id"], "revision": self.params["revision"],
                 "dreambooth": self.params["dreambooth"],
-                "probe": self.guide_spec if self.guide_spec.get("kind") == "probe" else None}
+                "probe": self.probe_fit_signature()}
 
     def _dreambooth(self, images: torch.Tensor, labels: torch.Tensor, artifact_dir: Path) -> None:
         """DreamBooth (400 steps, lr 2e-6, text encoder trained, one instance prompt per class);
@@ -335,8 +327,6 @@ class GifSD(Expander):
         fields["guide_confidence"] = final.probs.max(-1).values.tolist()
         return ExpansionOutput(self._finish(out, b, k), fields)
 
-    def _groups(self, b: int, k: int, device) -> torch.Tensor:
-        return sample_groups(b, k, self.params["group_size"]).to(device)
 
     def _guide(self, images: torch.Tensor, z0: torch.Tensor, seeds: torch.Tensor):
         """Steps 3 of the module doc, in chunks of ``guidance_chunk`` seeds (memory)."""
@@ -365,15 +355,6 @@ class GifSD(Expander):
             before.append(res.score_before)
         return torch.cat(latents), {"score_before": torch.cat(before).tolist(), "_seed_probs": seed_probs}
 
-    def _finish(self, images01: torch.Tensor, b: int, k: int) -> torch.Tensor:
-        size = self.params["output_size"]
-        if size and images01.shape[-1] != size:
-            images01 = F.interpolate(images01, size=(size, size), mode="bilinear", antialias=True,
-                                     align_corners=False)
-        if self.context.channels == 1:
-            images01 = (images01 * torch.tensor([0.299, 0.587, 0.114], device=images01.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
-        out = to_uint8(images01)
-        return out.reshape(b, k, *out.shape[1:]).cpu()
 
 
 class SDImg2Img(GifSD):

@@ -75,10 +75,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import Expander, ExpansionContext, ExpansionError, ExpansionOutput, to_uint8
+from .gif_base import GifExpander
+from .base import ExpansionContext, ExpansionError, ExpansionOutput
 from .gif_sd import build_guide
-from .guidance import GuidanceSettings, criteria, guided_perturbation, project_linf, sample_groups
-from .guides import Guide, ProbeGuide, to_rgb
+from .guidance import GuidanceSettings, criteria, guided_perturbation, project_linf
+from .guides import Guide, to_rgb
 from .seeding import derive, generator, per_image_rand
 
 BACKENDS = {
@@ -210,7 +211,7 @@ def _step_kwargs(scheduler, gens: list[torch.Generator] | None) -> dict[str, Any
     return kw
 
 
-class GifUnCLIP(Expander):
+class GifUnCLIP(GifExpander):
     name = "gif_unclip"
     speed_only_params = ("batch_size", "num_workers", "guidance_chunk", "local_files_only")
 
@@ -285,25 +286,10 @@ class GifUnCLIP(Expander):
         if guide is not None:
             self.guide = guide
 
-    def fit(self, train: Any, artifact_dir: Path) -> None:
-        """The probe guide (``guide.kind: probe``), trained on the seeds and cached in ``artifact_dir``."""
-        if self.guide_spec.get("kind") != "probe":
-            return
-        images = train.to_tensor() if hasattr(train, "to_tensor") else torch.stack([train[i][0] for i in range(len(train))])
-        labels = torch.as_tensor(train.labels)
-        path = artifact_dir / "probe_guide.safetensors"
-        opts = {k: self.guide_spec[k] for k in ("width", "input_size") if k in self.guide_spec}
-        if path.is_file():
-            self.guide = ProbeGuide.load(path, len(self.context.class_names), **opts)
-        else:
-            self.guide = ProbeGuide.train_on(images, labels, len(self.context.class_names),
-                                             epochs=int(self.guide_spec.get("epochs", 30)), **opts)
-            self.guide.save(path)
-
     def fit_signature(self) -> dict[str, Any]:
         return {"kind": "unclip", "backend": self.params["backend"], "model_id": self.params["model_id"],
                 "revision": self.params["revision"],
-                "probe": self.guide_spec if self.guide_spec.get("kind") == "probe" else None}
+                "probe": self.probe_fit_signature()}
 
     def _models(self) -> list[torch.nn.Module]:
         names = (["image_encoder", "text_encoder", "text_proj", "decoder", "super_res_first", "super_res_last"]
@@ -481,8 +467,6 @@ class GifUnCLIP(Expander):
         fields["guide_confidence"] = final.probs.max(-1).values.tolist()
         return ExpansionOutput(self._finish(out, b, k), fields)
 
-    def _groups(self, b: int, k: int, device) -> torch.Tensor:
-        return sample_groups(b, k, self.params["group_size"]).to(device)
 
     def _guide(self, images: torch.Tensor, z0: torch.Tensor, seeds: torch.Tensor):
         """Step 2 of the module doc, in chunks of ``guidance_chunk`` seeds (memory)."""
@@ -514,12 +498,3 @@ class GifUnCLIP(Expander):
         return torch.cat(latents), {"radius_abs": radius.reshape(-1).tolist(),
                                     "score_before": torch.cat(before).tolist(), "_seed_probs": seed_probs}
 
-    def _finish(self, images01: torch.Tensor, b: int, k: int) -> torch.Tensor:
-        size = self.params["output_size"]
-        if size and images01.shape[-1] != size:
-            images01 = F.interpolate(images01, size=(size, size), mode="bilinear", antialias=True,
-                                     align_corners=False)
-        if self.context.channels == 1:
-            images01 = (images01 * torch.tensor([0.299, 0.587, 0.114], device=images01.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
-        out = to_uint8(images01)
-        return out.reshape(b, k, *out.shape[1:]).cpu()

@@ -1,0 +1,65 @@
+"""What every GIF prior (SD, MAE, unCLIP) shares beyond the guidance core: the
+probe guide's fit stage, the seed groups that are scored together, and turning
+decoded images into the stored uint8 batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .base import Expander, to_uint8
+from .guidance import sample_groups
+from .guides import ProbeGuide
+
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's RGB -> L
+
+
+def train_tensors(train: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images ``[N, C, H, W]`` and labels of a training split."""
+    images = train.to_tensor() if hasattr(train, "to_tensor") else torch.stack([train[i][0] for i in range(len(train))])
+    return images, torch.as_tensor(train.labels)
+
+
+class GifExpander(Expander):
+    """Base of the GIF variants. Subclasses set ``guide_spec`` (the guide config) and
+    ``params["output_size"]``/``params["group_size"]``."""
+
+    guide_spec: dict[str, Any]
+
+    def fit(self, train: Any, artifact_dir: Path) -> None:
+        images, labels = train_tensors(train)
+        self.fit_probe_guide(images, labels, artifact_dir)
+
+    def fit_probe_guide(self, images: torch.Tensor, labels: torch.Tensor, artifact_dir: Path) -> None:
+        """``guide.kind: probe``: a CNN trained on the seeds is the guide, cached in ``artifact_dir``."""
+        if not getattr(self, "guided", True) or self.guide_spec.get("kind") != "probe":
+            return
+        path = artifact_dir / "probe_guide.safetensors"
+        opts = {k: self.guide_spec[k] for k in ("width", "input_size") if k in self.guide_spec}
+        if path.is_file():
+            self.guide = ProbeGuide.load(path, len(self.context.class_names), **opts)
+        else:
+            self.guide = ProbeGuide.train_on(images, labels, len(self.context.class_names),
+                                             epochs=int(self.guide_spec.get("epochs", 30)), **opts)
+            self.guide.save(path)
+
+    def probe_fit_signature(self) -> dict[str, Any] | None:
+        return self.guide_spec if self.guide_spec and self.guide_spec.get("kind") == "probe" else None
+
+    def _groups(self, b: int, k: int, device) -> torch.Tensor:
+        return sample_groups(b, k, self.params["group_size"]).to(device)
+
+    def _finish(self, images01: torch.Tensor, b: int, k: int) -> torch.Tensor:
+        """Decoded images in [0, 1] ``[B*k, 3, H, W]`` -> stored uint8 ``[B, k, C, S, S]`` at
+        ``output_size`` with the dataset's channel count."""
+        size = self.params["output_size"]
+        if size and images01.shape[-1] != size:
+            images01 = F.interpolate(images01, size=(size, size), mode="bilinear", antialias=True,
+                                     align_corners=False)
+        if self.context.channels == 1:
+            images01 = (images01 * torch.tensor(LUMA, device=images01.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        out = to_uint8(images01)
+        return out.reshape(b, k, *out.shape[1:]).cpu()
