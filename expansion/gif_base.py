@@ -4,17 +4,35 @@ decoded images into the stored uint8 batch."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .base import Expander, to_uint8
+from .base import Expander, ExpansionError, to_uint8
 from .guidance import sample_groups
 from .guides import ProbeGuide
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's RGB -> L
+
+
+def pretrained_source(what: str, model_id: str, revision: str | None, local_files_only: bool | None,
+                      missing_folder_hint: str) -> tuple[str, dict[str, Any]]:
+    """Where ``from_pretrained`` should read a model: ``(source, kwargs)``. A path-like id must
+    be an existing folder (else an error with ``missing_folder_hint``); HF_HUB_OFFLINE is read
+    at call time (huggingface_hub reads it only at import), so offline runs fail at once."""
+    path = Path(model_id).expanduser()
+    looks_local = model_id.startswith(("/", ".", "~")) or path.exists()
+    if looks_local and not path.is_dir():
+        raise ExpansionError(f"{what} folder {path} does not exist; {missing_folder_hint}")
+    kwargs: dict[str, Any] = {"revision": revision} if revision and not looks_local else {}
+    if local_files_only is None and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        local_files_only = True
+    if local_files_only is not None:
+        kwargs["local_files_only"] = local_files_only
+    return (str(path) if looks_local else model_id), kwargs
 
 
 def train_tensors(train: Any) -> tuple[torch.Tensor, torch.Tensor]:

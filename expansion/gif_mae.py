@@ -56,20 +56,17 @@ criteria stay in float32.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .gif_base import GifExpander
+from .gif_base import GifExpander, pretrained_source
 from .base import ExpansionContext, ExpansionError, ExpansionOutput
 from .gif_sd import build_guide
-from .guidance import GuidanceSettings, criteria, guided_perturbation, project_linf
+from .guidance import GuidanceSettings, criteria, guided_perturbation
 from .guides import Guide, to_rgb
 from .seeding import derive, per_image_rand
 
@@ -87,18 +84,10 @@ def load_mae(model_id: str, revision: str | None = None, local_files_only: bool 
     (``save_pretrained`` layout). A missing model is an error that says how to get it."""
     from transformers import ViTMAEForPreTraining
 
-    looks_local = model_id.startswith(("/", ".", "~")) or Path(model_id).expanduser().exists()
-    path = Path(model_id).expanduser()
-    if looks_local and not path.is_dir():
-        raise ExpansionError(f"MAE folder {path} does not exist; set method.model_id to a transformers "
-                             "ViTMAEForPreTraining folder (config.json + model.safetensors) or a hub id such as "
-                             "facebook/vit-mae-large")
-    source = str(path) if looks_local else model_id
-    kwargs: dict[str, Any] = {"revision": revision} if revision and not looks_local else {}
-    if local_files_only is None and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        local_files_only = True  # read at call time (huggingface_hub reads it only at import)
-    if local_files_only is not None:
-        kwargs["local_files_only"] = local_files_only
+    source, kwargs = pretrained_source("MAE", model_id, revision, local_files_only, (
+        "set method.model_id to a transformers "
+        "ViTMAEForPreTraining folder (config.json + model.safetensors) or a hub id such as "
+        "facebook/vit-mae-large"))
     try:
         model = ViTMAEForPreTraining.from_pretrained(source, **kwargs)
     except (OSError, ValueError, EnvironmentError) as exc:
@@ -150,10 +139,7 @@ class GifMAE(GifExpander):
         if dtype != "auto" and dtype not in DTYPES:
             raise ExpansionError(f"{self.name}: dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
         self.guide_spec = guide
-        # the projection radius is applied per image (radius * std(z0)) in _guide; guided_perturbation's
-        # own projection is made a no-op with an infinite radius
         self.settings = GuidanceSettings(radius=float(radius), **guidance)
-        self._unprojected = dataclasses.replace(self.settings, radius=math.inf)
         self.needs_grad = True
         self.needs_fit = guide.get("kind") == "probe"
         self.mae = None
@@ -321,8 +307,8 @@ class GifMAE(GifExpander):
                 out = self.guide(self.decode(z, ids_restore[rows], st))
                 return criteria(seed_probs[rows], out.probs, out.embeddings, g, self.settings)
 
-            res = guided_perturbation(z0[rows], e[rows], bias[rows], score_fn, self._unprojected)
-            latents.append(project_linf(res.latents, z0[rows], radius[rows]))
+            res = guided_perturbation(z0[rows], e[rows], bias[rows], score_fn, self.settings, radius=radius[rows])
+            latents.append(res.latents)
             before.append(res.score_before)
         return torch.cat(latents), {"radius_abs": radius.reshape(-1).tolist(),
                                     "score_before": torch.cat(before).tolist(), "_seed_probs": seed_probs}

@@ -24,7 +24,6 @@ scores each seed's k samples together and runs the UNet in half precision on GPU
 from __future__ import annotations
 
 import math
-import os
 import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .gif_base import GifExpander, train_tensors
+from .gif_base import GifExpander, pretrained_source, train_tensors
 from .base import ExpansionContext, ExpansionError, ExpansionOutput
 from .guidance import GuidanceSettings, criteria, guided_perturbation
 from .guides import ClipGuide, Guide, to_rgb
@@ -52,17 +51,9 @@ def load_sd_components(model_id: str, revision: str | None = None,
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    looks_local = model_id.startswith(("/", ".", "~")) or Path(model_id).expanduser().exists()
-    path = Path(model_id).expanduser()
-    if looks_local and not path.is_dir():
-        raise ExpansionError(f"Stable Diffusion folder {path} does not exist; set method.model_id to a diffusers "
-                             "folder (vae/, unet/, text_encoder/, tokenizer/, scheduler/) or a hub id")
-    source = str(path) if looks_local else model_id
-    kwargs: dict[str, Any] = {"revision": revision} if revision and not looks_local else {}
-    if local_files_only is None and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        local_files_only = True  # read at call time (huggingface_hub reads it only at import)
-    if local_files_only is not None:
-        kwargs["local_files_only"] = local_files_only
+    source, kwargs = pretrained_source("Stable Diffusion", model_id, revision, local_files_only, (
+        "set method.model_id to a diffusers "
+        "folder (vae/, unet/, text_encoder/, tokenizer/, scheduler/) or a hub id"))
     try:
         return {
             "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs),

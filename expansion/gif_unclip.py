@@ -64,21 +64,17 @@ the criteria stay in float32.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
-import math
-import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .gif_base import GifExpander
+from .gif_base import GifExpander, pretrained_source
 from .base import ExpansionContext, ExpansionError, ExpansionOutput
 from .gif_sd import build_guide
-from .guidance import GuidanceSettings, criteria, guided_perturbation, project_linf
+from .guidance import GuidanceSettings, criteria, guided_perturbation
 from .guides import Guide, to_rgb
 from .seeding import derive, generator, per_image_rand
 
@@ -178,17 +174,9 @@ def load_unclip(backend: str, model_id: str | None = None, revision: str | None 
     cls = _pipeline_class(backend)
     layout = ("model_index.json + its components" if backend == "stable_unclip" else
               "subfolders " + ", ".join(KARLO_COMPONENTS))
-    looks_local = model_id.startswith(("/", ".", "~")) or Path(model_id).expanduser().exists()
-    path = Path(model_id).expanduser()
-    if looks_local and not path.is_dir():
-        raise ExpansionError(f"unCLIP folder {path} does not exist; set method.model_id to a diffusers "
-                             f"{cls.__name__} folder ({layout}) or a hub id such as {BACKENDS[backend]}")
-    source = str(path) if looks_local else model_id
-    kwargs: dict[str, Any] = {"revision": revision} if revision and not looks_local else {}
-    if local_files_only is None and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        local_files_only = True  # read at call time (huggingface_hub reads it only at import)
-    if local_files_only is not None:
-        kwargs["local_files_only"] = local_files_only
+    source, kwargs = pretrained_source("unCLIP", model_id, revision, local_files_only, (
+        "set method.model_id to a diffusers "
+        f"{cls.__name__} folder ({layout}) or a hub id such as {BACKENDS[backend]}"))
     try:
         pipe = _load_karlo(source, kwargs) if backend == "karlo" else cls.from_pretrained(source, **kwargs)
     except (OSError, ValueError, EnvironmentError) as exc:
@@ -247,9 +235,7 @@ class GifUnCLIP(GifExpander):
             guidance_chunk=guidance_chunk, local_files_only=local_files_only, batch_size=batch_size,
             num_workers=num_workers)
         self.guide_spec = guide
-        # radius is applied per image (radius * std(z0)) in _guide; guided_perturbation's own projection is a no-op
         self.settings = GuidanceSettings(radius=float(radius), **guidance)
-        self._unprojected = dataclasses.replace(self.settings, radius=math.inf)
         self.needs_grad = True
         self.needs_fit = guide.get("kind") == "probe"
         self.pipe = None
@@ -492,8 +478,8 @@ class GifUnCLIP(GifExpander):
                 out = self.guide(self.decode(z, flat[rows], full=full))
                 return criteria(seed_probs[rows], out.probs, out.embeddings, g, self.settings)
 
-            res = guided_perturbation(z0[rows], e[rows], bias[rows], score_fn, self._unprojected)
-            latents.append(project_linf(res.latents, z0[rows], radius[rows]))
+            res = guided_perturbation(z0[rows], e[rows], bias[rows], score_fn, self.settings, radius=radius[rows])
+            latents.append(res.latents)
             before.append(res.score_before)
         return torch.cat(latents), {"radius_abs": radius.reshape(-1).tolist(),
                                     "score_before": torch.cat(before).tolist(), "_seed_probs": seed_probs}

@@ -148,13 +148,16 @@ def guided_perturbation(
     b: torch.Tensor,
     score_fn: Callable[[torch.Tensor], CriteriaTerms],
     settings: GuidanceSettings,
+    radius: torch.Tensor | None = None,
 ) -> GuidedResult:
     """Signed-gradient ascent on ``(e, b)`` then projection (steps 1-4 of the module doc).
 
     z0 ``[N, C, ...]``, e and b shaped like ``[N, *channel_shape(z0)]``; ``score_fn(z)``
     decodes ``z`` and returns the criteria of its samples. Each group's perturbations
     only receive the gradient of that group's own score, so the result does not depend
-    on the other seeds in the batch.
+    on the other seeds in the batch. ``radius`` (a tensor broadcasting against ``z0``,
+    e.g. one value per sample) replaces ``settings.radius`` for priors whose scale varies
+    per image.
     """
     z0 = z0.detach()
     e, b = e.detach().clone(), b.detach().clone()
@@ -175,5 +178,6 @@ def guided_perturbation(
     if score_before is None:  # n_steps = 0: random perturbation, no guidance (the unguided ablation)
         with torch.no_grad():
             score_before = score_fn(perturb(z0, e, b)).score.reshape(-1)
-    latents = project_linf(perturb(z0, e.detach(), b.detach()), z0, settings.radius)
+    latents = project_linf(perturb(z0, e.detach(), b.detach()), z0,
+                           settings.radius if radius is None else radius.to(z0))
     return GuidedResult(latents, score_before.detach(), e.detach(), b.detach())

@@ -160,3 +160,15 @@ def test_non_finite_gradient_is_an_error():
 
     with pytest.raises(ExpansionError, match="not finite"):
         guided_perturbation(torch.randn(2, 4, 2, 2), torch.rand(2, 4, 1, 1), torch.randn(2, 4, 1, 1), bad, settings)
+
+
+def test_per_sample_radius_tensor_replaces_the_scalar():
+    decoder, guide = _tiny_prior_and_guide()
+    z0 = torch.randn(2, 4, 8, 8)
+    settings = GuidanceSettings(radius=10.0, n_steps=1)
+    e, b = torch.rand(2, 4, 1, 1), torch.randn(2, 4, 1, 1)
+    fn = _score_fn(decoder, guide, torch.full((2, 5), 0.2), torch.tensor([0, 0]), settings)
+    radius = torch.tensor([0.05, 0.3]).view(2, 1, 1, 1)
+    res = guided_perturbation(z0, e, b, fn, settings, radius=radius)
+    dist = (res.latents - z0).flatten(1).abs().max(dim=1).values
+    assert dist[0] <= 0.05 + 1e-6 and dist[1] <= 0.3 + 1e-6 and dist[1] > 0.05
