@@ -27,7 +27,6 @@ seconds; its figures say nothing about real speed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -41,7 +40,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.gif_sd_throughput import DATASETS, _sync, build_real_guide, load_seeds, machine, n_params  # noqa: E402
+from benchmarks.gif_sd_throughput import DATASETS, _sync, write_report, build_real_guide, load_seeds, machine, n_params  # noqa: E402
 from expansion.base import ExpansionContext  # noqa: E402
 from expansion.gif_mae import GifMAE  # noqa: E402
 from expansion.guides import ClipGuide  # noqa: E402
@@ -192,15 +191,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     speedup = results[1]["images_per_s"] / results[0]["images_per_s"]
     print(f"  gif_mae: batched / per-seed = {speedup:.2f}x")
 
-    report = {"machine": machine(device), "device": str(device), "torch": torch.__version__, "tiny": args.tiny,
-              "parameters": params, "build_seconds": build_s,
-              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"},
-              "results": results, "speedup": speedup}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-        print(f"  written to {args.json}")
-    return report
+    return write_report(args, device, params, build_s, results, speedup)
 
 
 if __name__ == "__main__":

@@ -305,6 +305,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def write_report(args, device, params, build_s: float, results: list, speedup) -> dict:
+    """The figures of one benchmark run as a dict, also written to ``--json`` when given."""
+    report = {"machine": machine(device), "device": str(device), "torch": torch.__version__, "tiny": args.tiny,
+              "parameters": params, "build_seconds": build_s,
+              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"},
+              "results": results, "speedup": speedup}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"  written to {args.json}")
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.repeats < 1 or args.seeds_per_pass < 1 or args.ratio < 1:
@@ -353,15 +366,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         speedups[method] = rows["batched"]["images_per_s"] / rows["official"]["images_per_s"]
         print(f"  {method}: batched / official = {speedups[method]:.2f}x")
 
-    report = {"machine": machine(device), "device": str(device), "torch": torch.__version__, "tiny": args.tiny,
-              "parameters": params, "build_seconds": build_s,
-              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"},
-              "results": results, "speedup": speedups}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-        print(f"  written to {args.json}")
-    return report
+    return write_report(args, device, params, build_s, results, speedups)
 
 
 if __name__ == "__main__":

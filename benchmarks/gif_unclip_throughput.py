@@ -26,7 +26,6 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -40,7 +39,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.gif_sd_throughput import (DATASETS, SD_V1_SCHEDULER, SD_V1_VAE, _sync, build_real_guide,  # noqa: E402
+from benchmarks.gif_sd_throughput import (DATASETS, write_report, SD_V1_SCHEDULER, SD_V1_VAE, _sync, build_real_guide,  # noqa: E402
                                           clip_bpe_tokenizer, load_seeds, machine, n_params)
 from expansion.base import ExpansionContext  # noqa: E402
 from expansion.gif_unclip import GifUnCLIP  # noqa: E402
@@ -210,15 +209,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(_line(results[-1]), flush=True)
     speedup = results[1]["images_per_s"] / results[0]["images_per_s"]
     print(f"  gif_unclip: batched / per-seed = {speedup:.2f}x")
-    report = {"machine": machine(device), "device": str(device), "torch": torch.__version__, "tiny": args.tiny,
-              "parameters": params, "build_seconds": build_s,
-              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"},
-              "results": results, "speedup": speedup}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-        print(f"  written to {args.json}")
-    return report
+    return write_report(args, device, params, build_s, results, speedup)
 
 
 if __name__ == "__main__":
