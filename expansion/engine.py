@@ -71,7 +71,6 @@ class StoreWriter(BasePredictionWriter):
     def __init__(self, store: ExpansionStore):
         super().__init__(write_interval="batch")
         self.store = store
-        self.images_written = 0
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         output: ExpansionOutput = prediction["output"]
@@ -89,7 +88,6 @@ class StoreWriter(BasePredictionWriter):
                     **fields[i * k + j],
                 })
         self.store.write_batch(images.reshape(b * k, *images.shape[2:]), rows)
-        self.images_written += b * k
 
 
 def _round_float(value: Any) -> Any:
