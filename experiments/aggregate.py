@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import math
+import re
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
@@ -80,7 +81,18 @@ def _column_key(table_spec: dict[str, Any] | None, runs: list[dict[str, Any]]) -
 
 def _row_label(run: dict[str, Any], with_ratio: bool) -> str:
     method = run.get("paper_method") or run["method"]
-    return f"{method}@{run['ratio']}" if with_ratio and run["method"] != "original" else method
+    label = f"{method}@{run['ratio']}" if with_ratio and run["method"] != "original" else method
+    if run.get("train_data", "original+generated") != "original+generated":
+        label += f" ({run['train_data']})"
+    return label
+
+
+def _column_label(run: dict[str, Any], column_key: str, with_shots: bool) -> str:
+    """The column value; with several few-shot sizes of one dataset in a table, ``mnist 10/class``."""
+    value = str(run[column_key])
+    if with_shots and run.get("train_per_class") is not None:
+        value += f" {run['train_per_class']}/class"
+    return value
 
 
 def build_cells(runs: Iterable[dict[str, Any]], paper: dict[str, Any]) -> list[Cell]:
@@ -95,9 +107,13 @@ def build_cells(runs: Iterable[dict[str, Any]], paper: dict[str, Any]) -> list[C
         for run in table_runs:
             ratios_per_method[run["method"]].add(run["ratio"])
         with_ratio = bool(spec and spec.get("row_includes_ratio")) or any(len(r) > 1 for r in ratios_per_method.values())
+        shots_per_dataset: dict[str, set] = defaultdict(set)
+        for run in table_runs:
+            shots_per_dataset[run["dataset"]].add(run.get("train_per_class"))
+        with_shots = any(len(s) > 1 for s in shots_per_dataset.values())
         grouped: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
         for run in table_runs:
-            grouped[(_row_label(run, with_ratio), str(run[column_key]))].append(run)
+            grouped[(_row_label(run, with_ratio), _column_label(run, column_key, with_shots))].append(run)
         for (row, column), group in sorted(grouped.items()):
             first = group[0]
             paper_value = None
@@ -121,6 +137,11 @@ def _fmt(mean: float, std: float, n: int) -> str:
     return f"{mean:.1f} ± {std:.1f}" if n > 1 else f"{mean:.1f}"
 
 
+def natural_key(text: str) -> list:
+    """Sort key that orders embedded numbers by value (``mnist 10/class`` before ``mnist 100/class``)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
 def _order(rows: Iterable[str], paper_rows: list[str]) -> list[str]:
     rows = set(rows)
     known = [r for r in ["original", *paper_rows] if r in rows]
@@ -135,7 +156,7 @@ def render_markdown(cells: list[Cell], paper: dict[str, Any]) -> str:
         out.write(f"## {spec.get('title', table)}\n\n")
         paper_rows = list(spec.get("values", {}).keys())
         rows = _order({c.row for c in tcells}, paper_rows)
-        columns = sorted({c.column for c in tcells})
+        columns = sorted({c.column for c in tcells}, key=natural_key)
         for metric, label in (("test_acc_final", "final-epoch test accuracy"),
                               ("test_acc_best_val", "test accuracy at the best validation epoch")):
             out.write(f"**{label}** (ours mean ± std over seeds [n]; paper; ours − paper)\n\n")

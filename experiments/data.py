@@ -43,7 +43,8 @@ def load_expanded_images(expanded: ExpandedSet, channels: int, image_size: int |
 
 
 class ExpansionDataModule(L.LightningDataModule):
-    """train = original train (+ expanded images), val and test untouched.
+    """train = original train (unless ``include_original`` is false: the generated-only
+    protocol) + the split's extra real images (if any) + expanded images; val and test untouched.
 
     All images are decoded once into uint8 tensors at the recipe's base size
     (val/test also centre-cropped); batches of uint8 travel to the device and
@@ -51,20 +52,28 @@ class ExpansionDataModule(L.LightningDataModule):
 
     def __init__(self, data: DatasetSplits, expanded_images: torch.Tensor | None, expanded_labels: np.ndarray | None,
                  *, recipe: str, input_size: int, batch_size: int, eval_batch_size: int = 512,
-                 num_workers: int = 0):
+                 num_workers: int = 0, include_original: bool = True):
         super().__init__()
         check_recipe(recipe)
+        if not include_original and expanded_images is None:
+            raise DatasetError("training on generated images only (train.include_original=false) needs an "
+                               "expansion method; method=original has no generated images")
         self.data = data
         self.recipe, self.input_size = recipe, int(input_size)
         size = base_size(recipe, self.input_size)
         # downsample once (antialiased) when stored larger than the recipe needs; upsampling is left
         # to the batched ops on the device, so e.g. 28 px MedMNIST at 224 px costs 28 px of memory
-        train_images = shrink_to(data.train.to_tensor(), size)
-        train_labels = torch.as_tensor(data.train.labels, dtype=torch.long)
+        real = [data.train] if include_original else []
+        if data.extra_train is not None:
+            real.append(data.extra_train)
+        parts = [shrink_to(split.to_tensor(), size) for split in real]
+        labels = [torch.as_tensor(split.labels, dtype=torch.long) for split in real]
         if expanded_images is not None:
-            train_images = torch.cat([train_images, resize_to(expanded_images, train_images.shape[-1])])
-            train_labels = torch.cat([train_labels, torch.as_tensor(np.asarray(expanded_labels), dtype=torch.long)])
-        self.train_set = TensorImages(train_images, train_labels)
+            # expanded images take the side of the original images as stored here
+            side = shrink_to(data.train.to_tensor()[:1], size).shape[-1]
+            parts.append(resize_to(expanded_images, side))
+            labels.append(torch.as_tensor(np.asarray(expanded_labels), dtype=torch.long))
+        self.train_set = TensorImages(torch.cat(parts), torch.cat(labels))
         self.val_set = TensorImages(shrink_to(data.val.to_tensor(), size), data.val.labels)
         self.test_set = TensorImages(shrink_to(data.test.to_tensor(), size), data.test.labels)
         self.batch_size = batch_size

@@ -83,9 +83,9 @@ def run_expansion(cfg: DictConfig, data: DatasetSplits, expander: Expander) -> E
 
 
 def train_and_evaluate(cfg: DictConfig, data: DatasetSplits, expanded_images, expanded_labels, run_dir: Path,
-                       logger: Any) -> dict[str, Any]:
-    """Train on original (+ expanded) images; report final-epoch test accuracy and test
-    accuracy at the best validation epoch (never selecting on test)."""
+                       logger: Any, include_original: bool = True) -> dict[str, Any]:
+    """Train on original (+ expanded) images, or on the expanded images alone; report final-epoch
+    test accuracy and test accuracy at the best validation epoch (never selecting on test)."""
     input_size = int(cfg.classifier.get("input_size") or data.image_size or 0)
     if input_size <= 0:
         raise ValueError("set classifier.input_size or dataset.image_size")
@@ -94,6 +94,7 @@ def train_and_evaluate(cfg: DictConfig, data: DatasetSplits, expanded_images, ex
         recipe=cfg.dataset.recipe.augment, input_size=input_size,
         batch_size=int(cfg.train.batch_size), eval_batch_size=int(cfg.train.eval_batch_size),
         num_workers=int(cfg.train.num_workers),
+        include_original=include_original,
     )
     model = ImageClassifier(
         cfg.classifier.arch, data.num_classes, data.channels, input_size,
@@ -142,6 +143,10 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     total_start = time.perf_counter()
     expander = build_expander(cfg.method)  # validates the method (ratio, options) before any data work
+    include_original = bool(cfg.train.get("include_original", True))
+    if expander is None and not include_original:
+        raise ValueError("train.include_original=false trains on generated images only, but method=original "
+                         "generates none; pick an expansion method")
     # decode every split once, before any expansion or training: data that fits in memory stays
     # there, and an unreadable file fails now, with nothing generated
     data = build_dataset(cfg.dataset).in_memory()
@@ -154,6 +159,9 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict[str, Any]:
         "paper_method": cfg.method.get("paper_name"),
         "classifier": cfg.classifier.name,
         "ratio": expander.ratio if expander else 0,
+        "train_data": "original+generated" if include_original else "generated only",
+        "train_per_class": cfg.dataset.get("train_per_class"),
+        "extra_real_per_class": cfg.dataset.get("extra_real_per_class"),
         "seed": int(cfg.seed),
         "expansion_seed": int(cfg.expansion_seed),
         "num_classes": data.num_classes,
@@ -182,7 +190,7 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict[str, Any]:
                      metrics["quality"]["near_duplicates"], metrics["quality"]["seconds"])
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     metrics.update(train_and_evaluate(cfg, data, expanded_images, expanded_labels, run_dir / "train",
-                                      make_logger(cfg, run_dir)))
+                                      make_logger(cfg, run_dir), include_original))
     if expander is not None and _compare_original(cfg):
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
         metrics["original"] = train_and_evaluate(cfg, data, None, None, run_dir / "train_original", False)
@@ -194,7 +202,8 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict[str, Any]:
 
 
 def summary_line(m: dict[str, Any]) -> str:
-    line = (f"[{m['dataset']} | {m['method']} x{m['ratio']} | {m['classifier']} | seed {m['seed']}] "
+    data = "" if m.get("train_data", "original+generated") == "original+generated" else f" ({m['train_data']})"
+    line = (f"[{m['dataset']} | {m['method']} x{m['ratio']}{data} | {m['classifier']} | seed {m['seed']}] "
             f"test acc: final {m['test_acc_final']:.2f}%, at best val epoch {m['test_acc_best_val']:.2f}%")
     if "original" in m:
         o = m["original"]

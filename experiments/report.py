@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from .aggregate import (Cell, aggregate, build_cells, find_runs, has_quality, load_paper_numbers,
+from .aggregate import (Cell, aggregate, build_cells, find_runs, has_quality, load_paper_numbers, natural_key,
                         render_quality_markdown)
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def _wrap(text: str, width: int = 70) -> str:
 def figure_table(cells: list[Cell], spec: dict[str, Any], path: Path, table: str) -> Path:
     """Grouped bars: x = columns, one bar per method (ours mean ± std), the paper's number as a marker."""
     plt = _plt()
-    columns = sorted({c.column for c in cells})
+    columns = sorted({c.column for c in cells}, key=natural_key)
     rows = _order_rows({c.row for c in cells}, list(spec.get("values", {}).keys()))
     index = {(c.row, c.column): c for c in cells}
     width = 0.8 / max(1, len(rows))
@@ -191,7 +191,7 @@ def has_ratio_sweep(cells: list[Cell]) -> bool:
 def figure_ratio(cells: list[Cell], spec: dict[str, Any], path: Path, table: str) -> Path:
     """Accuracy vs expansion ratio, one panel per column, one line per method."""
     plt = _plt()
-    columns = sorted({c.column for c in cells})
+    columns = sorted({c.column for c in cells}, key=natural_key)
     methods = sorted({c.method for c in cells if c.method != "original"})
     colors = plt.get_cmap("tab10")
     fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.8), squeeze=False)

@@ -46,6 +46,18 @@ def test_ratio_rows_and_classifier_columns(tmp_path):
     assert "| method | mobilenet_v2 | avg |" in md and "20.0 [1]; 26.2; -6.2" in md
 
 
+def test_generated_only_rows_and_few_shot_columns(tmp_path):
+    runs = [("expansive_synthesis", "generated only", 10, 80.0), ("expansive_synthesis", "original+generated", 10, 85.0),
+            ("original", "original+generated", 10, 82.0), ("original", "original+generated", 100, 95.0)]
+    for i, (method, data, shots, acc) in enumerate(runs):
+        _write(tmp_path, i, table="expansive_synthesis", dataset="mnist", method=method, train_data=data,
+               train_per_class=shots, test_acc_final=acc)
+    md = aggregate(tmp_path)[1].read_text()
+    assert "| method | mnist 10/class | mnist 100/class | avg |" in md
+    assert "| expansive_synthesis (generated only) | 80.0 [1] | – | – |" in md
+    assert "| expansive_synthesis | 85.0 [1] | – | – |" in md and "| original | 82.0 [1] | 95.0 [1] | 88.5 |" in md
+
+
 def test_paper_numbers_match_benchmarks_spec():
     paper = load_paper_numbers()
     assert paper["natural"]["values"]["gif_sd"]["cars"] == 75.7

@@ -159,3 +159,31 @@ def test_imagefolder_test_class_not_in_train(tmp_path):
 def test_unknown_loader():
     with pytest.raises(DatasetError, match="unknown dataset loader 'nope'"):
         build_dataset(_cfg(name="nope"))
+
+
+def test_extra_real_and_unused_pool_are_disjoint_from_train_val_test(shared_data):
+    cfg = compose(["dataset=breastmnist", "dataset.train_per_class=20", "dataset.extra_real_per_class=30"]).dataset
+    data = build_dataset(cfg)
+    assert np.bincount(data.train.labels).tolist() == [20, 20]
+    assert np.bincount(data.extra_train.labels).tolist() == [30, 30]
+    assert len(data.unused_train) == 546 - 100 and data.sizes()["extra_real"] == 60
+    # the three parts of the official train split are disjoint and cover it
+    def root_indices(split):  # subsets of subsets index their own base
+        idx = split.indices
+        while hasattr(split.base, "indices"):
+            split = split.base
+            idx = split.indices[idx]
+        return set(idx.tolist())
+
+    parts = [root_indices(s) for s in (data.train, data.extra_train, data.unused_train)]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    assert len(parts[0] | parts[1] | parts[2]) == 546
+    # the expansion's identity (its store key) does not depend on the extra real images
+    base = build_dataset(OmegaConf.merge(cfg, {"extra_real_per_class": None}))
+    assert base.identity == data.identity and base.extra_train is None
+    assert np.array_equal(base.train.labels, data.train.labels)
+    with pytest.raises(DatasetError, match="extra_real_per_class=500 but class 0"):
+        build_dataset(OmegaConf.merge(cfg, {"extra_real_per_class": 500}))
+    with pytest.raises(DatasetError, match="needs a few-shot train_per_class"):
+        build_dataset(OmegaConf.merge(cfg, {"train_per_class": None}))
+    assert build_dataset(OmegaConf.merge(cfg, {"train_per_class": None, "extra_real_per_class": None})).unused_train is None

@@ -44,6 +44,20 @@ def test_pipeline_end_to_end_original_vs_expanded(tmp_path, capsys):
     assert again["expansion"]["key"] == metrics["expansion"]["key"]
 
 
+def test_generated_only_and_extra_real_training_sets(tmp_path, capsys):
+    cfg = _cfg(["dataset=digits", "dataset.train_per_class=10", "method=cutout", "method.ratio=2", "train.epochs=1",
+                "train.include_original=false", "train.compare_original=false"])
+    metrics = run(cfg, tmp_path / "gen")
+    assert metrics["train_data"] == "generated only" and metrics["num_train_images"] == 2 * 100
+    assert "(generated only)" in capsys.readouterr().out
+    extra = run(_cfg(["dataset=digits", "dataset.train_per_class=10", "dataset.extra_real_per_class=5",
+                      "method=original", "train.epochs=1"]), tmp_path / "extra")
+    assert extra["num_train_images"] == 150 and extra["sizes"]["extra_real"] == 50
+    with pytest.raises(ValueError, match="method=original generates none"):
+        run(_cfg(["dataset=digits", "method=original", "train.include_original=false"]), tmp_path / "bad")
+    assert not (tmp_path / "bad" / "metrics.json").exists()
+
+
 def test_original_expands_nothing(tmp_path):
     metrics = run(_cfg(["dataset=digits", "method=original", "train.epochs=1"]), tmp_path)
     assert metrics["ratio"] == 0 and "expansion" not in metrics and "original" not in metrics

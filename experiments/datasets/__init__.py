@@ -76,7 +76,11 @@ def build_dataset(cfg: Mapping[str, Any]) -> DatasetSplits:
 
     Order (so that val never depends on the few-shot size): official splits ->
     carve val from train when there is none (``val_fraction``, seeded by
-    ``split_seed``) -> few-shot ``train_per_class`` from what remains.
+    ``split_seed``) -> few-shot ``train_per_class`` from what remains ->
+    ``extra_real_per_class`` more real images per class from the rest (seen by the
+    classifier only, never by an expansion: the exchange-rate experiment's n_real_plus).
+    Whatever training images are still left are ``unused_train`` (e.g. an autoencoder's
+    pretraining pool); val and test are never part of it.
     """
     _ensure_registered()
     loader_name = cfg.get("loader", cfg["name"])
@@ -96,9 +100,20 @@ def build_dataset(cfg: Mapping[str, Any]) -> DatasetSplits:
         keep, held = stratified_holdout(train.labels, float(cfg.get("val_fraction", 0.1)), split_seed)
         train, val, carved = train.subset(keep), train.subset(held), True
     n_per_class = cfg.get("train_per_class")
+    pool = None  # training images the few-shot choice left out
     if n_per_class is not None:
-        chosen, _ = per_class_choice(train.labels, int(n_per_class), split_seed + 1, class_names)
-        train = train.subset(chosen)
+        chosen, rest = per_class_choice(train.labels, int(n_per_class), split_seed + 1, class_names)
+        train, pool = train.subset(chosen), train.subset(rest)
+    extra = None
+    n_extra = cfg.get("extra_real_per_class")
+    if n_extra:
+        if pool is None:
+            raise DatasetError(
+                f"dataset {cfg['name']!r}: extra_real_per_class={n_extra} needs a few-shot train_per_class "
+                "(the extra real images come from the training images it leaves out)")
+        extra_idx, rest = per_class_choice(pool.labels, int(n_extra), split_seed + 2, class_names,
+                                           what="extra_real_per_class")
+        extra, pool = pool.subset(extra_idx), pool.subset(rest)
     if len(train) == 0:
         raise DatasetError(f"dataset {cfg['name']!r}: the training split is empty")
     identity = {
@@ -121,6 +136,8 @@ def build_dataset(cfg: Mapping[str, Any]) -> DatasetSplits:
         image_size=cfg.get("image_size"),
         identity=identity,
         val_is_carved=carved,
+        extra_train=extra,
+        unused_train=pool if pool is not None and len(pool) else None,
     )
     splits.check_labels()
     return splits

@@ -246,23 +246,36 @@ class DatasetSplits:
     image_size: int | None
     identity: dict[str, Any] = field(default_factory=dict)
     val_is_carved: bool = False
+    #: real training images the classifier sees besides ``train`` (never expanded)
+    extra_train: ImageSet | None = None
+    #: training images neither in ``train`` nor in ``extra_train`` (left out by the few-shot choice)
+    unused_train: ImageSet | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
     def sizes(self) -> dict[str, int]:
-        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+        sizes = {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+        if self.extra_train is not None:
+            sizes["extra_real"] = len(self.extra_train)
+        return sizes
 
     def in_memory(self) -> "DatasetSplits":
-        """Every split decoded into memory once; identity and fingerprints are unchanged."""
+        """Every split decoded into memory once; identity and fingerprints are unchanged. The
+        unused pool is decoded when it is first used (it can be much larger than the rest)."""
         from dataclasses import replace
 
-        return replace(self, train=self.train.in_memory(), val=self.val.in_memory(), test=self.test.in_memory())
+        extra = self.extra_train.in_memory() if self.extra_train is not None else None
+        return replace(self, train=self.train.in_memory(), val=self.val.in_memory(), test=self.test.in_memory(),
+                       extra_train=extra)
 
     def check_labels(self) -> None:
-        for split_name in ("train", "val", "test"):
-            labels = getattr(self, split_name).labels
+        for split_name in ("train", "val", "test", "extra_train"):
+            split = getattr(self, split_name)
+            if split is None:
+                continue
+            labels = split.labels
             if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
                 raise DatasetError(
                     f"dataset {self.name!r}: {split_name} labels span [{labels.min()}, {labels.max()}] "
