@@ -84,6 +84,8 @@ def _row_label(run: dict[str, Any], with_ratio: bool) -> str:
     label = f"{method}@{run['ratio']}" if with_ratio and run["method"] != "original" else method
     if run.get("train_data", "original+generated") != "original+generated":
         label += f" ({run['train_data']})"
+    if run.get("extra_real_per_class"):  # the exchange-rate sweep's real arm (experiments/equivalence.py)
+        label += f" +{run['extra_real_per_class']} real/class"
     return label
 
 
