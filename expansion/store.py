@@ -216,13 +216,24 @@ class ExpansionStore:
             raise ExpansionError(f"{images.shape[0]} images but {len(rows)} manifest rows")
         if not torch.is_tensor(images) or images.dtype != torch.uint8:
             raise ExpansionError("store images must be uint8 tensors")
-        for image, row in zip(images, rows):
-            row["file"] = image_name(row["parent"], row["copy"])
-            atomic_write_bytes(self.images_dir / row["file"], encode_png(image))
-        text = "".join(canonical_json(r) + "\n" for r in rows)
-        parents = [r["parent"] for r in rows]
-        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-        atomic_write_text(self.chunks_dir / f"{min(parents):07d}-{max(parents):07d}-{digest}.jsonl", text)
+        written: list[Path] = []
+        try:
+            for image, row in zip(images, rows):
+                row["file"] = image_name(row["parent"], row["copy"])
+                atomic_write_bytes(self.images_dir / row["file"], encode_png(image))
+                written.append(self.images_dir / row["file"])
+            text = "".join(canonical_json(r) + "\n" for r in rows)
+            parents = [r["parent"] for r in rows]
+            digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+            atomic_write_text(self.chunks_dir / f"{min(parents):07d}-{max(parents):07d}-{digest}.jsonl", text)
+        except OSError as exc:
+            # e.g. ENOSPC: drop this batch's images (no chunk vouches for them) so nothing half-written stays
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise ExpansionError(
+                f"store {self.root}: writing a batch of {len(rows)} images failed ({exc}); nothing of this batch "
+                "was kept, earlier batches are intact: fix the cause (e.g. free disk space) and rerun to resume"
+            ) from exc
 
     def finalize(self, expected_parents: Iterable[int], ratio: int) -> None:
         """Merge chunks into ``manifest.jsonl`` (sorted) and mark the store complete.
@@ -245,7 +256,13 @@ class ExpansionStore:
         meta = self.read_meta() or {}
         meta.update(status="complete", num_images=len(rows), num_parents=len(expected))
         atomic_write_text(self.meta_path, json.dumps(meta, indent=2, default=str))
-        shutil.rmtree(self.chunks_dir, ignore_errors=True)
+        self.remove_obsolete_chunks()
+
+    def remove_obsolete_chunks(self) -> None:
+        """Delete the per-batch chunks of a complete store (the manifest holds their rows); a run
+        killed while deleting them leaves some, which the next run that reuses the store removes."""
+        if self.is_complete():
+            shutil.rmtree(self.chunks_dir, ignore_errors=True)
 
     def read_rows(self) -> list[dict[str, Any]]:
         if not self.manifest_path.is_file():
@@ -256,6 +273,32 @@ class ExpansionStore:
         if not self.is_complete():
             raise ExpansionError(f"store {self.root} is not complete; run the expansion first")
         return ExpandedSet(self.root, self.read_rows())
+
+    def verify(self) -> list[str]:
+        """Problems of a store that claims to be complete (empty list: sound): every manifest row
+        names one decodable image, no image or temporary file is left over, no chunk remains."""
+        if not self.is_complete():
+            return [f"store {self.root} is not complete"]
+        problems = []
+        rows = self.read_rows()
+        names = [r["file"] for r in rows]
+        if len(set(names)) != len(names):
+            problems.append("manifest names an image twice")
+        for name in names:
+            try:
+                with Image.open(self.images_dir / name) as img:
+                    img.load()
+            except (OSError, ValueError) as exc:
+                problems.append(f"image {name} is missing or unreadable: {exc}")
+        extra = sorted({p.name for p in self.images_dir.iterdir()} - set(names))
+        if extra:
+            problems.append(f"{len(extra)} images not in the manifest (first: {extra[:3]})")
+        leftovers = [str(p.relative_to(self.root)) for p in self.root.rglob(f"*{_TMP_MARK}*")]
+        if leftovers:
+            problems.append(f"temporary files left: {leftovers[:3]}")
+        if self.chunks_dir.exists():
+            problems.append("chunks/ left in a complete store")
+        return problems
 
     def content_hash(self) -> str:
         """sha256 over the manifest and every image's bytes (equal stores hash equal)."""
