@@ -18,21 +18,25 @@ import experiments.config  # noqa: F401  (registers the ${project_root:} resolve
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     from expansion.base import ExpansionError
+    from experiments.checkpoints import CheckpointError
     from experiments.datasets import DatasetError
     from experiments.pipeline import run
+    from experiments.preemption import preemptible
 
     # Lightning attaches its own console handler on import; Hydra's root handler already prints
     # (and files) its records, so drop Lightning's to avoid every line twice
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).handlers.clear()
 
-    try:
-        run(cfg)
-    except (DatasetError, ExpansionError) as exc:
-        # a user-facing failure: one clear line, no stack trace
-        logging.getLogger("run").error("%s", exc)
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    # SIGTERM/SIGUSR1/SIGUSR2 (preemption, time limit): checkpoint, then exit 75 (EXIT_PREEMPTED) for requeue
+    with preemptible():
+        try:
+            run(cfg)
+        except (DatasetError, ExpansionError, CheckpointError) as exc:
+            # a user-facing failure: one clear line, no stack trace
+            logging.getLogger("run").error("%s", exc)
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
 
 
 if __name__ == "__main__":

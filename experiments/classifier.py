@@ -111,6 +111,12 @@ class ImageClassifier(L.LightningModule):
         if not self.trainer.sanity_checking:
             self.val_history.append(float(self.trainer.callback_metrics["val/acc"]))
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["val_history"] = list(self.val_history)  # a resumed run still knows its best epoch
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.val_history = [float(v) for v in checkpoint.get("val_history", [])]
+
     def test_step(self, batch, batch_idx):
         x, y = batch
         self.test_acc(self(x), y)

@@ -1,0 +1,152 @@
+"""Surviving preemption and time limits: stop at a batch boundary, checkpoint, exit for requeue.
+
+A cluster asks a job to stop with a signal: SLURM sends SIGTERM when it preempts a job,
+submitit has SLURM send SIGUSR2 ``signal_delay_s`` seconds before the time limit, and a
+plain ``sbatch --signal=USR1@120`` sends SIGUSR1. :func:`preemptible` catches all three
+(around one job) and only *records* the signal; the job stops at the next safe point:
+
+* training: after the current optimizer step (``StopOnPreemption.on_train_batch_end``), having
+  written ``<run_dir>/train/checkpoints/preempted.ckpt`` (Lightning's own SIGTERM stop during
+  validation ends the same way);
+* expansion: after the current batch is in the store (finished batches are never redone);
+* between the pipeline's steps (:meth:`PreemptionFlag.stop_if_requested`).
+
+The job then exits with :data:`EXIT_PREEMPTED`; first, the handler that was installed
+before ours runs (under submitit that is its own: it requeues the job and exits). Run again
+with the same run dir (a requeued Hydra/submitit job gets the same one), the job reuses the
+finished store and resumes training from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
+
+#: exit status of a job stopped by a preemption signal after checkpointing (sysexits.h EX_TEMPFAIL:
+#: "a temporary failure; the job can be run again"); a wrapper requeues on it
+EXIT_PREEMPTED = 75
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+#: name of the mid-epoch checkpoint written when training stops on a signal
+PREEMPTED_CHECKPOINT = "preempted.ckpt"
+
+
+class Preempted(SystemExit):
+    """Raised at a safe point after a preemption signal; exits with :data:`EXIT_PREEMPTED` if uncaught."""
+
+    def __init__(self, signum: int):
+        super().__init__(EXIT_PREEMPTED)
+        self.signum = signum
+
+    def __str__(self) -> str:
+        return f"stopped by {signal.Signals(self.signum).name}"
+
+
+class PreemptionFlag:
+    """Which preemption signal arrived (if any), and the handlers ours replaced."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def install(self) -> None:
+        self.signum = None
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("job runs outside the main thread: preemption signals cannot be caught here")
+            return
+        for signum in PREEMPTION_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._record)
+
+    def uninstall(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
+        self.signum = None
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        # a signal handler only records: the job stops at the next safe point
+        if self.signum is None:
+            self.signum = signum
+
+    def stop_if_requested(self) -> None:
+        """Called at safe points between steps: raises :class:`Preempted` after a signal."""
+        if self.signum is not None:
+            raise Preempted(self.signum)
+
+    def run_previous_handler(self) -> None:
+        """Run the handler ours displaced for the received signal (submitit's requeues the job
+        and exits; Python's default SIGTERM action would kill, so defaults are skipped)."""
+        previous = self._previous.get(self.signum) if self.signum is not None else None
+        if callable(previous):
+            previous(self.signum, None)
+
+
+#: the process-wide flag (signal handlers are per process)
+PREEMPTION = PreemptionFlag()
+
+
+@contextmanager
+def preemptible(flag: PreemptionFlag = PREEMPTION) -> Iterator[PreemptionFlag]:
+    """Record preemption signals during one job; a job stopped by one exits with
+    :data:`EXIT_PREEMPTED` once its checkpoint is written."""
+    flag.install()
+    try:
+        yield flag
+    except (Preempted, SIGTERMException) as exc:
+        if not flag.requested:
+            raise  # a SIGTERMException without our signal: not ours to handle
+        name = signal.Signals(flag.signum).name
+        log.warning("preempted (%s): checkpoint and store are on disk; exiting with %d so the job can be "
+                    "requeued (the same command and run dir resume it)", name, EXIT_PREEMPTED)
+        flag.run_previous_handler()
+        raise SystemExit(EXIT_PREEMPTED) from exc
+    finally:
+        flag.uninstall()
+
+
+class StopOnPreemption(Callback):
+    """Stops ``fit``/``predict`` at the next batch boundary after a preemption signal.
+
+    With ``checkpoint_path`` set, a stopped ``fit`` first saves a full training checkpoint
+    there (weights, optimizer, schedule, loop progress). Under DDP the ranks agree on
+    stopping (any rank's signal counts) so they all stop after the same batch.
+    """
+
+    def __init__(self, flag: PreemptionFlag = PREEMPTION, checkpoint_path: str | None = None):
+        self.flag = flag
+        self.checkpoint_path = checkpoint_path
+
+    def _stop_if_requested(self, trainer: L.Trainer) -> None:
+        requested = self.flag.requested
+        if trainer.world_size > 1:
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        if requested:
+            raise Preempted(self.flag.signum or signal.SIGTERM)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        self._stop_if_requested(trainer)
+
+    def on_predict_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        self._stop_if_requested(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if (self.checkpoint_path and isinstance(exception, (Preempted, SIGTERMException))
+                and trainer.state.fn == "fit"):
+            trainer.save_checkpoint(self.checkpoint_path)
+            log.info("training stopped at epoch %d, step %d: checkpoint %s", trainer.current_epoch,
+                     trainer.global_step, self.checkpoint_path)
+
