@@ -151,11 +151,18 @@ class FileImageSet(ImageSet):
         return h.hexdigest()[:16]
 
 
+#: PIL modes with more than 8 bits per channel (16/32-bit integer, float)
+WIDE_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+
+
 def read_image(path: Path, channels: int) -> torch.Tensor:
     """Decode one image file to uint8 ``[channels, H, W]``; any decoding failure names the file."""
     try:
         with Image.open(path) as img:
             img.load()
+            if img.mode in WIDE_MODES:  # PIL's convert would clip every value above 255 to white
+                raise DatasetError(f"image {path} has {img.mode} pixels (more than 8 bits per channel); convert "
+                                   "the dataset to 8-bit images first (e.g. scale 16-bit scans to 0..255)")
             img = img.convert("L" if channels == 1 else "RGB")
             array = np.asarray(img, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
