@@ -89,6 +89,9 @@ class ExpansionContext:
     channels: int
     image_size: int | None = None
     prompt_prefix: str | None = None  # e.g. "Ultrasound image of" for the medical sets
+    #: training images left out by the few-shot choice (an ImageSet or None): unlabelled data a
+    #: generator may pretrain on; never validation or test images
+    auxiliary: Any = None
 
 
 class Expander(nn.Module, abc.ABC):
@@ -101,6 +104,9 @@ class Expander(nn.Module, abc.ABC):
 
     name: str = "expander"
     needs_fit: bool = False
+    #: when true, ``expand`` also receives ``parents`` (int64 ``[B]``: the seeds' indices in the
+    #: training split), for methods that combine a seed with other training images
+    wants_parents: bool = False
     #: constructor arguments that change speed only and stay out of the signature
     speed_only_params: tuple[str, ...] = ("batch_size", "num_workers")
 

@@ -58,7 +58,8 @@ class ExpansionModule(L.LightningModule):
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         k = self.expander.ratio
         seeds = image_seeds(self.store_seed, batch["index"], k)
-        output = self.expander.expand(batch["image"], batch["label"], seeds.to(batch["image"].device))
+        extra = {"parents": batch["index"]} if self.expander.wants_parents else {}
+        output = self.expander.expand(batch["image"], batch["label"], seeds.to(batch["image"].device), **extra)
         if not isinstance(output, ExpansionOutput):
             raise ExpansionError(f"{self.expander.name}.expand must return an ExpansionOutput")
         output.validate(batch["image"].shape[0], k)

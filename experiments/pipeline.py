@@ -66,7 +66,8 @@ def run_expansion(cfg: DictConfig, data: DatasetSplits, expander: Expander) -> E
         gen_trainer.pop(key, None)
     gen_trainer["enable_progress_bar"] = bool(cfg.get("progress_bar", False))
     context = ExpansionContext(dataset_name=data.name, class_names=data.class_names, channels=data.channels,
-                               image_size=data.image_size, prompt_prefix=cfg.dataset.get("prompt_prefix"))
+                               image_size=data.image_size, prompt_prefix=cfg.dataset.get("prompt_prefix"),
+                               auxiliary=data.unused_train)
     return expand_dataset(
         expander,
         data.train,
