@@ -20,7 +20,7 @@ n_syn = c1^(n_base/k) * 1.53 * n_base synthetic images. ``k`` is not given in th
 follow, so it is a parameter: c2 does not depend on it, c1 does (c1 for k' = c1^(k'/k)); the k-free
 factor c1^(n_base/k) is reported per n_base. n_base counts images per class here.
 
-Writes into the sweep folder: ``exchange_points.csv`` (one row per curve point), ``exchange_points.json``
+Writes into the sweep folder (or ``--out``): ``exchange_points.csv`` (one row per curve point), ``exchange_points.json``
 (the same plus per-seed accuracies), ``exchange_fit.json``, ``exchange_rate.md`` and ``exchange_rate.png``.
 """
 
@@ -183,6 +183,7 @@ class ExchangeFit:
 
 
 LOG_C2_BOUNDS = (1e-4, math.log(1e6))  # c2 in (1.0001, 1e6)
+LOG_C2_BOUNDS_TEXT = "(c2 in [1.0001, 1e6])"
 
 
 def predicted_real_fraction(n_syn_over_base, n_base, c1: float, c2: float, k: float):
@@ -259,7 +260,7 @@ def bootstrap(runs: list[Run], dataset: str, k: float, no_gain: str, replicates:
     runs = [r for r in runs if r.dataset == dataset]
     seeds = sorted({r.seed for r in runs})
     rng = np.random.default_rng(seed)
-    c1s, c2s, failed = [], [], 0
+    c1s, c2s, failed, at_bound = [], [], 0, 0
     fits: dict[tuple[int, ...], ExchangeFit | None] = {}  # a draw's fit depends on its multiset of seeds only
     for _ in range(replicates):
         draw = tuple(sorted(rng.choice(seeds, size=len(seeds), replace=True).tolist()))
@@ -273,7 +274,8 @@ def bootstrap(runs: list[Run], dataset: str, k: float, no_gain: str, replicates:
             continue
         c1s.append(fits[draw].c1)
         c2s.append(fits[draw].c2)
-    out: dict[str, Any] = {"replicates": replicates, "failed": failed, "seeds": seeds}
+        at_bound += fits[draw].at_bound
+    out: dict[str, Any] = {"replicates": replicates, "failed": failed, "at_bound": at_bound, "seeds": seeds}
     for name, values in (("c1", c1s), ("c2", c2s)):
         if values:
             lo, med, hi = np.percentile(values, [2.5, 50, 97.5])
@@ -353,7 +355,8 @@ def render_markdown(result: dict[str, Any]) -> str:
                   f"{', c2 at a search bound' if fit['at_bound'] else ''}): "
                   f"**c2 = {_fmt(fit['c2'])}**{ci['c2']}, c1 = {_fmt(fit['c1'])}{ci['c1']} (k = {fit['k']:g}); "
                   f"c1^(n_base/k): {factors}. 95 % percentile intervals from {boot['replicates']} bootstrap "
-                  f"replicates over seeds {boot['seeds']} ({boot['failed']} without a fit). {paper_txt}.", ""]
+                  f"replicates over seeds {boot['seeds']} ({boot['failed']} without a fit, {boot['at_bound']} with "
+                  f"c2 at a search bound {LOG_C2_BOUNDS_TEXT}). {paper_txt}.", ""]
     if result["skipped_runs"]:
         lines += ["Runs left out: " + "; ".join(f"{v} {k}" for k, v in result["skipped_runs"].items()) + ".", ""]
     return "\n".join(lines)
@@ -415,13 +418,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-gain", choices=NO_GAIN_POLICIES, default="zero",
                         help="synthetic points without gain enter the fit as n_real_plus 0 (zero) or not (drop)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap draws")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: the sweep folder)")
     args = parser.parse_args(argv)
     try:
         result = analyse(args.sweep, k=args.k, metric=args.metric, replicates=args.bootstrap,
                          no_gain=args.no_gain, seed=args.seed)
     except EquivalenceError as exc:
         parser.exit(2, f"error: {exc}\n")
-    for path in write_outputs(result, args.sweep):
+    out = args.out or args.sweep
+    out.mkdir(parents=True, exist_ok=True)
+    for path in write_outputs(result, out):
         print(path)
     for dataset, fit in result["fits"].items():
         if "error" in fit:
@@ -429,8 +435,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             ci = fit["bootstrap"].get("c2")
             interval = f" [{_fmt(ci['low'])}, {_fmt(ci['high'])}]" if ci else ""
-            print(f"{dataset}: c2 = {_fmt(fit['c2'])}{interval}, c1 = {_fmt(fit['c1'])} (k = {fit['k']:g}), "
-                  f"paper c2 {fit['paper_c2']}")
+            paper = f"paper c2 {fit['paper_c2']}" if fit["paper_c2"] else "no paper value"
+            print(f"{dataset}: c2 = {_fmt(fit['c2'])}{interval}, c1 = {_fmt(fit['c1'])} (k = {fit['k']:g}), {paper}")
 
 
 if __name__ == "__main__":

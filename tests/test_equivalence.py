@@ -123,12 +123,13 @@ def test_cli_recovers_c2_from_a_sweep_and_writes_every_output(tmp_path, capsys):
 
 def test_synthetic_images_without_gain_give_no_c2(tmp_path, capsys):
     _write_sweep(tmp_path, dataset="breastmnist", syn_accuracy=lambda n_base, ratio, seed: _accuracy(n_base, 0, seed) - 1)
-    eq.main([str(tmp_path), "--bootstrap", "10"])
+    eq.main([str(tmp_path), "--bootstrap", "10", "--out", str(tmp_path / "analysis")])
     out = capsys.readouterr().out
     assert "breastmnist: no fit (breastmnist: no synthetic point gained accuracy" in out
-    points = json.loads((tmp_path / "exchange_points.json").read_text())
+    points = json.loads((tmp_path / "analysis" / "exchange_points.json").read_text())
     assert {p["status"] for p in points if p["arm"] == "synthetic"} == {"no_gain"}
-    assert "**No fit:**" in (tmp_path / "exchange_rate.md").read_text()
+    assert "**No fit:**" in (tmp_path / "analysis" / "exchange_rate.md").read_text()
+    assert not (tmp_path / "exchange_rate.md").exists()
 
 
 def test_sweep_without_the_n_base_only_runs_is_a_clear_error(tmp_path, capsys):
