@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from expansion.base import ExpansionContext, ExpansionError
 from expansion.expansive_synthesis import ExpansiveSynthesis
 from expansion.expansive_synthesis.autoencoder import (AutoencoderSpec, ConvAutoencoder, reconstruction_error,
-                                                       to_unit, train_autoencoder)
+                                                       train_autoencoder)
 from expansion.expansive_synthesis.graph import build_expander_graph, ramanujan_bound
 from expansion.expansive_synthesis.transport import KINDS, ot_distance
 from expansion.gif_ae import GifAE

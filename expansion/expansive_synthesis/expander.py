@@ -33,6 +33,7 @@ in docs/results.md.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -45,7 +46,7 @@ from ..base import Expander, ExpansionContext, ExpansionError, ExpansionOutput, 
 from ..gif_base import train_tensors
 from ..seeding import derive, per_image_rand
 from ..store import atomic_write_text
-from .autoencoder import AutoencoderSpec, ConvAutoencoder, to_unit
+from .autoencoder import AutoencoderSpec, to_unit
 from .fitting import FINETUNE_DEFAULTS, PRETRAIN_DEFAULTS, fitted_autoencoder, settings
 from .graph import build_expander_graph
 from .koopman import KoopmanOperator, fit_koopman
@@ -82,7 +83,8 @@ class AutoencoderMethod(Expander):
     def fit_autoencoder(self, train: Any, artifact_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
         """Fit (or load) the autoencoder; returns the training images and labels."""
         images, labels = train_tensors(train)
-        fingerprint = train.fingerprint() if hasattr(train, "fingerprint") else str(hash(images.numpy().tobytes()))
+        fingerprint = (train.fingerprint() if hasattr(train, "fingerprint")
+                       else hashlib.sha256(images.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()[:16])
         self.autoencoder, self.autoencoder_report = fitted_autoencoder(
             images, labels, len(self.context.class_names), self.spec, self.params["pretrain"],
             self.params["finetune"], self.context.auxiliary, artifact_dir.parent, fingerprint,
@@ -194,7 +196,8 @@ class ExpansiveSynthesis(AutoencoderMethod):
 
     # -- generation ---------------------------------------------------------------------------
     @torch.no_grad()
-    def new_latents(self, parents: torch.Tensor, seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def new_latents(self, parents: torch.Tensor,
+                    seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Steps 1-3 of the module doc: ``(y_new [B*k, m], neighbour [B, k], t [B, k])``."""
         if self.koopman is None:
             raise ExpansionError(f"{self.name}: fit() has not run")
