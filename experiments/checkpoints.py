@@ -115,6 +115,6 @@ def training_signature(cfg: Any, dataset_identity: dict[str, Any], expanded: boo
         "expansion_seed": int(cfg.expansion_seed) if expanded else None,
         "include_original": include_original,
         "classifier": plain(cfg.classifier),
-        "train": plain(cfg.train, ("num_workers", "eval_batch_size", "compare_original")),
+        "train": plain(cfg.train, ("num_workers", "eval_batch_size", "compare_original", "compile")),
         "seed": int(cfg.seed),
     })

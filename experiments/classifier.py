@@ -72,20 +72,27 @@ class _ChannelAdapter(nn.Module):
 
 class ImageClassifier(L.LightningModule):
     """Cross-entropy training with SGD + cosine annealing (per epoch) and top-1 accuracy
-    on val and test. ``val_history`` holds the val accuracy of every epoch."""
+    on val and test. ``val_history`` holds the val accuracy of every epoch.
+
+    ``compile``: False, True (``torch.compile`` with inductor) or a torch.compile backend name;
+    the network is compiled in place, so checkpoints keep the same keys either way."""
 
     def __init__(self, arch: str, num_classes: int, in_chans: int, input_size: int, *, lr: float,
                  momentum: float = 0.9, weight_decay: float = 1e-4, epochs: int = 100,
                  warmup_epochs: int = 0, label_smoothing: float = 0.0, channels_last: bool = False,
-                 net_kwargs: dict[str, Any] | None = None):
+                 net_kwargs: dict[str, Any] | None = None, compile: bool | str = False):
         super().__init__()
         self.save_hyperparameters()
         self.net = create_network(arch, num_classes, in_chans, input_size, **(net_kwargs or {}))
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        if compile:
+            self.net.compile(**({} if compile is True else {"backend": str(compile)}))
+        # labels are checked once when the data is loaded; the per-step value checks of torchmetrics
+        # (torch.unique) would wait for the device at every step
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.val_history: list[float] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

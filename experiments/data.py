@@ -3,6 +3,8 @@ uint8 tensors at the dataset's resolution, concatenated and sampled uniformly.""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import numpy as np
 import torch
@@ -10,13 +12,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from expansion.store import ExpandedSet
 
+from .augment import augment_batch, base_size, check_recipe, normalize, prepare_eval, resize_to, shrink_to
 from .datasets import DatasetError, DatasetSplits
 from .datasets.core import match_channels, read_image, resize_square
-from .augment import augment_batch, base_size, check_recipe, normalize, prepare_eval, resize_to, shrink_to
+from .tensor_cache import TensorCache, store_source
 
 
 class TensorImages(Dataset):
-    """uint8 images ``[N, C, H, W]`` + labels, in memory."""
+    """uint8 images ``[N, C, H, W]`` + labels, in memory. A DataLoader over it fetches each
+    batch with one index operation and needs ``collate_fn=whole_batch``."""
 
     def __init__(self, images: torch.Tensor, labels: np.ndarray | torch.Tensor):
         self.images = images
@@ -30,16 +34,35 @@ class TensorImages(Dataset):
     def __getitem__(self, i: int):
         return self.images[i], self.labels[i]
 
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole batch by one index operation (the DataLoader calls this instead of
+        ``__getitem__`` per sample; :func:`whole_batch` is its collate function)."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return self.images[index], self.labels[index]
 
-def load_expanded_images(expanded: ExpandedSet, channels: int, image_size: int | None) -> torch.Tensor:
-    """Decode a finished store into uint8 ``[M, C, S, S]`` matching the dataset's channels and size."""
-    images = []
-    for path in expanded.paths:
-        image = match_channels(read_image(path, 3 if channels == 3 else 1), channels)
-        images.append(resize_square(image, image_size))
-    if not images:
+
+def whole_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collate function for :meth:`TensorImages.__getitems__`: the batch is already stacked."""
+    return batch
+
+
+def load_expanded_images(expanded: ExpandedSet, channels: int, image_size: int | None,
+                         tensor_dir: Path | str | None = None) -> torch.Tensor:
+    """Decode a finished store into uint8 ``[M, C, S, S]`` matching the dataset's channels and size;
+    with ``tensor_dir`` the decoded tensor is cached there by key (:mod:`experiments.tensor_cache`)."""
+    if not len(expanded):
         raise DatasetError(f"expansion store {expanded.root} holds no images")
-    return torch.stack(images)
+
+    def decode() -> torch.Tensor:
+        images = []
+        for path in expanded.paths:
+            image = match_channels(read_image(path, 3 if channels == 3 else 1), channels)
+            images.append(resize_square(image, image_size))
+        return torch.stack(images)
+
+    if tensor_dir is None:
+        return decode()
+    return TensorCache(tensor_dir).get_or_decode(store_source(expanded), image_size, channels, expanded.labels, decode)
 
 
 class ExpansionDataModule(L.LightningDataModule):
@@ -95,6 +118,7 @@ class ExpansionDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            collate_fn=whole_batch,
         )
 
     def train_dataloader(self) -> DataLoader:

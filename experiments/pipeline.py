@@ -26,6 +26,7 @@ from expansion.store import atomic_write_text
 from .classifier import ImageClassifier
 from .data import ExpansionDataModule, load_expanded_images
 from .datasets import DatasetSplits, build_dataset
+from .timing import EpochTimer
 
 log = logging.getLogger(__name__)
 
@@ -83,33 +84,49 @@ def run_expansion(cfg: DictConfig, data: DatasetSplits, expander: Expander) -> E
     )
 
 
-def train_and_evaluate(cfg: DictConfig, data: DatasetSplits, expanded_images, expanded_labels, run_dir: Path,
-                       logger: Any, include_original: bool = True) -> dict[str, Any]:
-    """Train on original (+ expanded) images, or on the expanded images alone; report final-epoch
-    test accuracy and test accuracy at the best validation epoch (never selecting on test)."""
+def classifier_input_size(cfg: DictConfig, data: DatasetSplits) -> int:
     input_size = int(cfg.classifier.get("input_size") or data.image_size or 0)
     if input_size <= 0:
         raise ValueError("set classifier.input_size or dataset.image_size")
-    datamodule = ExpansionDataModule(
+    return input_size
+
+
+def build_datamodule(cfg: DictConfig, data: DatasetSplits, expanded_images, expanded_labels,
+                     include_original: bool = True) -> ExpansionDataModule:
+    return ExpansionDataModule(
         data, expanded_images, expanded_labels,
-        recipe=cfg.dataset.recipe.augment, input_size=input_size,
+        recipe=cfg.dataset.recipe.augment, input_size=classifier_input_size(cfg, data),
         batch_size=int(cfg.train.batch_size), eval_batch_size=int(cfg.train.eval_batch_size),
         num_workers=int(cfg.train.num_workers),
         include_original=include_original,
     )
-    model = ImageClassifier(
-        cfg.classifier.arch, data.num_classes, data.channels, input_size,
+
+
+def build_classifier(cfg: DictConfig, data: DatasetSplits) -> ImageClassifier:
+    net_kwargs = cfg.classifier.get("kwargs")  # an empty mapping is falsy: {}
+    return ImageClassifier(
+        cfg.classifier.arch, data.num_classes, data.channels, classifier_input_size(cfg, data),
         lr=float(cfg.train.lr), momentum=float(cfg.train.momentum), weight_decay=float(cfg.train.weight_decay),
         epochs=int(cfg.train.epochs), warmup_epochs=int(cfg.train.warmup_epochs),
         label_smoothing=float(cfg.train.label_smoothing),
         channels_last=bool(cfg.classifier.get("channels_last", False)),
-        net_kwargs=OmegaConf.to_container(cfg.classifier.get("kwargs", {}) or {}, resolve=True),
+        net_kwargs=OmegaConf.to_container(net_kwargs, resolve=True) if net_kwargs else {},
+        compile=cfg.train.get("compile", False),
     )
+
+
+def train_and_evaluate(cfg: DictConfig, data: DatasetSplits, expanded_images, expanded_labels, run_dir: Path,
+                       logger: Any, include_original: bool = True) -> dict[str, Any]:
+    """Train on original (+ expanded) images, or on the expanded images alone; report final-epoch
+    test accuracy and test accuracy at the best validation epoch (never selecting on test)."""
+    datamodule = build_datamodule(cfg, data, expanded_images, expanded_labels, include_original)
+    model = build_classifier(cfg, data)
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc", mode="max",
                                  save_top_k=1, save_last=True)
     kwargs = trainer_kwargs(cfg)
     kwargs.setdefault("enable_progress_bar", bool(cfg.get("progress_bar", False)))
-    trainer = L.Trainer(max_epochs=int(cfg.train.epochs), logger=logger, callbacks=[checkpoint],
+    epoch_timer = EpochTimer()
+    trainer = L.Trainer(max_epochs=int(cfg.train.epochs), logger=logger, callbacks=[checkpoint, epoch_timer],
                         default_root_dir=str(run_dir), num_sanity_val_steps=0, enable_model_summary=False,
                         **kwargs)
     start = time.perf_counter()
@@ -127,6 +144,7 @@ def train_and_evaluate(cfg: DictConfig, data: DatasetSplits, expanded_images, ex
         "epochs": int(cfg.train.epochs),
         "num_train_images": datamodule.num_train,
         "train_seconds": round(train_seconds, 3),
+        "epoch_seconds": [round(t, 4) for t in epoch_timer.epoch_seconds],
         "images_per_second": round(datamodule.num_train * int(cfg.train.epochs) / max(train_seconds, 1e-9), 1),
     }
 
@@ -150,7 +168,7 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict[str, Any]:
                          "generates none; pick an expansion method")
     # decode every split once, before any expansion or training: data that fits in memory stays
     # there, and an unreadable file fails now, with nothing generated
-    data = build_dataset(cfg.dataset).in_memory()
+    data = build_dataset(cfg.dataset).in_memory(tensor_dir=cfg.paths.get("tensor_dir"))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     metrics: dict[str, Any] = {
@@ -171,7 +189,8 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict[str, Any]:
     expanded_images = expanded_labels = None
     if expander is not None:
         result = run_expansion(cfg, data, expander)
-        expanded_images = load_expanded_images(result.expanded, data.channels, data.image_size)
+        expanded_images = load_expanded_images(result.expanded, data.channels, data.image_size,
+                                               tensor_dir=cfg.paths.get("tensor_dir"))
         expanded_labels = result.expanded.labels
         metrics["expansion"] = {
             "store": str(result.store.root), "key": result.store.key, "num_images": len(result.expanded),

@@ -95,6 +95,10 @@ class ImageSet(Dataset):
         """The split decoded once into memory (an unreadable file fails here, named)."""
         return TensorImageSet(self.to_tensor(), self.labels, image_size=self.image_size)
 
+    def source_files(self) -> list[Path] | None:
+        """The image files this split decodes, in order; None when it is already in memory."""
+        return None
+
 
 class TensorImageSet(ImageSet):
     """Images held in memory as one uint8 tensor ``[N, C, H, W]``."""
@@ -142,6 +146,9 @@ class FileImageSet(ImageSet):
     def load_image(self, index: int) -> torch.Tensor:
         return read_image(self.paths[index], self.channels)
 
+    def source_files(self) -> list[Path] | None:
+        return list(self.paths)
+
     def fingerprint(self) -> str:
         # names relative to the class folder and sizes: independent of where the data root lives
         h = hashlib.sha256()
@@ -181,6 +188,10 @@ class SubsetImageSet(ImageSet):
 
     def load_image(self, index: int) -> torch.Tensor:
         return self.base.load_image(int(self.indices[index]))
+
+    def source_files(self) -> list[Path] | None:
+        files = self.base.source_files()
+        return None if files is None else [files[i] for i in self.indices]
 
     def to_tensor(self) -> torch.Tensor:
         if isinstance(self.base, TensorImageSet):
@@ -268,14 +279,27 @@ class DatasetSplits:
             sizes["extra_real"] = len(self.extra_train)
         return sizes
 
-    def in_memory(self) -> "DatasetSplits":
+    def in_memory(self, tensor_dir: Path | str | None = None) -> "DatasetSplits":
         """Every split decoded into memory once; identity and fingerprints are unchanged. The
-        unused pool is decoded when it is first used (it can be much larger than the rest)."""
+        unused pool is decoded when it is first used (it can be much larger than the rest).
+        With ``tensor_dir``, splits read from image files are decoded once into a keyed cache
+        there (:mod:`experiments.tensor_cache`) and loaded from it by later runs."""
         from dataclasses import replace
 
-        extra = self.extra_train.in_memory() if self.extra_train is not None else None
-        return replace(self, train=self.train.in_memory(), val=self.val.in_memory(), test=self.test.in_memory(),
-                       extra_train=extra)
+        def load(split: ImageSet, split_name: str) -> ImageSet:
+            files = split.source_files() if tensor_dir is not None else None
+            if files is None:
+                return split.in_memory()
+            from ..tensor_cache import TensorCache, split_source
+
+            source = split_source(self.name, split_name, split.fingerprint(), files)
+            images = TensorCache(tensor_dir).get_or_decode(source, split.image_size, split.channels, split.labels,
+                                                           split.to_tensor)
+            return TensorImageSet(images, split.labels, image_size=split.image_size)
+
+        extra = load(self.extra_train, "extra_train") if self.extra_train is not None else None
+        return replace(self, train=load(self.train, "train"), val=load(self.val, "val"),
+                       test=load(self.test, "test"), extra_train=extra)
 
     def check_labels(self) -> None:
         for split_name in ("train", "val", "test", "extra_train"):

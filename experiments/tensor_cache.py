@@ -1,0 +1,161 @@
+"""Decoded images kept on disk by key, so image files are decoded once, not by every run.
+
+A dataset split read from image files, or a finished expansion store (PNGs), is decoded
+into one uint8 tensor ``[N, C, S, S]`` at the resolution the runs use; that tensor and its
+labels are written to ``<tensor_dir>/<key>.safetensors`` (``paths.tensor_dir``, by default
+``<cache_dir>/tensors``; ``EXPANSION_CACHE`` moves it, ``paths.tensor_dir=null`` turns the
+cache off). The next run, or another classifier seed, loads that file instead.
+
+The key hashes what the tensor was decoded from and how:
+
+* a dataset split: the dataset name, the split name, the split's fingerprint (file names,
+  sizes and labels; subset indices) and every file's path, size and mtime;
+* an expansion store: its key (dataset identity + method settings + seed), a digest of its
+  manifest rows and every image's name, size and mtime (a regenerated or edited store has
+  other files, so another key);
+* the target resolution, the channel count and :data:`FORMAT_VERSION`.
+
+Writes are atomic (a temporary file in the same folder, fsync, ``os.replace``); a reader
+sees no file or a whole one. Files are read with safetensors (never pickle). A cache file
+that cannot be read, or holds other shapes or labels than its key promises, is
+**rebuilt**: a warning names it, the images are decoded again and the file is replaced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from expansion.store import ExpandedSet, canonical_json
+
+log = logging.getLogger(__name__)
+
+#: bump when the layout of a cache file or the decoding it stands for changes
+FORMAT_VERSION = 1
+_TMP_MARK = ".tmp-"
+
+
+def cache_key(source: Mapping[str, Any], resolution: int | None, channels: int) -> tuple[str, dict[str, Any]]:
+    """``sha256`` (20 hex chars) of the source, the resolution, the channels and the format version."""
+    payload = {"format_version": FORMAT_VERSION, "source": dict(source),
+               "resolution": None if resolution is None else int(resolution), "channels": int(channels)}
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:20], payload
+
+
+def file_stats_digest(paths: Iterable[Path]) -> str:
+    """Digest of every file's path, size and modification time (a rewritten file changes it)."""
+    h = hashlib.sha256()
+    for path in paths:
+        st = os.stat(path)
+        h.update(f"{path}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()
+
+
+def split_source(dataset_name: str, split_name: str, fingerprint: str, files: Sequence[Path]) -> dict[str, Any]:
+    """What a dataset split decoded from ``files`` is keyed on."""
+    return {"kind": "dataset_split", "dataset": dataset_name, "split": split_name, "fingerprint": fingerprint,
+            "num_files": len(files), "files": file_stats_digest(files)}
+
+
+def store_source(expanded: ExpandedSet) -> dict[str, Any]:
+    """What a finished expansion store is keyed on (its folder name is the store key)."""
+    rows = hashlib.sha256(canonical_json(expanded.rows).encode()).hexdigest()
+    return {"kind": "expansion_store", "store_key": expanded.root.name, "manifest_rows": rows,
+            "num_images": len(expanded), "files": file_stats_digest(expanded.paths)}
+
+
+class TensorCache:
+    """uint8 image tensors + int64 labels under ``root``, one safetensors file per key."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.safetensors"
+
+    def get_or_decode(self, source: Mapping[str, Any], resolution: int | None, channels: int,
+                      labels: np.ndarray | Sequence[int], decode: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The cached tensor of ``source``, or ``decode()``'s result, written to the cache first."""
+        key, payload = cache_key(source, resolution, channels)
+        labels = torch.as_tensor(np.asarray(labels, dtype=np.int64).reshape(-1))
+        images = self.load(key, payload, labels)
+        if images is not None:
+            return images
+        images = decode()
+        problem = _mismatch(images, labels, resolution, channels)
+        if problem:
+            raise ValueError(f"decoded images do not match their cache key: {problem}")
+        self.save(key, payload, images, labels)
+        return images
+
+    def load(self, key: str, payload: Mapping[str, Any], labels: torch.Tensor) -> torch.Tensor | None:
+        """The images under ``key``; None when absent, or when the file is damaged or stale (warned)."""
+        from safetensors import safe_open
+
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                stored_payload = json.loads((fh.metadata() or {}).get("payload", "null"))
+                images, stored_labels = fh.get_tensor("images"), fh.get_tensor("labels")
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is rebuilt, whatever the parser says
+            log.warning("decoded-image cache %s is unreadable (%s: %s); decoding the images again",
+                        path, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            return None
+        problem = None
+        if stored_payload != canonical_json_roundtrip(payload):
+            problem = "it was written for another source"
+        elif not torch.equal(stored_labels, labels):
+            problem = "its labels differ from the source's"
+        else:
+            problem = _mismatch(images, labels, payload["resolution"], payload["channels"])
+        if problem:
+            log.warning("decoded-image cache %s is stale (%s); decoding the images again", path, problem)
+            return None
+        return images
+
+    def save(self, key: str, payload: Mapping[str, Any], images: torch.Tensor, labels: torch.Tensor) -> Path:
+        """Write atomically: the file is absent, old or complete, never half-written."""
+        from safetensors.torch import save_file
+
+        path = self.path(key)
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=path.name + _TMP_MARK)
+        os.close(fd)
+        try:
+            save_file({"images": images.contiguous(), "labels": labels.contiguous()}, tmp,
+                      metadata={"payload": canonical_json(payload)})
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+
+def canonical_json_roundtrip(payload: Mapping[str, Any]) -> Any:
+    """``payload`` as it reads back from the file's metadata (JSON types only)."""
+    return json.loads(canonical_json(payload))
+
+
+def _mismatch(images: torch.Tensor, labels: torch.Tensor, resolution: int | None, channels: int) -> str | None:
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        return f"expected uint8 [N, C, S, S], got {images.dtype} {tuple(images.shape)}"
+    if images.shape[0] != len(labels):
+        return f"{images.shape[0]} images but {len(labels)} labels"
+    if images.shape[1] != channels:
+        return f"{images.shape[1]} channels, expected {channels}"
+    if resolution is not None and tuple(images.shape[-2:]) != (resolution, resolution):
+        return f"{tuple(images.shape[-2:])} px, expected {resolution} x {resolution}"
+    return None
