@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from contextlib import nullcontext
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,13 +20,13 @@ from typing import Any
 import lightning as L
 import torch
 from filelock import FileLock
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from .base import Expander, ExpansionContext, ExpansionError, ExpansionOutput
 from .seeding import image_seeds
-from .store import ExpandedSet, ExpansionStore, canonical_json, store_key
+from .store import ExpandedSet, ExpansionStore, atomic_write_text, canonical_json, store_key
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def fit_expander(expander: Expander, train: Any, dataset_identity: Mapping[str, 
     artifact_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with FileLock(str(artifact_dir / ".lock")):
-        (artifact_dir / "key.json").write_text(json.dumps(payload, indent=2, default=str))
+        atomic_write_text(artifact_dir / "key.json", json.dumps(payload, indent=2, default=str))
         expander.fit(train, artifact_dir)
     return time.perf_counter() - start
 
@@ -132,16 +132,19 @@ def expand_dataset(
     num_workers: int = 0,
     trainer_kwargs: Mapping[str, Any] | None = None,
     lock_timeout: float = -1,
+    callbacks: Sequence[Callback] = (),
 ) -> ExpansionResult:
     """Expand every image of ``train`` into ``expander.ratio`` images, or reuse/resume the store.
 
     ``trainer_kwargs`` go to the predict ``Trainer`` (accelerator, devices, strategy,
-    precision); logging and checkpointing are off for generation.
+    precision); logging and checkpointing are off for generation. ``callbacks`` run after the
+    store writer (e.g. one that stops at a batch boundary when the job is preempted).
     """
     store = ExpansionStore.at(store_dir, dataset_identity, expander.signature(), seed)
     start = time.perf_counter()
     if store.is_complete():
         log.info("expansion store %s is complete: reusing it", store.root)
+        store.remove_obsolete_chunks()
         return ExpansionResult(store.load(), store, 0, True, time.perf_counter() - start)
 
     k = expander.ratio
@@ -167,7 +170,7 @@ def expand_dataset(
                       # guided methods differentiate through their decoder: predict under no_grad, not inference_mode
                       "inference_mode": not getattr(expander, "needs_grad", False)}
             trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False,
-                                callbacks=[writer], **kwargs)
+                                callbacks=[writer, *callbacks], **kwargs)
             trainer.predict(ExpansionModule(expander, seed), loader, return_predictions=False)
             if trainer.is_global_zero:
                 store.finalize(range(len(train)), k)
