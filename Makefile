@@ -2,11 +2,13 @@
 VENV   ?= .venv
 PYTHON ?= $(VENV)/bin/python
 EXTRAS ?= dev,slurm,joblib
+BENCH_OUT ?= benchmarks/results
 
-.PHONY: help install run test test-slow test-gpu test-all sweep-digits benchmark-cpu report clean-cache
+.PHONY: help install run test test-slow test-gpu test-all sweep-digits benchmark-cpu benchmark-training \
+        benchmark-generation-cpu benchmark-gpu benchmark-cost report clean-cache
 
 help:  ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-25s %s\n", $$1, $$2}'
 
 install:  ## create .venv and install the framework with its dev/slurm/joblib extras
 	python3 -m venv $(VENV)
@@ -33,6 +35,29 @@ sweep-digits:  ## original vs the three baselines on digits, 3 seeds, into resul
 
 benchmark-cpu:  ## the recorded CPU benchmark: BreastMNIST 28 px, small CNN, 4 methods x 3 seeds
 	$(PYTHON) run.py -m experiment=medical_cpu
+
+benchmark-training:  ## training epoch: framework vs bare PyTorch loop, BreastMNIST 28 px small CNN on the CPU
+	$(PYTHON) benchmarks/training_throughput.py --device cpu --repeats 5 --json $(BENCH_OUT)/training_cpu.json
+
+benchmark-generation-cpu:  ## GIF-SD/MAE/unCLIP + closed-set images/s and GFLOP/s at real sizes, smallest CPU settings
+	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/gif_sd_throughput.py --device cpu --json $(BENCH_OUT)/gif_sd_cpu.json
+	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/gif_mae_throughput.py --device cpu --json $(BENCH_OUT)/gif_mae_cpu.json
+	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/gif_unclip_throughput.py --device cpu --resolution 64 --steps 2 \
+	    --score-steps 1 --ratio 1 --json $(BENCH_OUT)/gif_unclip_cpu.json
+	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/closed_set_throughput.py --device cpu --json $(BENCH_OUT)/closed_set_cpu.json
+	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/closed_set_throughput.py --device cpu --unet tiny --resolution 16 \
+	    --steps 20 --fit-batch 32 --fit-steps 5 --json $(BENCH_OUT)/closed_set_tiny_cpu.json
+
+benchmark-gpu:  ## every GPU benchmark in one command (training + 4 generation methods), then docs/cost.md
+	$(PYTHON) benchmarks/training_throughput.py --device cuda --json $(BENCH_OUT)/training_cuda.json
+	$(PYTHON) benchmarks/gif_sd_throughput.py --device cuda --method both --json $(BENCH_OUT)/gif_sd_cuda.json
+	$(PYTHON) benchmarks/gif_mae_throughput.py --device cuda --json $(BENCH_OUT)/gif_mae_cuda.json
+	$(PYTHON) benchmarks/gif_unclip_throughput.py --device cuda --json $(BENCH_OUT)/gif_unclip_cuda.json
+	$(PYTHON) benchmarks/closed_set_throughput.py --device cuda --json $(BENCH_OUT)/closed_set_cuda.json
+	$(PYTHON) benchmarks/cost_table.py --measurements $(BENCH_OUT) --out docs/cost.md
+
+benchmark-cost:  ## docs/cost.md: each paper table's sweep in device-hours from the measurements in $(BENCH_OUT)
+	$(PYTHON) benchmarks/cost_table.py --measurements $(BENCH_OUT) --out docs/cost.md
 
 report:  ## tables, figures, expansion grids and settings of a sweep: make report DIR=multirun/<date>/<time>
 	@test -n "$(DIR)" || { echo "usage: make report DIR=<sweep folder>"; exit 2; }

@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from benchmarks.flops import count_flops, describe, gpu_peak_tflops, utilisation  # noqa: E402
 from benchmarks.gif_sd_throughput import DATASETS, _sync, write_report, build_real_guide, load_seeds, machine, n_params  # noqa: E402
 from expansion.base import ExpansionContext  # noqa: E402
 from expansion.gif_mae import GifMAE  # noqa: E402
@@ -98,7 +99,9 @@ def measure(mode: str, model, guide: ClipGuide, images: torch.Tensor, labels: to
     device = images.device
     calls = calls_for(mode, images, labels, args.ratio)
     exp = make_expander(model, guide, context, args, batch=int(calls[0][2].shape[0]))
-    exp.expand(*calls[0])  # warm-up (casts the weights, allocator, kernels): not timed
+    # warm-up (casts the weights, allocator, kernels): not timed; its FLOPs are counted
+    warm, flops = count_flops(lambda: exp.expand(*calls[0]))
+    flops_per_image = flops / (warm.images.shape[0] * warm.images.shape[1])
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -111,12 +114,14 @@ def measure(mode: str, model, guide: ClipGuide, images: torch.Tensor, labels: to
         _sync(device)
         times.append(time.perf_counter() - start)
     images_done = args.repeats * images.shape[0] * args.ratio
+    peak, _ = gpu_peak_tflops(device, args.peak_tflops)
     return {
         "mode": mode, "dtype": str(exp.model_dtype).replace("torch.", ""), "seeds_per_call": list(calls[0][2].shape),
         "calls_per_repeat": len(calls), "repeats": args.repeats, "images": images_done, "seconds": sum(times),
         "seconds_per_repeat": times, "images_per_s": images_done / sum(times),
         "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "output_shape": list(out.images.shape[2:]),
+        "flops_per_image": flops_per_image, **utilisation(flops_per_image, images_done / sum(times), peak),
     }
 
 
@@ -124,7 +129,7 @@ def _line(r: dict[str, Any]) -> str:
     shape = "x".join(map(str, r["seeds_per_call"]))
     peak = f", peak GPU {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else ""
     return (f"  gif_mae {r['mode']:<8} {r['dtype']:<8} seeds [B,k]={shape:<5} x {r['calls_per_repeat']} call(s): "
-            f"{r['images_per_s']:.4f} img/s ({r['images']} images in {r['seconds']:.2f} s{peak})")
+            f"{r['images_per_s']:.4f} img/s ({r['images']} images in {r['seconds']:.2f} s{peak}){describe(r)}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -143,6 +148,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS), help="where the seed images come from")
     p.add_argument("--data", type=Path, default=Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data")),
                    help="the shared data folder (cifar10_subset/, medmnist/)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak for MFU "
+                   "(default: looked up by device name, benchmarks/flops.py)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     p.add_argument("--tiny", action="store_true", help="tiny test MAE and CLIP (script check only)")
     args = p.parse_args(argv)
@@ -191,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     speedup = results[1]["images_per_s"] / results[0]["images_per_s"]
     print(f"  gif_mae: batched / per-seed = {speedup:.2f}x")
 
-    return write_report(args, device, params, build_s, results, speedup)
+    return write_report(args, device, params, build_s, results, speedup, benchmark="gif_mae")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.flops import count_flops, describe, gpu_peak_tflops, utilisation  # noqa: E402
 from expansion.base import ExpansionContext  # noqa: E402
 from expansion.gif_sd import GifSD, SDImg2Img  # noqa: E402
 from expansion.guides import ClipGuide  # noqa: E402
@@ -238,7 +239,9 @@ def measure(method: str, mode: str, comps: dict[str, Any], guide: ClipGuide | No
     device = images.device
     exp = make_expander(method, mode, comps, guide, context, args)
     calls = calls_for(mode, images, labels, args.ratio)
-    exp.expand(*calls[0])  # warm-up (casts the weights, allocator, kernels): not timed
+    # warm-up (casts the weights, allocator, kernels): not timed; its FLOPs are counted
+    warm, flops = count_flops(lambda: exp.expand(*calls[0]))
+    flops_per_image = flops / (warm.images.shape[0] * warm.images.shape[1])
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -254,6 +257,7 @@ def measure(method: str, mode: str, comps: dict[str, Any], guide: ClipGuide | No
         times.append(time.perf_counter() - start)
     kept = args.repeats * images.shape[0] * args.ratio  # k per seed (official: ceil(k/2) passes of 2)
     seeds_shape = list(calls[0][2].shape)
+    peak, _ = gpu_peak_tflops(device, args.peak_tflops)
     return {
         "method": method, "mode": mode, "dtype": str(exp.unet_dtype).replace("torch.", ""),
         "group_size": exp.params["group_size"], "seeds_per_call": seeds_shape,
@@ -261,6 +265,8 @@ def measure(method: str, mode: str, comps: dict[str, Any], guide: ClipGuide | No
         "seconds": sum(times), "seconds_per_repeat": times, "images_per_s": kept / sum(times),
         "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "output_shape": list(out.images.shape[2:]),
+        # FLOPs per generated image; the achieved rate counts every generated image's work
+        "flops_per_image": flops_per_image, **utilisation(flops_per_image, generated / sum(times), peak),
     }
 
 
@@ -270,7 +276,7 @@ def _line(r: dict[str, Any]) -> str:
     extra = f" ({r['images_generated']} generated)" if r["images_generated"] != r["images"] else ""
     return (f"  {r['method']:<10} {r['mode']:<8} {r['dtype']:<8} seeds [B,k]={shape:<4} x {r['calls_per_repeat']} "
             f"call(s), group_size {r['group_size']}: {r['images_per_s']:.4f} img/s "
-            f"({r['images']} images{extra} in {r['seconds']:.2f} s{peak})")
+            f"({r['images']} images{extra} in {r['seconds']:.2f} s{peak}){describe(r)}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -293,6 +299,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS), help="where the seed images come from")
     p.add_argument("--data", type=Path, default=Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data")),
                    help="the shared data folder (cifar10_subset/, medmnist/)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak for MFU "
+                   "(default: looked up by device name, benchmarks/flops.py)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     p.add_argument("--tiny", action="store_true", help="tiny test components (script check only; default 16 px)")
     args = p.parse_args(argv)
@@ -305,12 +313,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def write_report(args, device, params, build_s: float, results: list, speedup) -> dict:
+def write_report(args, device, params, build_s: float, results: list, speedup, benchmark: str,
+                 extra: dict | None = None) -> dict:
     """The figures of one benchmark run as a dict, also written to ``--json`` when given."""
-    report = {"machine": machine(device), "device": str(device), "torch": torch.__version__, "tiny": args.tiny,
+    peak, peak_source = gpu_peak_tflops(device, getattr(args, "peak_tflops", None))
+    report = {"benchmark": benchmark, "machine": machine(device), "device": str(device), "torch": torch.__version__,
+              "tiny": args.tiny,
+              "date": time.strftime("%Y-%m-%d"), "peak_tflops": peak, "peak_source": peak_source,
               "parameters": params, "build_seconds": build_s,
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"},
-              "results": results, "speedup": speedup}
+              "results": results, "speedup": speedup, **(extra or {})}
+    print(f"  MFU against: {peak_source}" + (f" = {peak:.1f} TFLOP/s" if peak else ""))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
@@ -366,7 +379,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         speedups[method] = rows["batched"]["images_per_s"] / rows["official"]["images_per_s"]
         print(f"  {method}: batched / official = {speedups[method]:.2f}x")
 
-    return write_report(args, device, params, build_s, results, speedups)
+    return write_report(args, device, params, build_s, results, speedups, benchmark="gif_sd")
 
 
 if __name__ == "__main__":

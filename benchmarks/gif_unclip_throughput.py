@@ -39,6 +39,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from benchmarks.flops import count_flops, describe, gpu_peak_tflops, utilisation  # noqa: E402
 from benchmarks.gif_sd_throughput import (DATASETS, write_report, SD_V1_SCHEDULER, SD_V1_VAE, _sync, build_real_guide,  # noqa: E402
                                           clip_bpe_tokenizer, load_seeds, machine, n_params)
 from expansion.base import ExpansionContext  # noqa: E402
@@ -117,8 +118,10 @@ def measure(mode: str, pipe, guide: ClipGuide, images: torch.Tensor, labels: tor
     device = images.device
     calls = calls_for(mode, images, labels, args.ratio)
     exp = make_expander(pipe, guide, context, args, batch=int(calls[0][2].shape[0]))
-    if args.warmup:
-        exp.expand(*calls[0])  # warm-up: not timed
+    flops_per_image = None
+    if args.warmup:  # warm-up: not timed; its FLOPs are counted (none without a warm-up)
+        warm, flops = count_flops(lambda: exp.expand(*calls[0]))
+        flops_per_image = flops / (warm.images.shape[0] * warm.images.shape[1])
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -131,12 +134,14 @@ def measure(mode: str, pipe, guide: ClipGuide, images: torch.Tensor, labels: tor
         _sync(device)
         times.append(time.perf_counter() - start)
     images_done = args.repeats * images.shape[0] * args.ratio
+    peak, _ = gpu_peak_tflops(device, args.peak_tflops)
     return {
         "mode": mode, "dtype": str(exp.model_dtype).replace("torch.", ""), "seeds_per_call": list(calls[0][2].shape),
         "calls_per_repeat": len(calls), "repeats": args.repeats, "images": images_done, "seconds": sum(times),
         "images_per_s": images_done / sum(times),
         "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "output_shape": list(out.images.shape[2:]),
+        "flops_per_image": flops_per_image, **utilisation(flops_per_image, images_done / sum(times), peak),
     }
 
 
@@ -144,7 +149,7 @@ def _line(r: dict[str, Any]) -> str:
     shape = "x".join(map(str, r["seeds_per_call"]))
     peak = f", peak GPU {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else ""
     return (f"  gif_unclip {r['mode']:<8} {r['dtype']:<8} seeds [B,k]={shape:<5} x {r['calls_per_repeat']} call(s): "
-            f"{r['images_per_s']:.4f} img/s ({r['images']} images in {r['seconds']:.2f} s{peak})")
+            f"{r['images_per_s']:.4f} img/s ({r['images']} images in {r['seconds']:.2f} s{peak}){describe(r)}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -165,6 +170,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed warm-up call")
     p.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS))
     p.add_argument("--data", type=Path, default=Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data")))
+    p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak for MFU "
+                   "(default: looked up by device name, benchmarks/flops.py)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     p.add_argument("--tiny", action="store_true", help="tiny test pipeline and CLIP (script check only)")
     args = p.parse_args(argv)
@@ -209,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(_line(results[-1]), flush=True)
     speedup = results[1]["images_per_s"] / results[0]["images_per_s"]
     print(f"  gif_unclip: batched / per-seed = {speedup:.2f}x")
-    return write_report(args, device, params, build_s, results, speedup)
+    return write_report(args, device, params, build_s, results, speedup, benchmark="gif_unclip")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,9 @@ def test_tiny_run_times_both_modes_of_both_methods(shared_data, tmp_path, capsys
     assert batched["images"] == batched["images_generated"] == 6
     assert batched["output_shape"] == [3, 16, 16]
     assert all(r["images_per_s"] > 0 and r["peak_gpu_gib"] is None for r in report["results"])
+    # FLOPs counted over the warm-up call; no MFU without a GPU peak
+    assert all(r["flops_per_image"] > 0 and r["achieved_tflops"] > 0 and r["mfu"] is None for r in report["results"])
+    assert report["peak_tflops"] is None and "needs a GPU" in report["peak_source"]
 
 
 def test_breastmnist_seeds_are_one_channel(shared_data):

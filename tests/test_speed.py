@@ -267,3 +267,90 @@ def test_training_benchmark_smoke(shared_data, tmp_path, capsys):
     assert 0 < report["settings"]["images_per_epoch"] <= report["settings"]["train_images"]
     assert report["ratio_framework_over_bare"] > 0
 
+
+
+# --------------------------------------------------------------------------- generation FLOPs and MFU
+
+
+def test_flop_counter_counts_cpu_attention_like_cuda_attention():
+    import torch.nn.functional as F
+
+    from benchmarks.flops import count_flops
+
+    q = torch.randn(2, 4, 16, 8, requires_grad=True)
+    out, flops = count_flops(lambda: F.scaled_dot_product_attention(q, q, q))
+    assert flops == 4 * 2 * 4 * 16 * 16 * 8  # QK^T and PV: 2 matmuls of 2 b h s s d FLOPs
+    _, with_backward = count_flops(lambda: F.scaled_dot_product_attention(q, q, q).sum().backward())
+    assert with_backward == flops * 7 // 2  # backward = 2.5 x forward
+
+
+def test_gpu_peak_lookup_and_utilisation(monkeypatch):
+    from benchmarks.flops import gpu_peak_tflops, utilisation
+
+    assert gpu_peak_tflops(torch.device("cpu"))[0] is None
+    assert gpu_peak_tflops(torch.device("cpu"), override=100.0) == (100.0, "--peak-tflops")
+    for name, peak in [("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.4),
+                       ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L40S", 362.0), ("NVIDIA L4", 121.0),
+                       ("Some Future GPU", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert gpu_peak_tflops(torch.device("cuda"))[0] == peak, name
+    assert utilisation(2e12, 10.0, 100.0) == {"achieved_tflops": 20.0, "mfu": 0.2}
+    assert utilisation(2e12, 10.0, None)["mfu"] is None and utilisation(None, 1.0, 100.0)["mfu"] is None
+
+
+def test_closed_set_benchmark_counts_the_unet_work_per_image(shared_data, tmp_path, capsys):
+    from benchmarks import closed_set_throughput as bench
+    from benchmarks.flops import count_flops
+
+    report = bench.main(["--device", "cpu", "--unet", "tiny", "--steps", "2", "--ratio", "1", "--seeds-per-pass", "2",
+                         "--fit-steps", "1", "--fit-batch", "2", "--data", str(shared_data),
+                         "--json", str(tmp_path / "c.json")])
+    assert "batched / per-seed" in capsys.readouterr().out and (tmp_path / "c.json").is_file()
+    per_seed, batched = report["results"]
+    assert per_seed["seeds_per_call"] == [1, 1] and per_seed["calls_per_repeat"] == 2
+    assert batched["seeds_per_call"] == [2, 1] and batched["calls_per_repeat"] == 1
+    assert batched["output_shape"] == [3, 32, 32] and batched["mfu"] is None  # no GPU peak on a CPU
+    # per image: one UNet forward per sampling step, the same in both modes
+    from expansion.closed_set_diffusion import build_unet, unet_spec
+
+    unet = build_unet(unet_spec("tiny"), channels=3, resolution=32, num_classes=10, null_class=False, seed=0)
+    with torch.no_grad():
+        _, one_forward = count_flops(lambda: unet(torch.randn(1, 3, 32, 32), 10, class_labels=torch.tensor([1])))
+    for row in (per_seed, batched):
+        assert row["flops_per_image"] == pytest.approx(2 * one_forward, rel=1e-6)
+        assert row["achieved_tflops"] == pytest.approx(row["flops_per_image"] * row["images_per_s"] / 1e12)
+    fit = report["fit"]
+    assert fit["batch_size"] == 2 and fit["seconds_per_step"] > 0
+    assert fit["flops_per_step"] == pytest.approx(3 * 2 * one_forward, rel=0.02)  # forward + backward ~ 3 forwards
+
+
+# --------------------------------------------------------------------------- the cost table
+
+
+def test_cost_table_multiplies_measured_rates_over_the_sweep_grid(tmp_path):
+    import json
+
+    from benchmarks import cost_table
+
+    measurements = tmp_path / "m"
+    measurements.mkdir()
+    (measurements / "training_cpu.json").write_text(json.dumps({
+        "benchmark": "training", "device": "cpu", "machine": "test CPU", "date": "2026-11-29",
+        "settings": {"arch": "small_cnn", "input_size": 8, "channels": 1, "batch_size": 256, "precision": "32-true",
+                     "dataset": "digits"},
+        "framework": {"images_per_s": 1000.0}}))
+    out = tmp_path / "cost.md"
+    costs = cost_table.main(["--measurements", str(measurements), "--tables", "digits_baselines", "--out", str(out)])
+    cost = costs["digits_baselines"]
+    n_train = len(build_dataset(_cfg(["dataset=digits"]).dataset).train)
+    per_method = {m: _cfg(["experiment=digits_baselines", f"method={m}"]) for m in ("cutout", "gridmask", "randaugment")}
+    epochs = int(per_method["cutout"].train.epochs)
+    ratios = [int(c.method.ratio) for c in per_method.values()]
+    assert cost["jobs"] == 12 and cost["cells"] == 4 and cost["device"] == "cpu"
+    assert cost["image_epochs"] == 3 * epochs * (n_train + sum(n_train * (1 + r) for r in ratios))
+    assert cost["generated_images"] == 3 * sum(n_train * r for r in ratios)  # expansion_seed follows seed
+    (training,) = cost["parts"]["training"].values()
+    assert training["kind"] == "measured" and training["hours"] == pytest.approx(cost["image_epochs"] / 1000 / 3600)
+    assert {e["kind"] for e in cost["parts"]["generation"].values()} == {"measured"}  # baselines are timed on the CPU
+    text = out.read_text()
+    assert "| digits_baselines | cpu | 12 (4 x 3) |" in text and "training_cpu.json: test CPU, 2026-11-29" in text

@@ -1,0 +1,200 @@
+"""Closed-set diffusion throughput: sampling images/s, FLOPs and MFU at the real UNet size, random weights.
+
+Speed does not depend on weight values, so the class-conditional ``UNet2DModel`` of
+:mod:`expansion.closed_set_diffusion` is built from its preset (default ``ddpm_cifar10``: DDPM's
+CIFAR-10 network, 35.7 M parameters at 32 px) with random weights and handed to the expander
+as if fitted: nothing is trained or downloaded. The same network is timed in one run in two modes:
+
+* per-seed: one seed's k samples per ``expand`` call (one denoising loop of k images), float32
+  (``mixed_precision=no``), the plain loop;
+* batched: ``--seeds-per-pass`` seeds x k samples in one loop, ``mixed_precision=bf16`` (bf16
+  autocast on CUDA; no effect on a CPU).
+
+The generator's fit (the DDPM objective, AdamW, EMA: :func:`~expansion.closed_set_diffusion.train_diffusion`)
+is timed too: ``--fit-steps`` steps at ``--fit-batch`` after one untimed step whose FLOPs are counted.
+
+Usage (from the repository root)::
+
+    python benchmarks/closed_set_throughput.py                   # CUDA: 50 DDIM steps, k=5, 64 seeds/pass
+    OMP_NUM_THREADS=1 python benchmarks/closed_set_throughput.py --device cpu   # 5 steps, k=2, 2 seeds
+
+``--unet tiny`` times the CPU setting of ``closed_set_diffusion_cpu`` instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from benchmarks.flops import count_flops, describe, gpu_peak_tflops, utilisation  # noqa: E402
+from benchmarks.gif_sd_throughput import DATASETS, _sync, load_seeds, machine, n_params, write_report  # noqa: E402
+from expansion.base import ExpansionContext  # noqa: E402
+from expansion.closed_set_diffusion import (UNET_PRESETS, ClosedSetDiffusion, FitSettings, ScheduleSpec,  # noqa: E402
+                                            build_unet, model_resolution, train_diffusion, unet_spec)
+from expansion.seeding import image_seeds  # noqa: E402
+
+
+def make_expander(unet, context: ExpansionContext, args: argparse.Namespace, mode: str) -> ClosedSetDiffusion:
+    exp = ClosedSetDiffusion(ratio=args.ratio, unet=args.unet, resolution=args.resolution, sampler=args.sampler,
+                             num_inference_steps=args.steps,
+                             mixed_precision="no" if mode == "per_seed" else "bf16",
+                             batch_size=1 if mode == "per_seed" else args.seeds_per_pass)
+    exp.context = context  # prepare() + fit() would train the generator: set the context and the network instead
+    exp.unet = unet
+    return exp
+
+
+def calls_for(mode: str, images: torch.Tensor, labels: torch.Tensor, k: int) -> list[tuple]:
+    n = images.shape[0]
+    seeds = image_seeds(0, range(n), k)
+    if mode == "batched":
+        return [(images, labels, seeds)]
+    return [(images[b:b + 1], labels[b:b + 1], seeds[b:b + 1]) for b in range(n)]
+
+
+def measure(mode: str, unet, images: torch.Tensor, labels: torch.Tensor, context: ExpansionContext,
+            args: argparse.Namespace) -> dict[str, Any]:
+    device = images.device
+    exp = make_expander(unet, context, args, mode)
+    calls = calls_for(mode, images, labels, args.ratio)
+    # warm-up (allocator, kernels): not timed; its FLOPs are counted
+    warm, flops = count_flops(lambda: exp.expand(*calls[0]))
+    flops_per_image = flops / (warm.images.shape[0] * warm.images.shape[1])
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(args.repeats):
+        _sync(device)
+        start = time.perf_counter()
+        for call in calls:
+            out = exp.expand(*call)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    images_done = args.repeats * images.shape[0] * args.ratio
+    peak, _ = gpu_peak_tflops(device, args.peak_tflops)
+    autocast = device.type == "cuda" and exp.params["mixed_precision"] == "bf16"
+    return {
+        "mode": mode, "dtype": "bfloat16 autocast" if autocast else "float32",
+        "seeds_per_call": list(calls[0][2].shape), "calls_per_repeat": len(calls), "repeats": args.repeats,
+        "images": images_done, "seconds": sum(times), "seconds_per_repeat": times,
+        "images_per_s": images_done / sum(times),
+        "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "output_shape": list(out.images.shape[2:]),
+        "flops_per_image": flops_per_image, **utilisation(flops_per_image, images_done / sum(times), peak),
+    }
+
+
+def measure_fit(unet, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+                args: argparse.Namespace) -> dict[str, Any]:
+    """Seconds and FLOPs per training step of the generator (one untimed, counted step first)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        def fit(steps: int) -> dict[str, Any]:
+            # one step of warm-up means no warm-up of the learning rate: steps are all alike
+            settings = FitSettings(steps=steps, batch_size=args.fit_batch, warmup_steps=0, checkpoint_every=10**9)
+            return train_diffusion(unet, schedule, images, labels, settings,
+                                   checkpoint_path=Path(tmp) / "fit.safetensors", device=device,
+                                   mixed_precision="bf16")
+
+        schedule = ScheduleSpec()  # the config's default (DDPM linear, epsilon)
+        _, flops = count_flops(lambda: fit(1))
+        _sync(device)
+        result = fit(args.fit_steps)
+        _sync(device)
+    seconds_per_step = result["seconds"] / args.fit_steps
+    peak, _ = gpu_peak_tflops(device, args.peak_tflops)
+    return {"batch_size": args.fit_batch, "steps": args.fit_steps, "seconds_per_step": seconds_per_step,
+            "train_images_per_s": args.fit_batch / seconds_per_step, "flops_per_step": flops,
+            "dtype": "bfloat16 autocast" if device.type == "cuda" else "float32",
+            **utilisation(flops, 1 / seconds_per_step, peak)}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--unet", default="ddpm_cifar10", choices=sorted(UNET_PRESETS), help="UNet preset")
+    p.add_argument("--resolution", type=int, default=None, help="model side in px (default: the seeds' side "
+                   "rounded up to the UNet's downsampling, as the method's resolution: null)")
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "dpm_solver"])
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50 on cuda, 5 on cpu)")
+    p.add_argument("--seeds-per-pass", type=int, default=None, help="seeds per batched call (default 64 on cuda, "
+                   "2 on cpu); also the number of seeds the per-seed mode goes through")
+    p.add_argument("--ratio", type=int, default=None, help="k samples per seed (default 5 on cuda, 2 on cpu)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per mode (default 2 on cuda, 1 on cpu)")
+    p.add_argument("--fit-steps", type=int, default=None, help="timed training steps (default 20 on cuda, 2 on cpu)")
+    p.add_argument("--fit-batch", type=int, default=None, help="training batch (default 128 = the config's on "
+                   "cuda, 16 on cpu)")
+    p.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS), help="where the seed images come from")
+    p.add_argument("--data", type=Path, default=Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data")),
+                   help="the shared data folder (cifar10_subset/, medmnist/)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak for MFU "
+                   "(default: looked up by device name, benchmarks/flops.py)")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = p.parse_args(argv)
+    args.tiny = False  # write_report's field: the network is always the named preset
+    on_cuda = torch.device(args.device).type == "cuda"
+    defaults = {"steps": 50 if on_cuda else 5, "seeds_per_pass": 64 if on_cuda else 2, "ratio": 5 if on_cuda else 2,
+                "repeats": 2 if on_cuda else 1, "fit_steps": 20 if on_cuda else 2, "fit_batch": 128 if on_cuda else 16}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if min(args.steps, args.seeds_per_pass, args.ratio, args.repeats, args.fit_steps, args.fit_batch) < 1:
+        raise SystemExit("--steps, --seeds-per-pass, --ratio, --repeats, --fit-steps and --fit-batch must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    images, labels, context = load_seeds(args.data.expanduser(), args.dataset, args.seeds_per_pass)
+    spec = unet_spec(args.unet)
+    resolution = model_resolution(spec, int(images.shape[-1]), args.resolution)
+    start = time.perf_counter()
+    unet = build_unet(spec, channels=int(images.shape[1]), resolution=resolution,
+                      num_classes=len(context.class_names), null_class=False, seed=0)
+    build_s = time.perf_counter() - start
+    params = {"unet": n_params(unet)}
+    unet.to(device).eval().requires_grad_(False)
+    images, labels = images.to(device), labels.to(device)
+    print(f"Closed-set diffusion throughput ({args.unet} UNet, random weights)")
+    print(f"  machine: {machine(device)}")
+    print(f"  parameters: unet {params['unet'] / 1e6:.2f}M; built in {build_s:.1f} s")
+    print(f"  seeds: {args.dataset} {tuple(images.shape)} -> {resolution} px, {len(context.class_names)} classes, "
+          f"{args.sampler} {args.steps} steps, no guidance, k={args.ratio}, {args.seeds_per_pass} seeds, "
+          f"{args.repeats} timed repeat(s), warm-up excluded")
+    results = []
+    for mode in ("per_seed", "batched"):
+        results.append(measure(mode, unet, images, labels, context, args))
+        r = results[-1]
+        shape = "x".join(map(str, r["seeds_per_call"]))
+        peak = f", peak GPU {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else ""
+        print(f"  closed_set {mode:<8} {r['dtype']:<17} seeds [B,k]={shape:<5} x {r['calls_per_repeat']} call(s): "
+              f"{r['images_per_s']:.4f} img/s ({r['images']} images in {r['seconds']:.2f} s{peak}){describe(r)}",
+              flush=True)
+    speedup = results[1]["images_per_s"] / results[0]["images_per_s"]
+    print(f"  closed_set: batched / per-seed = {speedup:.2f}x")
+    fit_images, fit_labels, _ = load_seeds(args.data.expanduser(), args.dataset, args.fit_batch)
+    fit = measure_fit(unet, fit_images, fit_labels, device, args)
+    mfu = f", MFU {100 * fit['mfu']:.2f} %" if fit["mfu"] is not None else ""
+    print(f"  fit ({fit['dtype']}): batch {fit['batch_size']}, {fit['seconds_per_step']:.3f} s/step = "
+          f"{fit['train_images_per_s']:.1f} training images/s, {fit['flops_per_step'] / 1e9:.1f} GFLOP/step, "
+          f"{fit['achieved_tflops'] * 1e3:.2f} GFLOP/s{mfu}")
+    return write_report(args, device, params, build_s, results, speedup, benchmark="closed_set_diffusion",
+                        extra={"fit": fit})
+
+
+if __name__ == "__main__":
+    main()
