@@ -17,15 +17,20 @@ import numpy as np
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from expansion.base import Expander, ExpansionContext, ExpansionError
 from expansion.engine import ExpansionResult, expand_dataset
 from expansion.store import atomic_write_text
 
+from . import wandb_logging
+from .checkpoints import LAST_CHECKPOINT, AtomicCheckpointIO, StampRunSignature, resume_point, training_signature
 from .classifier import ImageClassifier
 from .data import ExpansionDataModule, load_expanded_images
 from .datasets import DatasetSplits, build_dataset
+from .preemption import PREEMPTED_CHECKPOINT, PREEMPTION, StopOnPreemption
 from .timing import EpochTimer
 
 log = logging.getLogger(__name__)
@@ -81,6 +86,7 @@ def run_expansion(cfg: DictConfig, data: DatasetSplits, expander: Expander) -> E
         num_workers=int(cfg.method.get("num_workers", 0)),
         trainer_kwargs=gen_trainer,
         lock_timeout=float(cfg.get("store_lock_timeout", -1)),
+        callbacks=[StopOnPreemption()],
     )
 
 
@@ -121,21 +127,40 @@ def train_and_evaluate(cfg: DictConfig, data: DatasetSplits, expanded_images, ex
     test accuracy and test accuracy at the best validation epoch (never selecting on test)."""
     datamodule = build_datamodule(cfg, data, expanded_images, expanded_labels, include_original)
     model = build_classifier(cfg, data)
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc", mode="max",
-                                 save_top_k=1, save_last=True)
+    checkpoints = run_dir / "checkpoints"
+    # best.ckpt only serves the test at the best val epoch: weights only, half the bytes of a full checkpoint
+    checkpoint = ModelCheckpoint(dirpath=checkpoints, filename="best", monitor="val/acc", mode="max", save_top_k=1,
+                                 save_weights_only=True)
+    # last.ckpt after every epoch (Lightning >= 2.6's save_last only refreshes it with a new best)
+    latest = ModelCheckpoint(dirpath=checkpoints, filename=LAST_CHECKPOINT.removesuffix(".ckpt"), save_top_k=1,
+                             enable_version_counter=False)
+    # a requeued or rerun job with the same run dir resumes from its newest checkpoint
+    signature = training_signature(cfg, data.identity, expanded_images is not None, include_original)
+    resume = resume_point(checkpoints, signature)
     kwargs = trainer_kwargs(cfg)
     kwargs.setdefault("enable_progress_bar", bool(cfg.get("progress_bar", False)))
     epoch_timer = EpochTimer()
-    trainer = L.Trainer(max_epochs=int(cfg.train.epochs), logger=logger, callbacks=[checkpoint, epoch_timer],
-                        default_root_dir=str(run_dir), num_sanity_val_steps=0, enable_model_summary=False,
-                        **kwargs)
+    callbacks = [checkpoint, latest, StampRunSignature(signature),
+                 StopOnPreemption(checkpoint_path=str(checkpoints / PREEMPTED_CHECKPOINT)), epoch_timer]
+    trainer = L.Trainer(max_epochs=int(cfg.train.epochs), logger=logger, callbacks=callbacks,
+                        # checkpoints are written by a background thread from a copy of the state (atomic as
+                        # before; fit waits for the last one), so the epochs do not wait for the disk
+                        plugins=[AsyncCheckpointIO(AtomicCheckpointIO())], default_root_dir=str(run_dir),
+                        num_sanity_val_steps=0, enable_model_summary=False, **kwargs)
+    if resume:
+        log.info("resuming training from %s (epoch %d, step %d)", resume[0], resume[1]["epoch"],
+                 resume[1]["global_step"])
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume[0] if resume else None, weights_only=True)
     train_seconds = time.perf_counter() - start
+    (checkpoints / PREEMPTED_CHECKPOINT).unlink(missing_ok=True)  # superseded by last.ckpt
+    history = list(model.val_history)
     final = trainer.test(model, datamodule=datamodule, verbose=False)[0]["test/acc"]
-    best = trainer.test(model, datamodule=datamodule, ckpt_path=checkpoint.best_model_path, verbose=False)[0]["test/acc"]
-    history = model.val_history
+    best = trainer.test(model, datamodule=datamodule, ckpt_path=checkpoint.best_model_path, verbose=False,
+                        weights_only=True)[0]["test/acc"]
     best_epoch = int(np.argmax(history)) if history else -1
+    steps_now = trainer.global_step - (resume[1]["global_step"] if resume else 0)
+    epochs_now = int(cfg.train.epochs) * steps_now / max(trainer.global_step, 1)
     return {
         "test_acc_final": 100.0 * float(final),
         "test_acc_best_val": 100.0 * float(best),
@@ -145,7 +170,8 @@ def train_and_evaluate(cfg: DictConfig, data: DatasetSplits, expanded_images, ex
         "num_train_images": datamodule.num_train,
         "train_seconds": round(train_seconds, 3),
         "epoch_seconds": [round(t, 4) for t in epoch_timer.epoch_seconds],
-        "images_per_second": round(datamodule.num_train * int(cfg.train.epochs) / max(train_seconds, 1e-9), 1),
+        "images_per_second": round(datamodule.num_train * epochs_now / max(train_seconds, 1e-9), 1),
+        "resumed_from": {"checkpoint": resume[0].name, **resume[1]} if resume else None,
     }
 
 
@@ -153,11 +179,24 @@ def make_logger(cfg: DictConfig, run_dir: Path) -> Any:
     logger_cfg = cfg.get("logger")
     if not logger_cfg or logger_cfg.get("_target_") is None:
         return False
+    if wandb_logging.is_wandb_config(logger_cfg):
+        return wandb_logging.make_wandb_logger(cfg, run_dir)
     return instantiate(logger_cfg, save_dir=str(run_dir))
 
 
 def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict[str, Any]:
-    """Run one experiment; returns (and writes to ``run_dir/metrics.json``) its metrics."""
+    """Run one experiment; returns (and writes to ``run_dir/metrics.json``) its metrics.
+    Its W&B run (if any) is finished however the job ends, marked failed unless it succeeded."""
+    try:
+        metrics = _run(cfg, run_dir)
+    except BaseException as exc:
+        wandb_logging.finish_run(exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 1)
+        raise
+    wandb_logging.finish_run(0)
+    return metrics
+
+
+def _run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict[str, Any]:
     run_dir = Path(run_dir) if run_dir is not None else _hydra_run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     total_start = time.perf_counter()
@@ -170,6 +209,7 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict[str, Any]:
     # there, and an unreadable file fails now, with nothing generated
     data = build_dataset(cfg.dataset).in_memory(tensor_dir=cfg.paths.get("tensor_dir"))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    logger = make_logger(cfg, run_dir)
 
     metrics: dict[str, Any] = {
         "table": cfg.get("table"),
@@ -208,14 +248,19 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict[str, Any]:
                      metrics["quality"]["fid"], metrics["quality"]["label_agreement"],
                      metrics["quality"]["vendi_expanded"], metrics["quality"]["vendi_original"],
                      metrics["quality"]["near_duplicates"], metrics["quality"]["seconds"])
+        if isinstance(logger, WandbLogger):
+            wandb_logging.log_expansion(logger, cfg, metrics, data, result.expanded, expanded_images, run_dir)
+    PREEMPTION.stop_if_requested()  # a signal during expansion or quality: stop before training
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     metrics.update(train_and_evaluate(cfg, data, expanded_images, expanded_labels, run_dir / "train",
-                                      make_logger(cfg, run_dir), include_original))
+                                      logger, include_original))
     if expander is not None and _compare_original(cfg):
+        PREEMPTION.stop_if_requested()
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
         metrics["original"] = train_and_evaluate(cfg, data, None, None, run_dir / "train_original", False)
-    _finish_wandb_run()
     metrics["total_seconds"] = round(time.perf_counter() - total_start, 3)
+    if isinstance(logger, WandbLogger):
+        wandb_logging.log_results(logger, metrics)
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     print(summary_line(metrics))
     return metrics
@@ -231,14 +276,6 @@ def summary_line(m: dict[str, Any]) -> str:
                  f"test acc: final {o['test_acc_final']:.2f}%, at best val epoch {o['test_acc_best_val']:.2f}%"
                  f"\nexpanded - original: {m['test_acc_final'] - o['test_acc_final']:+.2f} points (final epoch)")
     return line
-
-
-def _finish_wandb_run() -> None:
-    """End this job's W&B run so the next job of a multirun starts its own."""
-    import sys
-
-    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
-        sys.modules["wandb"].finish()
 
 
 def _compare_original(cfg: DictConfig) -> bool:
