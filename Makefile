@@ -36,8 +36,9 @@ sweep-digits:  ## original vs the three baselines on digits, 3 seeds, into resul
 benchmark-cpu:  ## the recorded CPU benchmark: BreastMNIST 28 px, small CNN, 4 methods x 3 seeds
 	$(PYTHON) run.py -m experiment=medical_cpu
 
-benchmark-training:  ## training epoch: framework vs bare PyTorch loop, BreastMNIST 28 px small CNN on the CPU
-	$(PYTHON) benchmarks/training_throughput.py --device cpu --repeats 5 --json $(BENCH_OUT)/training_cpu.json
+benchmark-training:  ## CPU training epoch: framework vs bare PyTorch loop (BreastMNIST 28 px), decoded-tensor cache
+	$(PYTHON) benchmarks/training_throughput.py --device cpu --repeats 7 --json $(BENCH_OUT)/training_cpu.json
+	$(PYTHON) benchmarks/tensor_cache_speed.py --json $(BENCH_OUT)/tensor_cache_cpu.json
 
 benchmark-generation-cpu:  ## GIF-SD/MAE/unCLIP + closed-set images/s and GFLOP/s at real sizes, smallest CPU settings
 	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/gif_sd_throughput.py --device cpu --json $(BENCH_OUT)/gif_sd_cpu.json

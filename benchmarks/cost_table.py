@@ -57,6 +57,8 @@ GREY = ("breastmnist", "organsmnist")
 #: datasets read from ../shared/data: their sizes and channels are computed by loading them
 OFFLINE = ("breastmnist", "cifar10_subset", "mnist", "digits")
 CLASSIC = ("cutout", "gridmask", "randaugment")
+#: GPU training is estimated from FLOPs only for inputs this large (compute-bound convolutions)
+MIN_ESTIMATE_SIZE = 224
 
 
 @dataclass
@@ -169,9 +171,9 @@ def training_flops_per_image(arch: str, channels: int, input_size: int) -> int:
 
     with torch.device("meta"):
         net = create_network(arch, 10, channels, input_size)
-        x = torch.zeros(1, channels, input_size, input_size)
+        x = torch.zeros(2, channels, input_size, input_size)  # 2: BatchNorm refuses one value per channel
     _, flops = count_flops(lambda: net(x).sum().backward())
-    return flops
+    return flops // 2
 
 
 @dataclass
@@ -223,10 +225,15 @@ class Rates:
             s = m["settings"]
             if s["arch"] == job.arch and s["input_size"] == job.input_size and s["channels"] == job.channels:
                 rate = m["framework"]["images_per_s"]
-                note = "" if s["batch_size"] == job.batch_size else f" (at batch {s['batch_size']}, job batch {job.batch_size})"
-                return Rate(1 / rate, "measured", f"{job.arch} {job.input_size} px {s['precision']}: "
-                            f"{rate:.0f} img/s{note} [{_origin(m)}]")
+                if s["batch_size"] == job.batch_size:
+                    return Rate(1 / rate, "measured", f"{job.arch} {job.input_size} px {s['precision']} batch "
+                                f"{job.batch_size}: {rate:.0f} img/s [{_origin(m)}]")
+                return Rate(1 / rate, "estimate", f"{job.arch} {job.input_size} px {s['precision']}: {rate:.0f} img/s "
+                            f"measured at batch {s['batch_size']}, applied to batch {job.batch_size} [{_origin(m)}]")
         flops = self.flops(job.arch, job.channels, job.input_size)
+        if job.device == "gpu" and job.input_size < MIN_ESTIMATE_SIZE:
+            return Rate(None, "not measured", f"{job.arch} {job.input_size} px on gpu (no FLOP estimate below "
+                        f"{MIN_ESTIMATE_SIZE} px: such small inputs leave a GPU bound by per-step overheads, not FLOPs)")
         if job.device == "gpu":
             rate = self.gpu_peak * 1e12 * self.assumed_mfu / flops
             return Rate(1 / rate, "estimate", f"{job.arch} {job.input_size} px: {flops / 1e9:.2f} GFLOP/img counted / "
@@ -375,7 +382,7 @@ def render(costs: dict[str, dict[str, Any]], rates: Rates, args: argparse.Namesp
              "Each figure is labelled: **measured** (from a benchmark run, machine and date in its basis, or "
              "timed by this script), **estimate** (the basis says how it is derived; never a measurement) or "
              "**not measured** (left out of the hours; the units it would multiply are given: images for "
-             "generation, steps for fits).", ""]
+             "generation, steps for fits).", ""] + ([args.note, ""] if args.note else [])
     if not any(m["device"].startswith("cuda") for m in rates.measurements):
         lines += ["**No GPU measurement was available** when this file was written: every GPU training figure is "
                   f"an estimate at an assumed MFU of {rates.assumed_mfu:.0%} of {rates.gpu_peak:.0f} TFLOP/s "
@@ -409,6 +416,8 @@ def _command(args: argparse.Namespace) -> str:
         parts.append(f"--measurements {args.measurements}")
     if list(args.tables) != list(TABLES):
         parts.append("--tables " + " ".join(args.tables))
+    if args.note:
+        parts.append("--note '<the paragraph below>'")
     return " ".join(parts)
 
 
@@ -421,6 +430,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--assumed-mfu", type=float, default=0.15, help="MFU assumed for GPU training estimates "
                    "(well-tuned ResNet-50 bf16 training reaches roughly 15-20 %% of an H100's peak; depthwise "
                    "networks such as MobileNetV2 far less)")
+    p.add_argument("--note", default=None, help="a paragraph for the top of the file (e.g. the machine's load)")
     p.add_argument("--out", type=Path, default=None, help="write the markdown here (else print it)")
     return p.parse_args(argv)
 

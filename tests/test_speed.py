@@ -268,6 +268,18 @@ def test_training_benchmark_smoke(shared_data, tmp_path, capsys):
     assert report["ratio_framework_over_bare"] > 0
 
 
+def test_checkpoints_written_in_the_background_are_whole_when_fit_returns(tmp_path):
+    from experiments.pipeline import train_and_evaluate
+
+    cfg = _cfg(["dataset=digits", "train.epochs=2", "logger=none"])
+    metrics = train_and_evaluate(cfg, build_dataset(cfg.dataset).in_memory(), None, None, tmp_path / "train", False)
+    checkpoints = tmp_path / "train" / "checkpoints"
+    last = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    best = torch.load(checkpoints / "best.ckpt", weights_only=True)
+    assert last["epoch"] == 1 and last["optimizer_states"]  # the full training state, for resuming
+    assert "optimizer_states" not in best and best["state_dict"].keys() == last["state_dict"].keys()
+    assert len(metrics["epoch_seconds"]) == 2 and not list(checkpoints.glob("*.tmp-*"))
+
 
 # --------------------------------------------------------------------------- generation FLOPs and MFU
 
@@ -336,7 +348,7 @@ def test_cost_table_multiplies_measured_rates_over_the_sweep_grid(tmp_path):
     measurements.mkdir()
     (measurements / "training_cpu.json").write_text(json.dumps({
         "benchmark": "training", "device": "cpu", "machine": "test CPU", "date": "2026-11-29",
-        "settings": {"arch": "small_cnn", "input_size": 8, "channels": 1, "batch_size": 256, "precision": "32-true",
+        "settings": {"arch": "small_cnn", "input_size": 8, "channels": 1, "batch_size": 64, "precision": "32-true",
                      "dataset": "digits"},
         "framework": {"images_per_s": 1000.0}}))
     out = tmp_path / "cost.md"
@@ -354,3 +366,19 @@ def test_cost_table_multiplies_measured_rates_over_the_sweep_grid(tmp_path):
     assert {e["kind"] for e in cost["parts"]["generation"].values()} == {"measured"}  # baselines are timed on the CPU
     text = out.read_text()
     assert "| digits_baselines | cpu | 12 (4 x 3) |" in text and "training_cpu.json: test CPU, 2026-11-29" in text
+    # the same rate at another batch size is an estimate, never a measurement
+    other_batch = json.loads((measurements / "training_cpu.json").read_text())
+    other_batch["settings"]["batch_size"] = 256
+    (measurements / "training_cpu.json").write_text(json.dumps(other_batch))
+    (training,) = cost_table.main(["--measurements", str(measurements), "--tables", "digits_baselines"]
+                                  )["digits_baselines"]["parts"]["training"].values()
+    assert training["kind"] == "estimate"
+
+
+def test_tensor_cache_benchmark_writes_the_cache_before_timing():
+    from benchmarks.tensor_cache_speed import compare
+
+    calls = []
+    row = compare("fake", 3, lambda: calls.append("decode"), lambda: calls.append("load"), repeats=2)
+    assert calls == ["load", "decode", "load", "decode", "load"]  # untimed first load, then interleaved
+    assert row["images"] == 3 and len(row["seconds"]["decode"]) == 2 and row["speedup"] > 0
