@@ -37,12 +37,12 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.flops import count_flops, describe, gpu_peak_tflops, utilisation  # noqa: E402
-from benchmarks.gif_sd_throughput import DATASETS, _sync, load_seeds, machine, n_params, write_report  # noqa: E402
+from benchmarks.expansion_timing import result_line, seed_calls, sync, time_expand_calls  # noqa: E402
+from benchmarks.flops import count_flops, gpu_peak_tflops, utilisation  # noqa: E402
+from benchmarks.gif_sd_throughput import DATASETS, load_seeds, machine, n_params, write_report  # noqa: E402
 from expansion.base import ExpansionContext  # noqa: E402
 from expansion.closed_set_diffusion import (UNET_PRESETS, ClosedSetDiffusion, FitSettings, ScheduleSpec,  # noqa: E402
                                             build_unet, model_resolution, train_diffusion, unet_spec)
-from expansion.seeding import image_seeds  # noqa: E402
 
 
 def make_expander(unet, context: ExpansionContext, args: argparse.Namespace, mode: str) -> ClosedSetDiffusion:
@@ -55,45 +55,14 @@ def make_expander(unet, context: ExpansionContext, args: argparse.Namespace, mod
     return exp
 
 
-def calls_for(mode: str, images: torch.Tensor, labels: torch.Tensor, k: int) -> list[tuple]:
-    n = images.shape[0]
-    seeds = image_seeds(0, range(n), k)
-    if mode == "batched":
-        return [(images, labels, seeds)]
-    return [(images[b:b + 1], labels[b:b + 1], seeds[b:b + 1]) for b in range(n)]
-
-
 def measure(mode: str, unet, images: torch.Tensor, labels: torch.Tensor, context: ExpansionContext,
             args: argparse.Namespace) -> dict[str, Any]:
-    device = images.device
     exp = make_expander(unet, context, args, mode)
-    calls = calls_for(mode, images, labels, args.ratio)
-    # warm-up (allocator, kernels): not timed; its FLOPs are counted
-    warm, flops = count_flops(lambda: exp.expand(*calls[0]))
-    flops_per_image = flops / (warm.images.shape[0] * warm.images.shape[1])
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(args.repeats):
-        _sync(device)
-        start = time.perf_counter()
-        for call in calls:
-            out = exp.expand(*call)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    images_done = args.repeats * images.shape[0] * args.ratio
-    peak, _ = gpu_peak_tflops(device, args.peak_tflops)
-    autocast = device.type == "cuda" and exp.params["mixed_precision"] == "bf16"
-    return {
-        "mode": mode, "dtype": "bfloat16 autocast" if autocast else "float32",
-        "seeds_per_call": list(calls[0][2].shape), "calls_per_repeat": len(calls), "repeats": args.repeats,
-        "images": images_done, "seconds": sum(times), "seconds_per_repeat": times,
-        "images_per_s": images_done / sum(times),
-        "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        "output_shape": list(out.images.shape[2:]),
-        "flops_per_image": flops_per_image, **utilisation(flops_per_image, images_done / sum(times), peak),
-    }
+    calls = seed_calls(mode, images, labels, args.ratio)
+    timing = time_expand_calls(exp, calls, images.device, args.repeats, images.shape[0] * args.ratio,
+                               args.peak_tflops)
+    autocast = images.device.type == "cuda" and exp.params["mixed_precision"] == "bf16"
+    return {"mode": mode, "dtype": "bfloat16 autocast" if autocast else "float32", **timing}
 
 
 def measure_fit(unet, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
@@ -109,9 +78,9 @@ def measure_fit(unet, images: torch.Tensor, labels: torch.Tensor, device: torch.
 
         schedule = ScheduleSpec()  # the config's default (DDPM linear, epsilon)
         _, flops = count_flops(lambda: fit(1))
-        _sync(device)
+        sync(device)
         result = fit(args.fit_steps)
-        _sync(device)
+        sync(device)
     seconds_per_step = result["seconds"] / args.fit_steps
     peak, _ = gpu_peak_tflops(device, args.peak_tflops)
     return {"batch_size": args.fit_batch, "steps": args.fit_steps, "seconds_per_step": seconds_per_step,
@@ -178,12 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = []
     for mode in ("per_seed", "batched"):
         results.append(measure(mode, unet, images, labels, context, args))
-        r = results[-1]
-        shape = "x".join(map(str, r["seeds_per_call"]))
-        peak = f", peak GPU {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else ""
-        print(f"  closed_set {mode:<8} {r['dtype']:<17} seeds [B,k]={shape:<5} x {r['calls_per_repeat']} call(s): "
-              f"{r['images_per_s']:.4f} img/s ({r['images']} images in {r['seconds']:.2f} s{peak}){describe(r)}",
-              flush=True)
+        print(result_line("closed_set", results[-1]), flush=True)
     speedup = results[1]["images_per_s"] / results[0]["images_per_s"]
     print(f"  closed_set: batched / per-seed = {speedup:.2f}x")
     fit_images, fit_labels, _ = load_seeds(args.data.expanduser(), args.dataset, args.fit_batch)

@@ -40,12 +40,11 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.flops import count_flops, describe, gpu_peak_tflops, utilisation  # noqa: E402
-from benchmarks.gif_sd_throughput import DATASETS, _sync, write_report, build_real_guide, load_seeds, machine, n_params  # noqa: E402
+from benchmarks.expansion_timing import result_line, seed_calls, time_expand_calls  # noqa: E402
+from benchmarks.gif_sd_throughput import DATASETS, write_report, build_real_guide, load_seeds, machine, n_params  # noqa: E402
 from expansion.base import ExpansionContext  # noqa: E402
 from expansion.gif_mae import GifMAE  # noqa: E402
 from expansion.guides import ClipGuide  # noqa: E402
-from expansion.seeding import image_seeds  # noqa: E402
 
 #: facebook/vit-mae-large's config.json (transformers ViTMAEConfig)
 VIT_MAE_LARGE = dict(
@@ -86,50 +85,13 @@ def make_expander(model, guide: ClipGuide, context: ExpansionContext, args: argp
     return exp
 
 
-def calls_for(mode: str, images: torch.Tensor, labels: torch.Tensor, k: int) -> list[tuple]:
-    n = images.shape[0]
-    seeds = image_seeds(0, range(n), k)
-    if mode == "batched":
-        return [(images, labels, seeds)]
-    return [(images[b:b + 1], labels[b:b + 1], seeds[b:b + 1]) for b in range(n)]
-
-
 def measure(mode: str, model, guide: ClipGuide, images: torch.Tensor, labels: torch.Tensor,
             context: ExpansionContext, args: argparse.Namespace) -> dict[str, Any]:
-    device = images.device
-    calls = calls_for(mode, images, labels, args.ratio)
+    calls = seed_calls(mode, images, labels, args.ratio)
     exp = make_expander(model, guide, context, args, batch=int(calls[0][2].shape[0]))
-    # warm-up (casts the weights, allocator, kernels): not timed; its FLOPs are counted
-    warm, flops = count_flops(lambda: exp.expand(*calls[0]))
-    flops_per_image = flops / (warm.images.shape[0] * warm.images.shape[1])
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(args.repeats):
-        _sync(device)
-        start = time.perf_counter()
-        for call in calls:
-            out = exp.expand(*call)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    images_done = args.repeats * images.shape[0] * args.ratio
-    peak, _ = gpu_peak_tflops(device, args.peak_tflops)
-    return {
-        "mode": mode, "dtype": str(exp.model_dtype).replace("torch.", ""), "seeds_per_call": list(calls[0][2].shape),
-        "calls_per_repeat": len(calls), "repeats": args.repeats, "images": images_done, "seconds": sum(times),
-        "seconds_per_repeat": times, "images_per_s": images_done / sum(times),
-        "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        "output_shape": list(out.images.shape[2:]),
-        "flops_per_image": flops_per_image, **utilisation(flops_per_image, images_done / sum(times), peak),
-    }
-
-
-def _line(r: dict[str, Any]) -> str:
-    shape = "x".join(map(str, r["seeds_per_call"]))
-    peak = f", peak GPU {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else ""
-    return (f"  gif_mae {r['mode']:<8} {r['dtype']:<8} seeds [B,k]={shape:<5} x {r['calls_per_repeat']} call(s): "
-            f"{r['images_per_s']:.4f} img/s ({r['images']} images in {r['seconds']:.2f} s{peak}){describe(r)}")
+    timing = time_expand_calls(exp, calls, images.device, args.repeats, images.shape[0] * args.ratio,
+                               args.peak_tflops)
+    return {"mode": mode, "dtype": str(exp.model_dtype).replace("torch.", ""), **timing}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -194,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = []
     for mode in ("per_seed", "batched"):
         results.append(measure(mode, model, guide, images, labels, context, args))
-        print(_line(results[-1]), flush=True)
+        print(result_line("gif_mae", results[-1]), flush=True)
     speedup = results[1]["images_per_s"] / results[0]["images_per_s"]
     print(f"  gif_mae: batched / per-seed = {speedup:.2f}x")
 

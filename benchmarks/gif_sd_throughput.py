@@ -44,7 +44,8 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.flops import count_flops, describe, gpu_peak_tflops, utilisation  # noqa: E402
+from benchmarks.expansion_timing import result_line, time_expand_calls  # noqa: E402
+from benchmarks.flops import gpu_peak_tflops  # noqa: E402
 from expansion.base import ExpansionContext  # noqa: E402
 from expansion.gif_sd import GifSD, SDImg2Img  # noqa: E402
 from expansion.guides import ClipGuide  # noqa: E402
@@ -201,11 +202,6 @@ def machine(device: torch.device) -> str:
     return f"{name}; torch {torch.__version__}" + (f", CUDA {torch.version.cuda}" if device.type == "cuda" else "")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def make_expander(method: str, mode: str, comps: dict[str, Any], guide: ClipGuide | None,
                   context: ExpansionContext, args: argparse.Namespace) -> GifSD:
     cls = GifSD if method == "gif_sd" else SDImg2Img
@@ -236,47 +232,13 @@ def calls_for(mode: str, images: torch.Tensor, labels: torch.Tensor, k: int) -> 
 
 def measure(method: str, mode: str, comps: dict[str, Any], guide: ClipGuide | None, images: torch.Tensor,
             labels: torch.Tensor, context: ExpansionContext, args: argparse.Namespace) -> dict[str, Any]:
-    device = images.device
     exp = make_expander(method, mode, comps, guide, context, args)
     calls = calls_for(mode, images, labels, args.ratio)
-    # warm-up (casts the weights, allocator, kernels): not timed; its FLOPs are counted
-    warm, flops = count_flops(lambda: exp.expand(*calls[0]))
-    flops_per_image = flops / (warm.images.shape[0] * warm.images.shape[1])
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    generated = 0
-    for _ in range(args.repeats):
-        _sync(device)
-        start = time.perf_counter()
-        for call in calls:
-            out = exp.expand(*call)
-            generated += out.images.shape[0] * out.images.shape[1]
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    kept = args.repeats * images.shape[0] * args.ratio  # k per seed (official: ceil(k/2) passes of 2)
-    seeds_shape = list(calls[0][2].shape)
-    peak, _ = gpu_peak_tflops(device, args.peak_tflops)
-    return {
-        "method": method, "mode": mode, "dtype": str(exp.unet_dtype).replace("torch.", ""),
-        "group_size": exp.params["group_size"], "seeds_per_call": seeds_shape,
-        "calls_per_repeat": len(calls), "repeats": args.repeats, "images": kept, "images_generated": generated,
-        "seconds": sum(times), "seconds_per_repeat": times, "images_per_s": kept / sum(times),
-        "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        "output_shape": list(out.images.shape[2:]),
-        # FLOPs per generated image; the achieved rate counts every generated image's work
-        "flops_per_image": flops_per_image, **utilisation(flops_per_image, generated / sum(times), peak),
-    }
-
-
-def _line(r: dict[str, Any]) -> str:
-    shape = "x".join(map(str, r["seeds_per_call"]))
-    peak = f", peak GPU {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else ""
-    extra = f" ({r['images_generated']} generated)" if r["images_generated"] != r["images"] else ""
-    return (f"  {r['method']:<10} {r['mode']:<8} {r['dtype']:<8} seeds [B,k]={shape:<4} x {r['calls_per_repeat']} "
-            f"call(s), group_size {r['group_size']}: {r['images_per_s']:.4f} img/s "
-            f"({r['images']} images{extra} in {r['seconds']:.2f} s{peak}){describe(r)}")
+    # k kept per seed (official: ceil(k/2) passes of 2, so an odd k generates one more than it keeps)
+    timing = time_expand_calls(exp, calls, images.device, args.repeats, images.shape[0] * args.ratio,
+                               args.peak_tflops)
+    return {"method": method, "mode": mode, "dtype": str(exp.unet_dtype).replace("torch.", ""),
+            "group_size": exp.params["group_size"], **timing}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -374,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows = {}
         for mode in ("official", "batched"):
             rows[mode] = measure(method, mode, comps, guide, images, labels, context, args)
-            print(_line(rows[mode]), flush=True)
+            print(result_line(method, rows[mode]), flush=True)
             results.append(rows[mode])
         speedups[method] = rows["batched"]["images_per_s"] / rows["official"]["images_per_s"]
         print(f"  {method}: batched / official = {speedups[method]:.2f}x")

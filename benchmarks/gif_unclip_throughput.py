@@ -39,13 +39,12 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.flops import count_flops, describe, gpu_peak_tflops, utilisation  # noqa: E402
-from benchmarks.gif_sd_throughput import (DATASETS, write_report, SD_V1_SCHEDULER, SD_V1_VAE, _sync, build_real_guide,  # noqa: E402
+from benchmarks.expansion_timing import result_line, seed_calls, time_expand_calls  # noqa: E402
+from benchmarks.gif_sd_throughput import (DATASETS, write_report, SD_V1_SCHEDULER, SD_V1_VAE, build_real_guide,  # noqa: E402
                                           clip_bpe_tokenizer, load_seeds, machine, n_params)
 from expansion.base import ExpansionContext  # noqa: E402
 from expansion.gif_unclip import GifUnCLIP  # noqa: E402
 from expansion.guides import ClipGuide  # noqa: E402
-from expansion.seeding import image_seeds  # noqa: E402
 
 #: stabilityai/stable-diffusion-2-1-unclip-small unet/config.json
 SD21_UNCLIP_UNET = dict(
@@ -105,51 +104,14 @@ def make_expander(pipe, guide: ClipGuide, context: ExpansionContext, args: argpa
     return exp
 
 
-def calls_for(mode: str, images: torch.Tensor, labels: torch.Tensor, k: int) -> list[tuple]:
-    n = images.shape[0]
-    seeds = image_seeds(0, range(n), k)
-    if mode == "batched":
-        return [(images, labels, seeds)]
-    return [(images[b:b + 1], labels[b:b + 1], seeds[b:b + 1]) for b in range(n)]
-
-
 def measure(mode: str, pipe, guide: ClipGuide, images: torch.Tensor, labels: torch.Tensor,
             context: ExpansionContext, args: argparse.Namespace) -> dict[str, Any]:
-    device = images.device
-    calls = calls_for(mode, images, labels, args.ratio)
+    calls = seed_calls(mode, images, labels, args.ratio)
     exp = make_expander(pipe, guide, context, args, batch=int(calls[0][2].shape[0]))
-    flops_per_image = None
-    if args.warmup:  # warm-up: not timed; its FLOPs are counted (none without a warm-up)
-        warm, flops = count_flops(lambda: exp.expand(*calls[0]))
-        flops_per_image = flops / (warm.images.shape[0] * warm.images.shape[1])
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(args.repeats):
-        _sync(device)
-        start = time.perf_counter()
-        for call in calls:
-            out = exp.expand(*call)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    images_done = args.repeats * images.shape[0] * args.ratio
-    peak, _ = gpu_peak_tflops(device, args.peak_tflops)
-    return {
-        "mode": mode, "dtype": str(exp.model_dtype).replace("torch.", ""), "seeds_per_call": list(calls[0][2].shape),
-        "calls_per_repeat": len(calls), "repeats": args.repeats, "images": images_done, "seconds": sum(times),
-        "images_per_s": images_done / sum(times),
-        "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        "output_shape": list(out.images.shape[2:]),
-        "flops_per_image": flops_per_image, **utilisation(flops_per_image, images_done / sum(times), peak),
-    }
-
-
-def _line(r: dict[str, Any]) -> str:
-    shape = "x".join(map(str, r["seeds_per_call"]))
-    peak = f", peak GPU {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else ""
-    return (f"  gif_unclip {r['mode']:<8} {r['dtype']:<8} seeds [B,k]={shape:<5} x {r['calls_per_repeat']} call(s): "
-            f"{r['images_per_s']:.4f} img/s ({r['images']} images in {r['seconds']:.2f} s{peak}){describe(r)}")
+    # without a warm-up no FLOPs are counted either
+    timing = time_expand_calls(exp, calls, images.device, args.repeats, images.shape[0] * args.ratio,
+                               args.peak_tflops, count=args.warmup)
+    return {"mode": mode, "dtype": str(exp.model_dtype).replace("torch.", ""), **timing}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -213,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = []
     for mode in ("per_seed", "batched"):
         results.append(measure(mode, pipe, guide, images, labels, context, args))
-        print(_line(results[-1]), flush=True)
+        print(result_line("gif_unclip", results[-1]), flush=True)
     speedup = results[1]["images_per_s"] / results[0]["images_per_s"]
     print(f"  gif_unclip: batched / per-seed = {speedup:.2f}x")
     return write_report(args, device, params, build_s, results, speedup, benchmark="gif_unclip")
