@@ -31,8 +31,7 @@ import torch
 from .base import ExpansionContext, ExpansionError, ExpansionOutput
 from .expansive_synthesis.expander import AutoencoderMethod
 from .gif_base import GifExpander
-from .gif_sd import build_guide
-from .guidance import GuidanceSettings, channel_shape, criteria, guided_perturbation, perturb, project_linf
+from .guidance import channel_shape, criteria, guided_perturbation, perturb, project_linf
 from .seeding import derive, per_image_rand
 
 
@@ -55,15 +54,11 @@ class GifAE(AutoencoderMethod, GifExpander):
         if guide.get("kind") not in ("probe", "clip"):
             raise ExpansionError(f"{self.name}: guide.kind must be probe or clip, got {guide.get('kind')!r}")
         self.guided = bool(guided)
-        self.guide_spec = guide
-        self.settings = GuidanceSettings(radius=float(radius), **guidance)
-        self.needs_grad = self.guided
-        self.guide = None
+        self.init_guidance(guide, radius, guidance)
 
     def prepare(self, context: ExpansionContext) -> None:
         super().prepare(context)
-        if self.guided and self.guide_spec.get("kind") == "clip":
-            self.guide = build_guide(self.guide_spec, context.class_names)
+        self.build_clip_guide()
 
     def fit_signature(self) -> dict[str, Any]:
         return {"kind": "autoencoder", **self.autoencoder_fit_signature(), "probe": self.probe_fit_signature()}

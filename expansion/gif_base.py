@@ -1,19 +1,20 @@
 """What every GIF prior (SD, MAE, unCLIP) shares beyond the guidance core: the
 probe guide's fit stage, the seed groups that are scored together, and turning
-decoded images into the stored uint8 batch."""
+decoded images into the stored uint8 batch, the guidance settings and the CLIP guide."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .base import Expander, ExpansionError, to_uint8
-from .guidance import sample_groups
-from .guides import ProbeGuide
+from .guidance import GuidanceSettings, sample_groups
+from .guides import ClipGuide, Guide, ProbeGuide
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's RGB -> L
 
@@ -35,6 +36,21 @@ def pretrained_source(what: str, model_id: str, revision: str | None, local_file
     return (str(path) if looks_local else model_id), kwargs
 
 
+def build_guide(spec: Mapping[str, Any], class_names: Sequence[str]) -> Guide:
+    """A CLIP guide from an open_clip architecture + pretrained tag (or local file)."""
+    kind = spec.get("kind", "clip")
+    if kind != "clip":
+        raise ExpansionError(f"guide kind {kind!r} is built in fit(); expected 'clip' here")
+    if spec.get("model_config"):
+        import open_clip
+
+        open_clip.add_model_config(str(Path(spec["model_config"]).expanduser()))
+    return ClipGuide.from_open_clip(class_names, arch=spec.get("arch", "ViT-B-32"),
+                                    pretrained=spec.get("pretrained", "openai"), cache_dir=spec.get("cache_dir"),
+                                    template=spec.get("template", "This is a photo of a {}"),
+                                    logit_scale=float(spec.get("logit_scale", 100.0)))
+
+
 def train_tensors(train: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images ``[N, C, H, W]`` and labels of a training split."""
     images = train.to_tensor() if hasattr(train, "to_tensor") else torch.stack([train[i][0] for i in range(len(train))])
@@ -46,6 +62,21 @@ class GifExpander(Expander):
     ``params["output_size"]``/``params["group_size"]``."""
 
     guide_spec: dict[str, Any]
+    guided: bool = True  # False: the unguided ablation (same perturbation draws, no guidance step)
+
+    def init_guidance(self, guide: dict[str, Any], radius: float, guidance: Mapping[str, Any] | None) -> None:
+        """GIF's guidance settings (the L-inf radius of the channel-wise perturbation, the criteria
+        weights and steps) and the guide's config; a probe guide makes a fit stage."""
+        self.guide_spec = guide
+        self.settings = GuidanceSettings(radius=float(radius), **(guidance or {}))
+        self.needs_grad = self.guided
+        self.needs_fit = self.needs_fit or (self.guided and guide.get("kind") == "probe")
+        self.guide: Guide | None = None
+
+    def build_clip_guide(self) -> None:
+        """``guide.kind: clip`` (the default): the zero-shot CLIP guide over the context's class names."""
+        if self.guided and self.guide_spec.get("kind", "clip") == "clip":
+            self.guide = build_guide(self.guide_spec, self.context.class_names)
 
     def fit(self, train: Any, artifact_dir: Path) -> None:
         images, labels = train_tensors(train)

@@ -65,8 +65,7 @@ import torch.nn.functional as F
 
 from .gif_base import GifExpander, pretrained_source
 from .base import ExpansionContext, ExpansionError, ExpansionOutput
-from .gif_sd import build_guide
-from .guidance import GuidanceSettings, criteria, guided_perturbation
+from .guidance import criteria, guided_perturbation
 from .guides import Guide, to_rgb
 from .seeding import derive, per_image_rand
 
@@ -138,12 +137,8 @@ class GifMAE(GifExpander):
             raise ExpansionError(f"{self.name}: mask_ratio must be in [0, 1), got {mask_ratio}")
         if dtype != "auto" and dtype not in DTYPES:
             raise ExpansionError(f"{self.name}: dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
-        self.guide_spec = guide
-        self.settings = GuidanceSettings(radius=float(radius), **guidance)
-        self.needs_grad = True
-        self.needs_fit = guide.get("kind") == "probe"
+        self.init_guidance(guide, radius, guidance)
         self.mae = None
-        self.guide: Guide | None = None
         self._dtype_set_for: str | None = None
 
     # -- set-up ------------------------------------------------------------------
@@ -151,8 +146,7 @@ class GifMAE(GifExpander):
         super().prepare(context)
         p = self.params
         self.set_components(load_mae(p["model_id"], p["revision"], p["local_files_only"]))
-        if self.guide_spec.get("kind", "clip") == "clip":
-            self.guide = build_guide(self.guide_spec, context.class_names)
+        self.build_clip_guide()
 
     def set_components(self, model, guide: Guide | None = None) -> None:
         """Use an already-built ``ViTMAEForPreTraining`` and, optionally, a guide (tests, benchmarks

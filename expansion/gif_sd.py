@@ -32,10 +32,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .gif_base import GifExpander, pretrained_source, train_tensors
+from .gif_base import GifExpander, build_guide, pretrained_source, train_tensors  # noqa: F401 (build_guide: re-exported)
 from .base import ExpansionContext, ExpansionError, ExpansionOutput
-from .guidance import GuidanceSettings, criteria, guided_perturbation
-from .guides import ClipGuide, Guide, to_rgb
+from .guidance import criteria, guided_perturbation
+from .guides import Guide, to_rgb
 from .seeding import derive, per_image_rand
 
 DOMAINS = ("an image of", "a real-world photo of", "a cartoon image of", "an oil painting of", "a sketch of")
@@ -71,21 +71,6 @@ def load_sd_components(model_id: str, revision: str | None = None,
         ) from exc
 
 
-def build_guide(spec: Mapping[str, Any], class_names: Sequence[str]) -> Guide:
-    """A CLIP guide from an open_clip architecture + pretrained tag (or local file)."""
-    kind = spec.get("kind", "clip")
-    if kind != "clip":
-        raise ExpansionError(f"guide kind {kind!r} is built in fit(); expected 'clip' here")
-    if spec.get("model_config"):
-        import open_clip
-
-        open_clip.add_model_config(str(Path(spec["model_config"]).expanduser()))
-    return ClipGuide.from_open_clip(class_names, arch=spec.get("arch", "ViT-B-32"),
-                                    pretrained=spec.get("pretrained", "openai"), cache_dir=spec.get("cache_dir"),
-                                    template=spec.get("template", "This is a photo of a {}"),
-                                    logit_scale=float(spec.get("logit_scale", 100.0)))
-
-
 class GifSD(GifExpander):
     name = "gif_sd"
     guided = True
@@ -118,12 +103,9 @@ class GifSD(GifExpander):
             value = self.params[key]
             if value != "auto" and value not in DTYPES:
                 raise ExpansionError(f"{self.name}: {key} must be auto or one of {sorted(DTYPES)}, got {value!r}")
-        self.guide_spec = guide
-        self.settings = GuidanceSettings(radius=radius, **guidance)
-        self.needs_grad = self.guided
-        self.needs_fit = bool(dreambooth) or (self.guided and guide.get("kind") == "probe")
+        self.init_guidance(guide, radius, guidance)
+        self.needs_fit = self.needs_fit or bool(dreambooth)
         self.components: dict[str, Any] = {}
-        self.guide: Guide | None = None
         self._dtypes_set_for: str | None = None
 
     # -- set-up ------------------------------------------------------------------
@@ -131,8 +113,7 @@ class GifSD(GifExpander):
         super().prepare(context)
         p = self.params
         self.set_components(load_sd_components(p["model_id"], p["revision"], p["local_files_only"]))
-        if self.guided and self.guide_spec.get("kind", "clip") == "clip":
-            self.guide = build_guide(self.guide_spec, context.class_names)
+        self.build_clip_guide()
 
     def set_components(self, comps: Mapping[str, Any], guide: Guide | None = None) -> None:
         """Use already-built SD components (vae, unet, text_encoder, tokenizer, scheduler) and,

@@ -73,8 +73,7 @@ import torch.nn.functional as F
 
 from .gif_base import GifExpander, pretrained_source
 from .base import ExpansionContext, ExpansionError, ExpansionOutput
-from .gif_sd import build_guide
-from .guidance import GuidanceSettings, criteria, guided_perturbation
+from .guidance import criteria, guided_perturbation
 from .guides import Guide, to_rgb
 from .seeding import derive, generator, per_image_rand
 
@@ -234,12 +233,8 @@ class GifUnCLIP(GifExpander):
             resolution=resolution if backend == "stable_unclip" else None, output_size=output_size, dtype=dtype,
             guidance_chunk=guidance_chunk, local_files_only=local_files_only, batch_size=batch_size,
             num_workers=num_workers)
-        self.guide_spec = guide
-        self.settings = GuidanceSettings(radius=float(radius), **guidance)
-        self.needs_grad = True
-        self.needs_fit = guide.get("kind") == "probe"
+        self.init_guidance(guide, radius, guidance)
         self.pipe = None
-        self.guide: Guide | None = None
         self._dtype_set_for: str | None = None
 
     # -- set-up ------------------------------------------------------------------
@@ -247,8 +242,7 @@ class GifUnCLIP(GifExpander):
         super().prepare(context)
         p = self.params
         self.set_components(load_unclip(p["backend"], p["model_id"], p["revision"], p["local_files_only"]))
-        if self.guide_spec.get("kind", "clip") == "clip":
-            self.guide = build_guide(self.guide_spec, context.class_names)
+        self.build_clip_guide()
 
     def set_components(self, pipe, guide: Guide | None = None) -> None:
         """Use an already-built pipeline of the configured backend and, optionally, a guide (tests,

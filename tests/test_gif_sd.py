@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from expansion.base import ExpansionContext, ExpansionError
 from expansion.gif_sd import GifSD, SDImg2Img, load_sd_components
@@ -160,11 +161,13 @@ def test_run_py_gif_sd_end_to_end_and_batch_size_independent(tiny_models, tmp_pa
     rows = stores[0].read_rows()
     assert len(rows) == 12 and {"prompt", "radius", "score_before", "score_after", "guide_class"} <= set(rows[0])
     assert rows[0]["radius"] == 0.1 and rows[0]["guidance_scale"] == 5.0  # BreastMNIST's paper settings
-    # images are bit-identical whatever the batch size; float fields agree to float precision
+    # images agree whatever the batch size, to one uint8 level (CPU kernels may sum a batch of 1 and of 4
+    # in another order: with one thread they do); float fields agree to float precision
     other = stores[1].read_rows()
     for a, b in zip(rows, other):
         assert (a["parent"], a["copy"], a["seed"], a["prompt"]) == (b["parent"], b["copy"], b["seed"], b["prompt"])
-        assert (stores[0].images_dir / a["file"]).read_bytes() == (stores[1].images_dir / b["file"]).read_bytes()
+        pixels = [np.asarray(Image.open(s.images_dir / r["file"]), dtype=np.int16) for s, r in ((stores[0], a), (stores[1], b))]
+        assert np.abs(pixels[0] - pixels[1]).max() <= 1, np.abs(pixels[0] - pixels[1]).max()
         assert a["score_before"] == pytest.approx(b["score_before"], abs=1e-5)
         assert a["score_after"] == pytest.approx(b["score_after"], abs=1e-5)
 
