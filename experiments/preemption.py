@@ -5,9 +5,10 @@ submitit has SLURM send SIGUSR2 ``signal_delay_s`` seconds before the time limit
 plain ``sbatch --signal=USR1@120`` sends SIGUSR1. :func:`preemptible` catches all three
 (around one job) and only *records* the signal; the job stops at the next safe point:
 
-* training: after the current optimizer step (``StopOnPreemption.on_train_batch_end``), having
-  written ``<run_dir>/train/checkpoints/preempted.ckpt`` (Lightning's own SIGTERM stop during
-  validation ends the same way);
+* training: after the current optimizer step (``StopOnPreemption.on_train_batch_end``; after an
+  epoch's last step, one step later, so that the epoch's validation is not lost), having
+  written ``<run_dir>/train/checkpoints/preempted.ckpt`` (Lightning's own SIGTERM handler is
+  replaced by ours while training, so it never stops a job mid-validation);
 * expansion: after the current batch is in the store (finished batches are never redone);
 * between the pipeline's steps (:meth:`PreemptionFlag.stop_if_requested`).
 
@@ -77,6 +78,16 @@ class PreemptionFlag:
         self._previous = {}
         self.signum = None
 
+    def reclaim(self) -> None:
+        """Point the preemption signals back at this flag (while it is installed). Lightning installs
+        its own SIGTERM handler when fit/predict starts; it raises at the next batch wherever that is
+        -- also right after an epoch's last step or in the middle of validation, a place a resumed
+        run cannot make up for -- so while a job is preemptible the stop points are ours alone.
+        Lightning restores the handlers it found (ours) when it tears down."""
+        if self._previous and threading.current_thread() is threading.main_thread():
+            for signum in self._previous:
+                signal.signal(signum, self._record)
+
     def _record(self, signum: int, frame: FrameType | None) -> None:
         # a signal handler only records: the job stops at the next safe point
         if self.signum is None:
@@ -137,7 +148,18 @@ class StopOnPreemption(Callback):
         if requested:
             raise Preempted(self.flag.signum or signal.SIGTERM)
 
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.flag.reclaim()  # after Lightning's signal handlers are registered
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.flag.reclaim()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # not after an epoch's last batch: a checkpoint from there resumes into the next epoch and
+        # that epoch's validation never runs; the stop comes one batch later, after validation
+        if batch_idx + 1 >= trainer.num_training_batches:
+            return
         self._stop_if_requested(trainer)
 
     def on_predict_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:

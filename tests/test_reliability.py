@@ -112,6 +112,28 @@ def _wait_for(path: Path, proc, timeout=240.0) -> None:
         time.sleep(0.05)
 
 
+def test_signal_in_an_epochs_last_step_stops_after_its_validation(tmp_path, monkeypatch):
+    """A checkpoint taken right after an epoch's last step would resume into the next epoch and skip
+    that epoch's validation: the stop comes one step later, and the resumed run validates every epoch."""
+    cfg = _cfg(TRAIN + ["train.epochs=3"])
+    train_images = len(build_dataset(cfg.dataset).in_memory().train)
+    steps_per_epoch = train_images // int(cfg.train.batch_size)
+    assert steps_per_epoch >= 2
+    run_dir = tmp_path / "run"
+    _signal_at_step(monkeypatch, steps_per_epoch - 1, signal.SIGTERM)  # the first epoch's last step
+    with pytest.raises(SystemExit) as stopped, preemptible():
+        run(cfg, run_dir)
+    assert stopped.value.code == EXIT_PREEMPTED
+    checkpoints = run_dir / "train" / "checkpoints"
+    preempted = _load(checkpoints / PREEMPTED_CHECKPOINT)
+    assert preempted["global_step"] == steps_per_epoch + 1 and len(preempted["val_history"]) == 1
+
+    monkeypatch.undo()
+    run(cfg, run_dir)
+    last = _load(checkpoints / "last.ckpt")
+    assert last["global_step"] == 3 * steps_per_epoch and len(last["val_history"]) == 3
+
+
 def test_sigterm_to_a_running_job_checkpoints_and_exits_75(tmp_path):
     """The real process, the real signal: run.py gets SIGTERM mid-training (what SLURM sends
     before preempting), writes its checkpoint and exits with 75; the rerun resumes and completes."""
