@@ -17,6 +17,24 @@ from .guidance import GuidanceSettings, sample_groups
 from .guides import ClipGuide, Guide, ProbeGuide
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's RGB -> L
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def check_dtype(method: str, key: str, value: str) -> None:
+    """A prior's dtype setting is ``auto`` or a name in :data:`DTYPES`; anything else is an error now."""
+    if value != "auto" and value not in DTYPES:
+        raise ExpansionError(f"{method}: {key} must be auto or one of {sorted(DTYPES)}, got {value!r}")
+
+
+def resolve_dtype(value: str, device: torch.device, cuda_auto: str | None = None) -> torch.dtype:
+    """The dtype a prior runs in: ``auto`` is float32 on the CPU and, on CUDA, ``cuda_auto`` if given
+    (SD's UNet: float16, as released) else bfloat16 where supported, float16 otherwise."""
+    if value == "auto":
+        if device.type != "cuda":
+            value = "float32"
+        else:
+            value = cuda_auto or ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    return DTYPES[value]
 
 
 def pretrained_source(what: str, model_id: str, revision: str | None, local_files_only: bool | None,

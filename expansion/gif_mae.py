@@ -63,7 +63,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .gif_base import GifExpander, pretrained_source
+from .gif_base import GifExpander, check_dtype, pretrained_source, resolve_dtype
 from .base import ExpansionContext, ExpansionError, ExpansionOutput
 from .guidance import criteria, guided_perturbation
 from .guides import Guide, to_rgb
@@ -73,7 +73,6 @@ from .seeding import derive, per_image_rand
 #: a model config carrying image_mean/image_std overrides it
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: the +eps of ViTMAEForPreTraining's norm_pix_loss target
 NORM_PIX_EPS = 1.0e-6
 
@@ -135,8 +134,7 @@ class GifMAE(GifExpander):
                          local_files_only=local_files_only, batch_size=batch_size, num_workers=num_workers)
         if not 0.0 <= float(mask_ratio) < 1.0:
             raise ExpansionError(f"{self.name}: mask_ratio must be in [0, 1), got {mask_ratio}")
-        if dtype != "auto" and dtype not in DTYPES:
-            raise ExpansionError(f"{self.name}: dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
+        check_dtype(self.name, "dtype", dtype)
         self.init_guidance(guide, radius, guidance)
         self.mae = None
         self._dtype_set_for: str | None = None
@@ -173,13 +171,7 @@ class GifMAE(GifExpander):
             raise ExpansionError(f"{self.name}: no MAE loaded (prepare() or set_components() not run)")
         if self._dtype_set_for == str(device):
             return
-        dtype = self.params["dtype"]
-        if dtype == "auto":
-            if device.type == "cuda":
-                dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-            else:
-                dtype = "float32"
-        self.model_dtype = DTYPES[dtype]
+        self.model_dtype = resolve_dtype(self.params["dtype"], device)
         self.mae.to(device=device, dtype=self.model_dtype)
         self.pixel_mean, self.pixel_std = self.pixel_mean.to(device), self.pixel_std.to(device)
         self._dtype_set_for = str(device)

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .gif_base import GifExpander, build_guide, pretrained_source, train_tensors  # noqa: F401 (build_guide: re-exported)
+from .gif_base import GifExpander, build_guide, check_dtype, pretrained_source, resolve_dtype, train_tensors  # noqa: F401 (build_guide: re-exported)
 from .base import ExpansionContext, ExpansionError, ExpansionOutput
 from .guidance import criteria, guided_perturbation
 from .guides import Guide, to_rgb
@@ -41,7 +41,6 @@ from .seeding import derive, per_image_rand
 DOMAINS = ("an image of", "a real-world photo of", "a cartoon image of", "an oil painting of", "a sketch of")
 ADJECTIVES = ("", "colorful", "stylized", "high-contrast", "low-contrast", "posterized", "solarized", "sheared",
               "bright", "dark")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def load_sd_components(model_id: str, revision: str | None = None,
@@ -100,9 +99,7 @@ class GifSD(GifExpander):
         if num_inference_steps < 1 or resolution % 8:
             raise ExpansionError(f"{self.name}: need num_inference_steps >= 1 and a resolution divisible by 8")
         for key in ("dtype", "vae_dtype"):
-            value = self.params[key]
-            if value != "auto" and value not in DTYPES:
-                raise ExpansionError(f"{self.name}: {key} must be auto or one of {sorted(DTYPES)}, got {value!r}")
+            check_dtype(self.name, key, self.params[key])
         self.init_guidance(guide, radius, guidance)
         self.needs_fit = self.needs_fit or bool(dreambooth)
         self.components: dict[str, Any] = {}
@@ -201,11 +198,8 @@ class GifSD(GifExpander):
     def _set_dtypes(self, device: torch.device) -> None:
         if self._dtypes_set_for == str(device):
             return
-        dtype = self.params["dtype"]
-        if dtype == "auto":
-            dtype = "float16" if device.type == "cuda" else "float32"
-        self.unet_dtype = DTYPES[dtype]
-        self.vae_dtype_t = DTYPES[self.params["vae_dtype"]]
+        self.unet_dtype = resolve_dtype(self.params["dtype"], device, cuda_auto="float16")
+        self.vae_dtype_t = resolve_dtype(self.params["vae_dtype"], device)
         self.unet.to(dtype=self.unet_dtype)
         self.text_encoder.to(dtype=self.unet_dtype)
         self.vae.to(dtype=self.vae_dtype_t)  # diffusers' default attention processor is PyTorch SDPA

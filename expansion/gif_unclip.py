@@ -71,7 +71,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .gif_base import GifExpander, pretrained_source
+from .gif_base import GifExpander, check_dtype, pretrained_source, resolve_dtype
 from .base import ExpansionContext, ExpansionError, ExpansionOutput
 from .guidance import criteria, guided_perturbation
 from .guides import Guide, to_rgb
@@ -87,7 +87,6 @@ DEFAULT_GUIDANCE_SCALE = {"karlo": 8.0, "stable_unclip": 10.0}
 KARLO_SUPER_RES_STEPS = 7
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SCORE_PATHS = ("cheap", "faithful")
 
 
@@ -215,8 +214,7 @@ class GifUnCLIP(GifExpander):
             raise ExpansionError(f"{self.name}: backend must be one of {sorted(BACKENDS)}, got {backend!r}")
         if score_path not in SCORE_PATHS:
             raise ExpansionError(f"{self.name}: score_path must be one of {SCORE_PATHS}, got {score_path!r}")
-        if dtype != "auto" and dtype not in DTYPES:
-            raise ExpansionError(f"{self.name}: dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
+        check_dtype(self.name, "dtype", dtype)
         guide = dict(guide or {"kind": "clip", "arch": "ViT-B-32", "pretrained": "openai"})
         guidance = dict(guidance or {})
         steps = int(num_inference_steps or DEFAULT_STEPS[backend])
@@ -281,13 +279,7 @@ class GifUnCLIP(GifExpander):
             raise ExpansionError(f"{self.name}: no unCLIP pipeline loaded (prepare() or set_components() not run)")
         if self._dtype_set_for == str(device):
             return
-        dtype = self.params["dtype"]
-        if dtype == "auto":
-            if device.type == "cuda":
-                dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-            else:
-                dtype = "float32"
-        self.model_dtype = DTYPES[dtype]
+        self.model_dtype = resolve_dtype(self.params["dtype"], device)
         for m in self._models():
             m.to(device=device, dtype=self.model_dtype)
         if self.params["backend"] == "stable_unclip":
