@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from .base import Expander, ExpansionContext, ExpansionError, ExpansionOutput, to_uint8
 from .gif_base import train_tensors
 from .seeding import derive, image_seeds, per_image_rand
+from .store import atomic_file
 
 DONE_MARKER = "DONE"
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -291,17 +292,8 @@ def save_checkpoint(path: Path, *, unet, ema, optimizer, step: int, losses: list
         "optim_scalars": json.dumps(opt_scalars),
         "num_shadow": str(len(ema.shadow_params)),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def load_checkpoint(path: Path, *, unet, ema, optimizer, fit_key: dict[str, Any], device: torch.device

@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,13 +34,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from expansion.store import ExpandedSet, canonical_json
+from expansion.store import ExpandedSet, atomic_file, canonical_json
 
 log = logging.getLogger(__name__)
 
 #: bump when the layout of a cache file or the decoding it stands for changes
 FORMAT_VERSION = 1
-_TMP_MARK = ".tmp-"
 
 
 def cache_key(source: Mapping[str, Any], resolution: int | None, channels: int) -> tuple[str, dict[str, Any]]:
@@ -129,18 +127,9 @@ class TensorCache:
         from safetensors.torch import save_file
 
         path = self.path(key)
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=path.name + _TMP_MARK)
-        os.close(fd)
-        try:
-            save_file({"images": images.contiguous(), "labels": labels.contiguous()}, tmp,
+        with atomic_file(path) as tmp:
+            save_file({"images": images.contiguous(), "labels": labels.contiguous()}, str(tmp),
                       metadata={"payload": canonical_json(payload)})
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return path
 
 
