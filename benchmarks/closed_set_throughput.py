@@ -24,7 +24,6 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ import torch  # noqa: E402
 
 from benchmarks.expansion_timing import result_line, seed_calls, sync, time_expand_calls  # noqa: E402
 from benchmarks.flops import count_flops, gpu_peak_tflops, utilisation  # noqa: E402
-from benchmarks.gif_sd_throughput import DATASETS, load_seeds, machine, n_params, write_report  # noqa: E402
+from benchmarks.gif_sd_throughput import add_run_arguments, load_seeds, machine, n_params, write_report  # noqa: E402
 from expansion.base import ExpansionContext  # noqa: E402
 from expansion.closed_set_diffusion import (UNET_PRESETS, ClosedSetDiffusion, FitSettings, ScheduleSpec,  # noqa: E402
                                             build_unet, model_resolution, train_diffusion, unet_spec)
@@ -102,16 +101,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds-per-pass", type=int, default=None, help="seeds per batched call (default 64 on cuda, "
                    "2 on cpu); also the number of seeds the per-seed mode goes through")
     p.add_argument("--ratio", type=int, default=None, help="k samples per seed (default 5 on cuda, 2 on cpu)")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per mode (default 2 on cuda, 1 on cpu)")
+    add_run_arguments(p)
     p.add_argument("--fit-steps", type=int, default=None, help="timed training steps (default 20 on cuda, 2 on cpu)")
     p.add_argument("--fit-batch", type=int, default=None, help="training batch (default 128 = the config's on "
                    "cuda, 16 on cpu)")
-    p.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS), help="where the seed images come from")
-    p.add_argument("--data", type=Path, default=Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data")),
-                   help="the shared data folder (cifar10_subset/, medmnist/)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak for MFU "
-                   "(default: looked up by device name, benchmarks/flops.py)")
-    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = p.parse_args(argv)
     args.tiny = False  # write_report's field: the network is always the named preset
     on_cuda = torch.device(args.device).type == "cuda"

@@ -27,7 +27,6 @@ seconds; its figures say nothing about real speed.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -41,7 +40,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks.expansion_timing import result_line, seed_calls, time_expand_calls  # noqa: E402
-from benchmarks.gif_sd_throughput import DATASETS, write_report, build_real_guide, load_seeds, machine, n_params  # noqa: E402
+from benchmarks.gif_sd_throughput import add_run_arguments, write_report, build_real_guide, load_seeds, machine, n_params  # noqa: E402
 from expansion.base import ExpansionContext  # noqa: E402
 from expansion.gif_mae import GifMAE  # noqa: E402
 from expansion.guides import ClipGuide  # noqa: E402
@@ -106,13 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--radius", type=float, default=0.8, help="L-inf radius in token-std units")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="MAE dtype (auto: bfloat16/float16 on cuda, float32 on cpu)")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per mode (default 2 on cuda, 1 on cpu)")
-    p.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS), help="where the seed images come from")
-    p.add_argument("--data", type=Path, default=Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data")),
-                   help="the shared data folder (cifar10_subset/, medmnist/)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak for MFU "
-                   "(default: looked up by device name, benchmarks/flops.py)")
-    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    add_run_arguments(p)
     p.add_argument("--tiny", action="store_true", help="tiny test MAE and CLIP (script check only)")
     args = p.parse_args(argv)
     on_cuda = torch.device(args.device).type == "cuda"

@@ -241,6 +241,18 @@ def measure(method: str, mode: str, comps: dict[str, Any], guide: ClipGuide | No
             "group_size": exp.params["group_size"], **timing}
 
 
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every generation benchmark shares: repeats, where the seeds come from, the GPU
+    peak for MFU and the JSON report."""
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per mode (default 2 on cuda, 1 on cpu)")
+    p.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS), help="where the seed images come from")
+    p.add_argument("--data", type=Path, default=Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data")),
+                   help="the shared data folder (cifar10_subset/, medmnist/)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak for MFU "
+                   "(default: looked up by device name, benchmarks/flops.py)")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -256,14 +268,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ratio", type=int, default=None, help="k images per seed (default 5 on cuda, 2 on cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="batched mode's UNet/text-encoder dtype (auto: float16 on cuda, float32 on cpu)")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per mode (default 2 on cuda, 1 on cpu)")
+    add_run_arguments(p)
     p.add_argument("--method", default="gif_sd", choices=["gif_sd", "sd_img2img", "both"])
-    p.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS), help="where the seed images come from")
-    p.add_argument("--data", type=Path, default=Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data")),
-                   help="the shared data folder (cifar10_subset/, medmnist/)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak for MFU "
-                   "(default: looked up by device name, benchmarks/flops.py)")
-    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     p.add_argument("--tiny", action="store_true", help="tiny test components (script check only; default 16 px)")
     args = p.parse_args(argv)
     on_cuda = torch.device(args.device).type == "cuda"

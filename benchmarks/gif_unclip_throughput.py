@@ -26,7 +26,6 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -40,7 +39,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks.expansion_timing import result_line, seed_calls, time_expand_calls  # noqa: E402
-from benchmarks.gif_sd_throughput import (DATASETS, write_report, SD_V1_SCHEDULER, SD_V1_VAE, build_real_guide,  # noqa: E402
+from benchmarks.gif_sd_throughput import (add_run_arguments, write_report, SD_V1_SCHEDULER, SD_V1_VAE, build_real_guide,  # noqa: E402
                                           clip_bpe_tokenizer, load_seeds, machine, n_params)
 from expansion.base import ExpansionContext  # noqa: E402
 from expansion.gif_unclip import GifUnCLIP  # noqa: E402
@@ -128,13 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance-scale", type=float, default=10.0)
     p.add_argument("--resolution", type=int, default=None, help="px (default: the UNet's native 768; tiny 16)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per mode (default 2 on cuda, 1 on cpu)")
+    add_run_arguments(p)
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed warm-up call")
-    p.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS))
-    p.add_argument("--data", type=Path, default=Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data")))
-    p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak for MFU "
-                   "(default: looked up by device name, benchmarks/flops.py)")
-    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     p.add_argument("--tiny", action="store_true", help="tiny test pipeline and CLIP (script check only)")
     args = p.parse_args(argv)
     on_cuda = torch.device(args.device).type == "cuda"
