@@ -23,6 +23,7 @@ from expansion.seeding import image_seeds
 from experiments.datasets import build_dataset
 from experiments.pipeline import build_expander, run
 from tests.conftest import compose
+from tests.helpers.tolerances import same_up_to_float_rounding
 
 #: a fit small enough for tests (seconds on 2 cores), large enough to learn something
 TINY_FIT = {"pretrain": {"steps": 150, "max_images": 2000}, "finetune": {"steps": 60},
@@ -192,7 +193,7 @@ def test_expand_is_deterministic_per_image_and_names_its_parents(mnist, fitted_e
         # the 6 copies walk over all 4 graph edges of the seed before reusing one
         assert sorted({r["parents"][1] for r in copies}) == sorted(exp.neighbours[p])
     single = exp.expand(images[parents[1:2]], labels[parents[1:2]], seeds[1:2], parents=parents[1:2])
-    assert torch.equal(single.images[0], out.images[1])  # batch-independent
+    assert same_up_to_float_rounding(single.images[0], out.images[1])  # batch-independent (1 vs 3 seeds)
     with pytest.raises(ExpansionError, match="not the training images"):
         exp.expand(images[parents].flip(-1), labels[parents], seeds, parents=parents)
 
@@ -231,7 +232,7 @@ def test_gif_ae_guidance_raises_the_score_and_unguided_uses_the_same_draws(mnist
     assert not torch.equal(g_out.images, u_out.images)
     # the guided result stays within the same L-inf ball: both radii are the same per image
     assert [r["radius_abs"] for r in rows] == [r["radius_abs"] for r in u_out.field_rows()]
-    assert torch.equal(unguided.expand(images[:1], labels[:1], seeds[:1]).images[0], u_out.images[0])
+    assert same_up_to_float_rounding(unguided.expand(images[:1], labels[:1], seeds[:1]).images[0], u_out.images[0])
     assert set(u_out.fields) == {"radius", "radius_abs"}
 
 
