@@ -6,10 +6,25 @@ import math
 
 import torch
 
+from dataclasses import dataclass
+
 from expansion.base import Expander, ExpansionError, ExpansionOutput
 from expansion.seeding import per_image_rand
 
 from ._common import check_fill, check_inputs, uniform_int
+
+
+@dataclass(frozen=True)
+class CutoutSettings:
+    """size: hole side as a fraction of the image side (GIF paper: 0.5); fill: the hole's value."""
+
+    size: float = 0.5
+    fill: int = 0
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.size) or self.size < 0:
+            raise ExpansionError(f"cutout: size must be a fraction >= 0 of the image side, got {self.size!r}")
+        check_fill("cutout", self.fill)
 
 
 class Cutout(Expander):
@@ -32,18 +47,10 @@ class Cutout(Expander):
     """
 
     name = "cutout"
-
-    def __init__(self, ratio: int, size: float = 0.5, fill: int = 0) -> None:
-        size = float(size)
-        if not math.isfinite(size) or size < 0:
-            raise ExpansionError(f"cutout: size must be a fraction >= 0 of the image side, got {size!r}")
-        fill = check_fill("cutout", fill)
-        super().__init__(ratio, size=size, fill=fill)
-        self.size = size
-        self.fill = fill
+    settings_class = CutoutSettings
 
     def hole_side(self, height: int, width: int) -> int:
-        return int(math.floor(self.size * min(height, width) + 0.5))
+        return int(math.floor(self.settings.size * min(height, width) + 0.5))
 
     @torch.no_grad()
     def expand(self, images: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor) -> ExpansionOutput:
@@ -63,7 +70,7 @@ class Cutout(Expander):
         hole = (ys >= y0) & (ys < y0 + s) & (xs >= x0) & (xs < x0 + s)  # [N, H, W]
 
         out = images.unsqueeze(1).expand(B, k, C, H, W).reshape(B * k, C, H, W)
-        fill = torch.tensor(self.fill, dtype=torch.uint8, device=device)
+        fill = torch.tensor(self.settings.fill, dtype=torch.uint8, device=device)
         out = torch.where(hole.unsqueeze(1), fill, out).reshape(B, k, C, H, W)
 
         fields = {

@@ -6,10 +6,34 @@ import math
 
 import torch
 
+from dataclasses import dataclass
+
 from expansion.base import Expander, ExpansionError, ExpansionOutput
 from expansion.seeding import per_image_rand
 
 from ._common import check_fill, check_inputs, uniform_int
+
+
+@dataclass(frozen=True)
+class GridMaskSettings:
+    """d_min, d_max: the unit size d ~ U[d_min, d_max] x min(H, W) (integer pixels >= 2); keep_ratio: r,
+    the kept band l = ceil(r d); max_rotation: the grid's angle ~ U[0, max_rotation] degrees; fill: dropped value."""
+
+    d_min: float = 0.4
+    d_max: float = 1.0
+    keep_ratio: float = 0.6
+    max_rotation: float = 0.0
+    fill: int = 0
+
+    def __post_init__(self) -> None:
+        if not (0 < self.d_min <= self.d_max):
+            raise ExpansionError(f"gridmask: need 0 < d_min <= d_max (fractions of the image side), got "
+                                 f"{self.d_min}, {self.d_max}")
+        if not 0 < self.keep_ratio <= 1:
+            raise ExpansionError(f"gridmask: keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        if self.max_rotation < 0:
+            raise ExpansionError(f"gridmask: max_rotation must be >= 0 degrees, got {self.max_rotation}")
+        check_fill("gridmask", self.fill)
 
 
 class GridMask(Expander):
@@ -51,45 +75,18 @@ class GridMask(Expander):
     """
 
     name = "gridmask"
-
-    def __init__(
-        self,
-        ratio: int,
-        d_min: float = 0.4,
-        d_max: float = 1.0,
-        keep_ratio: float = 0.6,
-        max_rotation: float = 0.0,
-        fill: int = 0,
-    ) -> None:
-        d_min, d_max = float(d_min), float(d_max)
-        keep_ratio, max_rotation = float(keep_ratio), float(max_rotation)
-        if not (0 < d_min <= d_max) or not math.isfinite(d_max):
-            raise ExpansionError(
-                f"gridmask: need 0 < d_min <= d_max (fractions of the image side), got {d_min}, {d_max}"
-            )
-        if not 0 < keep_ratio <= 1:
-            raise ExpansionError(f"gridmask: keep_ratio must be in (0, 1], got {keep_ratio}")
-        if not (math.isfinite(max_rotation) and max_rotation >= 0):
-            raise ExpansionError(f"gridmask: max_rotation must be >= 0 degrees, got {max_rotation}")
-        fill = check_fill("gridmask", fill)
-        super().__init__(
-            ratio, d_min=d_min, d_max=d_max, keep_ratio=keep_ratio, max_rotation=max_rotation, fill=fill
-        )
-        self.d_min, self.d_max = d_min, d_max
-        self.keep_ratio = keep_ratio
-        self.max_rotation = max_rotation
-        self.fill = fill
+    settings_class = GridMaskSettings
 
     def unit_range(self, height: int, width: int) -> tuple[int, int]:
         """Inclusive integer range of the unit size ``d`` for an ``H x W`` image."""
         side = min(height, width)
-        lo = max(2, math.ceil(self.d_min * side - 1e-9))
-        hi = max(lo, math.floor(self.d_max * side + 1e-9))
+        lo = max(2, math.ceil(self.settings.d_min * side - 1e-9))
+        hi = max(lo, math.floor(self.settings.d_max * side + 1e-9))
         return lo, hi
 
     def band(self, d: torch.Tensor) -> torch.Tensor:
         """Kept band length ``l = ceil(keep_ratio * d)`` (int64, same shape as ``d``)."""
-        return torch.ceil(d.double() * self.keep_ratio - 1e-9).long().clamp(1)
+        return torch.ceil(d.double() * self.settings.keep_ratio - 1e-9).long().clamp(1)
 
     def masks(self, seeds: torch.Tensor, height: int, width: int, device: torch.device | str = "cpu"):
         """Keep-masks ``[N, H, W]`` (bool, N = seeds.numel()) and their parameters ``[N]``."""
@@ -98,13 +95,13 @@ class GridMask(Expander):
         d = lo + uniform_int(u[:, 0], hi - lo + 1)
         dy = uniform_int(u[:, 1], d)
         dx = uniform_int(u[:, 2], d)
-        angle = u[:, 3].double() * self.max_rotation
+        angle = u[:, 3].double() * self.settings.max_rotation
         l = self.band(d)
         params = {"d": d, "dx": dx, "dy": dy, "angle": angle}
 
         d_, l_ = d.to(device).view(-1, 1, 1), l.to(device).view(-1, 1, 1)
         dy_, dx_ = dy.to(device).view(-1, 1, 1), dx.to(device).view(-1, 1, 1)
-        if self.max_rotation == 0:
+        if self.settings.max_rotation == 0:
             # Exact integer path: rows and columns are separable.
             ys = torch.arange(height, device=device).view(1, height, 1)
             xs = torch.arange(width, device=device).view(1, 1, width)
@@ -129,7 +126,7 @@ class GridMask(Expander):
         keep, p = self.masks(seeds, H, W, device=images.device)  # [N, H, W]
 
         out = images.unsqueeze(1).expand(B, k, C, H, W).reshape(B * k, C, H, W)
-        fill = torch.tensor(self.fill, dtype=torch.uint8, device=images.device)
+        fill = torch.tensor(self.settings.fill, dtype=torch.uint8, device=images.device)
         out = torch.where(keep.unsqueeze(1), out, fill).reshape(B, k, C, H, W)
 
         fields = {

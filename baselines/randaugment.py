@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,6 +12,22 @@ from torchvision.transforms import v2
 from expansion.base import Expander, ExpansionError, ExpansionOutput
 
 from ._common import check_inputs
+
+
+@dataclass(frozen=True)
+class RandAugmentSettings:
+    """num_ops ops per image at magnitude ``magnitude`` of ``num_magnitude_bins`` (torchvision's defaults)."""
+
+    num_ops: int = 2
+    magnitude: int = 9
+    num_magnitude_bins: int = 31
+
+    def __post_init__(self) -> None:
+        if self.num_ops < 0:
+            raise ExpansionError(f"randaugment: num_ops must be >= 0, got {self.num_ops}")
+        if self.num_magnitude_bins < 2 or not 0 <= self.magnitude < self.num_magnitude_bins:
+            raise ExpansionError("randaugment: need 0 <= magnitude < num_magnitude_bins (>= 2), got "
+                                 f"{self.magnitude}, {self.num_magnitude_bins}")
 
 
 @contextmanager
@@ -66,19 +83,13 @@ class RandAugment(Expander):
     """
 
     name = "randaugment"
+    settings_class = RandAugmentSettings
 
-    def __init__(self, ratio: int, num_ops: int = 2, magnitude: int = 9, num_magnitude_bins: int = 31) -> None:
-        num_ops, magnitude, num_magnitude_bins = int(num_ops), int(magnitude), int(num_magnitude_bins)
-        if num_ops < 0:
-            raise ExpansionError(f"randaugment: num_ops must be >= 0, got {num_ops}")
-        if num_magnitude_bins < 2 or not 0 <= magnitude < num_magnitude_bins:
-            raise ExpansionError(
-                f"randaugment: need 0 <= magnitude < num_magnitude_bins (>= 2), got {magnitude}, {num_magnitude_bins}"
-            )
-        super().__init__(ratio, num_ops=num_ops, magnitude=magnitude, num_magnitude_bins=num_magnitude_bins)
-        self.transform = _RecordingRandAugment(
-            num_ops=num_ops, magnitude=magnitude, num_magnitude_bins=num_magnitude_bins
-        )
+    def __init__(self, ratio: int, **settings: Any) -> None:
+        super().__init__(ratio, **settings)
+        s = self.settings
+        self.transform = _RecordingRandAugment(num_ops=s.num_ops, magnitude=s.magnitude,
+                                               num_magnitude_bins=s.num_magnitude_bins)
 
     @torch.no_grad()
     def expand(self, images: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor) -> ExpansionOutput:

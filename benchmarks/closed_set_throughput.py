@@ -47,8 +47,7 @@ from expansion.closed_set_diffusion import (UNET_PRESETS, ClosedSetDiffusion, Fi
 def make_expander(unet, context: ExpansionContext, args: argparse.Namespace, mode: str) -> ClosedSetDiffusion:
     exp = ClosedSetDiffusion(ratio=args.ratio, unet=args.unet, resolution=args.resolution, sampler=args.sampler,
                              num_inference_steps=args.steps,
-                             mixed_precision="no" if mode == "per_seed" else "bf16",
-                             batch_size=1 if mode == "per_seed" else args.seeds_per_pass)
+                             mixed_precision="no" if mode == "per_seed" else "bf16")
     exp.context = context  # prepare() + fit() would train the generator: set the context and the network instead
     exp.unet = unet
     return exp
@@ -60,7 +59,7 @@ def measure(mode: str, unet, images: torch.Tensor, labels: torch.Tensor, context
     calls = seed_calls(mode, images, labels, args.ratio)
     timing = time_expand_calls(exp, calls, images.device, args.repeats, images.shape[0] * args.ratio,
                                args.peak_tflops)
-    autocast = images.device.type == "cuda" and exp.params["mixed_precision"] == "bf16"
+    autocast = images.device.type == "cuda" and exp.settings.mixed_precision == "bf16"
     return {"mode": mode, "dtype": "bfloat16 autocast" if autocast else "float32", **timing}
 
 

@@ -42,8 +42,8 @@ import torch  # noqa: E402
 from benchmarks.expansion_timing import result_line, seed_calls, time_expand_calls  # noqa: E402
 from benchmarks.gif_sd_throughput import add_run_arguments, write_report, build_real_guide, load_seeds, machine, n_params  # noqa: E402
 from expansion.base import ExpansionContext  # noqa: E402
-from expansion.gif_mae import GifMAE  # noqa: E402
-from expansion.guides import ClipGuide  # noqa: E402
+from expansion.gif.guides import ClipGuide, build_guide  # noqa: E402
+from expansion.gif.mae import GifMAE  # noqa: E402
 
 #: facebook/vit-mae-large's config.json (transformers ViTMAEConfig)
 VIT_MAE_LARGE = dict(
@@ -68,26 +68,24 @@ def build_mae(config: dict[str, Any], seed: int = 0):
 
 
 def build_tiny_guide(tmp_dir: Path | str, class_names: list[str]) -> ClipGuide:
-    from expansion.gif_sd import build_guide
     from tests.helpers.tiny_clip import save_tiny_clip
 
     return build_guide(save_tiny_clip(Path(tmp_dir) / "clip"), class_names)
 
 
-def make_expander(model, guide: ClipGuide, context: ExpansionContext, args: argparse.Namespace,
-                  batch: int) -> GifMAE:
+def make_expander(model, guide: ClipGuide, context: ExpansionContext, args: argparse.Namespace) -> GifMAE:
     exp = GifMAE(ratio=args.ratio, model_id="unused (random weights)", mask_ratio=args.mask_ratio,
-                 radius=args.radius, guide={"kind": "clip", "arch": "ViT-B-32", "pretrained": None},
-                 output_size=None, dtype=args.dtype, batch_size=batch)
+                 radius=args.radius, output_size=None, dtype=args.dtype)
     exp.context = context  # prepare() would load weights from model_id: set the context and components instead
-    exp.set_components(model, guide=guide)
+    exp.set_components(model)
+    exp.use_guide(guide)
     return exp
 
 
 def measure(mode: str, model, guide: ClipGuide, images: torch.Tensor, labels: torch.Tensor,
             context: ExpansionContext, args: argparse.Namespace) -> dict[str, Any]:
     calls = seed_calls(mode, images, labels, args.ratio)
-    exp = make_expander(model, guide, context, args, batch=int(calls[0][2].shape[0]))
+    exp = make_expander(model, guide, context, args)
     timing = time_expand_calls(exp, calls, images.device, args.repeats, images.shape[0] * args.ratio,
                                args.peak_tflops)
     return {"mode": mode, "dtype": str(exp.model_dtype).replace("torch.", ""), **timing}

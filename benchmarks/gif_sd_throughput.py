@@ -47,8 +47,8 @@ import torch  # noqa: E402
 from benchmarks.expansion_timing import result_line, time_expand_calls  # noqa: E402
 from benchmarks.flops import gpu_peak_tflops  # noqa: E402
 from expansion.base import ExpansionContext  # noqa: E402
-from expansion.gif_sd import GifSD, SDImg2Img  # noqa: E402
-from expansion.guides import ClipGuide  # noqa: E402
+from expansion.gif.guides import ClipGuide, build_guide  # noqa: E402
+from expansion.gif.sd import GifSD  # noqa: E402
 from expansion.seeding import image_seeds  # noqa: E402
 
 # -- the real architectures (Stable Diffusion v1.x / v1.5 model_index configs) ---------------------
@@ -139,7 +139,6 @@ def build_real_guide(class_names: list[str], seed: int = 0) -> ClipGuide:
 
 def build_tiny(tmp_dir: Path | str, class_names: list[str]) -> tuple[dict[str, Any], ClipGuide]:
     """The tiny test components (tests/helpers): checks the script's logic, not speed."""
-    from expansion.gif_sd import build_guide
     from tests.helpers.tiny_clip import save_tiny_clip
     from tests.helpers.tiny_sd import build_tiny_sd
 
@@ -204,16 +203,16 @@ def machine(device: torch.device) -> str:
 
 def make_expander(method: str, mode: str, comps: dict[str, Any], guide: ClipGuide | None,
                   context: ExpansionContext, args: argparse.Namespace) -> GifSD:
-    cls = GifSD if method == "gif_sd" else SDImg2Img
     official = mode == "official"
-    exp = cls(ratio=args.ratio, model_id="unused (random weights)",
-              guide={"kind": "clip", "arch": GUIDE_ARCH, "pretrained": None},
-              guidance_scale=args.guidance_scale, strength=args.strength, radius=args.radius,
-              num_inference_steps=args.steps, resolution=args.resolution, output_size=None,
-              dtype="float32" if official else args.dtype, group_size=2 if official else None,
-              batch_size=1 if official else args.seeds_per_pass)
+    unguided = {"guided": False, "radius": 0.0} if method == "sd_img2img" else {"radius": args.radius}
+    exp = GifSD(ratio=args.ratio, model_id="unused (random weights)", guidance_scale=args.guidance_scale,
+                strength=args.strength, num_inference_steps=args.steps, resolution=args.resolution,
+                output_size=None, dtype="float32" if official else args.dtype, group_size=2 if official else None,
+                **unguided)
     exp.context = context  # prepare() would load weights from model_id: set the context and components instead
-    exp.set_components(comps, guide=guide if exp.guided else None)  # also resets the cached dtypes
+    exp.set_components(comps)  # also resets the cached dtypes
+    if exp.settings.guided:
+        exp.use_guide(guide)
     return exp
 
 
@@ -238,7 +237,7 @@ def measure(method: str, mode: str, comps: dict[str, Any], guide: ClipGuide | No
     timing = time_expand_calls(exp, calls, images.device, args.repeats, images.shape[0] * args.ratio,
                                args.peak_tflops)
     return {"method": method, "mode": mode, "dtype": str(exp.unet_dtype).replace("torch.", ""),
-            "group_size": exp.params["group_size"], **timing}
+            "group_size": exp.settings.group_size, **timing}
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:

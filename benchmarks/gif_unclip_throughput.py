@@ -42,8 +42,8 @@ from benchmarks.expansion_timing import result_line, seed_calls, time_expand_cal
 from benchmarks.gif_sd_throughput import (add_run_arguments, write_report, SD_V1_SCHEDULER, SD_V1_VAE, build_real_guide,  # noqa: E402
                                           clip_bpe_tokenizer, load_seeds, machine, n_params)
 from expansion.base import ExpansionContext  # noqa: E402
-from expansion.gif_unclip import GifUnCLIP  # noqa: E402
-from expansion.guides import ClipGuide  # noqa: E402
+from expansion.gif.unclip import GifUnCLIP  # noqa: E402
+from expansion.gif.guides import ClipGuide, build_guide  # noqa: E402
 
 #: stabilityai/stable-diffusion-2-1-unclip-small unet/config.json
 SD21_UNCLIP_UNET = dict(
@@ -84,29 +84,27 @@ def build_real_pipe(tmp_dir: Path | str, seed: int = 0):
 
 
 def build_tiny(tmp_dir: Path | str, class_names: list[str]):
-    from expansion.gif_sd import build_guide
     from tests.helpers.tiny_clip import save_tiny_clip
     from tests.test_gif_unclip import tiny_stable_unclip
 
     return tiny_stable_unclip(Path(tmp_dir)), build_guide(save_tiny_clip(Path(tmp_dir) / "clip"), class_names)
 
 
-def make_expander(pipe, guide: ClipGuide, context: ExpansionContext, args: argparse.Namespace,
-                  batch: int) -> GifUnCLIP:
+def make_expander(pipe, guide: ClipGuide, context: ExpansionContext, args: argparse.Namespace) -> GifUnCLIP:
     exp = GifUnCLIP(ratio=args.ratio, backend="stable_unclip", model_id="unused (random weights)",
-                    radius=args.radius, guide={"kind": "clip", "arch": "ViT-B-32", "pretrained": None},
-                    score_path=args.score_path, score_steps=args.score_steps, num_inference_steps=args.steps,
-                    guidance_scale=args.guidance_scale, resolution=args.resolution, output_size=None,
-                    dtype=args.dtype, batch_size=batch)
+                    radius=args.radius, score_path=args.score_path, score_steps=args.score_steps,
+                    num_inference_steps=args.steps, guidance_scale=args.guidance_scale, resolution=args.resolution,
+                    output_size=None, dtype=args.dtype)
     exp.context = context
-    exp.set_components(pipe, guide=guide)
+    exp.set_components(pipe)
+    exp.use_guide(guide)
     return exp
 
 
 def measure(mode: str, pipe, guide: ClipGuide, images: torch.Tensor, labels: torch.Tensor,
             context: ExpansionContext, args: argparse.Namespace) -> dict[str, Any]:
     calls = seed_calls(mode, images, labels, args.ratio)
-    exp = make_expander(pipe, guide, context, args, batch=int(calls[0][2].shape[0]))
+    exp = make_expander(pipe, guide, context, args)
     # without a warm-up no FLOPs are counted either
     timing = time_expand_calls(exp, calls, images.device, args.repeats, images.shape[0] * args.ratio,
                                args.peak_tflops, count=args.warmup)

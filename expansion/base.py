@@ -1,38 +1,78 @@
 """The one contract every expansion method implements.
 
-An :class:`Expander` turns each seed image into ``ratio`` new labelled images.
-The machinery around it (store, seeding, sharding over devices, resume) lives
-in :mod:`expansion.store` and :mod:`expansion.engine` and is written once.
+An :class:`Expander` turns each seed image into ``ratio`` new labelled images. The machinery
+around it (store, seeding, sharding over devices, resume, fitting cache) lives in
+:mod:`expansion.store` and :mod:`expansion.engine` and is written once.
 
 Contract
 --------
-* ``fit(train, artifact_dir)`` -- optional: train or fine-tune the generator on
-  the training split. ``artifact_dir`` is a directory keyed by the dataset
-  identity and :meth:`Expander.fit_signature`; an expander that finds its
-  artifacts there must load them instead of training again.
-* ``expand(images, labels, seeds)`` -- ``images`` uint8 ``[B, C, H, W]``,
-  ``labels`` int64 ``[B]``, ``seeds`` int64 ``[B, k]`` (one seed per output
-  image). Returns an :class:`ExpansionOutput` whose images are uint8
-  ``[B, k, C', H', W']``. Every random draw for output image ``(b, j)`` must come
-  from ``seeds[b, j]`` alone, so the result does not depend on the batch size
-  or on how the seeds are sharded across devices.
-* ``signature()`` -- everything that changes the output; it is hashed into the
-  store key. Settings that only change speed (batch size, workers) stay out.
+* ``settings_class`` -- a frozen dataclass of the method's settings and the one place their
+  defaults live; the constructor is ``Method(ratio, **settings)`` and builds it
+  (:mod:`expansion.settings`: an unknown key or a bad value is one error line naming it).
+* ``prepare(context)`` -- called once before ``fit``/``expand`` when generation is needed: load
+  weights, build prompts or guides. Kept out of ``__init__`` so that reusing a finished store
+  never loads a model.
+* ``fit(train, artifact_dir)`` -- only when ``needs_fit``: train or fine-tune the generator on the
+  training split (an :class:`ImageSet`). ``artifact_dir`` is keyed by the dataset identity and
+  :meth:`Expander.fit_signature`; an expander that finds its artifacts there loads them instead
+  of training again.
+* ``expand(images, labels, seeds)`` -- ``images`` uint8 ``[B, C, H, W]``, ``labels`` int64 ``[B]``,
+  ``seeds`` int64 ``[B, k]`` (one seed per output image); with ``wants_parents`` also
+  ``parents`` int64 ``[B]`` (the seeds' indices in the training split). Returns an
+  :class:`ExpansionOutput` whose images are uint8 ``[B, k, C', H', W']``. Every random draw for
+  output image ``(b, j)`` must come from ``seeds[b, j]`` alone, so the result does not depend on
+  the batch size or on how the seeds are sharded across devices.
+* ``signature()`` -- everything that changes the output: the method's name, the ratio and its
+  settings minus the speed-only ones; it is hashed into the store key.
+
+Capabilities the engine reads (class attributes, or properties where a setting decides):
+``needs_fit`` (there is a fit stage), ``needs_grad`` (``expand`` differentiates, so generation
+runs under ``no_grad`` instead of ``inference_mode``), ``wants_parents`` (``expand`` takes
+``parents``). How many seeds go into one ``expand`` call is the engine's business
+(``method.batch_size`` in the config), never the method's.
 """
 
 from __future__ import annotations
 
 import abc
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import nn
 
+from .errors import ExpansionError
+from .settings import from_mapping, signature_of
 
-class ExpansionError(RuntimeError):
-    """A clear, user-facing failure of an expansion run."""
+__all__ = ["Expander", "ExpansionContext", "ExpansionError", "ExpansionOutput", "ImageSet", "NoSettings",
+           "to_uint8", "train_tensors"]
+
+
+@runtime_checkable
+class ImageSet(Protocol):
+    """A labelled split as the expansion layer sees it (``experiments.datasets.ImageSet`` is one)."""
+
+    labels: np.ndarray  #: int64 ``[N]``
+    channels: int
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        """uint8 ``[C, H, W]`` and the label of image ``index``."""
+
+    def to_tensor(self) -> torch.Tensor:
+        """Every image, uint8 ``[N, C, H, W]``."""
+
+    def fingerprint(self) -> str:
+        """A digest of the images and labels (part of every key that depends on them)."""
+
+
+def train_tensors(train: ImageSet) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images ``[N, C, H, W]`` and int64 labels ``[N]`` of a training split."""
+    return train.to_tensor(), torch.as_tensor(np.asarray(train.labels), dtype=torch.long)
 
 
 @dataclass
@@ -91,62 +131,61 @@ class ExpansionContext:
     prompt_prefix: str | None = None  # e.g. "Ultrasound image of" for the medical sets
     #: training images left out by the few-shot choice (an ImageSet or None): unlabelled data a
     #: generator may pretrain on; never validation or test images
-    auxiliary: Any = None
+    auxiliary: ImageSet | None = None
+
+
+@dataclass(frozen=True)
+class NoSettings:
+    """The settings of a method that has none besides its ratio."""
 
 
 class Expander(nn.Module, abc.ABC):
-    """Base class of every expansion method (an ``nn.Module`` so that its
-    networks follow the Lightning module to the right device).
+    """Base class of every expansion method (an ``nn.Module`` so that its networks follow the
+    Lightning module to the right device). See the module docstring for the contract."""
 
-    Subclasses set ``name`` and implement :meth:`expand`; generators that train
-    implement :meth:`fit` and set ``needs_fit = True``.
-    """
+    name: ClassVar[str] = "expander"
+    settings_class: ClassVar[type] = NoSettings
+    needs_fit: ClassVar[bool] = False
+    needs_grad: ClassVar[bool] = False
+    wants_parents: ClassVar[bool] = False
 
-    name: str = "expander"
-    needs_fit: bool = False
-    #: when true, ``expand`` also receives ``parents`` (int64 ``[B]``: the seeds' indices in the
-    #: training split), for methods that combine a seed with other training images
-    wants_parents: bool = False
-    #: constructor arguments that change speed only and stay out of the signature
-    speed_only_params: tuple[str, ...] = ("batch_size", "num_workers")
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.wants_parents and "parents" not in inspect.signature(cls.expand).parameters:
+            raise TypeError(f"{cls.__name__} sets wants_parents but its expand() takes no 'parents'")
 
-    def __init__(self, ratio: int, **params: Any) -> None:
+    def __init__(self, ratio: int, **settings: Any) -> None:
         super().__init__()
-        ratio_int = int(ratio)
-        if ratio_int != ratio or ratio_int < 1:
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or int(ratio) != ratio or ratio < 1:
             raise ExpansionError(
                 f"{self.name}: expansion ratio must be an integer >= 1 (new images per seed), got {ratio!r}"
             )
-        self.ratio = ratio_int
-        self.params = dict(params)
+        self.ratio = int(ratio)
+        self.settings = from_mapping(self.settings_class, settings, f"method {self.name}")
+        self.context: ExpansionContext | None = None
 
     # -- contract -------------------------------------------------------
     def prepare(self, context: ExpansionContext) -> None:
-        """Called once before ``fit``/``expand`` when generation is needed: load weights,
-        build prompts or guides. Kept out of ``__init__`` so that reusing a finished
-        store never loads a model."""
+        """Called once before ``fit``/``expand`` when generation is needed (see the module doc)."""
         self.context = context
 
-    def fit(self, train: Any, artifact_dir: Path) -> None:
-        """Train or fine-tune on the training split; cache into ``artifact_dir``."""
+    def fit(self, train: ImageSet, artifact_dir: Path) -> None:
+        """Train or fine-tune on the training split; cache into ``artifact_dir`` (only if ``needs_fit``)."""
 
     @abc.abstractmethod
-    def expand(
-        self, images: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor
-    ) -> ExpansionOutput:
+    def expand(self, images: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor) -> ExpansionOutput:
         """Map B seeds to ``[B, k]`` new images; see the module docstring."""
 
     def signature(self) -> dict[str, Any]:
         """Settings that determine the output (hashed into the store key)."""
-        kept = {k: v for k, v in sorted(self.params.items()) if k not in self.speed_only_params}
-        return {"method": self.name, "ratio": self.ratio, **kept}
+        return {"method": self.name, "ratio": self.ratio, **signature_of(self.settings)}
 
     def fit_signature(self) -> dict[str, Any]:
         """Settings that determine the fitted artifacts (defaults to the signature)."""
         return self.signature()
 
     def extra_repr(self) -> str:
-        return f"ratio={self.ratio}, params={self.params}"
+        return f"ratio={self.ratio}, settings={self.settings}"
 
 
 def to_uint8(images: torch.Tensor, *, value_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:

@@ -25,22 +25,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .base import Expander, ExpansionContext, ExpansionError, ExpansionOutput, to_uint8
-from .gif_base import train_tensors
+from .base import Expander, ExpansionContext, ExpansionError, ExpansionOutput, ImageSet, to_uint8, train_tensors
 from .seeding import derive, image_seeds, per_image_rand
-from .store import atomic_file
+from .settings import from_mapping, signature_of, speed_only
+from .files import atomic_directory, atomic_file
 
 DONE_MARKER = "DONE"
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -61,16 +58,6 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"block_out_channels": [16, 32, 32], "layers_per_block": 1, "attention": [False, False, True],
              "norm_num_groups": 8, "attention_head_dim": 16, "dropout": 0.0},
 }
-
-
-def _settings(cls, spec: Mapping[str, Any] | None, what: str):
-    """A settings dataclass from a config mapping; an unknown key is one clear error."""
-    spec = dict(spec or {})
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(spec) - known)
-    if unknown:
-        raise ExpansionError(f"closed_set_diffusion: unknown {what} setting(s) {unknown}; known: {sorted(known)}")
-    return cls(**spec)
 
 
 @dataclass(frozen=True)
@@ -113,7 +100,7 @@ def unet_spec(unet: str | Mapping[str, Any] | UNetSpec) -> UNetSpec:
             raise ExpansionError(f"closed_set_diffusion: unknown unet preset {unet!r}; known: {sorted(UNET_PRESETS)} "
                                  "(or give a mapping of UNet settings)")
         unet = UNET_PRESETS[unet]
-    return _settings(UNetSpec, unet, "unet")
+    return from_mapping(UNetSpec, unet, "closed_set_diffusion: unet")
 
 
 @dataclass(frozen=True)
@@ -165,7 +152,7 @@ class FitSettings:
     hflip: bool = True
     label_dropout: float = 0.0
     seed: int = 0
-    checkpoint_every: int = 1000
+    checkpoint_every: int = speed_only(1000)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1 or self.warmup_steps < 0:
@@ -177,9 +164,6 @@ class FitSettings:
             raise ExpansionError("closed_set_diffusion: need 0 <= fit.label_dropout < 1, 0 <= fit.ema_max_decay < 1 "
                                  "and fit.ema_power > 0")
 
-    def result_defining(self) -> dict[str, Any]:
-        """The settings that change the trained weights (all but ``checkpoint_every``)."""
-        return {k: v for k, v in asdict(self).items() if k != "checkpoint_every"}
 
 
 # --------------------------------------------------------------------------- the network
@@ -353,7 +337,7 @@ def train_diffusion(unet, schedule: ScheduleSpec, images: torch.Tensor, labels: 
     if settings.label_dropout > 0 and null_class is None:
         raise ExpansionError("closed_set_diffusion: label_dropout > 0 needs a null class in the model")
     device = torch.device(device)
-    fit_key = fit_key if fit_key is not None else {"settings": settings.result_defining()}
+    fit_key = fit_key if fit_key is not None else {"settings": signature_of(settings)}
     use_amp = device.type == "cuda" and mixed_precision == "bf16"
     resolution = int(unet.config.sample_size)
     data = to_model_input(images, resolution).to(device)
@@ -434,19 +418,11 @@ def save_model(unet, schedule: ScheduleSpec, info: Mapping[str, Any], model_dir:
     """``model_dir/{unet,scheduler,fit.json,DONE}``: the EMA UNet (safetensors) and the training
     schedule, built in a temporary folder and moved into place, so a crash never leaves a model
     that :func:`model_available` accepts."""
-    model_dir = Path(model_dir)
-    model_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-model-", dir=model_dir.parent))
-    try:
+    with atomic_directory(Path(model_dir)) as tmp:  # replaces an incomplete earlier attempt (no DONE marker)
         unet.save_pretrained(str(tmp / "unet"), safe_serialization=True)
         schedule.training_scheduler().save_pretrained(str(tmp / "scheduler"))
         (tmp / "fit.json").write_text(json.dumps(dict(info), indent=2) + "\n")
         (tmp / DONE_MARKER).write_text("ok\n")
-        if model_dir.exists():  # an incomplete earlier attempt (no DONE marker)
-            shutil.rmtree(model_dir)
-        os.replace(tmp, model_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_model(model_dir: Path):
@@ -521,54 +497,63 @@ def _step_params(scheduler) -> set[str]:
 # --------------------------------------------------------------------------- the expander
 
 
+@dataclass(frozen=True)
+class ClosedSetSettings:
+    """``unet``: a preset of :data:`UNET_PRESETS` or a mapping of :class:`UNetSpec` fields; ``schedule``
+    (:class:`ScheduleSpec`) and ``fit`` (:class:`FitSettings`); ``resolution``: the model's side (see
+    :func:`model_resolution`; samples are resized back to the dataset's size); ``sampler`` (ddim |
+    dpm_solver, both deterministic per image seed), ``num_inference_steps``, ``guidance_scale`` (1 = no
+    classifier-free guidance; otherwise it needs ``fit.label_dropout`` > 0) and ``mixed_precision``
+    (bf16 autocast on CUDA for training and sampling; ignored on the CPU)."""
+
+    resolution: int | None = None
+    unet: str | UNetSpec = "ddpm_cifar10"
+    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    fit: FitSettings = field(default_factory=FitSettings)
+    sampler: str = "ddim"
+    num_inference_steps: int = 50
+    guidance_scale: float = 1.0
+    mixed_precision: str = "bf16"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "unet", unet_spec(self.unet))
+        if self.sampler not in SAMPLERS:
+            raise ExpansionError(f"closed_set_diffusion: sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.num_inference_steps < 1:
+            raise ExpansionError(f"closed_set_diffusion: num_inference_steps must be >= 1, got "
+                                 f"{self.num_inference_steps}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ExpansionError(f"closed_set_diffusion: mixed_precision must be one of {MIXED_PRECISION}, "
+                                 f"got {self.mixed_precision!r}")
+        if self.guidance_scale != 1.0 and self.fit.label_dropout == 0:
+            raise ExpansionError("closed_set_diffusion: guidance_scale != 1 (classifier-free guidance) needs a model "
+                                 "trained with fit.label_dropout > 0 (e.g. 0.1)")
+        if self.resolution is not None:
+            check_resolution(self.unet, self.resolution)
+
+
 class ClosedSetDiffusion(Expander):
     """Closed-set class-conditional diffusion (arXiv 2508.09550): fit on the training split, then the
-    k outputs of a parent of class c are k samples of class c, each from its own image seed.
-
-    Settings: ``unet`` (a preset of :data:`UNET_PRESETS` or a mapping of :class:`UNetSpec` fields),
-    ``schedule`` (:class:`ScheduleSpec`), ``fit`` (:class:`FitSettings`), ``resolution`` (the model's
-    side, see :func:`model_resolution`; samples are resized back to the dataset's size), ``sampler`` (ddim |
-    dpm_solver), ``num_inference_steps``, ``guidance_scale`` (1 = no classifier-free guidance) and
-    ``mixed_precision`` (bf16 autocast on CUDA for training and sampling; ignored on the CPU).
+    k outputs of a parent of class c are k samples of class c, each from its own image seed
+    (settings: :class:`ClosedSetSettings`).
 
     Manifest fields: ``sampler``, ``sampling_steps``, ``guidance_scale``.
     """
 
     name = "closed_set_diffusion"
+    settings_class = ClosedSetSettings
     needs_fit = True
 
-    def __init__(self, ratio: int, resolution: int | None = None, unet: str | Mapping[str, Any] = "ddpm_cifar10",
-                 schedule: Mapping[str, Any] | None = None, fit: Mapping[str, Any] | None = None,
-                 sampler: str = "ddim", num_inference_steps: int = 50, guidance_scale: float = 1.0,
-                 mixed_precision: str = "bf16", batch_size: int = 64, num_workers: int = 0) -> None:
-        spec = unet_spec(unet)
-        sched = _settings(ScheduleSpec, schedule, "schedule")
-        fit_settings = _settings(FitSettings, fit, "fit")
-        if sampler not in SAMPLERS:
-            raise ExpansionError(f"closed_set_diffusion: sampler must be one of {SAMPLERS}, got {sampler!r}")
-        if int(num_inference_steps) < 1:
-            raise ExpansionError(f"closed_set_diffusion: num_inference_steps must be >= 1, got {num_inference_steps}")
-        if mixed_precision not in MIXED_PRECISION:
-            raise ExpansionError(f"closed_set_diffusion: mixed_precision must be one of {MIXED_PRECISION}, "
-                                 f"got {mixed_precision!r}")
-        guidance_scale = float(guidance_scale)
-        if guidance_scale != 1.0 and fit_settings.label_dropout == 0:
-            raise ExpansionError("closed_set_diffusion: guidance_scale != 1 (classifier-free guidance) needs a model "
-                                 "trained with fit.label_dropout > 0 (e.g. 0.1)")
-        if resolution is not None:
-            check_resolution(spec, int(resolution))
-        super().__init__(ratio, resolution=None if resolution is None else int(resolution), unet=asdict(spec),
-                         schedule=asdict(sched), fit=fit_settings.result_defining(), sampler=sampler,
-                         num_inference_steps=int(num_inference_steps), guidance_scale=guidance_scale,
-                         mixed_precision=mixed_precision, batch_size=batch_size, num_workers=num_workers)
-        self.unet_spec, self.schedule, self.fit_settings = spec, sched, fit_settings
+    def __init__(self, ratio: int, **settings: Any) -> None:
+        super().__init__(ratio, **settings)
+        self.unet_spec, self.schedule, self.fit_settings = self.settings.unet, self.settings.schedule, self.settings.fit
         self.unet = None
 
     def fit_signature(self) -> dict[str, Any]:
         """What the trained weights depend on (not the ratio or the sampler: one fit serves them all)."""
-        p = self.params
-        return {"kind": "closed_set_diffusion", **{k: p[k] for k in ("resolution", "unet", "schedule", "fit",
-                                                                      "mixed_precision")}}
+        sig = signature_of(self.settings)
+        return {"kind": "closed_set_diffusion", **{k: sig[k] for k in ("resolution", "unet", "schedule", "fit",
+                                                                        "mixed_precision")}}
 
     @property
     def null_class(self) -> int | None:
@@ -579,12 +564,12 @@ class ClosedSetDiffusion(Expander):
         if not context.class_names:
             raise ExpansionError("closed_set_diffusion: the dataset has no class names (class-conditional model)")
 
-    def fit(self, train: Any, artifact_dir: Path) -> None:
+    def fit(self, train: ImageSet, artifact_dir: Path) -> None:
         """Train (or resume, or load) the generator on the training split; cached in ``artifact_dir``."""
         images, labels = train_tensors(train)
         if images.shape[-1] != images.shape[-2]:
             raise ExpansionError(f"closed_set_diffusion: needs square images, got {tuple(images.shape[-2:])}")
-        resolution = model_resolution(self.unet_spec, int(images.shape[-1]), self.params["resolution"])
+        resolution = model_resolution(self.unet_spec, int(images.shape[-1]), self.settings.resolution)
         model_dir = Path(artifact_dir) / "model"
         if not model_available(model_dir):
             unet = build_unet(self.unet_spec, channels=int(images.shape[1]), resolution=resolution,
@@ -594,7 +579,7 @@ class ClosedSetDiffusion(Expander):
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             result = train_diffusion(unet, self.schedule, images, labels, self.fit_settings,
                                      checkpoint_path=checkpoint, fit_key=self.fit_signature(), device=device,
-                                     mixed_precision=self.params["mixed_precision"], null_class=self.null_class)
+                                     mixed_precision=self.settings.mixed_precision, null_class=self.null_class)
             save_model(unet.cpu(), self.schedule, fit_summary(result, n_images=len(images)), model_dir)
             checkpoint.unlink(missing_ok=True)
         self.fit_info = json.loads((model_dir / "fit.json").read_text())
@@ -612,19 +597,19 @@ class ClosedSetDiffusion(Expander):
         num_classes = len(self.context.class_names)
         if labels.numel() != b or (b and (int(labels.min()) < 0 or int(labels.max()) >= num_classes)):
             raise ExpansionError(f"closed_set_diffusion: need {b} labels in [0, {num_classes})")
-        p = self.params
+        p = self.settings
         class_labels = labels.reshape(-1).long().repeat_interleave(k)  # output (b, j) is a sample of labels[b]
-        x = sample_images(self.unet, sampling_scheduler(self.schedule, p["sampler"]), class_labels, seeds.reshape(-1),
-                          num_inference_steps=p["num_inference_steps"], guidance_scale=p["guidance_scale"],
-                          null_class=self.null_class, mixed_precision=p["mixed_precision"])
+        x = sample_images(self.unet, sampling_scheduler(self.schedule, p.sampler), class_labels, seeds.reshape(-1),
+                          num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale,
+                          null_class=self.null_class, mixed_precision=p.mixed_precision)
         size = int(self.context.image_size or images.shape[-1])
         images01 = (x + 1.0) / 2.0
         if images01.shape[-1] != size:
             images01 = F.interpolate(images01, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         out = to_uint8(images01).reshape(b, k, *images01.shape[1:]).cpu()
         n = b * k
-        fields = {"sampler": [p["sampler"]] * n, "sampling_steps": torch.full((b, k), p["num_inference_steps"]),
-                  "guidance_scale": [p["guidance_scale"]] * n}
+        fields = {"sampler": [p.sampler] * n, "sampling_steps": torch.full((b, k), p.num_inference_steps),
+                  "guidance_scale": [p.guidance_scale] * n}
         return ExpansionOutput(images=out, fields=fields)
 
 

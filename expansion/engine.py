@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .base import Expander, ExpansionContext, ExpansionError, ExpansionOutput
 from .seeding import image_seeds
-from .store import ExpandedSet, ExpansionStore, atomic_write_text, canonical_json, store_key
+from .files import atomic_write_text, canonical_json
+from .store import ExpandedSet, ExpansionStore, fit_key
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class ExpansionResult:
 
 def fit_expander(expander: Expander, train: Any, dataset_identity: Mapping[str, Any], fit_dir: Path | str) -> float:
     """Run ``expander.fit`` once per (dataset, fit signature); artifacts are cached by key."""
-    key, payload = store_key(dataset_identity, expander.fit_signature(), seed=0)
+    key, payload = fit_key(dataset_identity, expander.fit_signature())
     artifact_dir = Path(fit_dir) / key  # methods with the same fit signature share it (gif_sd and sd_img2img)
     artifact_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -168,7 +169,7 @@ def expand_dataset(
                                 num_workers=num_workers, pin_memory=torch.cuda.is_available())
             kwargs = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, **(trainer_kwargs or {}),
                       # guided methods differentiate through their decoder: predict under no_grad, not inference_mode
-                      "inference_mode": not getattr(expander, "needs_grad", False)}
+                      "inference_mode": not expander.needs_grad}
             trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False,
                                 callbacks=[writer, *callbacks], **kwargs)
             trainer.predict(ExpansionModule(expander, seed), loader, return_predictions=False)

@@ -23,11 +23,17 @@ probe classifier), GIF
    around ``z0`` and decodes.
 
 As in the official code the score is taken on the unprojected perturbation and
-the projection is applied to the final code. Two documented departures: the
-official diversity term, ``KLDivLoss(mean_f, log_softmax(mean_f))``, depends on
-the seed's mean embedding only (its gradient ignores how samples differ); here
-it is the per-sample KL the paper describes. The official code also feeds CLIP
-unnormalised pixels; the guides apply CLIP's own normalisation.
+the projection is applied to the final code. Departures from the official code
+(``GIF_SD/*/dataset_expansion_stable_diffusion_CLIP_batch_optimization.py``):
+
+* consistency: the official ``gather(p' [B, K], 1, j.unsqueeze(1))`` with a ``[1, 1]`` index
+  gives the term to the first image of each pass only; here every sample gets it (the paper's
+  criterion);
+* diversity: the official ``KLDivLoss(log_softmax(f_i), log_softmax(mean f))`` is
+  ``mean_i KL(softmax(mean f) || softmax(f_i))``; here it is the reverse direction, as the paper
+  writes it (the two agree to second order and the term is < 1 % of the gradient in both);
+* the guides apply CLIP's own input normalisation to seeds and samples (the official code
+  normalises seeds with CIFAR statistics and feeds samples unnormalised).
 """
 
 from __future__ import annotations
@@ -37,14 +43,17 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ExpansionError
+from .errors import ExpansionError
 
 EPS = 1e-12
 
 
 @dataclass(frozen=True)
 class GuidanceSettings:
-    radius: float = 0.8
+    """The ascent on (e, b): ``n_steps`` signed-gradient steps of ``step_size`` on the weighted
+    criteria (official: one step of 0.1, all weights 1). The radius belongs to the prior's
+    latent (``GifSettings.radius``) and is given to :func:`guided_perturbation`."""
+
     n_steps: int = 1
     step_size: float = 0.1
     entropy_weight: float = 1.0
@@ -52,8 +61,8 @@ class GuidanceSettings:
     diversity_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.radius < 0 or self.n_steps < 0 or self.step_size < 0:
-            raise ExpansionError(f"guidance settings must be non-negative: {self}")
+        if self.n_steps < 0 or self.step_size < 0:
+            raise ExpansionError(f"guidance.n_steps and guidance.step_size must be >= 0: {self}")
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -148,16 +157,15 @@ def guided_perturbation(
     b: torch.Tensor,
     score_fn: Callable[[torch.Tensor], CriteriaTerms],
     settings: GuidanceSettings,
-    radius: torch.Tensor | None = None,
+    radius: torch.Tensor | float,
 ) -> GuidedResult:
     """Signed-gradient ascent on ``(e, b)`` then projection (steps 1-4 of the module doc).
 
     z0 ``[N, C, ...]``, e and b shaped like ``[N, *channel_shape(z0)]``; ``score_fn(z)``
     decodes ``z`` and returns the criteria of its samples. Each group's perturbations
     only receive the gradient of that group's own score, so the result does not depend
-    on the other seeds in the batch. ``radius`` (a tensor broadcasting against ``z0``,
-    e.g. one value per sample) replaces ``settings.radius`` for priors whose scale varies
-    per image.
+    on the other seeds in the batch. ``radius``: the L-inf radius, a number or a tensor
+    broadcasting against ``z0`` (e.g. one value per sample, for priors whose scale varies).
     """
     z0 = z0.detach()
     e, b = e.detach().clone(), b.detach().clone()
@@ -179,5 +187,5 @@ def guided_perturbation(
         with torch.no_grad():
             score_before = score_fn(perturb(z0, e, b)).score.reshape(-1)
     latents = project_linf(perturb(z0, e.detach(), b.detach()), z0,
-                           settings.radius if radius is None else radius.to(z0))
+                           radius.to(z0) if torch.is_tensor(radius) else float(radius))
     return GuidedResult(latents, score_before.detach(), e.detach(), b.detach())

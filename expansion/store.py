@@ -22,9 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,54 +34,36 @@ import torch
 from filelock import FileLock, Timeout
 from PIL import Image
 
-from .base import ExpansionError
+from .errors import ExpansionError
+from .files import TMP_MARK, atomic_write_bytes, atomic_write_text, canonical_json, content_key, remove_temporaries
 
-#: bump when the layout or the meaning of a manifest field changes
-FORMAT_VERSION = 1
-_TMP_MARK = ".tmp-"
+#: bump when the layout, the meaning of a manifest field or the method signatures change.
+#: 2: method signatures are the methods' typed settings (issue 15); version-1 stores are no longer
+#: found (their images are not reused: delete them from the cache folder)
+FORMAT_VERSION = 2
+#: version of the payload that keys fitted artifacts (fit signatures did not change with store version 2)
+FIT_FORMAT_VERSION = 1
 
 
-def canonical_json(payload: Any) -> str:
-    return json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+def key_payload(dataset_identity: Mapping[str, Any], signature: Mapping[str, Any], seed: int,
+                format_version: int | None = None) -> dict[str, Any]:
+    """What a store (or, with ``FIT_FORMAT_VERSION``, a fitted artifact) is keyed on: format version,
+    dataset identity, method signature, seed."""
+    version = FORMAT_VERSION if format_version is None else format_version
+    return {"format_version": int(version), "dataset": dict(dataset_identity), "method": dict(signature),
+            "seed": int(seed)}
 
 
 def store_key(dataset_identity: Mapping[str, Any], signature: Mapping[str, Any], seed: int) -> tuple[str, dict]:
-    """``sha256(format version + dataset identity + method signature + seed)``, 20 hex chars."""
-    payload = {
-        "format_version": FORMAT_VERSION,
-        "dataset": dict(dataset_identity),
-        "method": dict(signature),
-        "seed": int(seed),
-    }
-    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:20], payload
+    """:func:`~expansion.files.content_key` of :func:`key_payload`, and the payload."""
+    payload = key_payload(dataset_identity, signature, seed)
+    return content_key(payload), payload
 
 
-@contextmanager
-def atomic_file(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` for a writer that wants a file name (e.g. safetensors'
-    ``save_file``); on success it is fsynced and moved onto ``path``, on any failure removed, so
-    ``path`` is either absent, old or complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + _TMP_MARK)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is either absent, old or complete."""
-    with atomic_file(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+def fit_key(dataset_identity: Mapping[str, Any], fit_signature: Mapping[str, Any]) -> tuple[str, dict]:
+    """The key of a method's fitted artifacts (shared by every method with the same fit signature)."""
+    payload = key_payload(dataset_identity, fit_signature, 0, FIT_FORMAT_VERSION)
+    return content_key(payload), payload
 
 
 def encode_png(image: torch.Tensor) -> bytes:
@@ -196,8 +176,7 @@ class ExpansionStore:
         elif meta.get("key") != self.key:
             raise ExpansionError(f"store {self.root} holds key {meta.get('key')}, expected {self.key}")
         for folder in (self.root, self.images_dir, self.chunks_dir):
-            for tmp in folder.glob(f"*{_TMP_MARK}*"):
-                tmp.unlink(missing_ok=True)
+            remove_temporaries(folder)
 
     def read_chunks(self) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
@@ -302,7 +281,7 @@ class ExpansionStore:
         extra = sorted({p.name for p in self.images_dir.iterdir()} - set(names))
         if extra:
             problems.append(f"{len(extra)} images not in the manifest (first: {extra[:3]})")
-        leftovers = [str(p.relative_to(self.root)) for p in self.root.rglob(f"*{_TMP_MARK}*")]
+        leftovers = [str(p.relative_to(self.root)) for p in self.root.rglob(f"*{TMP_MARK}*")]
         if leftovers:
             problems.append(f"temporary files left: {leftovers[:3]}")
         if self.chunks_dir.exists():

@@ -12,9 +12,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 
-from expansion.store import atomic_write_bytes
+from expansion.files import atomic_write_bytes, content_key
 
 from .preemption import PREEMPTED_CHECKPOINT
 
@@ -50,9 +48,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def run_signature(settings: Any) -> str:
-    """A short hash of everything that shapes one training run (JSON-serialisable ``settings``)."""
-    text = json.dumps(settings, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """The content key of everything that shapes one training run (JSON-serialisable ``settings``)."""
+    return content_key(settings)
 
 
 class StampRunSignature(Callback):

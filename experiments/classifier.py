@@ -16,26 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-
-class SmallConvNet(nn.Module):
-    """A CPU-friendly CNN for 8-32 px inputs: 3 conv blocks (32-64-128, BN, ReLU),
-    max-pooling only while the map is >= 8 px, global average pooling, linear head."""
-
-    def __init__(self, num_classes: int, in_chans: int = 3, width: int = 32, input_size: int = 28):
-        super().__init__()
-        layers: list[nn.Module] = []
-        channels, size = in_chans, input_size
-        for i, out in enumerate((width, width * 2, width * 4)):
-            layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
-            if i < 2 and size >= 8:
-                layers.append(nn.MaxPool2d(2))
-                size //= 2
-            channels = out
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(channels, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+from expansion.probe import SmallConvNet
 
 
 def create_network(arch: str, num_classes: int, in_chans: int, input_size: int, **kwargs: Any) -> nn.Module:

@@ -1,9 +1,11 @@
-"""Hydra/OmegaConf set-up shared by run.py, the tests and the scripts."""
+"""Hydra/OmegaConf set-up shared by run.py, the tests and the scripts: the resolvers, and every
+method's settings defaults registered for the method configs to compose."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -25,4 +27,30 @@ def _int_product(a, b) -> int:
     return int(round(float(a) * float(b)))
 
 
+def method_targets(config_dir: Path = CONFIG_DIR) -> dict[str, str]:
+    """``{config name: _target_}`` of every method config that names its class (the method registry)."""
+    targets = {}
+    for path in sorted((config_dir / "method").glob("*.yaml")):
+        target = (yaml.safe_load(path.read_text()) or {}).get("_target_")
+        if target:
+            targets[path.stem] = str(target)
+    return targets
+
+
+def register_method_defaults(config_dir: Path = CONFIG_DIR) -> None:
+    """``method/defaults/<method name>``: the defaults of the method's settings class, as a config
+    node. A method config composes it (``- /method/defaults/gif_sd@_here_``) and adds only its values,
+    so the settings class stays the one place its defaults live."""
+    from hydra.core.config_store import ConfigStore
+    from hydra.utils import get_class
+
+    from expansion.settings import config_node
+
+    store = ConfigStore.instance()
+    for target in sorted(set(method_targets(config_dir).values())):
+        cls = get_class(target)
+        store.store(group="method/defaults", name=cls.name, node=config_node(cls.settings_class))
+
+
 register_resolvers()
+register_method_defaults()

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from expansion.base import Expander, ExpansionContext, ExpansionError
 from expansion.engine import ExpansionResult, expand_dataset
-from expansion.store import atomic_write_text
+from expansion.files import atomic_write_text
 
 from . import wandb_logging
 from .checkpoints import LAST_CHECKPOINT, AtomicCheckpointIO, StampRunSignature, resume_point, training_signature

@@ -5,7 +5,7 @@ and a picture of seeds beside their expansions.
 extractor)`` returns one flat dict (written under ``metrics["quality"]``):
 
 * **feature space** (``feature_extractor`` names it): ``classifier`` (the offline default)
-  is a small CNN (:class:`experiments.classifier.SmallConvNet`) trained, seeded, for a
+  is the probe CNN (:mod:`expansion.probe`, the one GIF's offline guide uses) trained, seeded, for a
   few epochs on the ORIGINAL training images; its 128-d penultimate (global-pooled)
   activations are the features and its predictions give the label agreement.
   ``inception`` is torchmetrics' FID InceptionV3 (2048-d pool features; needs
@@ -51,9 +51,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from expansion.base import ExpansionError
+from expansion.probe import Probe
+from expansion.probe import train_probe as fit_probe
 
-from .augment import normalize, resize_to
-from .classifier import SmallConvNet
+from .augment import resize_to
 
 DUP_RULE = ("near-duplicate: pixel NN distance (RMS of [0,1] pixels, <=32 px) <= {f} x median leave-one-out "
             "NN distance among originals, or feature NN distance <= {f} x the same median in feature space; "
@@ -91,59 +92,32 @@ class FeatureExtractor(nn.Module):
 
 
 class ProbeExtractor(FeatureExtractor):
-    """A SmallConvNet trained on the original images: penultimate features, head logits."""
+    """The probe (:mod:`expansion.probe`) trained on the original images: penultimate features, head logits."""
 
-    def __init__(self, net: SmallConvNet, size: int, description: str):
+    def __init__(self, probe: Probe, description: str):
         super().__init__()
-        self.net = net.eval().requires_grad_(False)
-        self.size = int(size)
-        self.num_features = net.head.in_features
+        self.probe = probe
+        self.num_features = probe.num_features
         self.description = description
 
-    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
-        return normalize(resize_to(images, self.size))
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(F.adaptive_avg_pool2d(self.net.features(self._prepare(images)), 1), 1)
+        return self.probe.embed(images.float() / 255.0)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net.head(self(images))
+        return self.probe(images.float() / 255.0)
 
 
 def train_probe(images: torch.Tensor, labels: torch.Tensor | np.ndarray, num_classes: int, *, epochs: int = 10,
-                size: int = 32, seed: int = 0, batch_size: int = 32, lr: float = 3e-3, width: int = 32,
-                min_steps: int = 200, progress: bool = False) -> ProbeExtractor:
-    """Train the probe (AdamW, cross-entropy, random shifts of up to 1/8 of the side) on uint8
-    ``images`` for ``epochs`` epochs, more if needed to make ``min_steps`` optimisation steps
-    (a few-shot set has few batches per epoch); deterministic given ``seed``, global RNG untouched."""
-    size = min(int(size), images.shape[-1])
-    steps_per_epoch = max(1, math.ceil(len(images) / batch_size))
-    epochs = max(int(epochs), math.ceil(int(min_steps) / steps_per_epoch))
-    x = resize_to(images, size)
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-    g = torch.Generator().manual_seed(int(seed))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        net = SmallConvNet(num_classes, images.shape[1], width=width, input_size=size)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    pad = max(1, size // 8)
-    net.train()
-    for _ in _tqdm(range(int(epochs)), progress=progress, desc="quality: probe training", unit="epoch"):
-        order = torch.randperm(len(x), generator=g)
-        for start in range(0, len(x), batch_size):
-            idx = order[start:start + batch_size]
-            if len(idx) < 2:  # BatchNorm needs two images
-                continue
-            batch = F.pad(normalize(x[idx]), (pad, pad, pad, pad), mode="replicate")
-            dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=g).tolist()
-            batch = batch[..., dy:dy + size, dx:dx + size]
-            loss = F.cross_entropy(net(batch), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    description = (f"classifier(small_cnn, trained on {len(x)} original images, {int(epochs)} epochs, {size} px, "
-                   f"{net.head.in_features}-d penultimate features)")
-    return ProbeExtractor(net, size, description)
+                size: int = 32, seed: int = 0, min_steps: int = 200, progress: bool = False) -> ProbeExtractor:
+    """The probe trained on uint8 ``images`` (:func:`expansion.probe.train_probe`), as a feature extractor."""
+    def bars(iterable, desc):
+        return _tqdm(iterable, progress=progress, desc=f"quality: {desc}", unit="epoch")
+
+    probe = fit_probe(images, labels, num_classes, epochs=epochs, size=size, seed=seed, min_steps=min_steps,
+                      progress=bars)
+    description = (f"classifier(small_cnn, trained on {len(images)} original images, {probe.trained_epochs} epochs, "
+                   f"{probe.size} px, {probe.num_features}-d penultimate features)")
+    return ProbeExtractor(probe, description)
 
 
 class InceptionExtractor(FeatureExtractor):
@@ -175,7 +149,7 @@ class ClipExtractor(FeatureExtractor):
 
     def __init__(self, class_names: Sequence[str], arch: str = "ViT-B-32", pretrained: str = "openai"):
         super().__init__()
-        from expansion.guides import ClipGuide
+        from expansion.gif.guides import ClipGuide
 
         try:
             self.guide = ClipGuide.from_open_clip(list(class_names), arch=arch, pretrained=pretrained)

@@ -72,7 +72,8 @@ def backfill_run(run: dict[str, Any], out_dir: Path, probe_cache: dict, *, progr
     from omegaconf import OmegaConf
 
     import experiments.config  # noqa: F401  (resolvers)
-    from expansion.store import ExpandedSet, canonical_json
+    from expansion.files import canonical_json
+    from expansion.store import ExpandedSet
 
     from .data import load_expanded_images
     from .datasets import build_dataset

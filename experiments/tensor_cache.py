@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from expansion.store import ExpandedSet, atomic_file, canonical_json
+from expansion.files import atomic_file, canonical_json, content_key
+from expansion.store import ExpandedSet
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def cache_key(source: Mapping[str, Any], resolution: int | None, channels: int) 
     """``sha256`` (20 hex chars) of the source, the resolution, the channels and the format version."""
     payload = {"format_version": FORMAT_VERSION, "source": dict(source),
                "resolution": None if resolution is None else int(resolution), "channels": int(channels)}
-    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:20], payload
+    return content_key(payload), payload
 
 
 def file_stats_digest(paths: Iterable[Path]) -> str:
@@ -66,7 +67,7 @@ def split_source(dataset_name: str, split_name: str, fingerprint: str, files: Se
 
 def store_source(expanded: ExpandedSet) -> dict[str, Any]:
     """What a finished expansion store is keyed on (its folder name is the store key)."""
-    rows = hashlib.sha256(canonical_json(expanded.rows).encode()).hexdigest()
+    rows = content_key(expanded.rows)
     return {"kind": "expansion_store", "store_key": expanded.root.name, "manifest_rows": rows,
             "num_images": len(expanded), "files": file_stats_digest(expanded.paths)}
 

@@ -15,6 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from expansion import files as files_mod
 from expansion import store as store_mod
 from expansion.base import ExpansionError
 from expansion.store import ExpansionStore
@@ -192,7 +193,7 @@ def test_disk_full_while_writing_the_store(tmp_path, monkeypatch):
     the batch's images and temporaries removed, earlier batches kept; a rerun resumes to the
     same store as an uninterrupted run."""
     overrides = ["dataset=digits", "method=cutout", "method.ratio=2", "method.batch_size=25"]
-    real_fsync, calls = store_mod.os.fsync, {"n": 0}
+    real_fsync, calls = files_mod.os.fsync, {"n": 0}
     fail_at = 1 + 2 * (50 + 1) + 7  # meta.json, two batches of 50 images + their chunks, the 7th image of the third
 
     def fsync_until_full(fd):
@@ -201,7 +202,7 @@ def test_disk_full_while_writing_the_store(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         real_fsync(fd)
 
-    monkeypatch.setattr(store_mod.os, "fsync", fsync_until_full)
+    monkeypatch.setattr(files_mod.os, "fsync", fsync_until_full)
     with pytest.raises(ExpansionError, match=r"writing a batch of 50 images failed \(\[Errno 28\] No space left on "
                                              r"device\); nothing of this batch was kept.*rerun to resume"):
         run(_cfg(overrides), tmp_path / "run")
@@ -211,7 +212,7 @@ def test_disk_full_while_writing_the_store(tmp_path, monkeypatch):
     assert len(list(store.images_dir.iterdir())) == 2 * 25 * 2
     assert sorted({r["parent"] for r in store.read_chunks()}) == list(range(50))
 
-    monkeypatch.setattr(store_mod.os, "fsync", real_fsync)  # space freed
+    monkeypatch.setattr(files_mod.os, "fsync", real_fsync)  # space freed
     resumed = run(_cfg(overrides), tmp_path / "run")
     assert resumed["expansion"]["generated_images"] == 2 * (resumed["sizes"]["train"] - 50)
     reference = _expand_only(overrides + [f"paths.cache_dir={tmp_path / 'ref'}"])
@@ -236,7 +237,7 @@ def test_store_of_another_format_version_is_refused_untouched(tmp_path):
     meta["format_version"] = 999
     store.meta_path.write_text(json.dumps(meta))
     before = {p: p.stat().st_mtime_ns for p in store.root.rglob("*")}
-    with pytest.raises(ExpansionError, match=r"written by store format version 999, this framework reads version 1; "
+    with pytest.raises(ExpansionError, match=rf"written by store format version 999, this framework reads version {store_mod.FORMAT_VERSION}; "
                                              "delete the folder to regenerate it"):
         run(_cfg(["dataset=digits", "method=cutout", "method.ratio=1"]), tmp_path / "run")
     assert {p: p.stat().st_mtime_ns for p in store.root.rglob("*")} == before

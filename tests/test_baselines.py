@@ -319,13 +319,12 @@ def test_randaugment_rejects_bad_magnitude() -> None:
     "name, cls", [("cutout", Cutout), ("gridmask", GridMask), ("randaugment", RandAugment)]
 )
 def test_method_configs_instantiate(name: str, cls) -> None:
-    from hydra.utils import instantiate
+    from experiments.pipeline import build_expander
+    from tests.conftest import compose
 
-    cfg = OmegaConf.load(REPO / "conf" / "method" / f"{name}.yaml")
+    cfg = compose([f"method={name}"]).method
     assert cfg.name == name
-    for key in ("name", "batch_size", "num_workers"):
-        cfg.pop(key, None)
-    exp = instantiate(cfg)
+    exp = build_expander(cfg)
     assert isinstance(exp, cls) and exp.name == name and exp.ratio == 5
     sig = exp.signature()
     assert sig["method"] == name and "batch_size" not in sig

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -163,8 +164,8 @@ def test_fit_is_cached_by_key_and_shared_by_ratios(breast, tmp_path, monkeypatch
         raise AssertionError("the cached fit was trained again")
 
     monkeypatch.setattr(csd, "train_diffusion", no_training)
-    other_ratio = csd.ClosedSetDiffusion(**{**first.params, "ratio": 5, "sampler": "dpm_solver",
-                                            "num_inference_steps": 3})
+    other_ratio = csd.ClosedSetDiffusion(5, **{**asdict(first.settings), "sampler": "dpm_solver",
+                                               "num_inference_steps": 3})
     other_ratio.prepare(_context(breast))
     fit_expander(other_ratio, breast.train, breast.identity, tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == [artifact.name]
@@ -239,7 +240,7 @@ def test_killed_fit_resumes_from_its_checkpoint(shared_data, breast, tmp_path):
 @pytest.mark.parametrize("kwargs,pattern", [
     ({"sampler": "euler"}, "sampler must be one of"),
     ({"guidance_scale": 3.0}, "needs a model trained with fit.label_dropout"),
-    ({"fit": {"stepz": 3}}, r"unknown fit setting\(s\) \['stepz'\]"),
+    ({"fit": {"stepz": 3}}, r"fit: unknown setting\(s\) \['stepz'\]"),
     ({"unet": "huge"}, "unknown unet preset 'huge'"),
     ({"unet": {**TINY_UNET, "norm_num_groups": 5}}, "must divide every block_out_channels"),
     ({"unet": "ddpm_cifar10", "resolution": 28}, "not divisible by 8"),

@@ -1,4 +1,4 @@
-"""DreamBooth fine-tuning (expansion/dreambooth.py) on tiny SD components and real BreastMNIST images."""
+"""DreamBooth fine-tuning (expansion/gif/dreambooth.py) on tiny SD components and real BreastMNIST images."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from expansion.dreambooth import (
+from expansion.gif.dreambooth import (
     DreamBoothSettings,
     dreambooth_finetune,
     finetuned_available,

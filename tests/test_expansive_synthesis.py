@@ -18,7 +18,7 @@ from expansion.expansive_synthesis.autoencoder import (AutoencoderSpec, ConvAuto
                                                        train_autoencoder)
 from expansion.expansive_synthesis.graph import build_expander_graph, ramanujan_bound
 from expansion.expansive_synthesis.transport import KINDS, ot_distance
-from expansion.gif_ae import GifAE
+from expansion.gif.ae import GifAE
 from expansion.seeding import image_seeds
 from experiments.datasets import build_dataset
 from experiments.pipeline import build_expander, run
@@ -199,15 +199,14 @@ def test_expand_is_deterministic_per_image_and_names_its_parents(mnist, fitted_e
 
 
 def test_bad_settings_fail_early():
-    with pytest.raises(ExpansionError, match="unknown graph setting"):
+    with pytest.raises(ExpansionError, match=r"graph: unknown setting\(s\) \['degre'\]"):
         ExpansiveSynthesis(ratio=2, graph={"degre": 4})
     with pytest.raises(ExpansionError, match="mix_range"):
         ExpansiveSynthesis(ratio=2, mix_range=[0.6, 0.2])
     with pytest.raises(ExpansionError, match="ot.kind"):
         ExpansiveSynthesis(ratio=2, ot={"kind": "wasserstein"})
     with pytest.raises(ExpansionError, match="pretrain.source must be one of"):
-        from expansion.expansive_synthesis.fitting import pretraining_pool
-        pretraining_pool("other_dataset", None, 10, 0)
+        ExpansiveSynthesis(ratio=2, pretrain={"source": "other_dataset"})
 
 
 # -- GIF over the autoencoder ---------------------------------------------------------------------
@@ -264,7 +263,7 @@ def test_method_configs_compose_and_share_the_autoencoder_fit():
     es = build_expander(compose(["method=expansive_synthesis"]).method)
     guided = build_expander(compose(["method=gif_ae"]).method)
     unguided = build_expander(compose(["method=gif_ae_unguided"]).method)
-    assert isinstance(es, ExpansiveSynthesis) and isinstance(guided, GifAE) and not unguided.guided
+    assert isinstance(es, ExpansiveSynthesis) and isinstance(guided, GifAE) and not unguided.settings.guided
     assert es.autoencoder_fit_signature() == guided.autoencoder_fit_signature() == unguided.autoencoder_fit_signature()
     assert guided.signature() != unguided.signature()
-    assert math.isclose(es.params["koopman"]["tau"], 0.5)
+    assert math.isclose(es.settings.koopman.tau, 0.5)

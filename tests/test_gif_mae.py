@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from expansion.base import ExpansionContext, ExpansionError
-from expansion.gif_mae import GifMAE, load_mae
+from expansion.gif.mae import GifMAE, load_mae
 from expansion.seeding import image_seeds
 from expansion.store import ExpansionStore
 from tests.conftest import PROJECT_ROOT
@@ -49,13 +49,14 @@ def seeds_batch(shared_data):
 
 
 def _expander(clip_spec, model=None, **kw):
-    from expansion.gif_sd import build_guide
+    from expansion.gif.guides import build_guide
 
     params = dict(ratio=3, model_id="unused (set_components)", guide=clip_spec, output_size=None)
     params.update(kw)
     exp = GifMAE(**params)
     exp.context = ExpansionContext("breastmnist", CLASSES, channels=1, prompt_prefix="Ultrasound image of")
-    exp.set_components(model if model is not None else tiny_mae(), guide=build_guide(clip_spec, CLASSES))
+    exp.set_components(model if model is not None else tiny_mae())
+    exp.use_guide(build_guide(clip_spec, CLASSES))
     return exp
 
 
@@ -158,7 +159,7 @@ def test_radius_is_relative_to_the_token_std(clip_spec, seeds_batch):
     images, labels = seeds_batch
     seeds = image_seeds(5, range(4), 2)
     exp = _expander(clip_spec, ratio=2, augment=False, radius=0.0)
-    z0 = exp.encode(exp._preprocess(images, seeds[:, :1]), seeds[:, 0])[0]
+    z0 = exp.encode_tokens(exp.preprocess(images, seeds[:, :1]), seeds[:, 0]).z0
     assert exp.expand(images, labels, seeds).fields["radius_abs"] == [0.0] * 8
     exp = _expander(clip_spec, ratio=2, augment=False, radius=0.5)
     rows = exp.expand(images, labels, seeds).fields["radius_abs"]

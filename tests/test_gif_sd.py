@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from expansion.base import ExpansionContext, ExpansionError
-from expansion.gif_sd import GifSD, SDImg2Img, load_sd_components
+from expansion.gif.sd import GifSD, load_sd_components
 from expansion.seeding import image_seeds
 from expansion.store import ExpansionStore
 from tests.conftest import PROJECT_ROOT
@@ -39,14 +39,16 @@ def seeds_batch(shared_data):
     return images, labels
 
 
-def _expander(tiny_models, cls=GifSD, **kw):
+#: sd_img2img as configured (conf/method/sd_img2img.yaml): GIF-SD unguided, no perturbation
+IMG2IMG = {"guided": False, "radius": 0.0}
+
+
+def _expander(tiny_models, **kw):
     sd_path, clip_spec = tiny_models
     params = dict(ratio=3, model_id=str(sd_path), guide=clip_spec, guidance_scale=5.0, strength=0.9, radius=0.1,
                   num_inference_steps=4, resolution=16, output_size=None)
     params.update(kw)
-    if cls is SDImg2Img:
-        params.pop("guide")
-    exp = cls(**params)
+    exp = GifSD(**params)
     exp.prepare(ExpansionContext("breastmnist", CLASSES, channels=1, prompt_prefix="Ultrasound image of"))
     return exp
 
@@ -104,17 +106,22 @@ def test_guidance_raises_the_score_of_the_same_inputs(tiny_models, seeds_batch):
 def test_unguided_ablation_needs_no_guide_and_differs_from_gif(tiny_models, seeds_batch):
     images, labels = seeds_batch
     seeds = image_seeds(3, range(4), 3)
-    sd = _expander(tiny_models, cls=SDImg2Img)
+    sd = _expander(tiny_models, **IMG2IMG)
     assert sd.guide is None and not sd.needs_grad
     plain = sd.expand(images, labels, seeds)
-    assert set(plain.field_rows()[0]) == {"prompt", "strength", "guidance_scale"}
+    assert set(plain.field_rows()[0]) == {"prompt", "strength", "guidance_scale", "radius"}
+    assert all(r["radius"] == 0.0 for r in plain.field_rows())
     gif = _expander(tiny_models).expand(images, labels, seeds)
     assert not torch.equal(plain.images, gif.images)
     assert sd.signature() != _expander(tiny_models).signature()
+    # radius 0: the decoded img2img latent itself, whatever the perturbation draws
+    with torch.no_grad():
+        z0 = sd.encode(images, labels, seeds).z0
+        assert torch.equal(plain.images, sd.stored_images(sd.decode(z0, {}, final=True), 4, 3))
 
 
 def test_official_loop_settings_are_reachable(tiny_models, seeds_batch):
-    exp = _expander(tiny_models, group_size=2, dtype="float32", batch_size=1)
+    exp = _expander(tiny_models, group_size=2, dtype="float32")
     images, labels = seeds_batch
     out = exp.expand(images[:1], labels[:1], image_seeds(1, [0], 3))
     assert out.images.shape == (1, 3, 1, 16, 16)
@@ -122,8 +129,12 @@ def test_official_loop_settings_are_reachable(tiny_models, seeds_batch):
 
 
 def test_bad_settings_and_missing_weights_are_clear(tmp_path, monkeypatch):
-    with pytest.raises(ExpansionError, match="strength must be in"):
+    with pytest.raises(ExpansionError, match="method gif_sd: strength must be in"):
         GifSD(ratio=2, strength=1.5)
+    with pytest.raises(ExpansionError, match=r"method gif_sd: unknown setting\(s\) \['strenght'\]"):
+        GifSD(ratio=2, strenght=0.5)
+    with pytest.raises(ExpansionError, match="method gif_sd.guidance_scale must be float"):
+        GifSD(ratio=2, guidance_scale="high")
     with pytest.raises(ExpansionError, match="folder .*nope does not exist"):
         load_sd_components(str(tmp_path / "nope"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -132,7 +143,7 @@ def test_bad_settings_and_missing_weights_are_clear(tmp_path, monkeypatch):
 
 
 def test_missing_clip_weights_are_clear(monkeypatch):
-    from expansion.gif_sd import build_guide
+    from expansion.gif.guides import build_guide
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ExpansionError, match="could not load the CLIP guide open_clip 'ViT-B-32'.*local open_clip weights"):
@@ -168,7 +179,7 @@ def test_run_py_gif_sd_end_to_end_and_batch_size_independent(tiny_models, tmp_pa
     other = stores[1].read_rows()
     for a, b in zip(rows, other):
         assert (a["parent"], a["copy"], a["seed"], a["prompt"]) == (b["parent"], b["copy"], b["seed"], b["prompt"])
-        pixels = [torch.from_numpy(np.asarray(Image.open(s.images_dir / r["file"])))
+        pixels = [torch.from_numpy(np.array(Image.open(s.images_dir / r["file"])))
                   for s, r in ((stores[0], a), (stores[1], b))]
         assert same_up_to_float_rounding(*pixels), (pixels[0].int() - pixels[1].int()).abs().max()
         for key in ("score_before", "score_after"):
@@ -176,7 +187,7 @@ def test_run_py_gif_sd_end_to_end_and_batch_size_independent(tiny_models, tmp_pa
 
 
 def test_dreambooth_fit_is_cached_and_shared_with_the_ablation(tiny_models, seeds_batch, tmp_path, monkeypatch):
-    from expansion import dreambooth
+    from expansion.gif import dreambooth
     from expansion.engine import expand_dataset
     from experiments.datasets import TensorImageSet
 
@@ -189,21 +200,19 @@ def test_dreambooth_fit_is_cached_and_shared_with_the_ablation(tiny_models, seed
     real = dreambooth.dreambooth_finetune
     monkeypatch.setattr(dreambooth, "dreambooth_finetune", lambda *a, **k: calls.append(a[6]) or real(*a, **k))
 
-    def run(cls, ratio):
+    def run(ratio, **unguided):
         sd_path, clip = tiny_models
-        kw = dict(ratio=ratio, model_id=str(sd_path), guidance_scale=5.0, num_inference_steps=2, resolution=16,
-                  dreambooth=db)
-        if cls is GifSD:
-            kw["guide"] = clip
-        return expand_dataset(cls(**kw), train, identity, context=context, store_dir=tmp_path / "stores",
+        kw = dict(ratio=ratio, model_id=str(sd_path), guide=clip, guidance_scale=5.0, num_inference_steps=2,
+                  resolution=16, dreambooth=db, **unguided)
+        return expand_dataset(GifSD(**kw), train, identity, context=context, store_dir=tmp_path / "stores",
                               fit_dir=tmp_path / "fits", seed=0, batch_size=4)
 
-    first = run(GifSD, 2)
+    first = run(2)
     assert len(calls) == 1
     assert set(calls[0]) <= {"Ultrasound image of malignant breast", "Ultrasound image of normal, benign breast"}
     saved = list((tmp_path / "fits").glob("*/dreambooth/DONE"))
     assert len(saved) == 1
-    run(SDImg2Img, 2)  # same fit signature: reuses the fine-tuned weights, no second fine-tune
-    run(GifSD, 3)
+    run(2, **IMG2IMG)  # same fit signature: reuses the fine-tuned weights, no second fine-tune
+    run(3)
     assert len(calls) == 1
     assert first.expanded.rows[0]["prompt"].startswith("Ultrasound image of")

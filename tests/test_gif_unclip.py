@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from expansion.base import ExpansionContext, ExpansionError
-from expansion.gif_unclip import GifUnCLIP, load_unclip
+from expansion.gif.unclip import GifUnCLIP, load_unclip
 from expansion.seeding import image_seeds
 from expansion.store import ExpansionStore
 from tests.conftest import PROJECT_ROOT
@@ -71,7 +71,7 @@ def save_tiny_karlo(tmp_dir: Path, seed: int = 0) -> Path:
     from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig,
                               CLIPVisionModelWithProjection)
 
-    from expansion.gif_unclip import _text_proj_class
+    from expansion.gif.unclip import _text_proj_class
     from tests.helpers.tiny_sd import build_tiny_tokenizer
 
     out = Path(tmp_dir) / "tiny_karlo"
@@ -129,14 +129,15 @@ def seeds_batch(shared_data):
 
 
 def _expander(clip_spec, unclip_dir, **kw):
-    from expansion.gif_sd import build_guide
+    from expansion.gif.guides import build_guide
 
     params = dict(ratio=3, backend="stable_unclip", model_id=str(unclip_dir), guide=clip_spec,
                   num_inference_steps=4, guidance_scale=3.0)
     params.update(kw)
     exp = GifUnCLIP(**params)
     exp.context = ExpansionContext("breastmnist", CLASSES, channels=1, prompt_prefix="Ultrasound image of")
-    exp.set_components(load_unclip("stable_unclip", str(unclip_dir)), guide=build_guide(clip_spec, CLASSES))
+    exp.set_components(load_unclip("stable_unclip", str(unclip_dir)))
+    exp.use_guide(build_guide(clip_spec, CLASSES))
     return exp
 
 
@@ -165,7 +166,7 @@ def test_expand_shapes_fields_and_per_image_seed_determinism(clip_spec, unclip_d
 def test_karlo_loads_by_component_and_expands(clip_spec, seeds_batch, tmp_path):
     """load_unclip("karlo") on a tiny Karlo saved component by component (the hub repo's layout), then
     expand real BreastMNIST seeds through the full decoder + super-resolution."""
-    from expansion.gif_sd import build_guide
+    from expansion.gif.guides import build_guide
 
     karlo_dir = save_tiny_karlo(tmp_path)
     pipe = load_unclip("karlo", str(karlo_dir))
@@ -173,7 +174,8 @@ def test_karlo_loads_by_component_and_expands(clip_spec, seeds_batch, tmp_path):
     exp = GifUnCLIP(ratio=2, backend="karlo", model_id=str(karlo_dir), guide=clip_spec, num_inference_steps=3,
                     super_res_num_inference_steps=2, guidance_scale=3.0)
     exp.context = ExpansionContext("breastmnist", CLASSES, channels=1, prompt_prefix="Ultrasound image of")
-    exp.set_components(pipe, guide=build_guide(clip_spec, CLASSES))
+    exp.set_components(pipe)
+    exp.use_guide(build_guide(clip_spec, CLASSES))
     images, labels = seeds_batch[0][:3], seeds_batch[1][:3]
     seeds = image_seeds(2, range(3), 2)
     full = exp.expand(images, labels, seeds)
@@ -193,10 +195,10 @@ def test_signature_and_settings(clip_spec, unclip_dir):
     sig = exp.signature()
     assert sig["model_id"] == "stabilityai/stable-diffusion-2-1-unclip-small" and sig["score_path"] == "cheap"
     assert sig["score_steps"] == 2 and sig["num_inference_steps"] == 20 and "guidance_chunk" not in sig
-    assert GifUnCLIP(ratio=2).params["backend"] == "stable_unclip"  # the default, as in conf/method/gif_unclip.yaml
+    assert GifUnCLIP(ratio=2).settings.backend == "stable_unclip"  # the default, as in conf/method/gif_unclip.yaml
     karlo = GifUnCLIP(ratio=2, backend="karlo")
-    assert karlo.params["model_id"] == "kakaobrain/karlo-v1-alpha-image-variations"
-    assert karlo.params["super_res_num_inference_steps"] == 7
+    assert karlo.settings.model_id == "kakaobrain/karlo-v1-alpha-image-variations"
+    assert karlo.settings.super_res_num_inference_steps == 7
     assert GifUnCLIP(ratio=2, score_path="faithful").signature()["score_steps"] is None
     assert GifUnCLIP(ratio=2).signature()["score_path"] == "cheap"  # the default scoring path
     with pytest.raises(ExpansionError, match="backend must be one of"):
@@ -231,7 +233,7 @@ def test_radius_is_relative_to_the_embedding_std(clip_spec, unclip_dir, seeds_ba
     images, labels = seeds_batch
     seeds = image_seeds(5, range(4), 2)
     exp = _expander(clip_spec, unclip_dir, ratio=2, radius=0.25, num_inference_steps=1)
-    z0 = exp.encode(images)
+    z0 = exp.embed(images)
     rows = exp.expand(images, labels, seeds).fields["radius_abs"]
     assert rows == pytest.approx((0.25 * z0.std(dim=1)).repeat_interleave(2).tolist(), rel=1e-5)
 

@@ -18,7 +18,7 @@ from expansion.guidance import (
     project_linf,
     sample_groups,
 )
-from expansion.guides import ProbeNet
+from expansion.probe import Probe, SmallConvNet
 
 
 def H(p):
@@ -98,7 +98,7 @@ def _tiny_prior_and_guide():
     torch.manual_seed(0)
     decoder = torch.nn.Sequential(torch.nn.ConvTranspose2d(4, 8, 4, 2, 1), torch.nn.SiLU(),
                                   torch.nn.Conv2d(8, 3, 3, padding=1), torch.nn.Sigmoid())
-    guide = ProbeNet(num_classes=5, width=8, input_size=16).eval()
+    guide = Probe(SmallConvNet(5, 3, width=8, input_size=16), 16)
     return decoder, guide
 
 
@@ -106,7 +106,7 @@ def _score_fn(decoder, guide, seed_probs, groups, settings):
     def fn(z):
         images = decoder(z)
         emb = guide.embed(images)
-        return criteria(seed_probs, guide.head(emb).softmax(-1), emb, groups, settings)
+        return criteria(seed_probs, guide.net.head(emb).softmax(-1), emb, groups, settings)
     return fn
 
 
@@ -116,11 +116,11 @@ def test_one_step_raises_the_guidance_score():
     z0 = torch.randn(n * k, 4, 8, 8)
     seed_probs = torch.softmax(torch.randn(n, 5), -1).repeat_interleave(k, 0)
     groups = sample_groups(n, k, None)
-    settings = GuidanceSettings(radius=100.0, step_size=0.02)
+    settings = GuidanceSettings(step_size=0.02)
     fn = _score_fn(decoder, guide, seed_probs, groups, settings)
     g = torch.Generator().manual_seed(1)
     e, b = torch.rand(n * k, 4, 1, 1, generator=g), torch.randn(n * k, 4, 1, 1, generator=g)
-    res = guided_perturbation(z0, e, b, fn, settings)
+    res = guided_perturbation(z0, e, b, fn, settings, radius=100.0)
     with torch.no_grad():
         before = group_mean(fn(perturb(z0, e, b)).score, groups)
         after = group_mean(fn(res.latents).score, groups)
@@ -132,9 +132,10 @@ def test_steps_move_e_and_b_by_signed_gradient_and_result_is_projected():
     decoder, guide = _tiny_prior_and_guide()
     z0 = torch.randn(2, 4, 8, 8)
     seed_probs = torch.softmax(torch.randn(1, 5), -1).repeat(2, 1)
-    settings = GuidanceSettings(radius=0.3, n_steps=3, step_size=0.1)
+    settings = GuidanceSettings(n_steps=3, step_size=0.1)
     e, b = torch.rand(2, 4, 1, 1), torch.randn(2, 4, 1, 1)
-    res = guided_perturbation(z0, e, b, _score_fn(decoder, guide, seed_probs, torch.tensor([0, 0]), settings), settings)
+    res = guided_perturbation(z0, e, b, _score_fn(decoder, guide, seed_probs, torch.tensor([0, 0]), settings), settings,
+                              radius=0.3)
     steps = (res.e - e) / 0.1
     assert torch.allclose(steps, steps.round(), atol=1e-5) and steps.abs().max() <= 3 + 1e-5
     assert (res.latents - z0).abs().max() <= 0.3 + 1e-6
@@ -143,10 +144,10 @@ def test_steps_move_e_and_b_by_signed_gradient_and_result_is_projected():
 def test_zero_steps_is_the_unguided_random_perturbation():
     decoder, guide = _tiny_prior_and_guide()
     z0 = torch.randn(2, 4, 8, 8)
-    settings = GuidanceSettings(radius=0.5, n_steps=0)
+    settings = GuidanceSettings(n_steps=0)
     e, b = torch.rand(2, 4, 1, 1), torch.randn(2, 4, 1, 1)
     fn = _score_fn(decoder, guide, torch.full((2, 5), 0.2), torch.tensor([0, 0]), settings)
-    res = guided_perturbation(z0, e, b, fn, settings)
+    res = guided_perturbation(z0, e, b, fn, settings, radius=0.5)
     assert torch.allclose(res.latents, project_linf(perturb(z0, e, b), z0, 0.5))
 
 
@@ -159,13 +160,13 @@ def test_non_finite_gradient_is_an_error():
                         torch.tensor([0, 0]), settings)
 
     with pytest.raises(ExpansionError, match="not finite"):
-        guided_perturbation(torch.randn(2, 4, 2, 2), torch.rand(2, 4, 1, 1), torch.randn(2, 4, 1, 1), bad, settings)
+        guided_perturbation(torch.randn(2, 4, 2, 2), torch.rand(2, 4, 1, 1), torch.randn(2, 4, 1, 1), bad, settings, 1.0)
 
 
-def test_per_sample_radius_tensor_replaces_the_scalar():
+def test_radius_may_be_one_value_per_sample():
     decoder, guide = _tiny_prior_and_guide()
     z0 = torch.randn(2, 4, 8, 8)
-    settings = GuidanceSettings(radius=10.0, n_steps=1)
+    settings = GuidanceSettings(n_steps=1)
     e, b = torch.rand(2, 4, 1, 1), torch.randn(2, 4, 1, 1)
     fn = _score_fn(decoder, guide, torch.full((2, 5), 0.2), torch.tensor([0, 0]), settings)
     radius = torch.tensor([0.05, 0.3]).view(2, 1, 1, 1)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from expansion import store as store_mod
+from expansion import files as files_mod
 from experiments.checkpoints import AtomicCheckpointIO, CheckpointError, training_signature
 from experiments.datasets import DatasetError, build_dataset
 from experiments.pipeline import run
@@ -82,7 +82,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     def full_disk(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(store_mod.os, "fsync", full_disk)
+    monkeypatch.setattr(files_mod.os, "fsync", full_disk)
     with pytest.raises(OSError):
         io.save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path)
     assert io.load_checkpoint(path)["epoch"] == 1

@@ -33,62 +33,108 @@ in docs/results.md.
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..base import Expander, ExpansionContext, ExpansionError, ExpansionOutput, to_uint8
-from ..gif_base import train_tensors
+from ..base import Expander, ExpansionContext, ExpansionError, ExpansionOutput, ImageSet, to_uint8, train_tensors
+from ..files import atomic_file, atomic_write_text
 from ..seeding import derive, per_image_rand
-from ..store import atomic_write_text
 from .autoencoder import AutoencoderSpec, to_unit
-from .fitting import FINETUNE_DEFAULTS, PRETRAIN_DEFAULTS, fitted_autoencoder, settings
+from .fitting import AutoencoderFit, fitted_autoencoder
 from .graph import build_expander_graph
 from .koopman import KoopmanOperator, fit_koopman
 from .transport import KINDS as OT_KINDS
 
-AUTOENCODER_DEFAULTS = {"width": 16, "latent_channels": 8, "heads": 4, "patch": 1, "attention_dim": 64}
-GRAPH_DEFAULTS = {"family": "random_regular", "degree": 4, "tries": 20}
-KOOPMAN_DEFAULTS = {"rank": 16, "steps": 200, "lr": 1e-3, "tau": 0.5, "dynamics_weight": 0.1,
-                    "identity_weight": 0.1}
-OT_DEFAULTS = {"kind": "sliced", "weight": 1.0, "blur": 0.05}
+
+@dataclass(frozen=True)
+class GraphSettings:
+    """One expander graph per class: ``random_regular`` of ``degree`` (redrawn up to ``tries``
+    times until Ramanujan) or ``complete``."""
+
+    family: str = "random_regular"
+    degree: int = 4
+    tries: int = 20
+
+    def __post_init__(self) -> None:
+        build_expander_graph(self.degree + 2, self.degree, 0, self.family, tries=1)  # checks family and degree
+
+
+@dataclass(frozen=True)
+class KoopmanSettings:
+    """The Koopman operator ``K = I + U V^T`` of ``rank`` (None: a full ``K``), fitted ``steps`` steps
+    at ``lr``; ``y_new = y_mix + tau (K y_mix - y_mix)``; ``dynamics_weight``: ``|K y_i - y_j|^2``
+    over the graph's edges, relative to K = I; ``identity_weight``: the ridge ``|K - I|_F^2 / m``."""
+
+    rank: int | None = 16
+    steps: int = 200
+    lr: float = 1e-3
+    tau: float = 0.5
+    dynamics_weight: float = 0.1
+    identity_weight: float = 0.1
+
+
+@dataclass(frozen=True)
+class OTSettings:
+    """The optimal-transport regulariser between expanded and original latents per class: ``sliced``
+    (2-Wasserstein, fresh projections every step), ``sinkhorn`` (debiased, ~40x slower) or ``emd``;
+    ``weight`` relative to its value at K = I; ``blur``: entropic regularisation / mean cost."""
+
+    kind: str = "sliced"
+    weight: float = 1.0
+    blur: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.kind not in OT_KINDS:
+            raise ExpansionError(f"ot.kind must be one of {OT_KINDS}, got {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class ExpansiveSynthesisSettings(AutoencoderFit):
+    """The autoencoder fit (:class:`~.fitting.AutoencoderFit`), the graphs, the Koopman operator, the
+    OT regulariser and ``mix_range``: ``t ~ U(lo, hi)``, ``y_mix = (1 - t) y_seed + t y_neighbour``."""
+
+    graph: GraphSettings = field(default_factory=GraphSettings)
+    koopman: KoopmanSettings = field(default_factory=KoopmanSettings)
+    ot: OTSettings = field(default_factory=OTSettings)
+    mix_range: tuple[float, float] = (0.1, 0.5)
+
+    def __post_init__(self) -> None:
+        lo_hi = self.mix_range
+        if len(lo_hi) != 2 or not 0.0 <= lo_hi[0] <= lo_hi[1] <= 1.0:
+            raise ExpansionError(f"mix_range must be [lo, hi] with 0 <= lo <= hi <= 1, got {list(lo_hi)}")
 
 
 class AutoencoderMethod(Expander):
-    """What the methods built on the Expansive Synthesis autoencoder share: its settings and
-    the cached pretrain / fine-tune fit (:func:`.fitting.fitted_autoencoder`)."""
+    """What the methods built on the Expansive Synthesis autoencoder share: the cached pretrain /
+    fine-tune fit (:func:`.fitting.fitted_autoencoder`) of ``settings`` (an :class:`AutoencoderFit`)."""
 
-    def _autoencoder_settings(self, autoencoder, pretrain, finetune) -> dict[str, dict[str, Any]]:
-        return {"autoencoder": settings(autoencoder, AUTOENCODER_DEFAULTS, "autoencoder"),
-                "pretrain": settings(pretrain, PRETRAIN_DEFAULTS, "pretrain"),
-                "finetune": settings(finetune, FINETUNE_DEFAULTS, "finetune")}
+    needs_fit = True
 
     def prepare(self, context: ExpansionContext) -> None:
         super().prepare(context)
         size = context.image_size
         if not size:
             raise ExpansionError(f"{self.name} needs dataset.image_size (the autoencoder's input side)")
-        self.spec = AutoencoderSpec(channels=context.channels, image_size=int(size), **self.params["autoencoder"])
+        self.spec = AutoencoderSpec(channels=context.channels, image_size=int(size),
+                                    **asdict(self.settings.autoencoder))
 
     def autoencoder_fit_signature(self) -> dict[str, Any]:
-        p = self.params
-        return {"autoencoder": p["autoencoder"], "pretrain": p["pretrain"], "finetune": p["finetune"],
-                "fit_seed": p["fit_seed"]}
+        s = self.settings
+        return {"autoencoder": asdict(s.autoencoder), "pretrain": asdict(s.pretrain), "finetune": asdict(s.finetune),
+                "fit_seed": s.fit_seed}
 
-    def fit_autoencoder(self, train: Any, artifact_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    def fit_autoencoder(self, train: ImageSet, artifact_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
         """Fit (or load) the autoencoder; returns the training images and labels."""
         images, labels = train_tensors(train)
-        fingerprint = (train.fingerprint() if hasattr(train, "fingerprint")
-                       else hashlib.sha256(images.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()[:16])
+        s = self.settings
         self.autoencoder, self.autoencoder_report = fitted_autoencoder(
-            images, labels, len(self.context.class_names), self.spec, self.params["pretrain"],
-            self.params["finetune"], self.context.auxiliary, artifact_dir.parent, fingerprint,
-            seed=int(self.params["fit_seed"]))
+            images, labels, len(self.context.class_names), self.spec, s.pretrain, s.finetune,
+            self.context.auxiliary, artifact_dir.parent, train.fingerprint(), seed=s.fit_seed)
         self.autoencoder.requires_grad_(False)
         return images, labels
 
@@ -96,41 +142,23 @@ class AutoencoderMethod(Expander):
         """uint8 images -> latent features ``[B, c, S/4, S/4]``."""
         return self.autoencoder.features(to_unit(images, self.spec))
 
-    def to_images(self, decoded01: torch.Tensor, b: int, k: int) -> torch.Tensor:
-        out = to_uint8(decoded01)
-        return out.reshape(b, k, *out.shape[1:]).cpu()
-
 
 class ExpansiveSynthesis(AutoencoderMethod):
     name = "expansive_synthesis"
-    needs_fit = True
+    settings_class = ExpansiveSynthesisSettings
     wants_parents = True
 
-    def __init__(self, ratio: int, autoencoder: Mapping[str, Any] | None = None,
-                 pretrain: Mapping[str, Any] | None = None, finetune: Mapping[str, Any] | None = None,
-                 graph: Mapping[str, Any] | None = None, koopman: Mapping[str, Any] | None = None,
-                 ot: Mapping[str, Any] | None = None, mix_range: Sequence[float] = (0.1, 0.5), fit_seed: int = 0,
-                 batch_size: int = 256, num_workers: int = 0):
-        parts = self._autoencoder_settings(autoencoder, pretrain, finetune)
-        graph, koopman = settings(graph, GRAPH_DEFAULTS, "graph"), settings(koopman, KOOPMAN_DEFAULTS, "koopman")
-        ot = settings(ot, OT_DEFAULTS, "ot")
-        mix_range = [float(v) for v in mix_range]
-        if len(mix_range) != 2 or not 0.0 <= mix_range[0] <= mix_range[1] <= 1.0:
-            raise ExpansionError(f"{self.name}: mix_range must be [lo, hi] with 0 <= lo <= hi <= 1, got {mix_range}")
-        if ot["kind"] not in OT_KINDS:
-            raise ExpansionError(f"{self.name}: ot.kind must be one of {OT_KINDS}, got {ot['kind']!r}")
-        super().__init__(ratio, **parts, graph=graph, koopman=koopman, ot=ot, mix_range=mix_range,
-                         fit_seed=int(fit_seed), batch_size=batch_size, num_workers=num_workers)
-        build_expander_graph(int(graph["degree"]) + 2, int(graph["degree"]), 0, graph["family"], tries=1)  # validate
+    def __init__(self, ratio: int, **settings: Any):
+        super().__init__(ratio, **settings)
         self.koopman = None
 
     def fit_signature(self) -> dict[str, Any]:
-        p = self.params
-        return {"kind": self.name, **self.autoencoder_fit_signature(), "graph": p["graph"], "koopman": p["koopman"],
-                "ot": p["ot"], "mix_range": p["mix_range"]}
+        s = self.settings
+        return {"kind": self.name, **self.autoencoder_fit_signature(), "graph": asdict(s.graph),
+                "koopman": asdict(s.koopman), "ot": asdict(s.ot), "mix_range": list(s.mix_range)}
 
     # -- fit ------------------------------------------------------------------------------
-    def fit(self, train: Any, artifact_dir: Path) -> None:
+    def fit(self, train: ImageSet, artifact_dir: Path) -> None:
         images, labels = self.fit_autoencoder(train, artifact_dir)
         self.register_buffer("train_images", images, persistent=False)
         with torch.no_grad():
@@ -140,14 +168,13 @@ class ExpansiveSynthesis(AutoencoderMethod):
         graph_file, koopman_file = artifact_dir / "graphs.json", artifact_dir / "koopman.safetensors"
         if graph_file.is_file() and koopman_file.is_file():
             graphs = json.loads(graph_file.read_text())
-            self.koopman = KoopmanOperator(feats[0].numel(), self.params["koopman"]["rank"])
+            self.koopman = KoopmanOperator(feats[0].numel(), self.settings.koopman.rank)
             self.koopman.load_state_dict(load_file(str(koopman_file)))
         else:
             graphs = self._build_graphs(labels)
             self.koopman, report = self._fit_koopman(labels, graphs["neighbours"])
-            tmp = artifact_dir / "koopman.safetensors.tmp"
-            save_file({k: v.contiguous() for k, v in self.koopman.state_dict().items()}, str(tmp))
-            tmp.replace(koopman_file)
+            with atomic_file(koopman_file) as tmp:
+                save_file({k: v.contiguous() for k, v in self.koopman.state_dict().items()}, str(tmp))
             atomic_write_text(artifact_dir / "fit_report.json", json.dumps(
                 {"autoencoder": self.autoencoder_report, "koopman": report,
                  "graphs": {k: v for k, v in graphs.items() if k != "neighbours"}}, indent=2))
@@ -162,7 +189,7 @@ class ExpansiveSynthesis(AutoencoderMethod):
 
     def _build_graphs(self, labels: torch.Tensor) -> dict[str, Any]:
         """One expander graph per class, as global neighbour lists + per-class spectra."""
-        g = self.params["graph"]
+        g = self.settings.graph
         neighbours: list[list[int] | None] = [None] * len(labels)
         per_class = {}
         for c in range(len(self.context.class_names)):
@@ -172,8 +199,8 @@ class ExpansiveSynthesis(AutoencoderMethod):
             if len(members) < 2:
                 raise ExpansionError(f"{self.name}: class {c} ({self.context.class_names[c]!r}) has "
                                      f"{len(members)} training image; combining neighbours needs at least 2")
-            graph = build_expander_graph(len(members), int(g["degree"]), int(self.params["fit_seed"]) * 7919 + c,
-                                         g["family"], int(g["tries"]))
+            graph = build_expander_graph(len(members), g.degree, self.settings.fit_seed * 7919 + c, g.family,
+                                         g.tries)
             for local, nbrs in enumerate(graph.neighbours):
                 neighbours[members[local]] = [members[n] for n in nbrs]
             per_class[self.context.class_names[c]] = {
@@ -182,12 +209,12 @@ class ExpansiveSynthesis(AutoencoderMethod):
         return {"neighbours": neighbours, "per_class": per_class}
 
     def _fit_koopman(self, labels: torch.Tensor, neighbours: list[list[int]]):
-        k, ot = self.params["koopman"], self.params["ot"]
-        fit = fit_koopman(self.train_features.cpu(), labels, neighbours, rank=k["rank"], steps=int(k["steps"]),
-                          lr=float(k["lr"]), tau=float(k["tau"]), mix_range=tuple(self.params["mix_range"]),
-                          dynamics_weight=float(k["dynamics_weight"]), identity_weight=float(k["identity_weight"]),
-                          ot_weight=float(ot["weight"]), ot_kind=ot["kind"], ot_blur=float(ot["blur"]),
-                          seed=int(self.params["fit_seed"]))
+        s = self.settings
+        k, ot = s.koopman, s.ot
+        fit = fit_koopman(self.train_features.cpu(), labels, neighbours, rank=k.rank, steps=k.steps, lr=k.lr,
+                          tau=k.tau, mix_range=tuple(s.mix_range), dynamics_weight=k.dynamics_weight,
+                          identity_weight=k.identity_weight, ot_weight=ot.weight, ot_kind=ot.kind, ot_blur=ot.blur,
+                          seed=s.fit_seed)
         report = {"ot_identity": fit.ot_identity, "ot_fitted": fit.ot_fitted,
                   "dynamics_identity": fit.dynamics_identity, "dynamics_fitted": fit.dynamics_fitted,
                   "loss_first": fit.losses[0] if fit.losses else None,
@@ -206,11 +233,11 @@ class ExpansiveSynthesis(AutoencoderMethod):
         parents = parents.to(device)
         degree = self.neighbour_degree[parents][:, None]
         neighbour = self.neighbour_table[parents[:, None], torch.arange(k, device=device)[None] % degree]
-        lo, hi = self.params["mix_range"]
+        lo, hi = self.settings.mix_range
         t = lo + (hi - lo) * per_image_rand(derive(seeds, "es_mix"), (), device=device)  # [B, k]
         y_i = self.train_features[parents][:, None].expand(b, k, -1)
         y_mix = (1 - t[..., None]) * y_i + t[..., None] * self.train_features[neighbour]
-        y_new = self.koopman.step(y_mix.reshape(b * k, -1), float(self.params["koopman"]["tau"]))
+        y_new = self.koopman.step(y_mix.reshape(b * k, -1), self.settings.koopman.tau)
         return y_new, neighbour, t
 
     @torch.no_grad()
@@ -226,4 +253,5 @@ class ExpansiveSynthesis(AutoencoderMethod):
         parent_rows = parents.cpu()[:, None].expand(b, k)
         fields = {"parents": [[int(p), int(n)] for p, n in zip(parent_rows.reshape(-1), neighbour.cpu().reshape(-1))],
                   "neighbour": neighbour.cpu(), "mix_weight": t.cpu()}
-        return ExpansionOutput(self.to_images(decoded, b, k), fields)
+        out = to_uint8(decoded)
+        return ExpansionOutput(out.reshape(b, k, *out.shape[1:]).cpu(), fields)

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,35 +29,71 @@ from filelock import FileLock
 from safetensors.torch import load_file, save_file
 
 from ..base import ExpansionError
-from ..store import atomic_write_text, canonical_json
+from ..files import atomic_file, atomic_write_text, content_key
 from .autoencoder import AutoencoderSpec, ConvAutoencoder, reconstruction_error, train_autoencoder
 
 log = logging.getLogger(__name__)
 
 PRETRAIN_SOURCES = ("auto", "unused_train", "none")
-PRETRAIN_DEFAULTS = {"source": "auto", "steps": 600, "lr": 2e-3, "batch_size": 64, "max_images": 20000}
-FINETUNE_DEFAULTS = {"steps": 200, "lr": 5e-4, "batch_size": 64, "classifier_weight": 0.01}
 
 
-def settings(given: Mapping[str, Any] | None, defaults: Mapping[str, Any], what: str) -> dict[str, Any]:
-    """``defaults`` updated with ``given``; an unknown key is an error naming the known ones."""
-    given = dict(given or {})
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise ExpansionError(f"unknown {what} setting(s) {unknown}; known: {sorted(defaults)}")
-    return {**defaults, **given}
+@dataclass(frozen=True)
+class AutoencoderShape:
+    """The conv autoencoder (S -> S/4) with multi-head spatial self-attention: first conv ``width``
+    (then 2x, 4x), ``latent_channels`` (the latent is ``[c, S/4, S/4]``), attention ``heads``, the
+    latent ``patch`` side per token (tokens stacked without positional encoding), ``attention_dim``."""
+
+    width: int = 16
+    latent_channels: int = 8
+    heads: int = 4
+    patch: int = 1
+    attention_dim: int = 64
 
 
-def _key(payload: Mapping[str, Any]) -> str:
-    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
+@dataclass(frozen=True)
+class PretrainSettings:
+    """Stage 1, reconstruction only, on an auxiliary pool (``source``: ``auto``, ``unused_train``
+    -- the training images the few-shot choice left out -- or ``none``), a seeded subsample of at
+    most ``max_images``."""
+
+    source: str = "auto"
+    steps: int = 600
+    lr: float = 2e-3
+    batch_size: int = 64
+    max_images: int = 20000
+
+    def __post_init__(self) -> None:
+        if self.source not in PRETRAIN_SOURCES:
+            raise ExpansionError(f"pretrain.source must be one of {PRETRAIN_SOURCES}, got {self.source!r}")
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """Stage 2, on the small labelled set: reconstruction + ``classifier_weight`` x the cross-entropy
+    of a linear head on the pooled features (discriminative latents; at 0.1 it outweighed the
+    reconstruction and made it worse)."""
+
+    steps: int = 200
+    lr: float = 5e-4
+    batch_size: int = 64
+    classifier_weight: float = 0.01
+
+
+@dataclass(frozen=True)
+class AutoencoderFit:
+    """The autoencoder and its two-stage fit, shared by the methods built on it: equal settings are
+    one cached fit."""
+
+    autoencoder: AutoencoderShape = field(default_factory=AutoencoderShape)
+    pretrain: PretrainSettings = field(default_factory=PretrainSettings)
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    fit_seed: int = 0
 
 
 def _save(model: ConvAutoencoder, folder: Path, report: Mapping[str, Any]) -> None:
     """Weights then report, each atomically: a folder with a report holds complete weights."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "autoencoder.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(folder / "autoencoder.safetensors")
+    with atomic_file(folder / "autoencoder.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     atomic_write_text(folder / "report.json", json.dumps(report, indent=2))
 
 
@@ -70,8 +107,6 @@ def _load(model: ConvAutoencoder, folder: Path) -> dict[str, Any] | None:
 
 def pretraining_pool(source: str, auxiliary: Any, max_images: int, seed: int) -> torch.Tensor | None:
     """uint8 images of the pretraining pool (a seeded subsample of at most ``max_images``), or None."""
-    if source not in PRETRAIN_SOURCES:
-        raise ExpansionError(f"pretrain.source must be one of {PRETRAIN_SOURCES}, got {source!r}")
     if source == "none" or (source == "auto" and auxiliary is None):
         return None
     if auxiliary is None:
@@ -85,19 +120,19 @@ def pretraining_pool(source: str, auxiliary: Any, max_images: int, seed: int) ->
 
 
 def fitted_autoencoder(images: torch.Tensor, labels: torch.Tensor, num_classes: int, spec: AutoencoderSpec,
-                       pretrain: Mapping[str, Any], finetune: Mapping[str, Any], auxiliary: Any, cache_root: Path,
+                       pretrain: PretrainSettings, finetune: FinetuneSettings, auxiliary: Any, cache_root: Path,
                        train_fingerprint: str, seed: int = 0) -> tuple[ConvAutoencoder, dict[str, Any]]:
     """The autoencoder pretrained on the auxiliary pool and fine-tuned on ``images``/``labels``
     (module doc); loaded from the cache when both stages are there. Returns it with the report."""
     cache_root = Path(cache_root) / "autoencoder"
     cache_root.mkdir(parents=True, exist_ok=True)
-    pool = pretraining_pool(str(pretrain["source"]), auxiliary, int(pretrain["max_images"]), seed)
+    pool = pretraining_pool(pretrain.source, auxiliary, pretrain.max_images, seed)
     pool_id = None if pool is None else hashlib.sha256(pool.numpy().tobytes()).hexdigest()[:16]
-    pre_payload = {"spec": spec.as_dict(), "pretrain": {k: v for k, v in pretrain.items() if k != "source"},
+    pre_payload = {"spec": spec.as_dict(), "pretrain": {k: v for k, v in asdict(pretrain).items() if k != "source"},
                    "pool": pool_id, "seed": seed}
-    fine_payload = {"pretrained": _key(pre_payload), "finetune": dict(finetune), "train": train_fingerprint,
+    fine_payload = {"pretrained": content_key(pre_payload), "finetune": asdict(finetune), "train": train_fingerprint,
                     "num_classes": num_classes}
-    fine_dir = cache_root / f"finetune-{_key(fine_payload)}"
+    fine_dir = cache_root / f"finetune-{content_key(fine_payload)}"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ConvAutoencoder(spec, num_classes)
@@ -108,22 +143,22 @@ def fitted_autoencoder(images: torch.Tensor, labels: torch.Tensor, num_classes: 
         report = {"pretrain_pool_images": 0 if pool is None else len(pool),
                   "recon_mse_init": reconstruction_error(model, images)}
         if pool is not None:
-            pre_dir = cache_root / f"pretrain-{_key(pre_payload)}"
+            pre_dir = cache_root / f"pretrain-{content_key(pre_payload)}"
             with FileLock(str(cache_root / f"{pre_dir.name}.lock")):
                 pre_report = _load(model, pre_dir)
                 if pre_report is None:
                     log.info("autoencoder: pretraining on %d auxiliary images for %d steps", len(pool),
-                             pretrain["steps"])
-                    losses = train_autoencoder(model, pool, steps=int(pretrain["steps"]), lr=float(pretrain["lr"]),
-                                               batch_size=int(pretrain["batch_size"]), seed=seed)
+                             pretrain.steps)
+                    losses = train_autoencoder(model, pool, steps=pretrain.steps, lr=pretrain.lr,
+                                               batch_size=pretrain.batch_size, seed=seed)
                     pre_report = {"pool_images": len(pool), "loss_first": losses[0] if losses else None,
                                   "loss_last": losses[-1] if losses else None}
                     _save(model, pre_dir, pre_report)
             report["recon_mse_pretrained"] = reconstruction_error(model, images)
-        log.info("autoencoder: fine-tuning on %d images for %d steps", len(images), finetune["steps"])
-        losses = train_autoencoder(model, images, labels, steps=int(finetune["steps"]), lr=float(finetune["lr"]),
-                                   batch_size=int(finetune["batch_size"]),
-                                   classifier_weight=float(finetune["classifier_weight"]), seed=seed + 1)
+        log.info("autoencoder: fine-tuning on %d images for %d steps", len(images), finetune.steps)
+        losses = train_autoencoder(model, images, labels, steps=finetune.steps, lr=finetune.lr,
+                                   batch_size=finetune.batch_size,
+                                   classifier_weight=finetune.classifier_weight, seed=seed + 1)
         report.update(recon_mse_finetuned=reconstruction_error(model, images),
                       finetune_loss_first=losses[0] if losses else None,
                       finetune_loss_last=losses[-1] if losses else None)

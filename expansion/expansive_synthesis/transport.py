@@ -17,10 +17,9 @@ All three accept torch tensors and are differentiable in ``x`` and ``y`` (POT's 
 
 from __future__ import annotations
 
-import ot
 import torch
 
-from ..base import ExpansionError
+from ..errors import ExpansionError
 
 KINDS = ("sinkhorn", "emd", "sliced")
 
@@ -34,9 +33,16 @@ def _cost(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist").pow(2) / x.shape[1]
 
 
+def _pot():
+    """POT, imported when a distance is computed (not when the method is configured)."""
+    import ot
+
+    return ot
+
+
 def _entropic(x: torch.Tensor, y: torch.Tensor, reg: float, iterations: int) -> torch.Tensor:
     cost = _cost(x, y)
-    return ot.sinkhorn2(_uniform(len(x), x), _uniform(len(y), y), cost, reg, method="sinkhorn_log",
+    return _pot().sinkhorn2(_uniform(len(x), x), _uniform(len(y), y), cost, reg, method="sinkhorn_log",
                         numItermax=iterations, stopThr=1e-7)
 
 
@@ -50,9 +56,9 @@ def ot_distance(x: torch.Tensor, y: torch.Tensor, kind: str = "sinkhorn", *, blu
                              f"{tuple(x.shape)} and {tuple(y.shape)}")
     x, y = x.float(), y.float()
     if kind == "emd":
-        return ot.emd2(_uniform(len(x), x), _uniform(len(y), y), _cost(x, y))
+        return _pot().emd2(_uniform(len(x), x), _uniform(len(y), y), _cost(x, y))
     if kind == "sliced":
-        return ot.sliced_wasserstein_distance(x, y, n_projections=n_projections, p=2, seed=seed).pow(2)
+        return _pot().sliced_wasserstein_distance(x, y, n_projections=n_projections, p=2, seed=seed).pow(2)
     # one regularisation for the three terms, from the cross cost (not differentiated through)
     reg = float(blur * _cost(x, y).mean().detach().clamp_min(1e-12))
     return (_entropic(x, y, reg, iterations)

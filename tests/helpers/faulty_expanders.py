@@ -25,11 +25,8 @@ class NonFiniteGenerator(Expander):
     name = "non_finite_generator"
 
     def __init__(self, ratio: int, first_bad_batch: int = 0, value: float = float("nan")):
-        super().__init__(ratio, first_bad_batch=first_bad_batch, value=value)
+        super().__init__(ratio)  # the fault is not a setting of the sound output
         self.first_bad_batch, self.value, self.calls = first_bad_batch, value, 0
-
-    def signature(self):
-        return {"method": self.name, "ratio": self.ratio}  # the fault is not part of the sound output
 
     def expand(self, images, labels, seeds):
         out = _noisy(images, seeds)
@@ -47,9 +44,9 @@ class NonFiniteGuide(Expander):
     needs_grad = True
 
     def __init__(self, ratio: int, first_bad_batch: int = 0):
-        super().__init__(ratio, first_bad_batch=first_bad_batch)
+        super().__init__(ratio)
         self.first_bad_batch, self.calls = first_bad_batch, 0
-        self.settings = GuidanceSettings(radius=0.5, n_steps=1, step_size=0.1)
+        self.guidance = GuidanceSettings(n_steps=1, step_size=0.1)
 
     def expand(self, images, labels, seeds):
         b, k = seeds.shape
@@ -64,9 +61,9 @@ class NonFiniteGuide(Expander):
             mean = z.mean(dim=(1, 2, 3))
             logits = torch.stack([mean, -mean], dim=1) * (float("inf") if broken else 1.0)
             probs = logits.softmax(-1)
-            return criteria(probs.detach(), probs, z.flatten(1), groups, self.settings)
+            return criteria(probs.detach(), probs, z.flatten(1), groups, self.guidance)
 
-        result = guided_perturbation(z0, e, bias, score, self.settings)
+        result = guided_perturbation(z0, e, bias, score, self.guidance, radius=0.5)
         return ExpansionOutput(to_uint8(result.latents.reshape(b, k, *z0.shape[1:]).clamp(0, 1)))
 
 
@@ -77,11 +74,8 @@ class SignalAtBatch(Expander):
     name = "signal_at_batch"
 
     def __init__(self, ratio: int, batch: int = 1, signum: int = 10):
-        super().__init__(ratio, batch=batch, signum=signum)
+        super().__init__(ratio)
         self.batch, self.signum, self.calls = batch, signum, 0
-
-    def signature(self):
-        return {"method": self.name, "ratio": self.ratio}  # the signal does not change the images
 
     def expand(self, images, labels, seeds):
         if self.calls == self.batch:

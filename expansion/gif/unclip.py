@@ -1,4 +1,5 @@
-"""GIF-unCLIP: the open replacement of GIF-DALLE (arXiv 2211.13976; issue 4).
+"""GIF-unCLIP: the open replacement of GIF-DALLE (arXiv 2211.13976). No official code exists (DALL-E 2
+is closed); every setting here is ours.
 
 GIF-DALLE perturbs the CLIP *image embedding* of a seed and decodes it with DALL-E 2's
 decoder (closed weights). Here the decoder is an open unCLIP decoder that takes CLIP image
@@ -66,16 +67,18 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .gif_base import GifExpander, check_dtype, pretrained_source, resolve_dtype
-from .base import ExpansionContext, ExpansionError, ExpansionOutput
-from .guidance import criteria, guided_perturbation
-from .guides import Guide, to_rgb
-from .seeding import derive, generator, per_image_rand
+from ..base import ExpansionError
+from ..seeding import derive, generator, per_image_rand
+from ..settings import speed_only
+from .guides import rgb_at
+from .loading import check_dtype, pretrained_source, resolve_dtype
+from .template import Encoding, GifExpander, GifSettings
 
 BACKENDS = {
     "karlo": "kakaobrain/karlo-v1-alpha-image-variations",
@@ -177,7 +180,7 @@ def load_unclip(backend: str, model_id: str | None = None, revision: str | None 
         f"{cls.__name__} folder ({layout}) or a hub id such as {BACKENDS[backend]}"))
     try:
         pipe = _load_karlo(source, kwargs) if backend == "karlo" else cls.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         raise ExpansionError(
             f"unCLIP weights {model_id!r} ({cls.__name__}, backend {backend}) are not available here "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Provide them: download once "
@@ -197,57 +200,75 @@ def _step_kwargs(scheduler, gens: list[torch.Generator] | None) -> dict[str, Any
     return kw
 
 
+@dataclass(frozen=True)
+class UnCLIPSettings(GifSettings):
+    """GIF-unCLIP's settings: GIF's (``radius`` relative to each embedding's channel std; 0.5 keeps
+    cos(seed, perturbed) near 0.89) and the decoder's: ``backend`` and its model (None = the
+    backend's default), the guidance ``score_path`` (``score_steps`` for the cheap one), sampler
+    steps and classifier-free guidance (None = the pipeline's defaults), stable unCLIP's
+    ``noise_level`` and ``resolution``, ``dtype``. Settings another backend does not read are
+    normalised to None, so they stay out of the store key."""
+
+    radius: float = 0.5
+    backend: str = "stable_unclip"
+    model_id: str | None = None
+    revision: str | None = None
+    score_path: str = "cheap"
+    score_steps: int | None = 2
+    num_inference_steps: int | None = None
+    super_res_num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    noise_level: int | None = 0
+    resolution: int | None = None
+    dtype: str = "auto"
+    local_files_only: bool | None = speed_only()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.backend not in BACKENDS:
+            raise ExpansionError(f"backend must be one of {sorted(BACKENDS)}, got {self.backend!r}")
+        if self.score_path not in SCORE_PATHS:
+            raise ExpansionError(f"score_path must be one of {SCORE_PATHS}, got {self.score_path!r}")
+        check_dtype("dtype", self.dtype)
+        karlo, cheap = self.backend == "karlo", self.score_path == "cheap"
+        resolved = {
+            "model_id": self.model_id or BACKENDS[self.backend],
+            "num_inference_steps": self.num_inference_steps or DEFAULT_STEPS[self.backend],
+            "score_steps": (self.score_steps or 2) if cheap else None,
+            "super_res_num_inference_steps": (self.super_res_num_inference_steps or KARLO_SUPER_RES_STEPS) if karlo
+            else None,
+            "guidance_scale": float(DEFAULT_GUIDANCE_SCALE[self.backend] if self.guidance_scale is None
+                                    else self.guidance_scale),
+            "noise_level": None if karlo else int(self.noise_level or 0),
+            "resolution": None if karlo else self.resolution,
+        }
+        for name, value in resolved.items():
+            object.__setattr__(self, name, value)
+        if (cheap and self.score_steps < 1) or self.num_inference_steps < 1:
+            raise ExpansionError("score_steps and num_inference_steps must be >= 1")
+
+
 class GifUnCLIP(GifExpander):
     name = "gif_unclip"
-    speed_only_params = ("batch_size", "num_workers", "guidance_chunk", "local_files_only")
+    settings_class = UnCLIPSettings
+    radius_is_relative = True
 
-    def __init__(self, ratio: int, backend: str = "stable_unclip", model_id: str | None = None,
-                 revision: str | None = None,
-                 radius: float = 0.5, guide: Mapping[str, Any] | None = None,
-                 guidance: Mapping[str, Any] | None = None, group_size: int | None = None,
-                 score_path: str = "cheap", score_steps: int = 2, num_inference_steps: int | None = None,
-                 super_res_num_inference_steps: int | None = None, guidance_scale: float | None = None,
-                 noise_level: int = 0, resolution: int | None = None, output_size: int | None = None,
-                 dtype: str = "auto", guidance_chunk: int | None = None, local_files_only: bool | None = None,
-                 batch_size: int = 8, num_workers: int = 0):
-        if backend not in BACKENDS:
-            raise ExpansionError(f"{self.name}: backend must be one of {sorted(BACKENDS)}, got {backend!r}")
-        if score_path not in SCORE_PATHS:
-            raise ExpansionError(f"{self.name}: score_path must be one of {SCORE_PATHS}, got {score_path!r}")
-        check_dtype(self.name, "dtype", dtype)
-        guide = dict(guide or {"kind": "clip", "arch": "ViT-B-32", "pretrained": "openai"})
-        guidance = dict(guidance or {})
-        steps = int(num_inference_steps or DEFAULT_STEPS[backend])
-        if int(score_steps) < 1 or steps < 1:
-            raise ExpansionError(f"{self.name}: score_steps and num_inference_steps must be >= 1")
-        super().__init__(
-            ratio, backend=backend, model_id=model_id or BACKENDS[backend], revision=revision, radius=float(radius),
-            guide=guide, guidance=guidance, group_size=group_size, score_path=score_path,
-            score_steps=int(score_steps) if score_path == "cheap" else None, num_inference_steps=steps,
-            super_res_num_inference_steps=(int(super_res_num_inference_steps or KARLO_SUPER_RES_STEPS)
-                                           if backend == "karlo" else None),
-            guidance_scale=float(guidance_scale if guidance_scale is not None else DEFAULT_GUIDANCE_SCALE[backend]),
-            noise_level=int(noise_level) if backend == "stable_unclip" else None,
-            resolution=resolution if backend == "stable_unclip" else None, output_size=output_size, dtype=dtype,
-            guidance_chunk=guidance_chunk, local_files_only=local_files_only, batch_size=batch_size,
-            num_workers=num_workers)
-        self.init_guidance(guide, radius, guidance)
+    def __init__(self, ratio: int, **settings: Any):
+        super().__init__(ratio, **settings)
         self.pipe = None
-        self._dtype_set_for: str | None = None
 
-    # -- set-up ------------------------------------------------------------------
-    def prepare(self, context: ExpansionContext) -> None:
-        super().prepare(context)
-        p = self.params
-        self.set_components(load_unclip(p["backend"], p["model_id"], p["revision"], p["local_files_only"]))
-        self.build_clip_guide()
+    # -- the prior's loader -----------------------------------------------------------------
+    def load_prior(self) -> None:
+        s = self.settings
+        self.set_components(load_unclip(s.backend, s.model_id, s.revision, s.local_files_only))
 
-    def set_components(self, pipe, guide: Guide | None = None) -> None:
-        """Use an already-built pipeline of the configured backend and, optionally, a guide (tests,
-        benchmarks with random weights at the real architecture size)."""
-        expected = _pipeline_class(self.params["backend"])
-        if not isinstance(pipe, (expected, KarloComponents) if self.params["backend"] == "karlo" else expected):
-            raise ExpansionError(f"{self.name}: backend {self.params['backend']} needs a {expected.__name__}, "
+    def set_components(self, pipe) -> None:
+        """Use an already-built pipeline of the configured backend (tests, benchmarks with random
+        weights at the real architecture size)."""
+        backend = self.settings.backend
+        expected = _pipeline_class(backend)
+        if not isinstance(pipe, (expected, KarloComponents) if backend == "karlo" else expected):
+            raise ExpansionError(f"{self.name}: backend {backend} needs a {expected.__name__}, "
                                  f"got {type(pipe).__name__}")
         self.pipe = pipe
         for module in pipe.components.values():
@@ -259,47 +280,35 @@ class GifUnCLIP(GifExpander):
         self.register_buffer("clip_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("clip_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         size = pipe.image_encoder.config.image_size
-        self.encoder_size = int(size[0] if isinstance(size, (tuple, list)) else size)
-        self._dtype_set_for = None
-        if guide is not None:
-            self.guide = guide
+        self.encoder_size = int(size[0] if isinstance(size, tuple | list) else size)
+        self._placed_on = None
 
-    def fit_signature(self) -> dict[str, Any]:
-        return {"kind": "unclip", "backend": self.params["backend"], "model_id": self.params["model_id"],
-                "revision": self.params["revision"],
-                "probe": self.probe_fit_signature()}
+    def prior_fit_signature(self) -> dict[str, Any]:
+        s = self.settings
+        return {"kind": "unclip", "backend": s.backend, "model_id": s.model_id, "revision": s.revision}
 
     def _models(self) -> list[torch.nn.Module]:
         names = (["image_encoder", "text_encoder", "text_proj", "decoder", "super_res_first", "super_res_last"]
-                 if self.params["backend"] == "karlo" else ["image_encoder", "text_encoder", "unet"])
+                 if self.settings.backend == "karlo" else ["image_encoder", "text_encoder", "unet"])
         return [getattr(self.pipe, n) for n in names]
 
-    def _set_dtype(self, device: torch.device) -> None:
+    def place(self, device: torch.device) -> None:
         if self.pipe is None:
             raise ExpansionError(f"{self.name}: no unCLIP pipeline loaded (prepare() or set_components() not run)")
-        if self._dtype_set_for == str(device):
-            return
-        self.model_dtype = resolve_dtype(self.params["dtype"], device)
+        self.model_dtype = resolve_dtype(self.settings.dtype, device)
         for m in self._models():
             m.to(device=device, dtype=self.model_dtype)
-        if self.params["backend"] == "stable_unclip":
+        if self.settings.backend == "stable_unclip":
             self.pipe.vae.to(device=device, dtype=torch.float32)
             self.pipe.image_normalizer.to(device, torch.float32)
         self.clip_mean, self.clip_std = self.clip_mean.to(device), self.clip_std.to(device)
-        self._dtype_set_for = str(device)
 
     # -- the prior: encode / decode ------------------------------------------------
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (or [0, 1] float) ``[B, C, H, W]`` -> CLIP image embeddings ``[B, D]`` (fp32)."""
-        self._set_dtype(images.device)
-        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-        x = to_rgb(x)
-        s = self.encoder_size
-        if x.shape[-2:] != (s, s):
-            x = F.interpolate(x, size=(s, s), mode="bicubic", align_corners=False,
-                              antialias=x.shape[-1] > s).clamp(0, 1)
-        x = (x - self.clip_mean) / self.clip_std
+        self._place(images.device)
+        x = (rgb_at(images, self.encoder_size) - self.clip_mean) / self.clip_std
         return self.pipe.image_encoder(pixel_values=x.to(self.model_dtype)).image_embeds.float()
 
     def _empty_text(self, n: int, device):
@@ -308,21 +317,31 @@ class GifUnCLIP(GifExpander):
         out = self.pipe.text_encoder(tok.input_ids.to(device))
         return out, tok.attention_mask.bool().to(device)
 
-    def decode(self, z: torch.Tensor, flat_seeds: torch.Tensor, full: bool = True) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor) -> Encoding:
+        """z0: the seed's CLIP image embedding, shared by its k copies (one encoder pass); decode needs
+        each output image's seed (its sampler noise)."""
+        b, k = seeds.shape
+        s = self.settings
+        return Encoding(self.embed(images).repeat_interleave(k, 0), {"seeds": seeds.reshape(-1)},
+                        {"backend": [s.backend] * (b * k), "score_path": [s.score_path] * (b * k)})
+
+    def decode(self, z: torch.Tensor, inputs: Mapping[str, torch.Tensor], *, final: bool) -> torch.Tensor:
         """Image embeddings ``[N, D]`` -> images in [0, 1] (differentiable when called with grad).
-        ``full``: the faithful sampler (all steps, Karlo's super-resolution); otherwise the cheap path
-        (``score_steps`` steps at the base resolution)."""
-        p = self.params
-        steps = p["num_inference_steps"] if full or p["score_steps"] is None else p["score_steps"]
-        if p["backend"] == "karlo":
-            return self._decode_karlo(z, flat_seeds, steps, super_res=full or p["score_steps"] is None)
-        return self._decode_stable(z, flat_seeds, steps)
+        The final decode and ``score_path: faithful`` run the full sampler (all steps, Karlo's
+        super-resolution); guidance under ``score_path: cheap`` runs ``score_steps`` steps at the
+        base resolution."""
+        s = self.settings
+        full = final or s.score_path == "faithful"
+        steps = s.num_inference_steps if full else s.score_steps
+        if s.backend == "karlo":
+            return self._decode_karlo(z, inputs["seeds"], steps, super_res=full)
+        return self._decode_stable(z, inputs["seeds"], steps)
 
     def _decode_stable(self, z: torch.Tensor, flat_seeds: torch.Tensor, steps: int) -> torch.Tensor:
-        pipe, p = self.pipe, self.params
+        pipe, p = self.pipe, self.settings
         device, n = z.device, z.shape[0]
         # pipe.noise_image_embeddings, with per-image noise (normaliser and noising scheduler in fp32)
-        level = torch.full((n,), p["noise_level"], device=device, dtype=torch.long)
+        level = torch.full((n,), p.noise_level, device=device, dtype=torch.long)
         emb_noise = per_image_rand(derive(flat_seeds, "embed_noise"), z.shape[1:], normal=True, device=device)
         from diffusers.models.embeddings import get_timestep_embedding
 
@@ -334,14 +353,14 @@ class GifUnCLIP(GifExpander):
         class_labels = torch.cat([emb, level_emb.to(emb)], 1)
         text, _ = self._empty_text(n, device)
         cond = text[0].expand(n, -1, -1)
-        cfg = p["guidance_scale"] > 1.0
+        cfg = p.guidance_scale > 1.0
         if cfg:
             class_labels = torch.cat([torch.zeros_like(class_labels), class_labels])
             cond = torch.cat([cond, cond])
         class_labels, cond = class_labels.to(self.model_dtype), cond.to(self.model_dtype)
         scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
         scheduler.set_timesteps(steps, device=device)
-        res = p["resolution"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        res = p.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
         shape = (pipe.unet.config.in_channels, res // pipe.vae_scale_factor, res // pipe.vae_scale_factor)
         latents = per_image_rand(derive(flat_seeds, "latents"), shape, normal=True, device=device)
         latents = latents * scheduler.init_noise_sigma
@@ -354,19 +373,19 @@ class GifUnCLIP(GifExpander):
                             class_labels=class_labels).sample.float()
             if cfg:
                 eps_u, eps_c = eps.chunk(2)
-                eps = eps_u + p["guidance_scale"] * (eps_c - eps_u)
+                eps = eps_u + p.guidance_scale * (eps_c - eps_u)
             latents = scheduler.step(eps, t, latents, **kw).prev_sample
         x = pipe.vae.decode(latents.float() / pipe.vae.config.scaling_factor).sample.float()
         return ((x + 1) / 2).clamp(0, 1)
 
     def _decode_karlo(self, z: torch.Tensor, flat_seeds: torch.Tensor, steps: int, super_res: bool) -> torch.Tensor:
-        pipe, p = self.pipe, self.params
+        pipe, p = self.pipe, self.settings
         device, n = z.device, z.shape[0]
         text, mask = self._empty_text(n, device)
         prompt_embeds = text.text_embeds.expand(n, -1)
         hidden = text.last_hidden_state.expand(n, -1, -1)
         mask = mask.expand(n, -1)
-        cfg = p["guidance_scale"] > 1.0
+        cfg = p.guidance_scale > 1.0
         if cfg:
             prompt_embeds, hidden, mask = (torch.cat([prompt_embeds] * 2), torch.cat([hidden] * 2),
                                            torch.cat([mask] * 2))
@@ -391,7 +410,7 @@ class GifUnCLIP(GifExpander):
                 out_u, out_c = out.chunk(2)
                 out_u, _ = out_u.split(latents.shape[1], dim=1)
                 out_c, var = out_c.split(latents.shape[1], dim=1)
-                out = torch.cat([out_u + p["guidance_scale"] * (out_c - out_u), var], dim=1)
+                out = torch.cat([out_u + p.guidance_scale * (out_c - out_u), var], dim=1)
             prev = None if i + 1 == len(timesteps) else timesteps[i + 1]
             latents = scheduler.step(out, t, latents, prev_timestep=prev, generator=gens if n > 1 else gens[0]).prev_sample
         image = latents.clamp(-1, 1)
@@ -400,10 +419,10 @@ class GifUnCLIP(GifExpander):
         return (image * 0.5 + 0.5).clamp(0, 1)
 
     def _super_res(self, small: torch.Tensor, flat_seeds: torch.Tensor) -> torch.Tensor:
-        pipe, p = self.pipe, self.params
+        pipe, p = self.pipe, self.settings
         device, n = small.device, small.shape[0]
         scheduler = pipe.super_res_scheduler.__class__.from_config(pipe.super_res_scheduler.config)
-        scheduler.set_timesteps(p["super_res_num_inference_steps"], device=device)
+        scheduler.set_timesteps(p.super_res_num_inference_steps, device=device)
         timesteps = scheduler.timesteps
         size = pipe.super_res_first.config.sample_size
         shape = (pipe.super_res_first.config.in_channels // 2, size, size)
@@ -417,56 +436,3 @@ class GifUnCLIP(GifExpander):
             prev = None if i + 1 == len(timesteps) else timesteps[i + 1]
             latents = scheduler.step(out, t, latents, prev_timestep=prev, generator=gens if n > 1 else gens[0]).prev_sample
         return latents
-
-    # -- generation ---------------------------------------------------------------
-    def expand(self, images: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor) -> ExpansionOutput:
-        device = images.device
-        self._set_dtype(device)
-        b, k = seeds.shape
-        flat = seeds.reshape(-1)
-        z0 = self.encode(images).repeat_interleave(k, 0)  # a seed's k copies share one encoder pass
-        latents, fields = self._guide(images, z0, seeds)
-        with torch.no_grad():
-            out = self.decode(latents, flat, full=True)
-            final = self.guide(out)
-        seed_probs = fields.pop("_seed_probs")
-        n = b * k
-        fields = {"backend": [self.params["backend"]] * n, "score_path": [self.params["score_path"]] * n,
-                  "radius": [self.settings.radius] * n, **fields}
-        fields["score_after"] = criteria(seed_probs, final.probs, final.embeddings, self._groups(b, k, device),
-                                         self.settings).score.tolist()
-        fields["guide_class"] = final.probs.argmax(-1).tolist()
-        fields["guide_confidence"] = final.probs.max(-1).values.tolist()
-        return ExpansionOutput(self._finish(out, b, k), fields)
-
-
-    def _guide(self, images: torch.Tensor, z0: torch.Tensor, seeds: torch.Tensor):
-        """Step 2 of the module doc, in chunks of ``guidance_chunk`` seeds (memory)."""
-        b, k = seeds.shape
-        if self.guide is None:
-            raise ExpansionError(f"{self.name}: no guide was built (prepare/fit not run)")
-        with torch.no_grad():
-            seed_probs = self.guide(images.float() / 255.0).probs.repeat_interleave(k, 0)
-        flat = seeds.reshape(-1)
-        shape = (z0.shape[-1],)  # [N, D]: one value per embedding channel
-        e = per_image_rand(derive(flat, "gif_e"), shape, device=z0.device)
-        bias = per_image_rand(derive(flat, "gif_b"), shape, normal=True, device=z0.device)
-        radius = self.settings.radius * z0.std(dim=1, keepdim=True)  # per-image, in units of the embedding std
-        groups = self._groups(b, k, z0.device)
-        chunk = int(self.params["guidance_chunk"] or b) * k
-        full = self.params["score_path"] == "faithful"
-        latents, before = [], []
-        for start in range(0, b * k, chunk):
-            rows = slice(start, start + chunk)
-            g = groups[rows] - groups[rows].min()
-
-            def score_fn(z, rows=rows, g=g):
-                out = self.guide(self.decode(z, flat[rows], full=full))
-                return criteria(seed_probs[rows], out.probs, out.embeddings, g, self.settings)
-
-            res = guided_perturbation(z0[rows], e[rows], bias[rows], score_fn, self.settings, radius=radius[rows])
-            latents.append(res.latents)
-            before.append(res.score_before)
-        return torch.cat(latents), {"radius_abs": radius.reshape(-1).tolist(),
-                                    "score_before": torch.cat(before).tolist(), "_seed_probs": seed_probs}
-

@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -30,6 +27,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from ..files import atomic_directory, atomic_write_text
 
 DONE_MARKER = "DONE"
 
@@ -397,38 +396,16 @@ def finetuned_available(out_dir: Path) -> bool:
 
 
 def save_finetuned(unet, text_encoder, out_dir: Path) -> None:
-    """Save into ``out_dir/"unet"`` and ``out_dir/"text_encoder"`` (safetensors), then ``out_dir/"DONE"``.
-
-    The marker is removed first and written last; each component is written to a temp
-    folder inside ``out_dir`` and moved into place with ``os.replace``, so a crash never
-    leaves a half-written model that :func:`finetuned_available` would accept. Other files
-    in ``out_dir`` are kept. ``text_encoder`` may be None (a frozen text encoder is not
-    saved). Not safe against two writers of the same ``out_dir`` at once: lock outside.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / DONE_MARKER).unlink(missing_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-dreambooth-", dir=out_dir))
-    try:
-        parts = {"unet": unet}
-        if text_encoder is not None:
-            parts["text_encoder"] = text_encoder
+    """Save ``out_dir/unet`` and ``out_dir/text_encoder`` (safetensors) and the ``DONE`` marker, the
+    whole folder built aside and moved into place (:func:`~expansion.files.atomic_directory`), so a
+    crash never leaves a half-written model that :func:`finetuned_available` would accept.
+    ``text_encoder`` may be None (a frozen text encoder is not saved). Not safe against two writers
+    of the same ``out_dir`` at once: lock outside."""
+    parts = {"unet": unet} if text_encoder is None else {"unet": unet, "text_encoder": text_encoder}
+    with atomic_directory(Path(out_dir)) as tmp:
         for name, model in parts.items():
             model.save_pretrained(str(tmp / name), safe_serialization=True)
-        for name in ("unet", "text_encoder"):
-            final = out_dir / name
-            if final.exists():  # rename aside first: os.replace cannot overwrite a non-empty folder
-                old = tmp / f"old-{name}"
-                os.replace(final, old)
-            if name in parts:
-                os.replace(tmp / name, final)
-        marker_tmp = tmp / DONE_MARKER
-        marker_tmp.write_text(json.dumps({"components": sorted(parts)}) + "\n", encoding="utf-8")
-        with open(marker_tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(marker_tmp, out_dir / DONE_MARKER)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic_write_text(tmp / DONE_MARKER, json.dumps({"components": sorted(parts)}) + "\n")
 
 
 def load_finetuned(out_dir: Path, dtype: torch.dtype | None = None):
@@ -442,10 +419,10 @@ def load_finetuned(out_dir: Path, dtype: torch.dtype | None = None):
     out_dir = Path(out_dir)
     if not finetuned_available(out_dir):
         raise FileNotFoundError(f"no complete DreamBooth checkpoint in {out_dir} (missing {DONE_MARKER} marker)")
-    unet = UNet2DConditionModel.from_pretrained(str(out_dir / "unet"))
+    unet = UNet2DConditionModel.from_pretrained(str(out_dir / "unet"), use_safetensors=True)
     text_encoder = None
     if (out_dir / "text_encoder").is_dir():
-        text_encoder = CLIPTextModel.from_pretrained(str(out_dir / "text_encoder"))
+        text_encoder = CLIPTextModel.from_pretrained(str(out_dir / "text_encoder"), use_safetensors=True)
     for m in (unet, text_encoder):
         if m is None:
             continue

@@ -1,0 +1,5 @@
+"""The one exception a user sees from the expansion package."""
+
+
+class ExpansionError(RuntimeError):
+    """A clear, user-facing failure of an expansion run: one line with the cause and the fix."""

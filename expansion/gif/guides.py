@@ -1,0 +1,188 @@
+"""Guides: anything that maps images in [0, 1] to class probabilities and embeddings.
+
+* :class:`ClipGuide` -- GIF's zero-shot CLIP (open_clip ViT-B/32 by default, prompt
+  "This is a photo of a {class}", logit scale 100, CLIP's own input normalisation for seeds and
+  samples: the official code normalises seeds with CIFAR statistics and feeds samples
+  unnormalised).
+* :class:`ProbeGuide` -- offline: the probe CNN (:mod:`expansion.probe`) trained on the seed set;
+  probabilities from its head, embeddings from its penultimate layer.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ExpansionError
+from ..probe import PROBE_RECIPE, Probe, train_probe
+from ..settings import speed_only
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+GUIDE_KINDS = ("clip", "probe")
+
+
+@dataclass(frozen=True)
+class GuideSpec:
+    """Which guide scores the decoded samples.
+
+    kind: ``clip`` (zero-shot open_clip: ``arch``, ``pretrained`` tag or local weights file,
+    ``model_config`` a JSON to register for a custom architecture, prompt ``template``,
+    ``logit_scale``) or ``probe`` (the probe CNN trained ``epochs`` epochs on the seeds);
+    cache_dir: where open_clip keeps downloaded weights (location only).
+    """
+
+    kind: str = "clip"
+    arch: str = "ViT-B-32"
+    pretrained: str = "openai"
+    model_config: str | None = None
+    template: str = "This is a photo of a {}"
+    logit_scale: float = 100.0
+    epochs: int = 30
+    cache_dir: str | None = speed_only()
+
+    def __post_init__(self) -> None:
+        if self.kind not in GUIDE_KINDS:
+            raise ExpansionError(f"guide.kind must be one of {GUIDE_KINDS}, got {self.kind!r}")
+        if self.epochs < 1:
+            raise ExpansionError(f"guide.epochs must be >= 1, got {self.epochs}")
+
+    def signature(self) -> dict[str, Any]:
+        """Only the settings of the chosen kind change the output."""
+        if self.kind == "probe":
+            return {"kind": "probe", "epochs": self.epochs, "network": PROBE_RECIPE}
+        return {"kind": "clip", "arch": self.arch, "pretrained": self.pretrained, "model_config": self.model_config,
+                "template": self.template, "logit_scale": self.logit_scale}
+
+
+@dataclass
+class GuideOutput:
+    probs: torch.Tensor  # [N, K]
+    embeddings: torch.Tensor  # [N, D]
+
+
+def to_rgb(images: torch.Tensor) -> torch.Tensor:
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+def rgb_at(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (or [0, 1] float) ``[B, C, H, W]`` -> RGB in [0, 1] at ``size`` px (bicubic, antialiased
+    when shrinking), as a prior's image encoder takes it."""
+    x = to_rgb(images.float() / 255.0 if images.dtype == torch.uint8 else images.float())
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False,
+                          antialias=x.shape[-1] > size).clamp(0, 1)
+    return x
+
+
+class Guide(nn.Module):
+    """``forward(images in [0, 1], [N, C, H, W]) -> GuideOutput``; differentiable in the images."""
+
+    num_classes: int
+
+    def forward(self, images: torch.Tensor) -> GuideOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class ClipGuide(Guide):
+    """Zero-shot CLIP: ``p = softmax(logit_scale * <f(x)/|f(x)|, t_c/|t_c|>)`` over the class prompts."""
+
+    def __init__(self, model: nn.Module, tokenizer, class_names: Sequence[str],
+                 template: str = "This is a photo of a {}", logit_scale: float = 100.0,
+                 image_size: int = 224, mean: Sequence[float] = OPENAI_CLIP_MEAN,
+                 std: Sequence[float] = OPENAI_CLIP_STD):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.num_classes = len(class_names)
+        self.logit_scale = float(logit_scale)
+        self.image_size = int(image_size)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        prompts = [template.format(name) for name in class_names]
+        with torch.no_grad():
+            text = model.encode_text(tokenizer(prompts)).float()
+        self.register_buffer("text_features", F.normalize(text, dim=-1), persistent=False)
+        self.prompts = prompts
+
+    @classmethod
+    def from_spec(cls, spec: GuideSpec, class_names: Sequence[str]) -> ClipGuide:
+        """The CLIP guide a :class:`GuideSpec` of kind ``clip`` names."""
+        if spec.model_config:
+            import open_clip
+
+            open_clip.add_model_config(str(Path(spec.model_config).expanduser()))
+        return cls.from_open_clip(class_names, arch=spec.arch, pretrained=spec.pretrained, cache_dir=spec.cache_dir,
+                                  template=spec.template, logit_scale=spec.logit_scale)
+
+    @classmethod
+    def from_open_clip(cls, class_names: Sequence[str], arch: str = "ViT-B-32", pretrained: str = "openai",
+                       cache_dir: str | None = None, **kwargs) -> ClipGuide:
+        """Load an open_clip model by architecture and pretrained tag (or a local weights file)."""
+        import open_clip
+
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained,
+                                                                         cache_dir=cache_dir)
+        except Exception as exc:  # offline hub miss, bad tag, corrupt file: say what is missing and how to get it
+            raise ExpansionError(
+                f"could not load the CLIP guide open_clip {arch!r} with pretrained={pretrained!r} ({type(exc).__name__}: "
+                f"{exc}). Download it once on a machine with network (it is cached under "
+                f"{cache_dir or os.environ.get('HF_HOME', '~/.cache/huggingface')}), or set the guide's pretrained "
+                "to a local open_clip weights file."
+            ) from exc
+        size = getattr(model.visual, "image_size", 224)
+        size = size[0] if isinstance(size, tuple | list) else size
+        norm = next((t for t in getattr(preprocess, "transforms", []) if hasattr(t, "mean")), None)
+        mean = tuple(norm.mean) if norm is not None else OPENAI_CLIP_MEAN
+        std = tuple(norm.std) if norm is not None else OPENAI_CLIP_STD
+        return cls(model, open_clip.get_tokenizer(arch), class_names, image_size=size, mean=mean, std=std, **kwargs)
+
+    def forward(self, images: torch.Tensor) -> GuideOutput:
+        x = to_rgb(images.float())
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False,
+                              antialias=x.shape[-1] > self.image_size)
+        x = (x - self.mean) / self.std
+        features = F.normalize(self.model.encode_image(x).float(), dim=-1)
+        logits = self.logit_scale * features @ self.text_features.T
+        return GuideOutput(logits.softmax(dim=-1), features)
+
+
+class ProbeGuide(Guide):
+    """The probe trained on the seed set as GIF's guide (no CLIP weights needed)."""
+
+    def __init__(self, probe: Probe):
+        super().__init__()
+        self.probe = probe
+        self.num_classes = probe.num_classes
+
+    @classmethod
+    def fitted(cls, images: torch.Tensor, labels: torch.Tensor, num_classes: int, spec: GuideSpec,
+               path: Path) -> ProbeGuide:
+        """The probe saved at ``path`` or, if there is none, trained on uint8 ``images`` and saved there."""
+        if path.is_file():
+            return cls(Probe.load(path))
+        probe = train_probe(images, labels, num_classes, epochs=spec.epochs, seed=0)
+        probe.save(path)
+        return cls(probe)
+
+    def forward(self, images: torch.Tensor) -> GuideOutput:
+        embeddings = self.probe.embed(images)
+        return GuideOutput(self.probe.net.head(embeddings).softmax(dim=-1), embeddings)
+
+
+def build_guide(spec: GuideSpec | Any, class_names: Sequence[str]) -> ClipGuide:
+    """The CLIP guide of ``spec`` (a :class:`GuideSpec` or its mapping), e.g. for tests and benchmarks."""
+    from ..settings import from_mapping
+
+    spec = from_mapping(GuideSpec, spec, "guide")
+    if spec.kind != "clip":
+        raise ExpansionError(f"guide kind {spec.kind!r} is trained in fit(); expected 'clip' here")
+    return ClipGuide.from_spec(spec, class_names)

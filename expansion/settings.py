@@ -1,0 +1,143 @@
+"""Typed method settings: frozen dataclasses built from config mappings.
+
+A method's settings class is the one place its defaults live. :func:`from_mapping` builds it from
+a (Hydra) mapping, nested settings from nested mappings, and turns every bad value into one
+:class:`~expansion.base.ExpansionError` line naming the key; :func:`signature_of` is what the
+store key hashes (fields marked :func:`speed_only` left out); :func:`config_node` is the defaults
+as a plain mapping, which ``experiments.config`` registers for the method configs to compose.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, Field, field, fields, is_dataclass
+from typing import Any
+
+from .errors import ExpansionError
+
+_SPEED_ONLY = "speed_only"
+
+
+def speed_only(default: Any = None) -> Any:
+    """A field that changes speed or memory only, never the output: kept out of the store key."""
+    return field(default=default, metadata={_SPEED_ONLY: True})
+
+
+def is_speed_only(f: Field) -> bool:
+    return bool(f.metadata.get(_SPEED_ONLY))
+
+
+def from_mapping(cls: type, values: Mapping[str, Any] | Any | None, what: str) -> Any:
+    """``cls(**values)`` with nested settings built from nested mappings, lists turned into
+    tuples, ints accepted for floats, and one clear error for an unknown key or a value of the
+    wrong type (``what`` names the settings in the message, e.g. ``method gif_sd``)."""
+    if isinstance(values, cls):
+        return values
+    if values is not None and not isinstance(values, Mapping):
+        raise ExpansionError(f"{what} must be a mapping of settings, got {values!r}")
+    values = dict(values or {})
+    known = {f.name: f for f in fields(cls) if f.init}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ExpansionError(f"{what}: unknown setting(s) {unknown}; known: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _coerce(hints[name], value, f"{what}.{name}") for name, value in values.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError, ExpansionError) as exc:  # a missing setting, or a failed check
+        raise ExpansionError(f"{what}: {exc}") from exc
+
+
+def _options(tp: Any) -> tuple[Any, ...]:
+    """The members of a ``X | Y`` / ``Optional[X]`` annotation, or ``(tp,)``."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return typing.get_args(tp)
+    return (tp,)
+
+
+def _coerce(tp: Any, value: Any, what: str) -> Any:
+    options = _options(tp)
+    if value is None:
+        if type(None) in options or tp is Any:
+            return None
+        raise ExpansionError(f"{what} must be set (got null)")
+    for option in options:
+        if is_dataclass(option) and isinstance(value, Mapping | option):
+            return from_mapping(option, value, what)
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(float(value)):
+                raise ExpansionError(f"{what} must be a finite number, got {value!r}")
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+        origin = typing.get_origin(option) or option
+        if origin is tuple and isinstance(value, list | tuple):
+            return tuple(value)
+        if origin in (dict, Mapping) and isinstance(value, Mapping):
+            return dict(value)
+        if option is Any:
+            return value
+    names = " or ".join(_type_name(o) for o in options)
+    raise ExpansionError(f"{what} must be {names}, got {value!r}")
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    origin = typing.get_origin(tp)
+    return {tuple: "a list", dict: "a mapping"}.get(origin, getattr(tp, "__name__", str(tp)))
+
+
+def _jsonable(value: Any) -> Any:
+    if is_dataclass(value):
+        return signature_of(value)
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def field_signature(settings: Any) -> dict[str, Any]:
+    """Every field that is not speed-only, nested settings by their own signature."""
+    return {f.name: _jsonable(getattr(settings, f.name)) for f in fields(settings) if not is_speed_only(f)}
+
+
+def signature_of(settings: Any) -> dict[str, Any]:
+    """What of ``settings`` changes the output: its ``signature()`` if it defines one, else
+    :func:`field_signature`."""
+    own = getattr(type(settings), "signature", None)
+    return own(settings) if callable(own) else field_signature(settings)
+
+
+def config_node(cls: type) -> dict[str, Any]:
+    """The defaults of settings class ``cls`` as a plain mapping (nested settings as mappings,
+    tuples as lists), every field included: what a method config composes."""
+    node: dict[str, Any] = {}
+    for f in fields(cls):
+        if not f.init:
+            continue
+        if f.default is not MISSING:
+            value = f.default
+        elif f.default_factory is not MISSING:
+            value = f.default_factory()
+        else:
+            continue  # required: the method config must give it
+        node[f.name] = _plain(value)
+    return node
+
+
+def _plain(value: Any) -> Any:
+    if is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value) if f.init}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
