@@ -4,7 +4,7 @@ PYTHON ?= $(VENV)/bin/python
 EXTRAS ?= dev,slurm,joblib
 BENCH_OUT ?= benchmarks/results
 
-.PHONY: help install run test test-slow test-gpu test-all sweep-digits benchmark-cpu benchmark-training \
+.PHONY: help install run list test test-slow test-gpu test-all lint sweep-digits benchmark-cpu benchmark-training \
         benchmark-generation-cpu benchmark-gpu benchmark-cost report clean-cache
 
 help:  ## list the targets
@@ -17,6 +17,9 @@ install:  ## create .venv and install the framework with its dev/slurm/joblib ex
 
 run:  ## the offline default job: digits, RandAugment 5x, small CNN on CPU, original vs expanded
 	$(PYTHON) run.py
+
+list:  ## every registered method, dataset, quality metric and classifier, one line each
+	$(PYTHON) -m experiments.catalog
 
 test:  ## fast CPU test suite (the CI command)
 	$(PYTHON) -m pytest -q

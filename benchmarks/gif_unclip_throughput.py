@@ -85,7 +85,7 @@ def build_real_pipe(tmp_dir: Path | str, seed: int = 0):
 
 def build_tiny(tmp_dir: Path | str, class_names: list[str]):
     from tests.helpers.tiny_clip import save_tiny_clip
-    from tests.test_gif_unclip import tiny_stable_unclip
+    from tests.helpers.tiny_priors import tiny_stable_unclip
 
     return tiny_stable_unclip(Path(tmp_dir)), build_guide(save_tiny_clip(Path(tmp_dir) / "clip"), class_names)
 

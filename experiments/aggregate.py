@@ -26,9 +26,13 @@ import yaml
 
 PAPER_NUMBERS_FILE = Path(__file__).with_name("paper_numbers.yaml")
 METRICS = ("test_acc_final", "test_acc_best_val")
-#: results.csv column -> key under metrics["quality"] (experiments/quality.py); mean over the cell's runs
-QUALITY_COLUMNS = {"fid": "fid", "kid": "kid_mean", "label_agreement": "label_agreement", "vendi": "vendi_expanded",
-                   "vendi_original": "vendi_original", "near_duplicate_fraction": "near_duplicate_fraction"}
+
+
+def quality_columns() -> dict[str, Any]:
+    """results.csv column -> :class:`~experiments.quality.Column` of every registered quality metric."""
+    from .quality import quality_columns as registered
+
+    return registered()
 
 
 def load_paper_numbers(path: Path = PAPER_NUMBERS_FILE) -> dict[str, Any]:
@@ -62,7 +66,7 @@ class Cell:
     ratio: int
     values: dict[str, list[float]]
     paper: float | None
-    quality: dict[str, list[float]] = field(default_factory=dict)  # QUALITY_COLUMNS name -> one value per run
+    quality: dict[str, list[float]] = field(default_factory=dict)  # results.csv quality column -> one value per run
     extractors: list[str] = field(default_factory=list)  # the quality feature extractors named by the runs
 
     def stats(self, metric: str) -> tuple[float, float, int]:
@@ -126,9 +130,9 @@ def build_cells(runs: Iterable[dict[str, Any]], paper: dict[str, Any]) -> list[C
                 classifier=first["classifier"], ratio=first["ratio"],
                 values={m: [float(r[m]) for r in group if r.get(m) is not None] for m in METRICS},
                 paper=paper_value,
-                quality={col: [float(r["quality"][key]) for r in group
-                               if isinstance(r.get("quality"), dict) and r["quality"].get(key) is not None]
-                         for col, key in QUALITY_COLUMNS.items()},
+                quality={csv: [float(r["quality"][col.key]) for r in group
+                               if isinstance(r.get("quality"), dict) and r["quality"].get(col.key) is not None]
+                         for csv, col in quality_columns().items()},
                 extractors=sorted({str(r["quality"].get("feature_extractor")) for r in group
                                    if isinstance(r.get("quality"), dict)}),
             ))
@@ -208,25 +212,17 @@ def render_quality_markdown(cells: list[Cell], paper: dict[str, Any]) -> str:
         spec = paper.get(table, {})
         out.write(f"## Quality of the expanded sets: {spec.get('title', table)}\n\n")
         extractors = sorted({e for c in tcells for e in c.extractors})
-        out.write("Feature extractor: " + "; ".join(extractors) + ". FID/KID against the original training "
-                  "images (0 = same distribution), label agreement of the classifier with the assigned labels, "
-                  "Vendi score of the expanded (original) set, near-duplicates of training images "
-                  "(rule in experiments/quality.py); mean over runs [n].\n\n")
-        out.write("| method | column | FID | KID | label agreement | Vendi (original) | near-duplicates |\n")
-        out.write("|---|---|---|---|---|---|---|\n")
+        out.write("Feature extractor: " + "; ".join(extractors) + ". "
+                  + " ".join(f"{m.name}: {m.description}" for m in _quality_metrics()) + " Mean over runs [n].\n\n")
+        columns = quality_columns()
+        out.write("| method | column | " + " | ".join(c.title for c in columns.values()) + " | n |\n")
+        out.write("|---|---|" + "---|" * (len(columns) + 1) + "\n")
         paper_rows = list(spec.get("values", {}).keys())
         order = {r: i for i, r in enumerate(_order({c.row for c in tcells}, paper_rows))}
         for c in sorted(tcells, key=lambda c: (order[c.row], c.column)):
-            q = {col: quality_mean(c, col) for col in QUALITY_COLUMNS}
             n = max(len(v) for v in c.quality.values())
-
-            def f(x, fmt):
-                return "–" if x is None else format(x, fmt)
-
-            agree = "–" if q["label_agreement"] is None else f"{100 * q['label_agreement']:.1f}%"
-            dup = "–" if q["near_duplicate_fraction"] is None else f"{100 * q['near_duplicate_fraction']:.1f}%"
-            out.write(f"| {c.row} | {c.column} | {f(q['fid'], '.3g')} | {f(q['kid'], '.3g')} | {agree} | "
-                      f"{f(q['vendi'], '.2f')} ({f(q['vendi_original'], '.2f')}) | {dup} [{n}] |\n")
+            values = [_fmt_column(quality_mean(c, csv), col.fmt) for csv, col in columns.items()]
+            out.write(f"| {c.row} | {c.column} | " + " | ".join(values) + f" | {n} |\n")
         out.write("\n")
     return out.getvalue()
 
@@ -237,7 +233,7 @@ def write_csv(cells: list[Cell], path: Path) -> None:
         writer = csv.writer(fh)
         writer.writerow(["table", "row", "column", "method", "dataset", "classifier", "ratio", "n_seeds",
                          "final_mean", "final_std", "best_val_mean", "best_val_std", "paper", "final_minus_paper"]
-                        + (list(QUALITY_COLUMNS) if quality else []))
+                        + (list(quality_columns()) if quality else []))
         for c in cells:
             fm, fs, n = c.stats("test_acc_final")
             bm, bs, _ = c.stats("test_acc_best_val") if c.values["test_acc_best_val"] else (math.nan, math.nan, 0)
@@ -245,11 +241,23 @@ def write_csv(cells: list[Cell], path: Path) -> None:
                              f"{fm:.3f}", f"{fs:.3f}", f"{bm:.3f}", f"{bs:.3f}",
                              "" if c.paper is None else c.paper,
                              "" if c.paper is None else f"{fm - c.paper:.3f}"]
-                            + ([_fmt_quality(quality_mean(c, col)) for col in QUALITY_COLUMNS] if quality else []))
+                            + ([_fmt_quality(quality_mean(c, col)) for col in quality_columns()] if quality else []))
 
 
 def _fmt_quality(value: float | None) -> str:
     return "" if value is None else f"{value:.6g}"
+
+
+def _fmt_column(value: float | None, fmt: str) -> str:
+    if value is None:
+        return "–"
+    return f"{100 * value:.1f}%" if fmt == "%" else format(value, fmt)
+
+
+def _quality_metrics() -> list:
+    from .quality import METRICS
+
+    return list(METRICS.values())
 
 
 def aggregate(root: Path | str) -> tuple[Path, Path]:

@@ -27,14 +27,21 @@ def _int_product(a, b) -> int:
     return int(round(float(a) * float(b)))
 
 
+def method_configs(config_dir: Path = CONFIG_DIR) -> dict[str, dict]:
+    """Every method config, as written (not composed): ``{name: mapping}`` (the method registry)."""
+    return {path.stem: yaml.safe_load(path.read_text()) or {}
+            for path in sorted((config_dir / "method").glob("*.yaml"))}
+
+
+def method_names(config_dir: Path = CONFIG_DIR) -> list[str]:
+    """The registered expansion methods: every method config but those that expand nothing
+    (``_target_: null``, i.e. ``original``)."""
+    return [name for name, raw in method_configs(config_dir).items() if raw.get("_target_", "") is not None]
+
+
 def method_targets(config_dir: Path = CONFIG_DIR) -> dict[str, str]:
-    """``{config name: _target_}`` of every method config that names its class (the method registry)."""
-    targets = {}
-    for path in sorted((config_dir / "method").glob("*.yaml")):
-        target = (yaml.safe_load(path.read_text()) or {}).get("_target_")
-        if target:
-            targets[path.stem] = str(target)
-    return targets
+    """``{config name: _target_}`` of the method configs that name their class themselves."""
+    return {name: str(raw["_target_"]) for name, raw in method_configs(config_dir).items() if raw.get("_target_")}
 
 
 def register_method_defaults(config_dir: Path = CONFIG_DIR) -> None:

@@ -41,7 +41,8 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -290,14 +291,131 @@ def _num(x: float | None) -> float | None:
     return float(f"{x:.6g}")
 
 
+# -- the registry: a metric is one function + its registration --------------------------------------------
+
+
+@dataclass
+class QualityInputs:
+    """What every metric may use, computed once: the (subsampled) original and expanded images, their
+    labels and features, the extractor, and the settings."""
+
+    original_all: torch.Tensor  # uint8 [N, C, H, W], every training image
+    original_labels_all: torch.Tensor
+    original: torch.Tensor  # the subsample
+    original_labels: torch.Tensor
+    expanded: torch.Tensor
+    expanded_labels: torch.Tensor
+    f_original: torch.Tensor  # features [n, D]
+    f_expanded: torch.Tensor
+    extractor: FeatureExtractor
+    num_classes: int
+    settings: dict[str, Any]  # dup_factor, kid_subsets, seed, epochs, probe_size, batch_size, device, progress
+
+
+@dataclass(frozen=True)
+class Column:
+    """One value of a metric shown in results.csv / results.md / the report: its key under
+    ``metrics["quality"]``, the column title and the number format (``%``: a fraction shown in percent)."""
+
+    key: str
+    title: str
+    fmt: str = ".3g"
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    fn: Callable[[QualityInputs], dict[str, Any]]
+    columns: dict[str, Column]  # results.csv column name -> the value it shows
+    description: str
+
+
+#: every quality metric, in registration order; ``quality_metrics`` runs them all
+METRICS: dict[str, Metric] = {}
+
+
+def register_metric(name: str, columns: dict[str, Column] | None = None):
+    """Register ``fn(inputs: QualityInputs) -> {key: value}`` as a quality metric: its values go into
+    metrics.json (``quality``) and the W&B run, its ``columns`` into results.csv, results.md and the report."""
+    def deco(fn: Callable[[QualityInputs], dict[str, Any]]):
+        if name in METRICS:
+            raise ValueError(f"quality metric {name!r} is registered twice")
+        doc = (fn.__doc__ or name).strip().splitlines()[0]
+        METRICS[name] = Metric(name, fn, dict(columns or {}), doc)
+        return fn
+    return deco
+
+
+def quality_columns() -> dict[str, Column]:
+    """results.csv column name -> :class:`Column`, over every registered metric."""
+    return {csv: col for metric in METRICS.values() for csv, col in metric.columns.items()}
+
+
+@register_metric("fid_kid", {"fid": Column("fid", "FID"), "kid": Column("kid_mean", "KID")})
+def _fid_kid_metric(q: QualityInputs) -> dict[str, Any]:
+    """FID and KID between original and expanded features (torchmetrics; 0 = same distribution)."""
+    return fid_kid(q.f_original, q.f_expanded, kid_subsets=q.settings["kid_subsets"], seed=q.settings["seed"])
+
+
+@register_metric("label_agreement", {"label_agreement": Column("label_agreement", "label agreement", "%")})
+def _label_agreement_metric(q: QualityInputs) -> dict[str, Any]:
+    """How often the extractor's classifier (the probe, CLIP zero-shot; for Inception a probe trained on
+    the originals) predicts the label an expanded image was given; ``_original``: the same on the originals."""
+    st = q.settings
+    judge = q.extractor if _has_head(q.extractor) else None
+    if judge is None and st["trained_here"]:
+        judge = train_probe(q.original_all, q.original_labels_all, q.num_classes, epochs=st["epochs"],
+                            size=st["probe_size"], seed=st["seed"], progress=st["progress"]).to(st["device"])
+    if judge is None:
+        return {"label_agreement": None, "label_agreement_original": None, "label_agreement_by": None}
+    pred_exp = extract(judge, q.expanded, batch_size=st["batch_size"], device=st["device"], logits=True).argmax(1)
+    pred_orig = extract(judge, q.original, batch_size=st["batch_size"], device=st["device"], logits=True).argmax(1)
+    return {"label_agreement": float((pred_exp == q.expanded_labels).double().mean()),
+            "label_agreement_original": float((pred_orig == q.original_labels).double().mean()),
+            "label_agreement_by": judge.description.split("(")[0]}
+
+
+@register_metric("diversity", {"vendi": Column("vendi_expanded", "Vendi", ".2f"),
+                               "vendi_original": Column("vendi_original", "Vendi (original)", ".2f")})
+def _diversity_metric(q: QualityInputs) -> dict[str, Any]:
+    """Vendi score and mean pairwise feature distance of the expanded and of the original set."""
+    return {"vendi_expanded": vendi_score(q.f_expanded), "vendi_original": vendi_score(q.f_original),
+            "pairwise_distance_expanded": mean_pairwise_distance(q.f_expanded),
+            "pairwise_distance_original": mean_pairwise_distance(q.f_original)}
+
+
+@register_metric("memorisation", {"near_duplicate_fraction": Column("near_duplicate_fraction", "near-duplicates", "%")})
+def _memorisation_metric(q: QualityInputs) -> dict[str, Any]:
+    """Nearest-neighbour distances of the expanded images to the training images, exact and near duplicates."""
+    dup_factor = q.settings["dup_factor"]
+    p_train = _pixels(q.original_all)
+    nn_pix = nn_distances(_pixels(q.expanded), p_train)
+    # leave-one-out NN among originals: queries are the subsample, reference all originals
+    ref_pix = float(_loo_nn(_pixels(q.original), p_train, q.settings["original_index"]).median())
+    nn_feat = nn_distances(q.f_expanded, q.f_original)
+    ref_feat = float(nn_distances(q.f_original, q.f_original, exclude_self=True).median())
+    train_hashes = {_digest(img) for img in q.original_all}
+    exact = torch.tensor([_digest(img) in train_hashes for img in q.expanded], dtype=torch.bool)
+    near = exact | (nn_pix <= dup_factor * ref_pix) | (nn_feat <= dup_factor * ref_feat)
+    return {
+        "nn_pixel_mean": float(nn_pix.mean()), "nn_pixel_median": float(nn_pix.median()),
+        "nn_pixel_original_median": ref_pix,
+        "nn_feature_mean": float(nn_feat.mean()), "nn_feature_median": float(nn_feat.median()),
+        "nn_feature_original_median": ref_feat,
+        "exact_duplicates": int(exact.sum()), "near_duplicates": int(near.sum()),
+        "near_duplicate_fraction": float(near.double().mean()),
+        "near_duplicate_rule": DUP_RULE.format(f=dup_factor),
+    }
+
+
 def quality_metrics(original: torch.Tensor, original_labels, expanded: torch.Tensor, expanded_labels,
                     num_classes: int, extractor: str | FeatureExtractor = "classifier", *,
                     class_names: Sequence[str] | None = None, max_images: int = 2000, epochs: int = 10,
                     probe_size: int = 32, dup_factor: float = 0.05, kid_subsets: int = 50, seed: int = 0,
                     batch_size: int = 256, device: str = "cpu", progress: bool = False,
                     clip_arch: str = "ViT-B-32", clip_pretrained: str = "openai") -> dict[str, Any]:
-    """All quality metrics of ``expanded`` (uint8 ``[M, C, H, W]``) against ``original``
-    (uint8 ``[N, C, H, W]``, the training images); see the module docstring."""
+    """Every registered quality metric of ``expanded`` (uint8 ``[M, C, H, W]``) against ``original``
+    (uint8 ``[N, C, H, W]``, the training images), in one flat dict; see the module docstring."""
     start = time.perf_counter()
     for name, t in (("original", original), ("expanded", expanded)):
         if not torch.is_tensor(t) or t.dtype != torch.uint8 or t.dim() != 4:
@@ -322,56 +440,21 @@ def quality_metrics(original: torch.Tensor, original_labels, expanded: torch.Ten
     oi = _subsample(len(original), int(max_images), g)
     ei = _subsample(len(expanded), int(max_images), g)
     orig, exp = original[oi], expanded[ei]
-    f_orig = extract(model, orig, batch_size=batch_size, device=device, progress=progress,
-                     desc="quality: original features")
-    f_exp = extract(model, exp, batch_size=batch_size, device=device, progress=progress,
-                    desc="quality: expanded features")
-
+    inputs = QualityInputs(
+        original_all=original, original_labels_all=original_labels, original=orig,
+        original_labels=original_labels[oi], expanded=exp, expanded_labels=expanded_labels[ei],
+        f_original=extract(model, orig, batch_size=batch_size, device=device, progress=progress,
+                           desc="quality: original features"),
+        f_expanded=extract(model, exp, batch_size=batch_size, device=device, progress=progress,
+                           desc="quality: expanded features"),
+        extractor=model, num_classes=num_classes,
+        settings={"dup_factor": dup_factor, "kid_subsets": kid_subsets, "seed": seed, "epochs": epochs,
+                  "probe_size": probe_size, "batch_size": batch_size, "device": device, "progress": progress,
+                  "trained_here": isinstance(extractor, str), "original_index": oi})
     out: dict[str, Any] = {"feature_extractor": getattr(model, "description", type(model).__name__),
                            "num_original": len(orig), "num_expanded": len(exp), "num_expanded_total": len(expanded)}
-    out.update(fid_kid(f_orig, f_exp, kid_subsets=kid_subsets, seed=seed))
-
-    # label agreement: the extractor's own classifier (probe, CLIP zero-shot); for Inception a probe
-    # trained on the originals (as for extractor=classifier)
-    judge = model if _has_head(model) else None
-    if judge is None and isinstance(extractor, str):
-        judge = train_probe(original, original_labels, num_classes, epochs=epochs, size=probe_size, seed=seed,
-                            progress=progress).to(device)
-    agreement = agreement_orig = None
-    if judge is not None:
-        pred_exp = extract(judge, exp, batch_size=batch_size, device=device, logits=True).argmax(1)
-        pred_orig = extract(judge, orig, batch_size=batch_size, device=device, logits=True).argmax(1)
-        agreement = float((pred_exp == expanded_labels[ei]).double().mean())
-        agreement_orig = float((pred_orig == original_labels[oi]).double().mean())
-    out["label_agreement"] = agreement
-    out["label_agreement_original"] = agreement_orig
-    out["label_agreement_by"] = judge.description.split("(")[0] if judge is not None else None
-
-    out["vendi_expanded"] = vendi_score(f_exp)
-    out["vendi_original"] = vendi_score(f_orig)
-    out["pairwise_distance_expanded"] = mean_pairwise_distance(f_exp)
-    out["pairwise_distance_original"] = mean_pairwise_distance(f_orig)
-
-    # memorisation: NN distance of every (subsampled) expanded image to the training images
-    p_train = _pixels(original)
-    p_exp = _pixels(exp)
-    nn_pix = nn_distances(p_exp, p_train)
-    # leave-one-out NN among originals: queries are the subsample, reference all originals
-    ref_pix = float(_loo_nn(_pixels(orig), p_train, oi).median())
-    nn_feat = nn_distances(f_exp, f_orig)
-    ref_feat = float(nn_distances(f_orig, f_orig, exclude_self=True).median())
-    train_hashes = {_digest(img) for img in original}
-    exact = torch.tensor([_digest(img) in train_hashes for img in exp], dtype=torch.bool)
-    near = exact | (nn_pix <= dup_factor * ref_pix) | (nn_feat <= dup_factor * ref_feat)
-    out.update({
-        "nn_pixel_mean": float(nn_pix.mean()), "nn_pixel_median": float(nn_pix.median()),
-        "nn_pixel_original_median": ref_pix,
-        "nn_feature_mean": float(nn_feat.mean()), "nn_feature_median": float(nn_feat.median()),
-        "nn_feature_original_median": ref_feat,
-        "exact_duplicates": int(exact.sum()), "near_duplicates": int(near.sum()),
-        "near_duplicate_fraction": float(near.double().mean()),
-        "near_duplicate_rule": DUP_RULE.format(f=dup_factor),
-    })
+    for metric in METRICS.values():
+        out.update(metric.fn(inputs))
     out = {k: (_num(v) if isinstance(v, float) else v) for k, v in out.items()}
     out["seconds"] = round(time.perf_counter() - start, 3)
     return out

@@ -18,21 +18,11 @@ from expansion.seeding import image_seeds
 from expansion.store import ExpansionStore
 from tests.conftest import PROJECT_ROOT
 from tests.helpers.tiny_clip import save_tiny_clip
+from tests.helpers.tiny_priors import tiny_mae
 from tests.helpers.tolerances import all_scores_close, same_up_to_float_rounding
 
 CLASSES = ["malignant", "normal, benign"]
 FIELDS = {"mask_ratio", "radius", "radius_abs", "score_before", "score_after", "guide_class", "guide_confidence"}
-
-
-def tiny_mae(norm_pix_loss: bool = False, seed: int = 0):
-    from transformers import ViTMAEConfig, ViTMAEForPreTraining
-
-    config = ViTMAEConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                          intermediate_size=37, decoder_hidden_size=32, decoder_num_hidden_layers=1,
-                          decoder_num_attention_heads=4, decoder_intermediate_size=37, norm_pix_loss=norm_pix_loss)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return ViTMAEForPreTraining(config)
 
 
 @pytest.fixture(scope="module")

@@ -127,3 +127,36 @@ def test_bad_extractor_and_missing_weights_are_clear(digits, monkeypatch):
         quality_metrics(images, labels, images, labels, 10, "clip", class_names=[str(i) for i in range(10)])
     with pytest.raises(QualityError, match="differ in shape"):
         quality_metrics(images, labels, images[:, :, :4], labels, 10, "classifier")
+
+
+def test_a_registered_metric_reaches_metrics_json_results_and_the_report(digits, tmp_path, monkeypatch):
+    """A metric is one function + its registration: no other edit puts it in metrics.json, results.csv and
+    the quality table of results.md (which the report includes)."""
+    import csv
+    import json
+
+    from experiments import quality
+    from experiments.aggregate import aggregate
+
+    monkeypatch.setattr(quality, "METRICS", dict(quality.METRICS))
+
+    @quality.register_metric("brightness", {"brightness_gap": quality.Column("brightness_gap", "brightness gap")})
+    def brightness(q):
+        """Mean grey level of the expanded images minus that of the originals."""
+        return {"brightness_gap": float(q.expanded.float().mean() - q.original.float().mean())}
+
+    images, labels = digits[0][:100], digits[1][:100]
+    metrics = quality.quality_metrics(images, labels, 255 - images, labels, 10, epochs=1)
+    assert metrics["brightness_gap"] == pytest.approx(float((255 - images).float().mean() - images.float().mean()),
+                                                      rel=1e-5)
+    for i in range(2):
+        run = tmp_path / f"job{i}"
+        run.mkdir()
+        (run / "metrics.json").write_text(json.dumps({
+            "table": "medical", "dataset": "breastmnist", "method": "cutout", "classifier": "resnet50", "ratio": 5,
+            "seed": i, "test_acc_final": 70.0, "test_acc_best_val": 69.0, "quality": metrics}))
+    csv_path, md_path = aggregate(tmp_path)
+    (row,) = list(csv.DictReader(csv_path.open()))
+    assert float(row["brightness_gap"]) == pytest.approx(metrics["brightness_gap"], rel=1e-5)
+    md = md_path.read_text()
+    assert "brightness gap" in md and "brightness: Mean grey level" in md

@@ -3,13 +3,14 @@ framework's deterministic split rules (official splits where they exist, a
 seeded stratified val split carved from train otherwise, an optional seeded
 few-shot ``train_per_class``).
 
-A loader is ``fn(cfg) -> RawSplits``; register one with :func:`register_loader`
-and add ``conf/dataset/<name>.yaml`` naming it as ``loader``.
+A loader is ``fn(cfg) -> RawSplits`` in any module of this package, registered with
+:func:`register_loader`; ``conf/dataset/<name>.yaml`` names it as ``loader``.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -53,9 +54,6 @@ class RawSplits:
 
 Loader = Callable[[Mapping[str, Any]], RawSplits]
 LOADERS: dict[str, Loader] = {}
-# modules whose import registers loaders; imported lazily so one missing optional
-# dependency cannot break every dataset
-_LOADER_MODULES = ("simple", "torchvision_sets")
 
 
 def register_loader(name: str) -> Callable[[Loader], Loader]:
@@ -67,8 +65,16 @@ def register_loader(name: str) -> Callable[[Loader], Loader]:
 
 
 def _ensure_registered() -> None:
-    for module in _LOADER_MODULES:
-        importlib.import_module(f"{__name__}.{module}")
+    """Import every module of this package, so the loaders they register are known (a loader in a
+    new file is found without a list to edit); loaders import optional dependencies when they run."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+def loaders() -> dict[str, Loader]:
+    """Every registered loader by name."""
+    _ensure_registered()
+    return dict(LOADERS)
 
 
 def build_dataset(cfg: Mapping[str, Any]) -> DatasetSplits:
