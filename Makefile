@@ -65,7 +65,7 @@ benchmark-cost:  ## docs/cost.md: each paper table's sweep in device-hours from 
 
 report:  ## tables, figures, expansion grids and settings of a sweep: make report DIR=multirun/<date>/<time>
 	@test -n "$(DIR)" || { echo "usage: make report DIR=<sweep folder>"; exit 2; }
-	$(PYTHON) -m experiments.report $(DIR)
+	$(PYTHON) -m experiments.analysis.report $(DIR)
 
 clean-cache:  ## delete expansion stores and fitted generators (.cache/)
 	rm -rf .cache

@@ -18,10 +18,10 @@ import experiments.config  # noqa: F401  (registers the ${project_root:} resolve
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     from expansion.base import ExpansionError
-    from experiments.checkpoints import CheckpointError
-    from experiments.datasets import DatasetError
-    from experiments.pipeline import run
-    from experiments.preemption import preemptible
+    from experiments.training.checkpoints import CheckpointError
+    from experiments.data.datasets import DatasetError
+    from experiments.training.pipeline import run
+    from experiments.training.preemption import preemptible
 
     # Lightning attaches its own console handler on import; Hydra's root handler already prints
     # (and files) its records, so drop Lightning's to avoid every line twice

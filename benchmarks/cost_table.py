@@ -124,7 +124,7 @@ def training_set_size(dataset_cfg: DictConfig) -> tuple[int, int, bool, int]:
     if key not in _SIZES:
         channels = 1 if name in GREY else 3
         if name in OFFLINE:
-            from experiments.datasets import build_dataset
+            from experiments.data.datasets import build_dataset
 
             data = build_dataset(dataset_cfg)
             extra_n = len(data.extra_train) if data.extra_train is not None else 0
@@ -167,7 +167,7 @@ def jobs_of(experiment: str) -> list[Job]:
 
 def training_flops_per_image(arch: str, channels: int, input_size: int) -> int:
     """Forward + backward FLOPs of one training image (counted on the meta device: no memory)."""
-    from experiments.classifier import create_network
+    from experiments.training.classifier import create_network
 
     with torch.device("meta"):
         net = create_network(arch, 10, channels, input_size)
@@ -296,7 +296,7 @@ class Rates:
 def _time_classic(method: str, channels: int, size: int, ratio: int, n: int = 32) -> Rate:
     from hydra import compose
 
-    from experiments.pipeline import build_expander
+    from experiments.training.pipeline import build_expander
     from expansion.base import ExpansionContext
     from expansion.seeding import image_seeds
 

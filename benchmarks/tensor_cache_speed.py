@@ -31,8 +31,8 @@ import torch  # noqa: E402
 
 from benchmarks.gif_sd_throughput import machine  # noqa: E402
 from benchmarks.training_throughput import compose_config  # noqa: E402
-from experiments.data import load_expanded_images  # noqa: E402
-from experiments.datasets import build_dataset  # noqa: E402
+from experiments.data.datamodule import load_expanded_images  # noqa: E402
+from experiments.data.datasets import build_dataset  # noqa: E402
 
 
 def _time(fn: Callable[[], Any]) -> float:
@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from experiments.pipeline import build_expander, run_expansion
+    from experiments.training.pipeline import build_expander, run_expansion
 
     args = parse_args(argv)
     print(f"Decoded-tensor cache: decode vs cached load\n  machine: {machine(torch.device('cpu'))}")

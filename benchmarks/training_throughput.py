@@ -1,16 +1,16 @@
 """Training throughput: the framework's Lightning fit vs a bare PyTorch loop, in one run.
 
 Both train the same network (same class, same seed, so the same initial weights) on the same
-in-memory uint8 tensors (the framework's own :class:`~experiments.data.ExpansionDataModule`
+in-memory uint8 tensors (the framework's own :class:`~experiments.data.datamodule.ExpansionDataModule`
 builds them once), with the same optimizer and cosine schedule
 (``ImageClassifier.configure_optimizers``), the same batched augmentation
-(:func:`experiments.augment.augment_batch`), batch size, ``drop_last`` rule, epochs and, on CUDA,
+(:func:`experiments.data.augment.augment_batch`), batch size, ``drop_last`` rule, epochs and, on CUDA,
 the same bf16 autocast and channels_last layout.
 
-* framework: :func:`experiments.pipeline.train_and_evaluate`, exactly as a run calls it: a
+* framework: :func:`experiments.training.pipeline.train_and_evaluate`, exactly as a run calls it: a
   Lightning ``fit`` with validation every epoch, the best and last checkpoints, the CSV logger,
   the preemption callback; its epoch times come from the framework's own
-  :class:`~experiments.timing.EpochTimer`. (The two test passes after ``fit`` are not timed.)
+  :class:`~experiments.training.timing.EpochTimer`. (The two test passes after ``fit`` are not timed.)
 * bare: a ``for`` loop: shuffle with ``randperm``, slice, augment, forward, loss, backward,
   SGD step; the data sit on the device once; then a validation pass over the same val images
   (top-1 accuracy). No checkpoints, no logging.
@@ -50,12 +50,12 @@ import torch.nn.functional as F  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from benchmarks.gif_sd_throughput import machine  # noqa: E402
-from experiments.augment import augment_batch, normalize, prepare_eval  # noqa: E402
+from experiments.data.augment import augment_batch, normalize, prepare_eval  # noqa: E402
 from experiments.config import CONFIG_DIR  # noqa: E402
-from experiments.data import ExpansionDataModule, load_expanded_images  # noqa: E402
-from experiments.datasets import DatasetSplits, build_dataset  # noqa: E402
-from experiments.pipeline import build_classifier, build_datamodule  # noqa: E402
-from experiments.timing import steady_epoch_seconds  # noqa: E402
+from experiments.data.datamodule import ExpansionDataModule, load_expanded_images  # noqa: E402
+from experiments.data.datasets import DatasetSplits, build_dataset  # noqa: E402
+from experiments.training.pipeline import Job, build_classifier, build_datamodule  # noqa: E402
+from experiments.training.timing import steady_epoch_seconds  # noqa: E402
 
 
 def compose_config(args: argparse.Namespace) -> DictConfig:
@@ -81,13 +81,13 @@ def compose_config(args: argparse.Namespace) -> DictConfig:
 
 def load_training_data(cfg: DictConfig) -> tuple[DatasetSplits, torch.Tensor | None, Any]:
     """The dataset decoded once, and the expanded images of ``cfg.method`` (expanded now or reused)."""
-    from experiments.pipeline import build_expander, run_expansion
+    from experiments.training.pipeline import build_expander, run_expansion
 
     data = build_dataset(cfg.dataset).in_memory(tensor_dir=cfg.paths.tensor_dir)
     expander = build_expander(cfg.method)
     if expander is None:
         return data, None, None
-    result = run_expansion(cfg, data, expander)
+    result = run_expansion(Job.from_config(cfg), data, expander)
     images = load_expanded_images(result.expanded, data.channels, data.image_size,
                                   tensor_dir=cfg.paths.tensor_dir)
     return data, images, result.expanded.labels
@@ -96,13 +96,13 @@ def load_training_data(cfg: DictConfig) -> tuple[DatasetSplits, torch.Tensor | N
 def framework_run(cfg: DictConfig, data: DatasetSplits, expanded_images, expanded_labels, seed: int,
                   work_dir: Path) -> dict[str, Any]:
     """One ``train_and_evaluate`` call in a fresh run dir (nothing to resume)."""
-    from experiments.pipeline import make_logger, train_and_evaluate
+    from experiments.training.pipeline import make_logger, train_and_evaluate
 
     cfg = cfg.copy()
     cfg.seed = seed
     run_dir = Path(tempfile.mkdtemp(prefix=f"framework_s{seed}_", dir=work_dir))
     L.seed_everything(seed, workers=True, verbose=False)
-    metrics = train_and_evaluate(cfg, data, expanded_images, expanded_labels, run_dir / "train",
+    metrics = train_and_evaluate(Job.from_config(cfg), data, expanded_images, expanded_labels, run_dir / "train",
                                  make_logger(cfg, run_dir))
     return {"epoch_seconds": metrics["epoch_seconds"], "fit_seconds": metrics["train_seconds"],
             "train_images": metrics["num_train_images"], "val_acc_last": None,
@@ -113,7 +113,7 @@ def bare_run(cfg: DictConfig, data: DatasetSplits, datamodule: ExpansionDataModu
              device: torch.device) -> dict[str, Any]:
     """The reference: the same work as a plain PyTorch loop (see the module docstring)."""
     L.seed_everything(seed, workers=True, verbose=False)
-    model = build_classifier(cfg, data)  # the same initial weights as the framework's run with this seed
+    model = build_classifier(Job.from_config(cfg), data)  # the same initial weights as the framework's run with this seed
     net = model.net.to(device)
     optimizers = model.configure_optimizers()
     optimizer, scheduler = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         logging.getLogger(name).setLevel(logging.WARNING)
     cfg = compose_config(args)
     data, expanded_images, expanded_labels = load_training_data(cfg)
-    datamodule = build_datamodule(cfg, data, expanded_images, expanded_labels)
+    datamodule = build_datamodule(Job.from_config(cfg), data, expanded_images, expanded_labels)
     n, batch = datamodule.num_train, min(int(cfg.train.batch_size), datamodule.num_train)
     images_per_epoch = (n // batch) * batch if n > batch else n
     precision = str(cfg.trainer.precision)

@@ -53,7 +53,7 @@ __all__ = ["Expander", "ExpansionContext", "ExpansionError", "ExpansionOutput", 
 
 @runtime_checkable
 class ImageSet(Protocol):
-    """A labelled split as the expansion layer sees it (``experiments.datasets.ImageSet`` is one)."""
+    """A labelled split as the expansion layer sees it (``experiments.data.datasets.ImageSet`` is one)."""
 
     labels: np.ndarray  #: int64 ``[N]``
     channels: int

@@ -22,7 +22,8 @@ _SPEED_ONLY = "speed_only"
 
 
 def speed_only(default: Any = None) -> Any:
-    """A field that changes speed or memory only, never the output: kept out of the store key."""
+    """A field that changes speed or memory only, never the output: kept out of the store key
+    (``default=MISSING``: a required field)."""
     return field(default=default, metadata={_SPEED_ONLY: True})
 
 

@@ -1,1 +1,3 @@
-"""Datasets, the classifier, the run pipeline and the results tables."""
+"""Experiments around the expansion package: :mod:`.data` and :mod:`.training` are the run path
+(``run.py`` -> :func:`experiments.training.pipeline.run`), :mod:`.analysis` the tools that read finished
+runs, :mod:`.drills` the reliability drills; :mod:`.config` sets up Hydra, :mod:`.catalog` is ``make list``."""

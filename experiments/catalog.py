@@ -34,8 +34,8 @@ def config_description(path: Path) -> str:
 
 def entries() -> dict[str, list[tuple[str, str, str]]]:
     """``{kind: [(name, description, defined in)]}`` over everything that is registered."""
-    from .datasets import loaders
-    from .quality import METRICS
+    from .data.datasets import loaders
+    from .analysis.quality import METRICS
 
     def configs(group: str, names: list[str] | None = None) -> list[tuple[str, str, str]]:
         paths = sorted((CONFIG_DIR / group).glob("*.yaml"))

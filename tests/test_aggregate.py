@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from experiments.aggregate import aggregate, load_paper_numbers
+from experiments.analysis.aggregate import aggregate, load_paper_numbers
 
 
 def _write(root, i, **m):

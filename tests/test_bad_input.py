@@ -19,9 +19,9 @@ from expansion import files as files_mod
 from expansion import store as store_mod
 from expansion.base import ExpansionError
 from expansion.store import ExpansionStore
-from experiments.datasets import DatasetError
-from experiments.datasets import build_dataset
-from experiments.pipeline import build_expander, run, run_expansion
+from experiments.data.datasets import DatasetError
+from experiments.data.datasets import build_dataset
+from experiments.training.pipeline import Job, run, run_expansion
 from tests.conftest import compose
 
 FAST = ["train.epochs=1", "quality.enabled=false", "logger=none", "train.compare_original=false"]
@@ -224,7 +224,7 @@ def test_disk_full_while_writing_the_store(tmp_path, monkeypatch):
 def _expand_only(overrides) -> ExpansionStore:
     """The store a run with ``overrides`` expands into (expansion only, no training)."""
     cfg = _cfg(overrides)
-    return run_expansion(cfg, build_dataset(cfg.dataset), build_expander(cfg.method)).store
+    return run_expansion(Job.from_config(cfg), build_dataset(cfg.dataset)).store
 
 
 def _complete_store(tmp_path):

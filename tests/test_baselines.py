@@ -319,7 +319,7 @@ def test_randaugment_rejects_bad_magnitude() -> None:
     "name, cls", [("cutout", Cutout), ("gridmask", GridMask), ("randaugment", RandAugment)]
 )
 def test_method_configs_instantiate(name: str, cls) -> None:
-    from experiments.pipeline import build_expander
+    from experiments.training.pipeline import build_expander
     from tests.conftest import compose
 
     cfg = compose([f"method={name}"]).method

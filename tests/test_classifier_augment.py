@@ -9,10 +9,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from experiments import augment
-from experiments.classifier import ImageClassifier, SmallConvNet, create_network
-from experiments.data import ExpansionDataModule
-from experiments.datasets import build_dataset
+from experiments.data import augment
+from experiments.training.classifier import ImageClassifier, SmallConvNet, create_network
+from experiments.data.datamodule import ExpansionDataModule
+from experiments.data.datasets import build_dataset
 from tests.conftest import compose
 
 

@@ -22,8 +22,8 @@ from PIL import Image
 import expansion.closed_set_diffusion as csd
 from expansion.base import ExpansionContext, ExpansionError
 from expansion.engine import expand_dataset, fit_expander
-from experiments.datasets import DatasetNotFoundError
-from experiments.pipeline import run
+from experiments.data.datasets import DatasetNotFoundError
+from experiments.training.pipeline import run
 from tests.conftest import compose
 from tests.helpers.closed_set_fit_job import TINY_UNET, breast_few_shot, tiny_expander
 from tests.helpers.tolerances import same_up_to_float_rounding

@@ -8,7 +8,7 @@ from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from experiments.config import CONFIG_DIR
-from experiments.pipeline import build_expander
+from experiments.training.pipeline import build_expander
 from tests.conftest import compose
 
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
@@ -58,7 +58,7 @@ def test_experiment_grids_name_existing_options(experiment):
 
 
 def test_paper_tables_cover_every_dataset_and_classifier():
-    from experiments.aggregate import load_paper_numbers
+    from experiments.analysis.aggregate import load_paper_numbers
 
     paper = load_paper_numbers()
     grids = {e: _sweep_params(e)[1] for e in ("table1_natural", "table2_medical", "table3_architectures", "efficiency")}

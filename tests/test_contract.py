@@ -25,8 +25,8 @@ from expansion.base import ExpansionError
 from expansion.files import canonical_json, content_key
 from expansion.seeding import image_seeds
 from experiments.config import method_names
-from experiments.datasets import build_dataset
-from experiments.pipeline import build_expander, run_expansion
+from experiments.data.datasets import build_dataset
+from experiments.training.pipeline import Job, build_expander, run_expansion
 from tests.conftest import compose
 from tests.helpers.tiny_clip import save_tiny_clip
 from tests.helpers.tiny_priors import save_tiny_stable_unclip, tiny_mae
@@ -106,8 +106,7 @@ def test_expansion_keeps_the_contract(name, weights, data, tmp_path):
     interrupted expansion resumes to it; output (b, j) depends on its seed alone."""
     k, n = 2, len(data.train)
     # batch 6: every seed in one call, uninterrupted
-    whole = run_expansion(_cfg(name, weights, tmp_path / "whole", "method.batch_size=6"), data,
-                          build_expander(_cfg(name, weights, tmp_path).method))
+    whole = run_expansion(Job.from_config(_cfg(name, weights, tmp_path / "whole", "method.batch_size=6")), data)
     rows = whole.expanded.rows
     assert [(r["parent"], r["copy"]) for r in rows] == [(p, c) for p in range(n) for c in range(k)]
     assert [r["label"] for r in rows] == [int(data.train.labels[r["parent"]]) for r in rows]
@@ -121,9 +120,9 @@ def test_expansion_keeps_the_contract(name, weights, data, tmp_path):
     expander = build_expander(cfg.method)
     expander.expand = InterruptAfter(expander, batches=1)
     with pytest.raises(RuntimeError, match="interrupted"):
-        run_expansion(cfg, data, expander)
+        run_expansion(Job.from_config(cfg), data, expander)
     expander = build_expander(cfg.method)
-    resumed = run_expansion(cfg, data, expander)
+    resumed = run_expansion(Job.from_config(cfg), data, expander)
     assert resumed.info["pending_at_start"] == n - 2 and resumed.generated_images == (n - 2) * k
     for a, b in zip(rows, resumed.expanded.rows, strict=True):
         assert set(a) == set(b) and (a["parent"], a["copy"], a["seed"]) == (b["parent"], b["copy"], b["seed"])

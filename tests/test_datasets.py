@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from experiments.datasets import DatasetError, DatasetNotFoundError, build_dataset
+from experiments.data.datasets import DatasetError, DatasetNotFoundError, build_dataset
 from tests.conftest import compose
 
 

@@ -18,9 +18,9 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from experiments.datasets import DatasetError, DatasetNotFoundError, build_dataset
-from experiments.datasets import LOADERS
-from experiments.datasets.torchvision_sets import FLOWERS102_CLASSES
+from experiments.data.datasets import DatasetError, DatasetNotFoundError, build_dataset
+from experiments.data.datasets import LOADERS
+from experiments.data.datasets.torchvision_sets import FLOWERS102_CLASSES
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
 

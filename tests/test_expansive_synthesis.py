@@ -20,8 +20,8 @@ from expansion.expansive_synthesis.graph import build_expander_graph, ramanujan_
 from expansion.expansive_synthesis.transport import KINDS, ot_distance
 from expansion.gif.ae import GifAE
 from expansion.seeding import image_seeds
-from experiments.datasets import build_dataset
-from experiments.pipeline import build_expander, run
+from experiments.data.datasets import build_dataset
+from experiments.training.pipeline import build_expander, run
 from tests.conftest import compose
 from tests.helpers.tolerances import same_up_to_float_rounding
 

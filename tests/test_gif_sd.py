@@ -189,7 +189,7 @@ def test_run_py_gif_sd_end_to_end_and_batch_size_independent(tiny_models, tmp_pa
 def test_dreambooth_fit_is_cached_and_shared_with_the_ablation(tiny_models, seeds_batch, tmp_path, monkeypatch):
     from expansion.gif import dreambooth
     from expansion.engine import expand_dataset
-    from experiments.datasets import TensorImageSet
+    from experiments.data.datasets import TensorImageSet
 
     images, labels = seeds_batch
     train = TensorImageSet(images, labels.numpy())

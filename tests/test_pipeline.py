@@ -11,8 +11,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from expansion.base import ExpansionError
-from experiments.datasets import DatasetError, DatasetNotFoundError
-from experiments.pipeline import run
+from experiments.data.datasets import DatasetError, DatasetNotFoundError
+from experiments.training.pipeline import run
 from tests.conftest import PROJECT_ROOT, compose
 
 
@@ -52,7 +52,7 @@ def test_generated_only_and_extra_real_training_sets(tmp_path, capsys):
     extra = run(_cfg(["dataset=digits", "dataset.train_per_class=10", "dataset.extra_real_per_class=5",
                       "method=original", "train.epochs=1"]), tmp_path / "extra")
     assert extra["num_train_images"] == 150 and extra["sizes"]["extra_real"] == 50
-    with pytest.raises(ValueError, match="method=original generates none"):
+    with pytest.raises(ExpansionError, match="method=original generates none"):
         run(_cfg(["dataset=digits", "method=original", "train.include_original=false"]), tmp_path / "bad")
     assert not (tmp_path / "bad" / "metrics.json").exists()
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from experiments.quality import (QualityError, grid_parents, quality_metrics, save_expansion_grid, train_probe,
+from experiments.analysis.quality import (QualityError, grid_parents, quality_metrics, save_expansion_grid, train_probe,
                                  vendi_score)
 
 
@@ -135,8 +135,8 @@ def test_a_registered_metric_reaches_metrics_json_results_and_the_report(digits,
     import csv
     import json
 
-    from experiments import quality
-    from experiments.aggregate import aggregate
+    from experiments.analysis import quality
+    from experiments.analysis.aggregate import aggregate
 
     monkeypatch.setattr(quality, "METRICS", dict(quality.METRICS))
 

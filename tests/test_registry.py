@@ -7,7 +7,7 @@ import subprocess
 import sys
 import textwrap
 
-from experiments import datasets
+from experiments.data import datasets
 from experiments.catalog import entries
 from experiments.config import CONFIG_DIR, method_names
 from tests.conftest import PROJECT_ROOT
@@ -33,7 +33,7 @@ def test_a_loader_in_a_new_module_is_registered_without_a_list(tmp_path, monkeyp
         import numpy as np
         import torch
 
-        from experiments.datasets import RawSplits, TensorImageSet, register_loader
+        from experiments.data.datasets import RawSplits, TensorImageSet, register_loader
 
 
         @register_loader("my_own_set")

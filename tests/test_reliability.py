@@ -1,6 +1,6 @@
 """Kills, preemption signals and restarts: training resumes from its checkpoint, expansion
-from its store, and nothing is lost (experiments/preemption.py, experiments/checkpoints.py,
-the chaos drill experiments/chaos.py)."""
+from its store, and nothing is lost (experiments/training/preemption.py, experiments/training/checkpoints.py,
+the chaos drill experiments/drills/chaos.py)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ import torch
 from omegaconf import OmegaConf
 
 from expansion.store import ExpansionStore
-from experiments.classifier import ImageClassifier
-from experiments.datasets import build_dataset
-from experiments.pipeline import build_expander, run, run_expansion
-from experiments.preemption import EXIT_PREEMPTED, PREEMPTED_CHECKPOINT, preemptible
+from experiments.training.classifier import ImageClassifier
+from experiments.data.datasets import build_dataset
+from experiments.training.pipeline import Job, run, run_expansion
+from experiments.training.preemption import EXIT_PREEMPTED, PREEMPTED_CHECKPOINT, preemptible
 from tests.conftest import PROJECT_ROOT, compose
 
 TRAIN = ["dataset=digits", "method=original", "logger=none", "quality.enabled=false", "train.compare_original=false"]
@@ -66,7 +66,7 @@ def test_signal_during_training_checkpoints_exits_for_requeue_and_resumes(tmp_pa
     assert metrics["resumed_from"] == {"checkpoint": PREEMPTED_CHECKPOINT, "epoch": preempted["epoch"],
                                        "global_step": 5}
     last = _load(checkpoints / "last.ckpt")
-    # as many optimizer steps as an uninterrupted run (full batches only, see experiments/data.py)
+    # as many optimizer steps as an uninterrupted run (full batches only, see experiments/data/datamodule.py)
     steps_per_epoch = max(1, metrics["num_train_images"] // int(cfg.train.batch_size))
     assert last["global_step"] == 3 * steps_per_epoch > 5
     assert len(last["val_history"]) == 3 and metrics["best_val_epoch"] == int(torch.tensor(last["val_history"]).argmax())
@@ -94,7 +94,7 @@ def test_signal_during_expansion_stops_after_the_batch_and_resumes(tmp_path):
     assert metrics["expansion"]["generated_images"] == 2 * (200 - 30)
     reference = _cfg(["dataset=digits", f"paths.cache_dir={tmp_path / 'ref'}"])
     reference.method = OmegaConf.create({**method, "batch": 999})
-    clean = run_expansion(reference, build_dataset(reference.dataset), build_expander(reference.method))
+    clean = run_expansion(Job.from_config(reference), build_dataset(reference.dataset))
     assert store.verify() == [] and store.content_hash() == clean.store.content_hash()
 
 
@@ -177,7 +177,7 @@ def test_kill_9_during_training_resumes_from_the_last_checkpoint(tmp_path):
 
 def _chaos(tmp_path, *args):
     report = tmp_path / "chaos.json"
-    proc = subprocess.run([sys.executable, "-m", "experiments.chaos", *args, "--json", str(report)],
+    proc = subprocess.run([sys.executable, "-m", "experiments.drills.chaos", *args, "--json", str(report)],
                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return json.loads(report.read_text()), proc.stdout

@@ -1,4 +1,4 @@
-"""`python -m experiments.report DIR` on a real small sweep (digits, original vs Cutout):
+"""`python -m experiments.analysis.report DIR` on a real small sweep (digits, original vs Cutout):
 every promised file exists and report.md links it; backfill and ratio curves."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from experiments.report import build_report
+from experiments.analysis.report import build_report
 from tests.conftest import PROJECT_ROOT
 
 
@@ -43,7 +43,7 @@ def test_report_command_writes_every_promised_file(sweep):
     quality = cutout["quality"]
     assert quality["feature_extractor"].startswith("classifier(small_cnn")
     assert quality["seconds"] < 30 and (next(sweep.glob("*_cutout_*")) / "expansion_grid.png").is_file()
-    proc = subprocess.run([sys.executable, "-m", "experiments.report", str(sweep)], cwd=PROJECT_ROOT,
+    proc = subprocess.run([sys.executable, "-m", "experiments.analysis.report", str(sweep)], cwd=PROJECT_ROOT,
                           env=_env(sweep / "cache"), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = sweep / "report" / "report.md"

@@ -14,9 +14,9 @@ import torch
 from omegaconf import OmegaConf
 
 from expansion import files as files_mod
-from experiments.checkpoints import AtomicCheckpointIO, CheckpointError, training_signature
-from experiments.datasets import DatasetError, build_dataset
-from experiments.pipeline import run
+from experiments.training.checkpoints import AtomicCheckpointIO, CheckpointError, training_signature
+from experiments.data.datasets import DatasetError, build_dataset
+from experiments.training.pipeline import Job, run
 from tests.conftest import PROJECT_ROOT, compose
 
 TRAIN = ["dataset=digits", "method=original", "logger=none", "quality.enabled=false", "train.compare_original=false",
@@ -67,10 +67,15 @@ def test_checkpoint_of_other_settings_is_not_resumed(tmp_path):
         run(_cfg(TRAIN + ["train.lr=0.5"]), tmp_path / "run")
     # a requeued job may change settings that only change speed
     identity = build_dataset(_cfg(TRAIN).dataset).identity
-    signature = training_signature(_cfg(TRAIN), identity, False, True)
-    assert training_signature(_cfg(TRAIN + ["train.eval_batch_size=7", "train.num_workers=2"]), identity, False,
-                              True) == signature
-    assert training_signature(_cfg(TRAIN + ["seed=1"]), identity, False, True) != signature
+
+    def signature(overrides):
+        job = Job.from_config(_cfg(TRAIN + overrides))
+        return training_signature(dataset_identity=identity, store_key=None, include_original=True,
+                                  classifier=job.classifier, train=job.train, seed=job.seed)
+
+    assert signature(["train.eval_batch_size=7", "train.num_workers=2"]) == signature([])
+    assert signature(["seed=1"]) != signature([])
+    assert signature(["train.lr=0.5"]) != signature([])
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from experiments.pipeline import run
+from experiments.training.pipeline import run
 from tests.conftest import compose
 
 pytestmark = pytest.mark.slow

@@ -14,13 +14,13 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from experiments import tensor_cache
-from experiments.classifier import ImageClassifier
-from experiments.data import ExpansionDataModule, TensorImages, load_expanded_images, whole_batch
-from experiments.datasets import build_dataset
-from experiments.pipeline import build_classifier, build_expander, run_expansion
-from experiments.tensor_cache import TensorCache, cache_key, store_source
-from experiments.timing import EpochTimer, steady_epoch_seconds
+from experiments.data import tensor_cache
+from experiments.training.classifier import ImageClassifier
+from experiments.data.datamodule import ExpansionDataModule, TensorImages, load_expanded_images, whole_batch
+from experiments.data.datasets import build_dataset
+from experiments.training.pipeline import Job, build_classifier, run_expansion
+from experiments.data.tensor_cache import TensorCache, cache_key, store_source
+from experiments.training.timing import EpochTimer, steady_epoch_seconds
 from tests.conftest import compose
 
 
@@ -34,15 +34,15 @@ def digits_store(tmp_path):
     """A finished cutout store of digits (200 images) and the dataset it expands."""
     cfg = _cfg(["dataset=digits", "method=cutout", "method.ratio=1"])
     data = build_dataset(cfg.dataset).in_memory()
-    return run_expansion(cfg, data, build_expander(cfg.method)).expanded, data
+    return run_expansion(Job.from_config(cfg), data).expanded, data
 
 
 def _forbid_decoding(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("decoded an image file although its tensor is cached")
 
-    monkeypatch.setattr("experiments.data.read_image", refuse)
-    monkeypatch.setattr("experiments.datasets.core.read_image", refuse)
+    monkeypatch.setattr("experiments.data.datamodule.read_image", refuse)
+    monkeypatch.setattr("experiments.data.datasets.core.read_image", refuse)
 
 
 def _cache_files(folder):
@@ -111,7 +111,7 @@ def test_a_damaged_cache_file_is_rebuilt_with_a_warning(digits_store, tmp_path, 
     good = load_expanded_images(expanded, data.channels, data.image_size, tensor_dir=tensors)
     (path,) = tensors.glob("*.safetensors")
     path.write_bytes(path.read_bytes()[:100])  # truncated
-    with caplog.at_level(logging.WARNING, logger="experiments.tensor_cache"):
+    with caplog.at_level(logging.WARNING, logger="experiments.data.tensor_cache"):
         rebuilt = load_expanded_images(expanded, data.channels, data.image_size, tensor_dir=tensors)
     assert torch.equal(rebuilt, good)
     assert "unreadable" in caplog.text and path.name in caplog.text
@@ -125,7 +125,7 @@ def test_a_cache_file_with_other_labels_is_stale_and_rebuilt(tmp_path, caplog):
     cache.get_or_decode(source, 4, 1, [0, 1], lambda: images)
     key, payload = cache_key(source, 4, 1)
     cache.save(key, payload, images, torch.tensor([1, 1]))  # e.g. written by a buggy older writer
-    with caplog.at_level(logging.WARNING, logger="experiments.tensor_cache"):
+    with caplog.at_level(logging.WARNING, logger="experiments.data.tensor_cache"):
         out = cache.get_or_decode(source, 4, 1, [0, 1], lambda: images + 1)
     assert torch.equal(out, images + 1) and "stale" in caplog.text and "labels" in caplog.text
 
@@ -187,7 +187,7 @@ def test_in_memory_datasets_are_not_copied_into_the_cache(tmp_path):
 
 
 def test_pipeline_reuses_the_decoded_store_across_seeds(tmp_path, monkeypatch):
-    from experiments.pipeline import run
+    from experiments.training.pipeline import run
 
     overrides = ["dataset=digits", "method=cutout", "method.ratio=1", "train.epochs=1", "expansion_seed=0",
                  "quality.enabled=false", "logger=none", "train.compare_original=false"]
@@ -238,7 +238,7 @@ def test_compile_in_place_keeps_checkpoint_keys():
 def test_classifier_configs_with_empty_kwargs_build():
     cfg = _cfg(["dataset=breastmnist", "classifier=mobilenet_v2", "train.compile=false"])
     data = build_dataset(cfg.dataset)
-    model = build_classifier(cfg, data)
+    model = build_classifier(Job.from_config(cfg), data)
     assert model.hparams.arch == "mobilenetv2_100" and model.hparams.input_size == 224
     assert model.hparams.channels_last and not model.hparams.compile
 
@@ -269,10 +269,10 @@ def test_training_benchmark_smoke(shared_data, tmp_path, capsys):
 
 
 def test_checkpoints_written_in_the_background_are_whole_when_fit_returns(tmp_path):
-    from experiments.pipeline import train_and_evaluate
+    from experiments.training.pipeline import train_and_evaluate
 
     cfg = _cfg(["dataset=digits", "train.epochs=2", "logger=none"])
-    metrics = train_and_evaluate(cfg, build_dataset(cfg.dataset).in_memory(), None, None, tmp_path / "train", False)
+    metrics = train_and_evaluate(Job.from_config(cfg), build_dataset(cfg.dataset).in_memory(), None, None, tmp_path / "train", False)
     checkpoints = tmp_path / "train" / "checkpoints"
     last = torch.load(checkpoints / "last.ckpt", weights_only=True)
     best = torch.load(checkpoints / "best.ckpt", weights_only=True)

@@ -20,8 +20,8 @@ from expansion.base import ExpansionError
 from expansion.engine import expand_dataset
 from expansion.seeding import image_seeds
 from expansion.store import ExpansionStore, store_key
-from experiments.datasets import build_dataset
-from experiments.datasets.core import read_image
+from experiments.data.datasets import build_dataset
+from experiments.data.datasets.core import read_image
 from tests.helpers.expanders import NoiseShift
 
 HELPERS = Path(__file__).parent / "helpers"

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf  # noqa: E402
 import expansion.closed_set_diffusion as csd  # noqa: E402
 from expansion.base import ExpansionContext  # noqa: E402
 from expansion.engine import fit_expander  # noqa: E402
-from experiments.datasets import build_dataset  # noqa: E402
+from experiments.data.datasets import build_dataset  # noqa: E402
 
 TINY_UNET = {"block_out_channels": [16, 32], "attention": [False, True], "layers_per_block": 1,
              "norm_num_groups": 8, "attention_head_dim": 8}

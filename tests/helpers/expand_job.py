@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from omegaconf import OmegaConf  # noqa: E402
 
 from expansion.engine import expand_dataset  # noqa: E402
-from experiments.datasets import build_dataset  # noqa: E402
+from experiments.data.datasets import build_dataset  # noqa: E402
 from tests.helpers.expanders import NoiseShift  # noqa: E402
 
 

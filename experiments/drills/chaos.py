@@ -1,7 +1,7 @@
 """Chaos drill for the expansion store: kill -9 at random moments, then compare with a clean run.
 
-    python -m experiments.chaos --kills 20                  # BreastMNIST (546 seeds), RandAugment x5
-    python -m experiments.chaos --kills 3 --train-per-class 20 --json chaos.json
+    python -m experiments.drills.chaos --kills 20                  # BreastMNIST (546 seeds), RandAugment x5
+    python -m experiments.drills.chaos --kills 3 --train-per-class 20 --json chaos.json
 
 1. reference: one uninterrupted expansion into its own cache;
 2. kills: an expansion process is started, SIGKILLed after a random (seeded) delay once it is
@@ -39,9 +39,9 @@ from omegaconf import DictConfig
 
 from expansion.store import ExpansionStore
 
-from .config import CONFIG_DIR, PROJECT_ROOT
-from .datasets import build_dataset
-from .pipeline import build_expander, run_expansion
+from experiments.config import CONFIG_DIR, PROJECT_ROOT
+from experiments.data.datasets import build_dataset
+from experiments.training.pipeline import Job, run_expansion
 
 DEFAULT_DATA = Path(os.environ.get("SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
 
@@ -68,10 +68,10 @@ def expand_worker(overrides: list[str], result_path: str, started: Any) -> None:
     torch.set_num_threads(1)
     cfg = compose_job(overrides)
     data = build_dataset(cfg.dataset)
-    expander = build_expander(cfg.method)
+    job = Job.from_config(cfg)
     started.set()
     start = time.perf_counter()
-    result = run_expansion(cfg, data, expander)
+    result = run_expansion(job, data)
     report = {"pid": os.getpid(), "store": str(result.store.root), "generated": result.generated_images,
               "reused": result.reused, "seconds": round(time.perf_counter() - start, 3)}
     Path(result_path).write_text(json.dumps(report))

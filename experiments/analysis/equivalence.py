@@ -1,6 +1,6 @@
 """The real-vs-synthetic exchange rate of closed-set generative augmentation (arXiv 2508.09550).
 
-    python -m experiments.equivalence <sweep dir> [--k 100] [--metric test_acc_final] [--bootstrap 1000]
+    python -m experiments.analysis.equivalence <sweep dir> [--k 100] [--metric test_acc_final] [--bootstrap 1000]
 
 reads every ``metrics.json`` under a sweep of ``experiment=exchange_rate`` (or ``exchange_rate_cpu``):
 runs with n_base real images per class (``train_per_class``) plus either n_real_plus extra real

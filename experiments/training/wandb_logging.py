@@ -64,7 +64,7 @@ def log_expansion(logger: Any, cfg: DictConfig, metrics: dict[str, Any], data: A
     here when the quality step is off), and a table of manifest rows with their images."""
     import wandb
 
-    from .quality import save_expansion_grid
+    from experiments.analysis.quality import save_expansion_grid
 
     figures = {f"expansion/{k}": v for k, v in metrics.get("expansion", {}).items() if _is_number(v)}
     figures.update({f"quality/{k}": v for k, v in metrics.get("quality", {}).items() if _is_number(v)})

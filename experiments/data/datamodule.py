@@ -49,7 +49,7 @@ def whole_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor,
 def load_expanded_images(expanded: ExpandedSet, channels: int, image_size: int | None,
                          tensor_dir: Path | str | None = None) -> torch.Tensor:
     """Decode a finished store into uint8 ``[M, C, S, S]`` matching the dataset's channels and size;
-    with ``tensor_dir`` the decoded tensor is cached there by key (:mod:`experiments.tensor_cache`)."""
+    with ``tensor_dir`` the decoded tensor is cached there by key (:mod:`experiments.data.tensor_cache`)."""
     if not len(expanded):
         raise DatasetError(f"expansion store {expanded.root} holds no images")
 
@@ -71,7 +71,7 @@ class ExpansionDataModule(L.LightningDataModule):
 
     All images are decoded once into uint8 tensors at the recipe's base size
     (val/test also centre-cropped); batches of uint8 travel to the device and
-    are augmented there as a whole (:mod:`experiments.augment`)."""
+    are augmented there as a whole (:mod:`experiments.data.augment`)."""
 
     def __init__(self, data: DatasetSplits, expanded_images: torch.Tensor | None, expanded_labels: np.ndarray | None,
                  *, recipe: str, input_size: int, batch_size: int, eval_batch_size: int = 512,

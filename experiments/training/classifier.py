@@ -19,24 +19,36 @@ from torchmetrics.classification import MulticlassAccuracy
 from expansion.probe import SmallConvNet
 
 
+def check_arch(arch: str) -> None:
+    """An error now (before any data or generation) when ``arch`` names no network :func:`create_network` knows."""
+    if arch == "small_cnn":
+        return
+    if arch.startswith("torchvision."):
+        import torchvision
+
+        if arch.split(".", 1)[1] not in torchvision.models.list_models():
+            raise ValueError(f"unknown classifier arch {arch!r}: torchvision has no model "
+                             f"{arch.split('.', 1)[1]!r} (torchvision.models.list_models())")
+        return
+    import timm
+
+    if not timm.is_model(arch):
+        raise ValueError(f"unknown classifier arch {arch!r}: not small_cnn, torchvision.<name>, or a timm model")
+
+
 def create_network(arch: str, num_classes: int, in_chans: int, input_size: int, **kwargs: Any) -> nn.Module:
     """``small_cnn``, any timm model name (resnet50, resnext50_32x4d, wide_resnet50_2,
     mobilenetv2_100, ...) or ``torchvision.<name>``; always randomly initialised."""
+    check_arch(arch)
     if arch == "small_cnn":
         return SmallConvNet(num_classes, in_chans, input_size=input_size, **kwargs)
     if arch.startswith("torchvision."):
         import torchvision
 
-        name = arch.split(".", 1)[1]
-        try:
-            net = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
-        except ValueError as exc:
-            raise ValueError(f"unknown torchvision model {name!r}: {exc}") from exc
+        net = torchvision.models.get_model(arch.split(".", 1)[1], weights=None, num_classes=num_classes, **kwargs)
         return _ChannelAdapter(net, in_chans) if in_chans != 3 else net
     import timm
 
-    if not timm.is_model(arch):
-        raise ValueError(f"unknown classifier arch {arch!r}: not small_cnn, torchvision.<name>, or a timm model")
     return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
 
 

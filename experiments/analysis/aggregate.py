@@ -1,6 +1,6 @@
 """Collect every ``metrics.json`` under a sweep folder into paper-style tables.
 
-    python -m experiments.aggregate multirun/2026-11-21/12-00-00
+    python -m experiments.analysis.aggregate multirun/2026-11-21/12-00-00
 
 writes ``results.csv`` (one line per cell) and ``results.md`` (rows = method,
 columns = dataset or classifier; mean +- std over seeds, the paper's number
@@ -29,7 +29,7 @@ METRICS = ("test_acc_final", "test_acc_best_val")
 
 
 def quality_columns() -> dict[str, Any]:
-    """results.csv column -> :class:`~experiments.quality.Column` of every registered quality metric."""
+    """results.csv column -> :class:`~experiments.analysis.quality.Column` of every registered quality metric."""
     from .quality import quality_columns as registered
 
     return registered()
@@ -88,7 +88,7 @@ def _row_label(run: dict[str, Any], with_ratio: bool) -> str:
     label = f"{method}@{run['ratio']}" if with_ratio and run["method"] != "original" else method
     if run.get("train_data", "original+generated") != "original+generated":
         label += f" ({run['train_data']})"
-    if run.get("extra_real_per_class"):  # the exchange-rate sweep's real arm (experiments/equivalence.py)
+    if run.get("extra_real_per_class"):  # the exchange-rate sweep's real arm (experiments/analysis/equivalence.py)
         label += f" +{run['extra_real_per_class']} real/class"
     return label
 
@@ -203,7 +203,7 @@ def quality_mean(cell: Cell, column: str) -> float | None:
 
 
 def render_quality_markdown(cells: list[Cell], paper: dict[str, Any]) -> str:
-    """One table per paper table: the expanded sets' quality (experiments/quality.py), mean over runs."""
+    """One table per paper table: the expanded sets' quality (experiments/analysis/quality.py), mean over runs."""
     out = io.StringIO()
     for table in sorted({c.table for c in cells}):
         tcells = [c for c in cells if c.table == table and any(c.quality.values())]

@@ -55,12 +55,13 @@ from expansion.base import ExpansionError
 from expansion.probe import Probe
 from expansion.probe import train_probe as fit_probe
 
-from .augment import resize_to
+from experiments.data.augment import resize_to
 
 DUP_RULE = ("near-duplicate: pixel NN distance (RMS of [0,1] pixels, <=32 px) <= {f} x median leave-one-out "
             "NN distance among originals, or feature NN distance <= {f} x the same median in feature space; "
             "exact: pixel-identical")
 PIXEL_SIZE = 32  # memorisation in pixel space compares images at most this large
+EXTRACTORS = ("classifier", "inception", "clip")
 
 
 class QualityError(ExpansionError):
@@ -182,7 +183,7 @@ def build_extractor(kind: str, original: torch.Tensor, original_labels, num_clas
     if kind == "clip":
         names = list(class_names) if class_names else [str(c) for c in range(num_classes)]
         return ClipExtractor(names, arch=clip_arch, pretrained=clip_pretrained)
-    raise QualityError(f"unknown quality.extractor {kind!r}: use classifier, inception or clip")
+    raise QualityError(f"unknown quality.extractor {kind!r}: use one of {EXTRACTORS}")
 
 
 @torch.no_grad()
@@ -552,37 +553,61 @@ def save_expansion_grid(path: Path | str, original: torch.Tensor, original_label
 # -- the pipeline's entry point ------------------------------------------------------------------------
 
 
-def quality_options(cfg) -> dict[str, Any]:
-    """``quality_metrics`` keyword arguments from a ``quality:`` config section."""
-    q = dict(cfg or {})
-    return {
-        "extractor": str(q.get("extractor", "classifier")), "max_images": int(q.get("max_images", 2000)),
-        "epochs": int(q.get("epochs", 10)), "probe_size": int(q.get("probe_size", 32)),
-        "dup_factor": float(q.get("dup_factor", 0.05)), "kid_subsets": int(q.get("kid_subsets", 50)),
-        "clip_arch": str(q.get("clip_arch", "ViT-B-32")), "clip_pretrained": str(q.get("clip_pretrained", "openai")),
-    }
+@dataclass(frozen=True)
+class QualitySettings:
+    """The quality step of a run (values: the ``quality:`` section of conf/config.yaml): ``extractor``
+    (classifier = the probe, offline; inception; clip with ``clip_arch``/``clip_pretrained``), the
+    seeded subsample ``max_images``, the probe's ``epochs`` and ``probe_size``, the near-duplicate
+    ``dup_factor``, ``kid_subsets``, and ``grid_seeds`` rows of expansion_grid.png."""
+
+    enabled: bool
+    extractor: str
+    max_images: int
+    epochs: int
+    probe_size: int
+    dup_factor: float
+    kid_subsets: int
+    clip_arch: str
+    clip_pretrained: str
+    grid_seeds: int
+
+    def __post_init__(self) -> None:
+        if self.extractor not in EXTRACTORS:
+            raise QualityError(f"quality.extractor must be one of {EXTRACTORS}, got {self.extractor!r}")
+        if min(self.epochs, self.probe_size, self.kid_subsets, self.grid_seeds) < 1 or self.max_images < 0:
+            raise QualityError("quality: need epochs, probe_size, kid_subsets and grid_seeds >= 1 and max_images >= 0")
+
+    def options(self) -> dict[str, Any]:
+        """``quality_metrics`` keyword arguments."""
+        return {"extractor": self.extractor, "max_images": self.max_images, "epochs": self.epochs,
+                "probe_size": self.probe_size, "dup_factor": self.dup_factor, "kid_subsets": self.kid_subsets,
+                "clip_arch": self.clip_arch, "clip_pretrained": self.clip_pretrained}
 
 
-def evaluate_expansion(cfg, data, expanded_set, expanded_images: torch.Tensor, run_dir: Path | str) -> dict[str, Any]:
+def quality_settings(section: Any) -> QualitySettings:
+    """:class:`QualitySettings` from a ``quality:`` config section (a run's saved config included)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from expansion.settings import from_mapping
+
+    values = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section)
+    return from_mapping(QualitySettings, values, "quality")
+
+
+def evaluate_expansion(settings: QualitySettings, data, expanded_set, expanded_images: torch.Tensor,
+                       run_dir: Path | str, *, seed: int, device: str, title: str,
+                       progress: bool = False) -> dict[str, Any]:
     """Quality metrics of one run's expansion + ``<run_dir>/expansion_grid.png`` (the pipeline's step)."""
-    from omegaconf import OmegaConf
-
     start = time.perf_counter()
-    q = cfg.get("quality") or {}
-    q = OmegaConf.to_container(q, resolve=True) if not isinstance(q, dict) else q
     original = data.train.to_tensor()
     labels = np.asarray(data.train.labels)
-    accelerator = str(cfg.get("trainer", {}).get("accelerator", "cpu"))
-    device = "cuda" if torch.cuda.is_available() and accelerator in ("gpu", "cuda", "auto") else "cpu"
     metrics = quality_metrics(original, labels, expanded_images, expanded_set.labels, data.num_classes,
-                              class_names=data.class_names, seed=int(cfg.get("expansion_seed", 0)), device=device,
-                              progress=bool(cfg.get("progress_bar", False)), **quality_options(q))
+                              class_names=data.class_names, seed=seed, device=device, progress=progress,
+                              **settings.options())
     grid = save_expansion_grid(
         Path(run_dir) / "expansion_grid.png", original, labels, expanded_images,
         [r["parent"] for r in expanded_set.rows], [r["copy"] for r in expanded_set.rows],
-        rows=int(q.get("grid_seeds", 8)), class_names=data.class_names,
-        title=f"{data.name} | {cfg.method.name} x{cfg.method.ratio} | expansion seed {cfg.get('expansion_seed', 0)}",
-    )
+        rows=settings.grid_seeds, class_names=data.class_names, title=title)
     metrics["grid"] = grid.name
     metrics["seconds"] = round(time.perf_counter() - start, 3)
     return metrics

@@ -1,9 +1,9 @@
 """A sweep's report: tables, figures, expansion grids and settings in one folder.
 
-    python -m experiments.report multirun/2026-11-21/12-00-00 [--out DIR]
+    python -m experiments.analysis.report multirun/2026-11-21/12-00-00 [--out DIR]
 
 (re)writes ``results.csv`` / ``results.md`` in the sweep folder
-(:func:`experiments.aggregate.aggregate`) and, in ``DIR`` (default ``<sweep>/report``):
+(:func:`experiments.analysis.aggregate.aggregate`) and, in ``DIR`` (default ``<sweep>/report``):
 
 * ``report.md``: the results tables, the figures, the quality of the expanded sets,
   one expansion grid per cell, the sweep's settings and one line per run, and the list
@@ -64,6 +64,15 @@ def _rel(path: Path, start: Path) -> str:
 # -- backfill: quality + grid for runs that predate them -------------------------------------------------
 
 
+def current_quality_section() -> dict[str, Any]:
+    """The ``quality:`` section of today's conf/config.yaml (for runs whose config predates some keys)."""
+    import yaml
+
+    from experiments.config import CONFIG_DIR
+
+    return dict(yaml.safe_load((CONFIG_DIR / "config.yaml").read_text())["quality"])
+
+
 def backfill_run(run: dict[str, Any], out_dir: Path, probe_cache: dict, *, progress: bool = False) -> dict[str, Any]:
     """Quality metrics + expansion grid of a finished run from its store and its
     ``.hydra/config.yaml``, written under ``out_dir``; returns the quality dict (with
@@ -75,9 +84,9 @@ def backfill_run(run: dict[str, Any], out_dir: Path, probe_cache: dict, *, progr
     from expansion.files import canonical_json
     from expansion.store import ExpandedSet
 
-    from .data import load_expanded_images
-    from .datasets import build_dataset
-    from .quality import build_extractor, quality_metrics, quality_options, save_expansion_grid
+    from experiments.data.datamodule import load_expanded_images
+    from experiments.data.datasets import build_dataset
+    from .quality import build_extractor, quality_metrics, quality_settings, save_expansion_grid
 
     run_dir = _run_dir(run)
     store = Path(run.get("expansion", {}).get("store", ""))
@@ -98,24 +107,22 @@ def backfill_run(run: dict[str, Any], out_dir: Path, probe_cache: dict, *, progr
     images = load_expanded_images(expanded, data.channels, data.image_size)
     original = data.train.to_tensor()
     labels = np.asarray(data.train.labels)
-    options = quality_options(cfg.get("quality") or {})
+    settings = quality_settings({**current_quality_section(), **OmegaConf.to_container(cfg.get("quality") or {})})
     seed = int(cfg.get("expansion_seed", cfg.get("seed", 0)))
-    kind = options.pop("extractor")
-    key = (canonical_json(data.identity), seed, kind, options["epochs"], options["probe_size"])
+    key = (canonical_json(data.identity), seed, settings.extractor, settings.epochs, settings.probe_size)
     if key not in probe_cache:  # one probe per dataset and seed, shared by the runs that use them
-        probe_cache[key] = build_extractor(kind, original, labels, data.num_classes, class_names=data.class_names,
-                                           epochs=options["epochs"], probe_size=options["probe_size"], seed=seed,
-                                           progress=progress, clip_arch=options["clip_arch"],
-                                           clip_pretrained=options["clip_pretrained"])
+        probe_cache[key] = build_extractor(settings.extractor, original, labels, data.num_classes,
+                                           class_names=data.class_names, epochs=settings.epochs,
+                                           probe_size=settings.probe_size, seed=seed, progress=progress,
+                                           clip_arch=settings.clip_arch, clip_pretrained=settings.clip_pretrained)
     quality = quality_metrics(original, labels, images, expanded.labels, data.num_classes, probe_cache[key],
                               class_names=data.class_names, seed=seed, progress=progress,
-                              **{k: v for k, v in options.items() if k not in ("epochs", "probe_size", "clip_arch",
-                                                                              "clip_pretrained")})
+                              max_images=settings.max_images, dup_factor=settings.dup_factor,
+                              kid_subsets=settings.kid_subsets)
     out_dir.mkdir(parents=True, exist_ok=True)
     grid = save_expansion_grid(out_dir / "expansion_grid.png", original, labels, images,
                                [r["parent"] for r in rows], [r["copy"] for r in rows],
-                               rows=int((cfg.get("quality") or {}).get("grid_seeds", 8)),
-                               class_names=data.class_names,
+                               rows=settings.grid_seeds, class_names=data.class_names,
                                title=f"{data.name} | {run['method']} x{run['ratio']} | expansion seed {seed}")
     quality.update(backfilled=True, grid=grid.name)
     (out_dir / "quality.json").write_text(json.dumps(quality, indent=2))
@@ -352,7 +359,7 @@ def build_report(root: Path | str, out: Path | str | None = None, *, backfill: b
     written.append(report)
     text = [f"# Report: {root}\n",
             f"{len(runs)} finished runs (folders with a metrics.json) in {len(tables)} table(s). Written by "
-            f"`python -m experiments.report {root}`.\n"]
+            f"`python -m experiments.analysis.report {root}`.\n"]
     text.append("## Results\n")
     text.append(f"From [{_rel(md_path, out)}]({_rel(md_path, out)}) and "
                 f"[{_rel(csv_path, out)}]({_rel(csv_path, out)}).\n")

@@ -20,13 +20,13 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 
-from expansion.files import atomic_write_bytes, content_key
+from expansion.files import atomic_write_bytes, content_key, remove_temporaries
+from expansion.settings import signature_of
 
 from .preemption import PREEMPTED_CHECKPOINT
 
 LAST_CHECKPOINT = "last.ckpt"
 SIGNATURE_KEY = "run_signature"
-_TMP_MARK = ".tmp-"
 
 
 class CheckpointError(RuntimeError):
@@ -64,9 +64,7 @@ class StampRunSignature(Callback):
 
 def remove_partial_checkpoints(folder: Path) -> None:
     """Temporaries of a save that was killed (the checkpoint they were replacing is intact)."""
-    if folder.is_dir():
-        for tmp in folder.glob(f"*{_TMP_MARK}*"):
-            tmp.unlink(missing_ok=True)
+    remove_temporaries(folder)
 
 
 def resume_point(folder: Path, signature: str) -> tuple[Path, dict[str, int]] | None:
@@ -96,22 +94,17 @@ def resume_point(folder: Path, signature: str) -> tuple[Path, dict[str, int]] | 
     return path, {"epoch": int(checkpoint["epoch"]), "global_step": int(checkpoint["global_step"])}
 
 
-def training_signature(cfg: Any, dataset_identity: dict[str, Any], expanded: bool, include_original: bool) -> str:
-    """The signature of one classifier training of a job: the training images (dataset identity,
-    expansion method and seed), the classifier, the recipe and the seed; settings that only change
-    speed (workers, eval batch size) are left out, so a requeued job may change them."""
-    from omegaconf import OmegaConf
-
-    def plain(node: Any, drop: tuple[str, ...] = ()) -> Any:
-        values = OmegaConf.to_container(node, resolve=True) if node is not None else None
-        return {k: v for k, v in values.items() if k not in drop} if isinstance(values, dict) else values
-
+def training_signature(*, dataset_identity: dict[str, Any], store_key: str | None, include_original: bool,
+                       classifier: Any, train: Any, seed: int) -> str:
+    """The signature of one classifier training of a job: the training images (the dataset identity
+    and the expansion store's key, which names the method's settings and the expansion seed), the
+    classifier, the training settings and the seed; speed-only settings (workers, eval batch size,
+    compile) are left out, so a requeued job may change them."""
     return run_signature({
         "dataset": dataset_identity,
-        "method": plain(cfg.method, ("batch_size", "num_workers")) if expanded else None,
-        "expansion_seed": int(cfg.expansion_seed) if expanded else None,
+        "expansion_store": store_key,
         "include_original": include_original,
-        "classifier": plain(cfg.classifier),
-        "train": plain(cfg.train, ("num_workers", "eval_batch_size", "compare_original", "compile")),
-        "seed": int(cfg.seed),
+        "classifier": signature_of(classifier),
+        "train": signature_of(train),
+        "seed": int(seed),
     })

@@ -283,7 +283,7 @@ class DatasetSplits:
         """Every split decoded into memory once; identity and fingerprints are unchanged. The
         unused pool is decoded when it is first used (it can be much larger than the rest).
         With ``tensor_dir``, splits read from image files are decoded once into a keyed cache
-        there (:mod:`experiments.tensor_cache`) and loaded from it by later runs."""
+        there (:mod:`experiments.data.tensor_cache`) and loaded from it by later runs."""
         from dataclasses import replace
 
         def load(split: ImageSet, split_name: str) -> ImageSet:

@@ -124,7 +124,7 @@ def _private(obj: Any, attr: str, name: str) -> Any:
         raise DatasetError(
             f"dataset {name!r}: torchvision {torchvision.__version__} {type(obj).__name__} has no attribute "
             f"{attr!r}, which this loader reads to get the (image path, label) lists; torchvision changed its "
-            f"internals. Use a torchvision version where it exists or update experiments/datasets/torchvision_sets.py."
+            f"internals. Use a torchvision version where it exists or update experiments/data/datasets/torchvision_sets.py."
         ) from None
 
 

@@ -1,0 +1,359 @@
+"""One experiment run: data -> expand -> train -> evaluate -> metrics.json.
+
+``run(cfg)`` is what ``run.py`` calls. :meth:`Job.from_config` builds every object and typed setting
+from the Hydra config and checks them all before any data is loaded or any image generated; the
+steps below receive only what they need. A run is fully described by its ``.hydra/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
+from omegaconf import DictConfig, OmegaConf
+
+from expansion.base import Expander, ExpansionContext, ExpansionError
+from expansion.engine import ExpansionResult, expand_dataset
+from expansion.files import atomic_write_text
+from expansion.settings import from_mapping
+from experiments.analysis.quality import QualitySettings, quality_settings
+from experiments.data.datamodule import ExpansionDataModule, load_expanded_images
+from experiments.data.datasets import DatasetSplits, build_dataset
+
+from . import wandb_logging
+from .checkpoints import LAST_CHECKPOINT, AtomicCheckpointIO, StampRunSignature, resume_point, training_signature
+from .classifier import ImageClassifier
+from .preemption import PREEMPTED_CHECKPOINT, PREEMPTION, StopOnPreemption
+from .settings import ClassifierSettings, TrainSettings
+from .timing import EpochTimer
+
+log = logging.getLogger(__name__)
+
+#: method config keys that belong to the framework (names, paper lookups, the engine), not to the expander
+FRAMEWORK_METHOD_KEYS = ("name", "paper_name", "paper_settings", "batch_size", "num_workers", "trainer")
+#: Trainer arguments of classifier training that generation does not take
+TRAINING_ONLY_TRAINER_KEYS = ("max_epochs", "gradient_clip_val", "deterministic", "log_every_n_steps", "benchmark")
+
+
+def build_expander(method_cfg: DictConfig) -> Expander | None:
+    """Instantiate the expander of ``cfg.method`` (None for ``original``)."""
+    if method_cfg.get("_target_") is None:
+        return None
+    kwargs = {k: v for k, v in OmegaConf.to_container(method_cfg, resolve=True).items()
+              if k not in FRAMEWORK_METHOD_KEYS}
+    try:
+        expander = instantiate(kwargs, _convert_="all")
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ExpansionError):
+            raise cause from None
+        raise ExpansionError(f"method {method_cfg.get('name')!r}: {cause or exc}") from exc
+    if not isinstance(expander, Expander):
+        raise ExpansionError(f"method {method_cfg.get('name')!r}: {method_cfg._target_} is not an Expander")
+    return expander
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How the engine runs the method: seeds per ``expand`` call, loader workers, the predict
+    Trainer's arguments (the job's trainer without training-only keys, full precision: expanders
+    manage their own dtypes), where stores and fits live, how long to wait for another job's lock."""
+
+    batch_size: int
+    num_workers: int
+    trainer: dict[str, Any]
+    store_dir: str
+    fit_dir: str
+    lock_timeout: float
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ExpansionError(f"method.batch_size must be >= 1 and method.num_workers >= 0, got "
+                                 f"{self.batch_size} and {self.num_workers}")
+
+
+@dataclass
+class Job:
+    """One job's objects and settings, built from the composed config and checked before any work."""
+
+    cfg: DictConfig  # kept for what records the whole job: W&B's job config, the dataset loader
+    expander: Expander | None
+    train: TrainSettings
+    classifier: ClassifierSettings
+    quality: QualitySettings
+    trainer: dict[str, Any]
+    generation: GenerationSettings
+    seed: int
+    expansion_seed: int
+    progress: bool
+    labels: dict[str, Any] = field(default_factory=dict)  # names and table ids for metrics.json
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> Job:
+        """Every setting of the job, checked: a bad value is one :class:`ExpansionError` naming its key."""
+        expander = build_expander(cfg.method)  # the method's settings and ratio
+        section = {name: OmegaConf.to_container(cfg[name], resolve=True) for name in ("train", "classifier", "trainer")}
+        train = from_mapping(TrainSettings, section["train"], "train")
+        classifier = from_mapping(ClassifierSettings, section["classifier"], "classifier")
+        if expander is None and not train.include_original:
+            raise ExpansionError("train.include_original=false trains on generated images only, but method=original "
+                                 "generates none; pick an expansion method")
+        trainer = section["trainer"]
+        check_accelerator(trainer)
+        generation_trainer = {k: v for k, v in trainer.items() if k not in TRAINING_ONLY_TRAINER_KEYS}
+        generation_trainer["precision"] = "32-true"
+        if cfg.method.get("trainer"):  # a method may override trainer settings for generation (e.g. precision)
+            generation_trainer.update(OmegaConf.to_container(cfg.method.trainer, resolve=True))
+        generation_trainer["enable_progress_bar"] = bool(cfg.get("progress_bar", False))
+        generation = GenerationSettings(
+            batch_size=int(cfg.method.get("batch_size", 64)), num_workers=int(cfg.method.get("num_workers", 0)),
+            trainer=generation_trainer, store_dir=str(cfg.paths.store_dir), fit_dir=str(cfg.paths.fit_dir),
+            lock_timeout=float(cfg.get("store_lock_timeout", -1)))
+        return cls(cfg=cfg, expander=expander, train=train, classifier=classifier,
+                   quality=quality_settings(cfg.quality), trainer=trainer, generation=generation,
+                   seed=int(cfg.seed), expansion_seed=int(cfg.expansion_seed),
+                   progress=bool(cfg.get("progress_bar", False)),
+                   labels={"table": cfg.get("table"), "method": cfg.method.name,
+                           "paper_method": cfg.method.get("paper_name"), "classifier": classifier.name,
+                           "train_per_class": cfg.dataset.get("train_per_class"),
+                           "extra_real_per_class": cfg.dataset.get("extra_real_per_class"),
+                           "prompt_prefix": cfg.dataset.get("prompt_prefix"),
+                           "recipe": cfg.dataset.recipe.augment, "tensor_dir": cfg.paths.get("tensor_dir")})
+
+    @property
+    def device(self) -> str:
+        """Where the quality step runs: the GPU when the job trains on one."""
+        accelerator = str(self.trainer.get("accelerator", "cpu"))
+        return "cuda" if torch.cuda.is_available() and accelerator in ("gpu", "cuda", "auto") else "cpu"
+
+
+def check_accelerator(trainer: dict[str, Any]) -> None:
+    """``trainer=gpu`` (or ddp) on a machine without a CUDA device is an error now, not after generation."""
+    if str(trainer.get("accelerator", "cpu")) in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ExpansionError(f"trainer.accelerator={trainer['accelerator']} but no CUDA device is visible here; "
+                             "use trainer=cpu (or run where a GPU is)")
+
+
+def run_expansion(job: Job, data: DatasetSplits, expander: Expander | None = None) -> ExpansionResult:
+    """The job's expansion (``expander``: another expander object than the job's own, e.g. a wrapped one)."""
+    expander = expander or job.expander
+    gen = job.generation
+    context = ExpansionContext(dataset_name=data.name, class_names=data.class_names, channels=data.channels,
+                               image_size=data.image_size, prompt_prefix=job.labels["prompt_prefix"],
+                               auxiliary=data.unused_train)
+    return expand_dataset(expander, data.train, data.identity, context=context, store_dir=gen.store_dir,
+                          fit_dir=gen.fit_dir, seed=job.expansion_seed, batch_size=gen.batch_size,
+                          num_workers=gen.num_workers, trainer_kwargs=gen.trainer, lock_timeout=gen.lock_timeout,
+                          callbacks=[StopOnPreemption()])
+
+
+def classifier_input_size(job: Job, data: DatasetSplits) -> int:
+    input_size = int(job.classifier.input_size or data.image_size or 0)
+    if input_size <= 0:
+        raise ExpansionError("set classifier.input_size or dataset.image_size")
+    return input_size
+
+
+def build_datamodule(job: Job, data: DatasetSplits, expanded_images, expanded_labels,
+                     include_original: bool = True) -> ExpansionDataModule:
+    t = job.train
+    return ExpansionDataModule(data, expanded_images, expanded_labels, recipe=job.labels["recipe"],
+                               input_size=classifier_input_size(job, data), batch_size=t.batch_size,
+                               eval_batch_size=t.eval_batch_size, num_workers=t.num_workers,
+                               include_original=include_original)
+
+
+def build_classifier(job: Job, data: DatasetSplits) -> ImageClassifier:
+    t, c = job.train, job.classifier
+    return ImageClassifier(c.arch, data.num_classes, data.channels, classifier_input_size(job, data), lr=t.lr,
+                           momentum=t.momentum, weight_decay=t.weight_decay, epochs=t.epochs,
+                           warmup_epochs=t.warmup_epochs, label_smoothing=t.label_smoothing,
+                           channels_last=c.channels_last, net_kwargs=dict(c.kwargs), compile=t.compile)
+
+
+def train_and_evaluate(job: Job, data: DatasetSplits, expanded_images, expanded_labels, run_dir: Path,
+                       logger: Any, include_original: bool = True, store_key: str | None = None) -> dict[str, Any]:
+    """Train on original (+ expanded) images, or on the expanded images alone; report final-epoch
+    test accuracy and test accuracy at the best validation epoch (never selecting on test)."""
+    datamodule = build_datamodule(job, data, expanded_images, expanded_labels, include_original)
+    model = build_classifier(job, data)
+    checkpoints = run_dir / "checkpoints"
+    # best.ckpt only serves the test at the best val epoch: weights only, half the bytes of a full checkpoint
+    checkpoint = ModelCheckpoint(dirpath=checkpoints, filename="best", monitor="val/acc", mode="max", save_top_k=1,
+                                 save_weights_only=True)
+    # last.ckpt after every epoch (Lightning >= 2.6's save_last only refreshes it with a new best)
+    latest = ModelCheckpoint(dirpath=checkpoints, filename=LAST_CHECKPOINT.removesuffix(".ckpt"), save_top_k=1,
+                             enable_version_counter=False)
+    # a requeued or rerun job with the same run dir resumes from its newest checkpoint
+    signature = training_signature(dataset_identity=data.identity, store_key=store_key,
+                                   include_original=include_original, classifier=job.classifier, train=job.train,
+                                   seed=job.seed)
+    resume = resume_point(checkpoints, signature)
+    kwargs = dict(job.trainer)
+    kwargs.setdefault("enable_progress_bar", job.progress)
+    epoch_timer = EpochTimer()
+    callbacks = [checkpoint, latest, StampRunSignature(signature),
+                 StopOnPreemption(checkpoint_path=str(checkpoints / PREEMPTED_CHECKPOINT)), epoch_timer]
+    epochs = job.train.epochs
+    trainer = L.Trainer(max_epochs=epochs, logger=logger, callbacks=callbacks,
+                        # checkpoints are written by a background thread from a copy of the state (atomic as
+                        # before; fit waits for the last one), so the epochs do not wait for the disk
+                        plugins=[AsyncCheckpointIO(AtomicCheckpointIO())], default_root_dir=str(run_dir),
+                        num_sanity_val_steps=0, enable_model_summary=False, **kwargs)
+    if resume:
+        log.info("resuming training from %s (epoch %d, step %d)", resume[0], resume[1]["epoch"],
+                 resume[1]["global_step"])
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume[0] if resume else None, weights_only=True)
+    train_seconds = time.perf_counter() - start
+    (checkpoints / PREEMPTED_CHECKPOINT).unlink(missing_ok=True)  # superseded by last.ckpt
+    history = list(model.val_history)
+    final = trainer.test(model, datamodule=datamodule, verbose=False)[0]["test/acc"]
+    best = trainer.test(model, datamodule=datamodule, ckpt_path=checkpoint.best_model_path, verbose=False,
+                        weights_only=True)[0]["test/acc"]
+    best_epoch = int(np.argmax(history)) if history else -1
+    steps_now = trainer.global_step - (resume[1]["global_step"] if resume else 0)
+    epochs_now = epochs * steps_now / max(trainer.global_step, 1)
+    return {
+        "test_acc_final": 100.0 * float(final),
+        "test_acc_best_val": 100.0 * float(best),
+        "best_val_acc": 100.0 * float(max(history)) if history else None,
+        "best_val_epoch": best_epoch,
+        "epochs": epochs,
+        "num_train_images": datamodule.num_train,
+        "train_seconds": round(train_seconds, 3),
+        "epoch_seconds": [round(t, 4) for t in epoch_timer.epoch_seconds],
+        "images_per_second": round(datamodule.num_train * epochs_now / max(train_seconds, 1e-9), 1),
+        "resumed_from": {"checkpoint": resume[0].name, **resume[1]} if resume else None,
+    }
+
+
+def make_logger(cfg: DictConfig, run_dir: Path) -> Any:
+    logger_cfg = cfg.get("logger")
+    if not logger_cfg or logger_cfg.get("_target_") is None:
+        return False
+    if wandb_logging.is_wandb_config(logger_cfg):
+        return wandb_logging.make_wandb_logger(cfg, run_dir)
+    return instantiate(logger_cfg, save_dir=str(run_dir))
+
+
+def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict[str, Any]:
+    """Run one experiment; returns (and writes to ``run_dir/metrics.json``) its metrics.
+    Its W&B run (if any) is finished however the job ends, marked failed unless it succeeded."""
+    try:
+        metrics = _run(cfg, run_dir)
+    except BaseException as exc:
+        wandb_logging.finish_run(exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 1)
+        raise
+    wandb_logging.finish_run(0)
+    return metrics
+
+
+def _run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict[str, Any]:
+    run_dir = Path(run_dir) if run_dir is not None else _hydra_run_dir()
+    total_start = time.perf_counter()
+    job = Job.from_config(cfg)  # every setting checked before any data work or generation
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # decode every split once, before any expansion or training: data that fits in memory stays
+    # there, and an unreadable file fails now, with nothing generated
+    data = build_dataset(cfg.dataset).in_memory(tensor_dir=job.labels["tensor_dir"])
+    L.seed_everything(job.seed, workers=True, verbose=False)
+    logger = make_logger(cfg, run_dir)
+    expander, include_original = job.expander, job.train.include_original
+
+    metrics: dict[str, Any] = {
+        "table": job.labels["table"],
+        "dataset": data.name,
+        "method": job.labels["method"],
+        "paper_method": job.labels["paper_method"],
+        "classifier": job.labels["classifier"],
+        "ratio": expander.ratio if expander else 0,
+        "train_data": "original+generated" if include_original else "generated only",
+        "train_per_class": job.labels["train_per_class"],
+        "extra_real_per_class": job.labels["extra_real_per_class"],
+        "seed": job.seed,
+        "expansion_seed": job.expansion_seed,
+        "num_classes": data.num_classes,
+        "sizes": data.sizes(),
+    }
+    expanded_images = expanded_labels = store_key = None
+    if expander is not None:
+        result = run_expansion(job, data)
+        store_key = result.store.key
+        expanded_images = load_expanded_images(result.expanded, data.channels, data.image_size,
+                                               tensor_dir=job.labels["tensor_dir"])
+        expanded_labels = result.expanded.labels
+        metrics["expansion"] = {
+            "store": str(result.store.root), "key": result.store.key, "num_images": len(result.expanded),
+            "generated_images": result.generated_images, "reused": result.reused,
+            "seconds": round(result.seconds, 3), "fit_seconds": round(result.fit_seconds, 3),
+        }
+        log.info("expansion: %d images (%d generated now) in %.1fs", len(result.expanded),
+                 result.generated_images, result.seconds)
+        if job.quality.enabled:
+            from experiments.analysis.quality import evaluate_expansion
+
+            title = f"{data.name} | {job.labels['method']} x{expander.ratio} | expansion seed {job.expansion_seed}"
+            q = evaluate_expansion(job.quality, data, result.expanded, expanded_images, run_dir,
+                                   seed=job.expansion_seed, device=job.device, title=title, progress=job.progress)
+            metrics["quality"] = q
+            log.info("quality (%s): FID %.3f, label agreement %s, Vendi %.2f (original %.2f), near-duplicates %d, "
+                     "in %.1fs", q["feature_extractor"], q["fid"], q["label_agreement"], q["vendi_expanded"],
+                     q["vendi_original"], q["near_duplicates"], q["seconds"])
+        if isinstance(logger, WandbLogger):
+            wandb_logging.log_expansion(logger, cfg, metrics, data, result.expanded, expanded_images, run_dir)
+    PREEMPTION.stop_if_requested()  # a signal during expansion or quality: stop before training
+    L.seed_everything(job.seed, workers=True, verbose=False)
+    metrics.update(train_and_evaluate(job, data, expanded_images, expanded_labels, run_dir / "train",
+                                      logger, include_original, store_key=store_key))
+    if expander is not None and compare_original(job.train.compare_original):
+        PREEMPTION.stop_if_requested()
+        L.seed_everything(job.seed, workers=True, verbose=False)
+        metrics["original"] = train_and_evaluate(job, data, None, None, run_dir / "train_original", False)
+    metrics["total_seconds"] = round(time.perf_counter() - total_start, 3)
+    if isinstance(logger, WandbLogger):
+        wandb_logging.log_results(logger, metrics)
+    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+    print(summary_line(metrics))
+    return metrics
+
+
+def summary_line(m: dict[str, Any]) -> str:
+    data = "" if m.get("train_data", "original+generated") == "original+generated" else f" ({m['train_data']})"
+    line = (f"[{m['dataset']} | {m['method']} x{m['ratio']}{data} | {m['classifier']} | seed {m['seed']}] "
+            f"test acc: final {m['test_acc_final']:.2f}%, at best val epoch {m['test_acc_best_val']:.2f}%")
+    if "original" in m:
+        o = m["original"]
+        line += (f"\n[{m['dataset']} | original (no expansion) | {m['classifier']} | seed {m['seed']}] "
+                 f"test acc: final {o['test_acc_final']:.2f}%, at best val epoch {o['test_acc_best_val']:.2f}%"
+                 f"\nexpanded - original: {m['test_acc_final'] - o['test_acc_final']:+.2f} points (final epoch)")
+    return line
+
+
+def compare_original(value: bool | str) -> bool:
+    """``train.compare_original``: true/false, or ``auto`` = only in a single run (in a
+    multirun, ``method=original`` is a job of its own and training it again in every job is waste)."""
+    if value == "auto":
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN)
+    return bool(value)
+
+
+def _hydra_run_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
