@@ -24,6 +24,10 @@ list:  ## every registered method, dataset, quality metric and classifier, one l
 test:  ## fast CPU test suite (the CI command)
 	$(PYTHON) -m pytest -q
 
+lint:  ## ruff: lint and formatting (configured in pyproject.toml); `ruff format .` fixes the formatting
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
 test-slow:  ## slow CPU tests (longer real-data runs)
 	$(PYTHON) -m pytest -q -m slow
 

@@ -18,8 +18,8 @@ import experiments.config  # noqa: F401  (registers the ${project_root:} resolve
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     from expansion.base import ExpansionError
-    from experiments.training.checkpoints import CheckpointError
     from experiments.data.datasets import DatasetError
+    from experiments.training.checkpoints import CheckpointError
     from experiments.training.pipeline import run
     from experiments.training.preemption import preemptible
 

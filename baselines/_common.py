@@ -10,13 +10,9 @@ from expansion.base import ExpansionError
 def check_inputs(name: str, images: torch.Tensor, seeds: torch.Tensor) -> tuple[int, int]:
     """Validate ``images`` uint8 [B,C,H,W] and ``seeds`` [B,k]; return (B, k)."""
     if images.dtype != torch.uint8 or images.ndim != 4:
-        raise ExpansionError(
-            f"{name}: expected uint8 images [B, C, H, W], got {images.dtype} {tuple(images.shape)}"
-        )
+        raise ExpansionError(f"{name}: expected uint8 images [B, C, H, W], got {images.dtype} {tuple(images.shape)}")
     if seeds.ndim != 2 or seeds.shape[0] != images.shape[0]:
-        raise ExpansionError(
-            f"{name}: expected seeds [B, k] with B={images.shape[0]}, got {tuple(seeds.shape)}"
-        )
+        raise ExpansionError(f"{name}: expected seeds [B, k] with B={images.shape[0]}, got {tuple(seeds.shape)}")
     return int(seeds.shape[0]), int(seeds.shape[1])
 
 

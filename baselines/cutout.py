@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
-
-from dataclasses import dataclass
 
 from expansion.base import Expander, ExpansionError, ExpansionOutput
 from expansion.seeding import per_image_rand
@@ -50,7 +49,7 @@ class Cutout(Expander):
     settings_class = CutoutSettings
 
     def hole_side(self, height: int, width: int) -> int:
-        return int(math.floor(self.settings.size * min(height, width) + 0.5))
+        return math.floor(self.settings.size * min(height, width) + 0.5)
 
     @torch.no_grad()
     def expand(self, images: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor) -> ExpansionOutput:

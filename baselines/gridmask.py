@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
-
-from dataclasses import dataclass
 
 from expansion.base import Expander, ExpansionError, ExpansionOutput
 from expansion.seeding import per_image_rand
@@ -27,8 +26,9 @@ class GridMaskSettings:
 
     def __post_init__(self) -> None:
         if not (0 < self.d_min <= self.d_max):
-            raise ExpansionError(f"gridmask: need 0 < d_min <= d_max (fractions of the image side), got "
-                                 f"{self.d_min}, {self.d_max}")
+            raise ExpansionError(
+                f"gridmask: need 0 < d_min <= d_max (fractions of the image side), got {self.d_min}, {self.d_max}"
+            )
         if not 0 < self.keep_ratio <= 1:
             raise ExpansionError(f"gridmask: keep_ratio must be in (0, 1], got {self.keep_ratio}")
         if self.max_rotation < 0:
@@ -96,10 +96,10 @@ class GridMask(Expander):
         dy = uniform_int(u[:, 1], d)
         dx = uniform_int(u[:, 2], d)
         angle = u[:, 3].double() * self.settings.max_rotation
-        l = self.band(d)
+        band = self.band(d)
         params = {"d": d, "dx": dx, "dy": dy, "angle": angle}
 
-        d_, l_ = d.to(device).view(-1, 1, 1), l.to(device).view(-1, 1, 1)
+        d_, l_ = d.to(device).view(-1, 1, 1), band.to(device).view(-1, 1, 1)
         dy_, dx_ = dy.to(device).view(-1, 1, 1), dx.to(device).view(-1, 1, 1)
         if self.settings.max_rotation == 0:
             # Exact integer path: rows and columns are separable.

@@ -26,8 +26,10 @@ class RandAugmentSettings:
         if self.num_ops < 0:
             raise ExpansionError(f"randaugment: num_ops must be >= 0, got {self.num_ops}")
         if self.num_magnitude_bins < 2 or not 0 <= self.magnitude < self.num_magnitude_bins:
-            raise ExpansionError("randaugment: need 0 <= magnitude < num_magnitude_bins (>= 2), got "
-                                 f"{self.magnitude}, {self.num_magnitude_bins}")
+            raise ExpansionError(
+                "randaugment: need 0 <= magnitude < num_magnitude_bins (>= 2), got "
+                f"{self.magnitude}, {self.num_magnitude_bins}"
+            )
 
 
 @contextmanager
@@ -60,7 +62,7 @@ class _RecordingRandAugment(v2.RandAugment):
         super().__init__(*args, **kwargs)
         self.applied: list[str] = []
 
-    def _apply_image_or_video_transform(self, image, transform_id, magnitude, *args, **kwargs):  # noqa: D401
+    def _apply_image_or_video_transform(self, image, transform_id, magnitude, *args, **kwargs):
         self.applied.append(f"{transform_id}:{magnitude:.4g}")
         return super()._apply_image_or_video_transform(image, transform_id, magnitude, *args, **kwargs)
 
@@ -88,8 +90,9 @@ class RandAugment(Expander):
     def __init__(self, ratio: int, **settings: Any) -> None:
         super().__init__(ratio, **settings)
         s = self.settings
-        self.transform = _RecordingRandAugment(num_ops=s.num_ops, magnitude=s.magnitude,
-                                               num_magnitude_bins=s.num_magnitude_bins)
+        self.transform = _RecordingRandAugment(
+            num_ops=s.num_ops, magnitude=s.magnitude, num_magnitude_bins=s.num_magnitude_bins
+        )
 
     @torch.no_grad()
     def expand(self, images: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor) -> ExpansionOutput:

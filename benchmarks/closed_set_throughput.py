@@ -34,45 +34,67 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.expansion_timing import result_line, seed_calls, sync, time_expand_calls  # noqa: E402
-from benchmarks.flops import count_flops, gpu_peak_tflops, utilisation  # noqa: E402
-from benchmarks.gif_sd_throughput import add_run_arguments, load_seeds, machine, n_params, write_report  # noqa: E402
-from expansion.base import ExpansionContext  # noqa: E402
-from expansion.closed_set_diffusion import (UNET_PRESETS, ClosedSetDiffusion, FitSettings, ScheduleSpec,  # noqa: E402
-                                            build_unet, model_resolution, train_diffusion, unet_spec)
+from benchmarks.expansion_timing import result_line, seed_calls, sync, time_expand_calls
+from benchmarks.flops import count_flops, gpu_peak_tflops, utilisation
+from benchmarks.gif_sd_throughput import add_run_arguments, load_seeds, machine, n_params, write_report
+from expansion.base import ExpansionContext
+from expansion.closed_set_diffusion import (
+    UNET_PRESETS,
+    ClosedSetDiffusion,
+    FitSettings,
+    ScheduleSpec,
+    build_unet,
+    model_resolution,
+    train_diffusion,
+    unet_spec,
+)
 
 
 def make_expander(unet, context: ExpansionContext, args: argparse.Namespace, mode: str) -> ClosedSetDiffusion:
-    exp = ClosedSetDiffusion(ratio=args.ratio, unet=args.unet, resolution=args.resolution, sampler=args.sampler,
-                             num_inference_steps=args.steps,
-                             mixed_precision="no" if mode == "per_seed" else "bf16")
+    exp = ClosedSetDiffusion(
+        ratio=args.ratio,
+        unet=args.unet,
+        resolution=args.resolution,
+        sampler=args.sampler,
+        num_inference_steps=args.steps,
+        mixed_precision="no" if mode == "per_seed" else "bf16",
+    )
     exp.context = context  # prepare() + fit() would train the generator: set the context and the network instead
     exp.unet = unet
     return exp
 
 
-def measure(mode: str, unet, images: torch.Tensor, labels: torch.Tensor, context: ExpansionContext,
-            args: argparse.Namespace) -> dict[str, Any]:
+def measure(
+    mode: str, unet, images: torch.Tensor, labels: torch.Tensor, context: ExpansionContext, args: argparse.Namespace
+) -> dict[str, Any]:
     exp = make_expander(unet, context, args, mode)
     calls = seed_calls(mode, images, labels, args.ratio)
-    timing = time_expand_calls(exp, calls, images.device, args.repeats, images.shape[0] * args.ratio,
-                               args.peak_tflops)
+    timing = time_expand_calls(exp, calls, images.device, args.repeats, images.shape[0] * args.ratio, args.peak_tflops)
     autocast = images.device.type == "cuda" and exp.settings.mixed_precision == "bf16"
     return {"mode": mode, "dtype": "bfloat16 autocast" if autocast else "float32", **timing}
 
 
-def measure_fit(unet, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
-                args: argparse.Namespace) -> dict[str, Any]:
+def measure_fit(
+    unet, images: torch.Tensor, labels: torch.Tensor, device: torch.device, args: argparse.Namespace
+) -> dict[str, Any]:
     """Seconds and FLOPs per training step of the generator (one untimed, counted step first)."""
     with tempfile.TemporaryDirectory() as tmp:
+
         def fit(steps: int) -> dict[str, Any]:
             # one step of warm-up means no warm-up of the learning rate: steps are all alike
             settings = FitSettings(steps=steps, batch_size=args.fit_batch, warmup_steps=0, checkpoint_every=10**9)
-            return train_diffusion(unet, schedule, images, labels, settings,
-                                   checkpoint_path=Path(tmp) / "fit.safetensors", device=device,
-                                   mixed_precision="bf16")
+            return train_diffusion(
+                unet,
+                schedule,
+                images,
+                labels,
+                settings,
+                checkpoint_path=Path(tmp) / "fit.safetensors",
+                device=device,
+                mixed_precision="bf16",
+            )
 
         schedule = ScheduleSpec()  # the config's default (DDPM linear, epsilon)
         _, flops = count_flops(lambda: fit(1))
@@ -81,34 +103,57 @@ def measure_fit(unet, images: torch.Tensor, labels: torch.Tensor, device: torch.
         sync(device)
     seconds_per_step = result["seconds"] / args.fit_steps
     peak, _ = gpu_peak_tflops(device, args.peak_tflops)
-    return {"batch_size": args.fit_batch, "steps": args.fit_steps, "seconds_per_step": seconds_per_step,
-            "train_images_per_s": args.fit_batch / seconds_per_step, "flops_per_step": flops,
-            "dtype": "bfloat16 autocast" if device.type == "cuda" else "float32",
-            **utilisation(flops, 1 / seconds_per_step, peak)}
+    return {
+        "batch_size": args.fit_batch,
+        "steps": args.fit_steps,
+        "seconds_per_step": seconds_per_step,
+        "train_images_per_s": args.fit_batch / seconds_per_step,
+        "flops_per_step": flops,
+        "dtype": "bfloat16 autocast" if device.type == "cuda" else "float32",
+        **utilisation(flops, 1 / seconds_per_step, peak),
+    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--unet", default="ddpm_cifar10", choices=sorted(UNET_PRESETS), help="UNet preset")
-    p.add_argument("--resolution", type=int, default=None, help="model side in px (default: the seeds' side "
-                   "rounded up to the UNet's downsampling, as the method's resolution: null)")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="model side in px (default: the seeds' side "
+        "rounded up to the UNet's downsampling, as the method's resolution: null)",
+    )
     p.add_argument("--sampler", default="ddim", choices=["ddim", "dpm_solver"])
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50 on cuda, 5 on cpu)")
-    p.add_argument("--seeds-per-pass", type=int, default=None, help="seeds per batched call (default 64 on cuda, "
-                   "2 on cpu); also the number of seeds the per-seed mode goes through")
+    p.add_argument(
+        "--seeds-per-pass",
+        type=int,
+        default=None,
+        help="seeds per batched call (default 64 on cuda, "
+        "2 on cpu); also the number of seeds the per-seed mode goes through",
+    )
     p.add_argument("--ratio", type=int, default=None, help="k samples per seed (default 5 on cuda, 2 on cpu)")
     add_run_arguments(p)
     p.add_argument("--fit-steps", type=int, default=None, help="timed training steps (default 20 on cuda, 2 on cpu)")
-    p.add_argument("--fit-batch", type=int, default=None, help="training batch (default 128 = the config's on "
-                   "cuda, 16 on cpu)")
+    p.add_argument(
+        "--fit-batch", type=int, default=None, help="training batch (default 128 = the config's on cuda, 16 on cpu)"
+    )
     args = p.parse_args(argv)
     args.tiny = False  # write_report's field: the network is always the named preset
     on_cuda = torch.device(args.device).type == "cuda"
-    defaults = {"steps": 50 if on_cuda else 5, "seeds_per_pass": 64 if on_cuda else 2, "ratio": 5 if on_cuda else 2,
-                "repeats": 2 if on_cuda else 1, "fit_steps": 20 if on_cuda else 2, "fit_batch": 128 if on_cuda else 16}
+    defaults = {
+        "steps": 50 if on_cuda else 5,
+        "seeds_per_pass": 64 if on_cuda else 2,
+        "ratio": 5 if on_cuda else 2,
+        "repeats": 2 if on_cuda else 1,
+        "fit_steps": 20 if on_cuda else 2,
+        "fit_batch": 128 if on_cuda else 16,
+    }
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -124,8 +169,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     spec = unet_spec(args.unet)
     resolution = model_resolution(spec, int(images.shape[-1]), args.resolution)
     start = time.perf_counter()
-    unet = build_unet(spec, channels=int(images.shape[1]), resolution=resolution,
-                      num_classes=len(context.class_names), null_class=False, seed=0)
+    unet = build_unet(
+        spec,
+        channels=int(images.shape[1]),
+        resolution=resolution,
+        num_classes=len(context.class_names),
+        null_class=False,
+        seed=0,
+    )
     build_s = time.perf_counter() - start
     params = {"unet": n_params(unet)}
     unet.to(device).eval().requires_grad_(False)
@@ -133,9 +184,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"Closed-set diffusion throughput ({args.unet} UNet, random weights)")
     print(f"  machine: {machine(device)}")
     print(f"  parameters: unet {params['unet'] / 1e6:.2f}M; built in {build_s:.1f} s")
-    print(f"  seeds: {args.dataset} {tuple(images.shape)} -> {resolution} px, {len(context.class_names)} classes, "
-          f"{args.sampler} {args.steps} steps, no guidance, k={args.ratio}, {args.seeds_per_pass} seeds, "
-          f"{args.repeats} timed repeat(s), warm-up excluded")
+    print(
+        f"  seeds: {args.dataset} {tuple(images.shape)} -> {resolution} px, {len(context.class_names)} classes, "
+        f"{args.sampler} {args.steps} steps, no guidance, k={args.ratio}, {args.seeds_per_pass} seeds, "
+        f"{args.repeats} timed repeat(s), warm-up excluded"
+    )
     results = []
     for mode in ("per_seed", "batched"):
         results.append(measure(mode, unet, images, labels, context, args))
@@ -145,11 +198,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fit_images, fit_labels, _ = load_seeds(args.data.expanduser(), args.dataset, args.fit_batch)
     fit = measure_fit(unet, fit_images, fit_labels, device, args)
     mfu = f", MFU {100 * fit['mfu']:.2f} %" if fit["mfu"] is not None else ""
-    print(f"  fit ({fit['dtype']}): batch {fit['batch_size']}, {fit['seconds_per_step']:.3f} s/step = "
-          f"{fit['train_images_per_s']:.1f} training images/s, {fit['flops_per_step'] / 1e9:.1f} GFLOP/step, "
-          f"{fit['achieved_tflops'] * 1e3:.2f} GFLOP/s{mfu}")
-    return write_report(args, device, params, build_s, results, speedup, benchmark="closed_set_diffusion",
-                        extra={"fit": fit})
+    print(
+        f"  fit ({fit['dtype']}): batch {fit['batch_size']}, {fit['seconds_per_step']:.3f} s/step = "
+        f"{fit['train_images_per_s']:.1f} training images/s, {fit['flops_per_step'] / 1e9:.1f} GFLOP/step, "
+        f"{fit['achieved_tflops'] * 1e3:.2f} GFLOP/s{mfu}"
+    )
+    return write_report(
+        args, device, params, build_s, results, speedup, benchmark="closed_set_diffusion", extra={"fit": fit}
+    )
 
 
 if __name__ == "__main__":

@@ -39,19 +39,38 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+import torch
+from omegaconf import DictConfig, OmegaConf
 
-from benchmarks.flops import count_flops  # noqa: E402
-from experiments.config import CONFIG_DIR  # noqa: E402
+from benchmarks.flops import count_flops
+from experiments.config import CONFIG_DIR
 
 #: the paper tables (GPU) and the CPU experiments, in the order of docs/cost.md
-TABLES = ("table1_natural", "table2_medical", "table3_architectures", "efficiency", "exchange_rate",
-          "medical_cpu", "digits_baselines", "exchange_rate_cpu", "expansive_synthesis", "gif_ae")
+TABLES = (
+    "table1_natural",
+    "table2_medical",
+    "table3_architectures",
+    "efficiency",
+    "exchange_rate",
+    "medical_cpu",
+    "digits_baselines",
+    "exchange_rate_cpu",
+    "expansive_synthesis",
+    "gif_ae",
+)
 #: official training split sizes of the datasets that are not in ../shared/data (before any carve-out)
-OFFICIAL_TRAIN = {"caltech101": 30 * 102, "cars": 8144, "flowers102": 1020, "dtd": 1880, "pets": 3680,
-                  "cifar100_subset": 100 * 100, "pathmnist": 89996, "organsmnist": 13932, "bloodmnist": 11959,
-                  "cifar10": 50000}
+OFFICIAL_TRAIN = {
+    "caltech101": 30 * 102,
+    "cars": 8144,
+    "flowers102": 1020,
+    "dtd": 1880,
+    "pets": 3680,
+    "cifar100_subset": 100 * 100,
+    "pathmnist": 89996,
+    "organsmnist": 13932,
+    "bloodmnist": 11959,
+    "cifar10": 50000,
+}
 #: grey-scale datasets among those (the rest are RGB)
 GREY = ("breastmnist", "organsmnist")
 #: datasets read from ../shared/data: their sizes and channels are computed by loading them
@@ -67,12 +86,12 @@ class Job:
 
     table: str
     seeds: int
-    device: str                 # "gpu" or "cpu" (the trainer's accelerator)
+    device: str  # "gpu" or "cpu" (the trainer's accelerator)
     dataset: str
     channels: int
     stored_size: int
-    n_train: int                # images the expansion sees (the classifier's original part)
-    n_extra: int                # extra real images (classifier only)
+    n_train: int  # images the expansion sees (the classifier's original part)
+    n_extra: int  # extra real images (classifier only)
     size_exact: bool
     method: str
     ratio: int
@@ -81,7 +100,7 @@ class Job:
     input_size: int
     epochs: int
     batch_size: int
-    expansion_per_seed: bool    # expansion_seed follows seed: one expansion per seed
+    expansion_per_seed: bool  # expansion_seed follows seed: one expansion per seed
     fit: dict[str, Any] | None  # closed-set fit settings (steps, batch)
     sampling: dict[str, Any] | None
 
@@ -149,16 +168,35 @@ def jobs_of(experiment: str) -> list[Job]:
         raw_seed = OmegaConf.to_container(cfg, resolve=False)["expansion_seed"]
         closed_set = str(method.get("_target_", "")).endswith("ClosedSetDiffusion")
         input_size = int(cfg.classifier.get("input_size") or cfg.dataset.image_size)
-        jobs.append(Job(
-            table=experiment, seeds=seeds, device="gpu" if cfg.trainer.accelerator == "gpu" else "cpu",
-            dataset=str(cfg.dataset.name), channels=channels,
-            stored_size=int(cfg.dataset.image_size), n_train=n_train, n_extra=n_extra, size_exact=exact,
-            method=str(method.name), ratio=ratio, include_original=bool(cfg.train.get("include_original", True)),
-            arch=str(cfg.classifier.arch), input_size=input_size, epochs=int(cfg.train.epochs),
-            batch_size=int(cfg.train.batch_size), expansion_per_seed=raw_seed == "${seed}",
-            fit={"steps": int(method.fit.steps), "batch_size": int(method.fit.batch_size)} if closed_set else None,
-            sampling={"steps": int(method.num_inference_steps), "unet": str(method.unet),
-                      "resolution": method.get("resolution")} if closed_set else None))
+        jobs.append(
+            Job(
+                table=experiment,
+                seeds=seeds,
+                device="gpu" if cfg.trainer.accelerator == "gpu" else "cpu",
+                dataset=str(cfg.dataset.name),
+                channels=channels,
+                stored_size=int(cfg.dataset.image_size),
+                n_train=n_train,
+                n_extra=n_extra,
+                size_exact=exact,
+                method=str(method.name),
+                ratio=ratio,
+                include_original=bool(cfg.train.get("include_original", True)),
+                arch=str(cfg.classifier.arch),
+                input_size=input_size,
+                epochs=int(cfg.train.epochs),
+                batch_size=int(cfg.train.batch_size),
+                expansion_per_seed=raw_seed == "${seed}",
+                fit={"steps": int(method.fit.steps), "batch_size": int(method.fit.batch_size)} if closed_set else None,
+                sampling={
+                    "steps": int(method.num_inference_steps),
+                    "unet": str(method.unet),
+                    "resolution": method.get("resolution"),
+                }
+                if closed_set
+                else None,
+            )
+        )
     return jobs
 
 
@@ -181,7 +219,7 @@ class Rate:
     """Seconds per unit (image, or fit step), with where the number comes from."""
 
     seconds: float | None
-    kind: str                   # measured | estimate | not measured
+    kind: str  # measured | estimate | not measured
     basis: str
 
 
@@ -226,26 +264,46 @@ class Rates:
             if s["arch"] == job.arch and s["input_size"] == job.input_size and s["channels"] == job.channels:
                 rate = m["framework"]["images_per_s"]
                 if s["batch_size"] == job.batch_size:
-                    return Rate(1 / rate, "measured", f"{job.arch} {job.input_size} px {s['precision']} batch "
-                                f"{job.batch_size}: {rate:.0f} img/s [{_origin(m)}]")
-                return Rate(1 / rate, "estimate", f"{job.arch} {job.input_size} px {s['precision']}: {rate:.0f} img/s "
-                            f"measured at batch {s['batch_size']}, applied to batch {job.batch_size} [{_origin(m)}]")
+                    return Rate(
+                        1 / rate,
+                        "measured",
+                        f"{job.arch} {job.input_size} px {s['precision']} batch "
+                        f"{job.batch_size}: {rate:.0f} img/s [{_origin(m)}]",
+                    )
+                return Rate(
+                    1 / rate,
+                    "estimate",
+                    f"{job.arch} {job.input_size} px {s['precision']}: {rate:.0f} img/s "
+                    f"measured at batch {s['batch_size']}, applied to batch {job.batch_size} [{_origin(m)}]",
+                )
         flops = self.flops(job.arch, job.channels, job.input_size)
         if job.device == "gpu" and job.input_size < MIN_ESTIMATE_SIZE:
-            return Rate(None, "not measured", f"{job.arch} {job.input_size} px on gpu (no FLOP estimate below "
-                        f"{MIN_ESTIMATE_SIZE} px: such small inputs leave a GPU bound by per-step overheads, not FLOPs)")
+            return Rate(
+                None,
+                "not measured",
+                f"{job.arch} {job.input_size} px on gpu (no FLOP estimate below "
+                f"{MIN_ESTIMATE_SIZE} px: such small inputs leave a GPU bound by per-step overheads, not FLOPs)",
+            )
         if job.device == "gpu":
             rate = self.gpu_peak * 1e12 * self.assumed_mfu / flops
-            return Rate(1 / rate, "estimate", f"{job.arch} {job.input_size} px: {flops / 1e9:.2f} GFLOP/img counted / "
-                        f"({self.gpu_peak:.0f} TFLOP/s x assumed MFU {self.assumed_mfu:.0%}) = {rate:.0f} img/s")
+            return Rate(
+                1 / rate,
+                "estimate",
+                f"{job.arch} {job.input_size} px: {flops / 1e9:.2f} GFLOP/img counted / "
+                f"({self.gpu_peak:.0f} TFLOP/s x assumed MFU {self.assumed_mfu:.0%}) = {rate:.0f} img/s",
+            )
         for m in self._measured_training("cpu"):  # scale a measured CPU rate by counted FLOPs
             s = m["settings"]
             if s["arch"] == job.arch:
                 ref_flops = self.flops(job.arch, s["channels"], s["input_size"])
                 rate = m["framework"]["images_per_s"] * ref_flops / flops
-                return Rate(1 / rate, "estimate", f"{job.arch} {job.input_size} px {job.channels}-ch: measured "
-                            f"{m['framework']['images_per_s']:.0f} img/s at {s['input_size']} px x counted FLOP ratio "
-                            f"{ref_flops / flops:.2f} [{_origin(m)}]")
+                return Rate(
+                    1 / rate,
+                    "estimate",
+                    f"{job.arch} {job.input_size} px {job.channels}-ch: measured "
+                    f"{m['framework']['images_per_s']:.0f} img/s at {s['input_size']} px x counted FLOP ratio "
+                    f"{ref_flops / flops:.2f} [{_origin(m)}]",
+                )
         return Rate(None, "not measured", f"{job.arch} {job.input_size} px on {job.device}")
 
     def generation(self, job: Job) -> Rate:
@@ -259,8 +317,11 @@ class Rates:
                 name = row.get("method", m["benchmark"])
                 if name == job.method and row["mode"] == "batched" and self._same_sampler(m, job):
                     rate = row["images_per_s"]
-                    return Rate(1 / rate, "measured", f"{job.method} batched {row['dtype']}: {rate:.3f} img/s "
-                                f"({_settings_text(m)}) [{_origin(m)}]")
+                    return Rate(
+                        1 / rate,
+                        "measured",
+                        f"{job.method} batched {row['dtype']}: {rate:.3f} img/s ({_settings_text(m)}) [{_origin(m)}]",
+                    )
         return Rate(None, "not measured", f"{job.method} on {job.device}")
 
     @staticmethod
@@ -269,8 +330,11 @@ class Rates:
         if job.sampling is None:
             return True
         s = report["settings"]
-        return s.get("unet") == job.sampling["unet"] and s.get("steps") == job.sampling["steps"] and \
-            s.get("resolution") == job.sampling["resolution"]
+        return (
+            s.get("unet") == job.sampling["unet"]
+            and s.get("steps") == job.sampling["steps"]
+            and s.get("resolution") == job.sampling["resolution"]
+        )
 
     def fit_step(self, job: Job) -> Rate | None:
         if job.fit is None:
@@ -278,12 +342,24 @@ class Rates:
         want = "cuda" if job.device == "gpu" else "cpu"
         for m in self.measurements:
             fit = m.get("fit")
-            if m["benchmark"] == "closed_set_diffusion" and m["device"].startswith(want) and fit and \
-                    self._same_sampler(m, job) and fit["batch_size"] == job.fit["batch_size"]:
-                return Rate(fit["seconds_per_step"], "measured", f"closed-set fit, {m['settings']['unet']} UNet, "
-                            f"batch {fit['batch_size']}: {fit['seconds_per_step']:.3f} s/step [{_origin(m)}]")
-        return Rate(None, "not measured", f"closed-set fit, {job.sampling['unet']} UNet, batch {job.fit['batch_size']} "
-                    f"on {job.device}")
+            if (
+                m["benchmark"] == "closed_set_diffusion"
+                and m["device"].startswith(want)
+                and fit
+                and self._same_sampler(m, job)
+                and fit["batch_size"] == job.fit["batch_size"]
+            ):
+                return Rate(
+                    fit["seconds_per_step"],
+                    "measured",
+                    f"closed-set fit, {m['settings']['unet']} UNet, "
+                    f"batch {fit['batch_size']}: {fit['seconds_per_step']:.3f} s/step [{_origin(m)}]",
+                )
+        return Rate(
+            None,
+            "not measured",
+            f"closed-set fit, {job.sampling['unet']} UNet, batch {job.fit['batch_size']} on {job.device}",
+        )
 
     def classic(self, method: str, channels: int, size: int, ratio: int) -> Rate:
         """The classic baselines are timed here: they run on the CPU in the framework's store writer."""
@@ -296,12 +372,13 @@ class Rates:
 def _time_classic(method: str, channels: int, size: int, ratio: int, n: int = 32) -> Rate:
     from hydra import compose
 
-    from experiments.training.pipeline import build_expander
     from expansion.base import ExpansionContext
     from expansion.seeding import image_seeds
+    from experiments.training.pipeline import build_expander
 
-    expander = build_expander(compose(config_name="config", overrides=[f"method={method}",
-                                                                         f"method.ratio={ratio}"]).method)
+    expander = build_expander(
+        compose(config_name="config", overrides=[f"method={method}", f"method.ratio={ratio}"]).method
+    )
     expander.prepare(ExpansionContext(dataset_name="cost", class_names=["a", "b"], channels=channels, image_size=size))
     images = torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8)
     labels = torch.zeros(n, dtype=torch.long)
@@ -310,8 +387,12 @@ def _time_classic(method: str, channels: int, size: int, ratio: int, n: int = 32
     start = time.perf_counter()
     expander.expand(images, labels, seeds)
     seconds = (time.perf_counter() - start) / (n * ratio)
-    return Rate(seconds, "measured", f"{method} {channels}x{size}x{size}: {1 / seconds:.0f} img/s on this CPU, "
-                f"timed here ({time.strftime('%Y-%m-%d')})")
+    return Rate(
+        seconds,
+        "measured",
+        f"{method} {channels}x{size}x{size}: {1 / seconds:.0f} img/s on this CPU, "
+        f"timed here ({time.strftime('%Y-%m-%d')})",
+    )
 
 
 def _settings_text(report: dict[str, Any]) -> str:
@@ -344,9 +425,16 @@ def table_cost(jobs: list[Job], rates: Rates) -> dict[str, Any]:
         if fit is not None and fit_key not in fits:
             fits.add(fit_key)
             _add(parts["fit"], fit, job.fit["steps"])
-    return {"jobs": len(jobs) * jobs[0].seeds, "cells": len(jobs), "device": jobs[0].device,
-            "image_epochs": image_epochs, "generated_images": generated, "fits": len(fits), "parts": parts,
-            "exact_sizes": all(j.size_exact for j in jobs)}
+    return {
+        "jobs": len(jobs) * jobs[0].seeds,
+        "cells": len(jobs),
+        "device": jobs[0].device,
+        "image_epochs": image_epochs,
+        "generated_images": generated,
+        "fits": len(fits),
+        "parts": parts,
+        "exact_sizes": all(j.size_exact for j in jobs),
+    }
 
 
 def _add(part: dict[str, Any], rate: Rate, units: int) -> None:
@@ -376,30 +464,48 @@ def _fmt_hours(hours: float) -> str:
 
 
 def render(costs: dict[str, dict[str, Any]], rates: Rates, args: argparse.Namespace) -> str:
-    lines = ["# What the paper tables cost", "",
-             f"Generated by `{_command(args)}` on {time.strftime('%Y-%m-%d')}. Hours are device-hours of one job at a time (one GPU for a GPU "
-             "table, this CPU for a CPU table); a sweep spread over N GPUs takes about 1/N of it.", "",
-             "Each figure is labelled: **measured** (from a benchmark run, machine and date in its basis, or "
-             "timed by this script), **estimate** (the basis says how it is derived; never a measurement) or "
-             "**not measured** (left out of the hours; the units it would multiply are given: images for "
-             "generation, steps for fits).", ""] + ([args.note, ""] if args.note else [])
+    lines = [
+        "# What the paper tables cost",
+        "",
+        f"Generated by `{_command(args)}` on {time.strftime('%Y-%m-%d')}. Hours are device-hours of one job at a time (one GPU for a GPU "
+        "table, this CPU for a CPU table); a sweep spread over N GPUs takes about 1/N of it.",
+        "",
+        "Each figure is labelled: **measured** (from a benchmark run, machine and date in its basis, or "
+        "timed by this script), **estimate** (the basis says how it is derived; never a measurement) or "
+        "**not measured** (left out of the hours; the units it would multiply are given: images for "
+        "generation, steps for fits).",
+        "",
+    ] + ([args.note, ""] if args.note else [])
     if not any(m["device"].startswith("cuda") for m in rates.measurements):
-        lines += ["**No GPU measurement was available** when this file was written: every GPU training figure is "
-                  f"an estimate at an assumed MFU of {rates.assumed_mfu:.0%} of {rates.gpu_peak:.0f} TFLOP/s "
-                  "(an H100's dense bf16 peak; at 100 % MFU, a hard lower bound, divide those hours by "
-                  f"{1 / rates.assumed_mfu:.1f}), and GPU generation is not measured. `make benchmark-gpu` on a GPU "
-                  "writes the measurements; rerun this script with them.", ""]
-    lines += ["| table | device | jobs (cells x seeds) | training image-epochs | training | generated images | "
-              "generation | generator fits | fit steps |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "**No GPU measurement was available** when this file was written: every GPU training figure is "
+            f"an estimate at an assumed MFU of {rates.assumed_mfu:.0%} of {rates.gpu_peak:.0f} TFLOP/s "
+            "(an H100's dense bf16 peak; at 100 % MFU, a hard lower bound, divide those hours by "
+            f"{1 / rates.assumed_mfu:.1f}), and GPU generation is not measured. `make benchmark-gpu` on a GPU "
+            "writes the measurements; rerun this script with them.",
+            "",
+        ]
+    lines += [
+        "| table | device | jobs (cells x seeds) | training image-epochs | training | generated images | "
+        "generation | generator fits | fit steps |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, c in costs.items():
         approx = "" if c["exact_sizes"] else "~"
-        lines.append(f"| {name} | {c['device']} | {c['jobs']} ({c['cells']} x {c['jobs'] // c['cells']}) | "
-                     f"{approx}{c['image_epochs']:,} | {_hours(c['parts']['training'])} | "
-                     f"{approx}{c['generated_images']:,} | {_hours(c['parts']['generation'])} | {c['fits']} | "
-                     f"{_hours(c['parts']['fit']) if c['fits'] else '-'} |")
-    lines += ["", "`~`: the training set size of a dataset without an offline copy is its official split size less "
-              "the seeded validation carve-out (10 %), rounded; the exact number depends on the per-class rounding.",
-              "", "## Rates used", ""]
+        lines.append(
+            f"| {name} | {c['device']} | {c['jobs']} ({c['cells']} x {c['jobs'] // c['cells']}) | "
+            f"{approx}{c['image_epochs']:,} | {_hours(c['parts']['training'])} | "
+            f"{approx}{c['generated_images']:,} | {_hours(c['parts']['generation'])} | {c['fits']} | "
+            f"{_hours(c['parts']['fit']) if c['fits'] else '-'} |"
+        )
+    lines += [
+        "",
+        "`~`: the training set size of a dataset without an offline copy is its official split size less "
+        "the seeded validation carve-out (10 %), rounded; the exact number depends on the per-class rounding.",
+        "",
+        "## Rates used",
+        "",
+    ]
     for name, c in costs.items():
         lines += [f"### {name}", ""]
         for part_name, part in c["parts"].items():
@@ -422,14 +528,20 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--measurements", type=Path, default=None, help="folder of benchmark --json outputs")
     p.add_argument("--tables", nargs="*", default=list(TABLES), help="experiment configs to cost")
     p.add_argument("--gpu-peak-tflops", type=float, default=989.4, help="reference GPU peak for estimates (H100)")
-    p.add_argument("--assumed-mfu", type=float, default=0.15, help="MFU assumed for GPU training estimates "
-                   "(well-tuned ResNet-50 bf16 training reaches roughly 15-20 %% of an H100's peak; depthwise "
-                   "networks such as MobileNetV2 far less)")
+    p.add_argument(
+        "--assumed-mfu",
+        type=float,
+        default=0.15,
+        help="MFU assumed for GPU training estimates "
+        "(well-tuned ResNet-50 bf16 training reaches roughly 15-20 %% of an H100's peak; depthwise "
+        "networks such as MobileNetV2 far less)",
+    )
     p.add_argument("--note", default=None, help="a paragraph for the top of the file (e.g. the machine's load)")
     p.add_argument("--out", type=Path, default=None, help="write the markdown here (else print it)")
     return p.parse_args(argv)

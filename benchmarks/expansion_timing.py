@@ -24,11 +24,18 @@ def seed_calls(mode: str, images: torch.Tensor, labels: torch.Tensor, k: int) ->
     seeds = image_seeds(0, range(n), k)
     if mode == "batched":
         return [(images, labels, seeds)]
-    return [(images[b:b + 1], labels[b:b + 1], seeds[b:b + 1]) for b in range(n)]
+    return [(images[b : b + 1], labels[b : b + 1], seeds[b : b + 1]) for b in range(n)]
 
 
-def time_expand_calls(expander, calls: list[tuple], device: torch.device, repeats: int, kept_images: int,
-                      peak_override: float | None = None, count: bool = True) -> dict[str, Any]:
+def time_expand_calls(
+    expander,
+    calls: list[tuple],
+    device: torch.device,
+    repeats: int,
+    kept_images: int,
+    peak_override: float | None = None,
+    count: bool = True,
+) -> dict[str, Any]:
     """Time ``repeats`` passes of ``expander.expand(*call)`` over ``calls``; the figures of a result row.
 
     ``kept_images``: the images a repeat delivers (images/s counts these); every generated image's work
@@ -54,12 +61,18 @@ def time_expand_calls(expander, calls: list[tuple], device: torch.device, repeat
     images = repeats * kept_images
     peak, _ = gpu_peak_tflops(device, peak_override)
     return {
-        "seeds_per_call": list(calls[0][2].shape), "calls_per_repeat": len(calls), "repeats": repeats,
-        "images": images, "images_generated": generated, "seconds": seconds, "seconds_per_repeat": times,
+        "seeds_per_call": list(calls[0][2].shape),
+        "calls_per_repeat": len(calls),
+        "repeats": repeats,
+        "images": images,
+        "images_generated": generated,
+        "seconds": seconds,
+        "seconds_per_repeat": times,
         "images_per_s": images / seconds,
         "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "output_shape": list(out.images.shape[2:]),
-        "flops_per_image": flops_per_image, **utilisation(flops_per_image, generated / seconds, peak),
+        "flops_per_image": flops_per_image,
+        **utilisation(flops_per_image, generated / seconds, peak),
     }
 
 
@@ -69,6 +82,8 @@ def result_line(label: str, row: dict[str, Any]) -> str:
     peak = f", peak GPU {row['peak_gpu_gib']:.2f} GiB" if row["peak_gpu_gib"] is not None else ""
     extra = f" ({row['images_generated']} generated)" if row["images_generated"] != row["images"] else ""
     group = f", group_size {row['group_size']}" if "group_size" in row else ""
-    return (f"  {label:<10} {row['mode']:<8} {row['dtype']:<8} seeds [B,k]={shape:<5} x {row['calls_per_repeat']} "
-            f"call(s){group}: {row['images_per_s']:.4f} img/s ({row['images']} images{extra} in "
-            f"{row['seconds']:.2f} s{peak}){describe(row)}")
+    return (
+        f"  {label:<10} {row['mode']:<8} {row['dtype']:<8} seeds [B,k]={shape:<5} x {row['calls_per_repeat']} "
+        f"call(s){group}: {row['images_per_s']:.4f} img/s ({row['images']} images{extra} in "
+        f"{row['seconds']:.2f} s{peak}){describe(row)}"
+    )

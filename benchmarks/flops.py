@@ -20,15 +20,15 @@ from torch.utils import flop_counter
 GPU_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("H100 PCIe", 756.0),
     ("H100 NVL", 835.0),
-    ("H200", 989.4),   # also GH200
+    ("H200", 989.4),  # also GH200
     ("H100", 989.4),
     ("A100", 312.0),
     ("L40S", 362.0),
     ("L40", 181.0),
     ("L4", 121.0),
     ("A10", 125.0),
-    ("V100", 125.0),   # fp16 (no bf16)
-    ("T4", 65.0),      # fp16 (no bf16)
+    ("V100", 125.0),  # fp16 (no bf16)
+    ("T4", 65.0),  # fp16 (no bf16)
 )
 
 
@@ -36,8 +36,10 @@ def _register_cpu_attention() -> None:
     """The CPU flash-attention kernels have no FLOP formula in torch (they would count 0):
     count them as the CUDA ones (4 b h s_q s_k d forward, 2.5x that backward)."""
     aten = torch.ops.aten
-    cpu_ops = {aten._scaled_dot_product_flash_attention_for_cpu: flop_counter.sdpa_flop,
-               aten._scaled_dot_product_flash_attention_for_cpu_backward: flop_counter.sdpa_backward_flop}
+    cpu_ops = {
+        aten._scaled_dot_product_flash_attention_for_cpu: flop_counter.sdpa_flop,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: flop_counter.sdpa_backward_flop,
+    }
     for op, formula in cpu_ops.items():
         if op not in flop_counter.flop_registry:
             flop_counter.register_flop_formula(op, get_raw=True)(formula)  # formula is already shape-wrapped

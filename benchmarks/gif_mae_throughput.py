@@ -37,23 +37,50 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.expansion_timing import result_line, seed_calls, time_expand_calls  # noqa: E402
-from benchmarks.gif_sd_throughput import add_run_arguments, write_report, build_real_guide, load_seeds, machine, n_params  # noqa: E402
-from expansion.base import ExpansionContext  # noqa: E402
-from expansion.gif.guides import ClipGuide, build_guide  # noqa: E402
-from expansion.gif.mae import GifMAE  # noqa: E402
+from benchmarks.expansion_timing import result_line, seed_calls, time_expand_calls
+from benchmarks.gif_sd_throughput import (
+    add_run_arguments,
+    build_real_guide,
+    load_seeds,
+    machine,
+    n_params,
+    write_report,
+)
+from expansion.base import ExpansionContext
+from expansion.gif.guides import ClipGuide, build_guide
+from expansion.gif.mae import GifMAE
 
 #: facebook/vit-mae-large's config.json (transformers ViTMAEConfig)
 VIT_MAE_LARGE = dict(
-    image_size=224, patch_size=16, num_channels=3, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-    intermediate_size=4096, decoder_hidden_size=512, decoder_num_hidden_layers=8, decoder_num_attention_heads=16,
-    decoder_intermediate_size=2048, hidden_act="gelu", layer_norm_eps=1e-12, qkv_bias=True, norm_pix_loss=False,
+    image_size=224,
+    patch_size=16,
+    num_channels=3,
+    hidden_size=1024,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    intermediate_size=4096,
+    decoder_hidden_size=512,
+    decoder_num_hidden_layers=8,
+    decoder_num_attention_heads=16,
+    decoder_intermediate_size=2048,
+    hidden_act="gelu",
+    layer_norm_eps=1e-12,
+    qkv_bias=True,
+    norm_pix_loss=False,
 )
 TINY_MAE = dict(
-    image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-    decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=4, decoder_intermediate_size=37,
+    image_size=32,
+    patch_size=8,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=37,
+    decoder_hidden_size=32,
+    decoder_num_hidden_layers=1,
+    decoder_num_attention_heads=4,
+    decoder_intermediate_size=37,
 )
 #: parameter counts of the released models, for the sanity check printed with the figures
 EXPECTED_PARAMS = {"mae": 329_541_888, "guide": 151_277_313}
@@ -74,35 +101,57 @@ def build_tiny_guide(tmp_dir: Path | str, class_names: list[str]) -> ClipGuide:
 
 
 def make_expander(model, guide: ClipGuide, context: ExpansionContext, args: argparse.Namespace) -> GifMAE:
-    exp = GifMAE(ratio=args.ratio, model_id="unused (random weights)", mask_ratio=args.mask_ratio,
-                 radius=args.radius, output_size=None, dtype=args.dtype)
+    exp = GifMAE(
+        ratio=args.ratio,
+        model_id="unused (random weights)",
+        mask_ratio=args.mask_ratio,
+        radius=args.radius,
+        output_size=None,
+        dtype=args.dtype,
+    )
     exp.context = context  # prepare() would load weights from model_id: set the context and components instead
     exp.set_components(model)
     exp.use_guide(guide)
     return exp
 
 
-def measure(mode: str, model, guide: ClipGuide, images: torch.Tensor, labels: torch.Tensor,
-            context: ExpansionContext, args: argparse.Namespace) -> dict[str, Any]:
+def measure(
+    mode: str,
+    model,
+    guide: ClipGuide,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    context: ExpansionContext,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
     calls = seed_calls(mode, images, labels, args.ratio)
     exp = make_expander(model, guide, context, args)
-    timing = time_expand_calls(exp, calls, images.device, args.repeats, images.shape[0] * args.ratio,
-                               args.peak_tflops)
+    timing = time_expand_calls(exp, calls, images.device, args.repeats, images.shape[0] * args.ratio, args.peak_tflops)
     return {"mode": mode, "dtype": str(exp.model_dtype).replace("torch.", ""), **timing}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--device", default="cuda" if cuda else "cpu")
-    p.add_argument("--seeds-per-pass", type=int, default=None, help="seeds per batched call (default 16 on cuda, "
-                   "2 on cpu); also the number of seeds the per-seed mode goes through")
+    p.add_argument(
+        "--seeds-per-pass",
+        type=int,
+        default=None,
+        help="seeds per batched call (default 16 on cuda, "
+        "2 on cpu); also the number of seeds the per-seed mode goes through",
+    )
     p.add_argument("--ratio", type=int, default=None, help="k images per seed (default 5 on cuda, 2 on cpu)")
     p.add_argument("--mask-ratio", type=float, default=0.0, help="MAE masking ratio at expansion time")
     p.add_argument("--radius", type=float, default=0.8, help="L-inf radius in token-std units")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="MAE dtype (auto: bfloat16/float16 on cuda, float32 on cpu)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="MAE dtype (auto: bfloat16/float16 on cuda, float32 on cpu)",
+    )
     add_run_arguments(p)
     p.add_argument("--tiny", action="store_true", help="tiny test MAE and CLIP (script check only)")
     args = p.parse_args(argv)
@@ -133,16 +182,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     cfg = model.config
     tokens = 1 + (cfg.image_size // cfg.patch_size) ** 2
-    what = "TINY test MAE + CLIP: figures say nothing about speed" if args.tiny else \
-        "real ViT-MAE-Large + CLIP ViT-B/32 sizes, random weights"
+    what = (
+        "TINY test MAE + CLIP: figures say nothing about speed"
+        if args.tiny
+        else "real ViT-MAE-Large + CLIP ViT-B/32 sizes, random weights"
+    )
     print(f"GIF-MAE throughput ({what})")
     print(f"  machine: {machine(device)}")
-    counts = [f"{k} {v / 1e6:.1f}M" + ("" if args.tiny else f" (expected {EXPECTED_PARAMS[k] / 1e6:.1f}M)")
-              for k, v in params.items()]
+    counts = [
+        f"{k} {v / 1e6:.1f}M" + ("" if args.tiny else f" (expected {EXPECTED_PARAMS[k] / 1e6:.1f}M)")
+        for k, v in params.items()
+    ]
     print(f"  parameters: {', '.join(counts)}; built in {build_s:.1f} s")
-    print(f"  seeds: {args.dataset} {tuple(images.shape)} uint8 -> {cfg.image_size} px, {tokens} x {cfg.hidden_size} "
-          f"tokens, mask ratio {args.mask_ratio}, k={args.ratio}, {args.seeds_per_pass} seeds, {args.repeats} timed "
-          "repeat(s), warm-up excluded")
+    print(
+        f"  seeds: {args.dataset} {tuple(images.shape)} uint8 -> {cfg.image_size} px, {tokens} x {cfg.hidden_size} "
+        f"tokens, mask ratio {args.mask_ratio}, k={args.ratio}, {args.seeds_per_pass} seeds, {args.repeats} timed "
+        "repeat(s), warm-up excluded"
+    )
 
     results = []
     for mode in ("per_seed", "batched"):

@@ -41,37 +41,59 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from benchmarks.expansion_timing import result_line, time_expand_calls  # noqa: E402
-from benchmarks.flops import gpu_peak_tflops  # noqa: E402
-from expansion.base import ExpansionContext  # noqa: E402
-from expansion.gif.guides import ClipGuide, build_guide  # noqa: E402
-from expansion.gif.sd import GifSD  # noqa: E402
-from expansion.seeding import image_seeds  # noqa: E402
+from benchmarks.expansion_timing import result_line, time_expand_calls
+from benchmarks.flops import gpu_peak_tflops
+from expansion.base import ExpansionContext
+from expansion.gif.guides import ClipGuide, build_guide
+from expansion.gif.sd import GifSD
+from expansion.seeding import image_seeds
 
 # -- the real architectures (Stable Diffusion v1.x / v1.5 model_index configs) ---------------------
 SD_V1_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
     block_out_channels=(320, 640, 1280, 1280),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    norm_num_groups=32,
 )
 SD_V1_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    layers_per_block=2,
     block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    norm_num_groups=32, sample_size=512, scaling_factor=0.18215,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    norm_num_groups=32,
+    sample_size=512,
+    scaling_factor=0.18215,
 )
 VIT_L14_TEXT = dict(
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=768,
 )
 SD_V1_SCHEDULER = dict(
-    num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-    clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    num_train_timesteps=1000,
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
 )
 GUIDE_ARCH = "ViT-B-32"
 #: parameter counts of the released models, for the sanity check printed with the figures
@@ -80,8 +102,11 @@ EXPECTED_PARAMS = {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_0
 DATASETS = {
     # name: (context kwargs, where the seeds are under --data)
     "cifar10": {"channels": 3, "prompt_prefix": None},
-    "breastmnist": {"channels": 1, "prompt_prefix": "Ultrasound image of",
-                    "class_names": ["malignant", "normal, benign"]},
+    "breastmnist": {
+        "channels": 1,
+        "prompt_prefix": "Ultrasound image of",
+        "class_names": ["malignant", "normal, benign"],
+    },
 }
 
 
@@ -101,12 +126,15 @@ def clip_bpe_tokenizer(tmp_dir: Path | str, model_max_length: int = 77):
     vocab = {rename.get(tok, tok): i for tok, i in simple.encoder.items()}
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     merges = sorted(simple.bpe_ranks.items(), key=lambda kv: kv[1])
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(pair) for pair, _ in merges) + "\n",
-                                       encoding="utf-8")
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(pair) for pair, _ in merges) + "\n", encoding="utf-8"
+    )
     tokenizer = CLIPTokenizer.from_pretrained(str(folder), model_max_length=model_max_length)
     if len(tokenizer) != len(vocab) or tokenizer.eos_token_id != 49407:
-        raise RuntimeError(f"CLIP tokenizer built from open_clip's vocabulary has {len(tokenizer)} tokens and "
-                           f"<|endoftext|> = {tokenizer.eos_token_id}; expected {len(vocab)} and 49407")
+        raise RuntimeError(
+            f"CLIP tokenizer built from open_clip's vocabulary has {len(tokenizer)} tokens and "
+            f"<|endoftext|> = {tokenizer.eos_token_id}; expected {len(vocab)} and 49407"
+        )
     return tokenizer
 
 
@@ -120,11 +148,21 @@ def build_real_sd(tmp_dir: Path | str, seed: int = 0) -> dict[str, Any]:
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**SD_V1_UNET)
         vae = AutoencoderKL(**SD_V1_VAE)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**VIT_L14_TEXT, bos_token_id=tokenizer.bos_token_id,
-                                                    eos_token_id=tokenizer.eos_token_id,
-                                                    pad_token_id=tokenizer.pad_token_id))
-    return {"vae": vae, "unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer,
-            "scheduler": DDIMScheduler(**SD_V1_SCHEDULER)}
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                **VIT_L14_TEXT,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    return {
+        "vae": vae,
+        "unet": unet,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": DDIMScheduler(**SD_V1_SCHEDULER),
+    }
 
 
 def build_real_guide(class_names: list[str], seed: int = 0) -> ClipGuide:
@@ -179,8 +217,13 @@ def load_seeds(data_root: Path, dataset: str, n: int) -> tuple[torch.Tensor, tor
         x = torch.from_numpy(data["train_images"][idx])[:, None]
         y = torch.from_numpy(data["train_labels"][idx, 0].astype(np.int64))
         class_names = spec["class_names"]
-    context = ExpansionContext(dataset_name=dataset, class_names=list(class_names), channels=spec["channels"],
-                               image_size=int(x.shape[-1]), prompt_prefix=spec["prompt_prefix"])
+    context = ExpansionContext(
+        dataset_name=dataset,
+        class_names=list(class_names),
+        channels=spec["channels"],
+        image_size=int(x.shape[-1]),
+        prompt_prefix=spec["prompt_prefix"],
+    )
     return x, y, context
 
 
@@ -201,14 +244,28 @@ def machine(device: torch.device) -> str:
     return f"{name}; torch {torch.__version__}" + (f", CUDA {torch.version.cuda}" if device.type == "cuda" else "")
 
 
-def make_expander(method: str, mode: str, comps: dict[str, Any], guide: ClipGuide | None,
-                  context: ExpansionContext, args: argparse.Namespace) -> GifSD:
+def make_expander(
+    method: str,
+    mode: str,
+    comps: dict[str, Any],
+    guide: ClipGuide | None,
+    context: ExpansionContext,
+    args: argparse.Namespace,
+) -> GifSD:
     official = mode == "official"
     unguided = {"guided": False, "radius": 0.0} if method == "sd_img2img" else {"radius": args.radius}
-    exp = GifSD(ratio=args.ratio, model_id="unused (random weights)", guidance_scale=args.guidance_scale,
-                strength=args.strength, num_inference_steps=args.steps, resolution=args.resolution,
-                output_size=None, dtype="float32" if official else args.dtype, group_size=2 if official else None,
-                **unguided)
+    exp = GifSD(
+        ratio=args.ratio,
+        model_id="unused (random weights)",
+        guidance_scale=args.guidance_scale,
+        strength=args.strength,
+        num_inference_steps=args.steps,
+        resolution=args.resolution,
+        output_size=None,
+        dtype="float32" if official else args.dtype,
+        group_size=2 if official else None,
+        **unguided,
+    )
     exp.context = context  # prepare() would load weights from model_id: set the context and components instead
     exp.set_components(comps)  # also resets the cached dtypes
     if exp.settings.guided:
@@ -225,19 +282,31 @@ def calls_for(mode: str, images: torch.Tensor, labels: torch.Tensor, k: int) -> 
     calls = []
     for b in range(n):
         seeds = image_seeds(0, [b], 2 * passes)
-        calls += [(images[b:b + 1], labels[b:b + 1], seeds[:, 2 * j:2 * j + 2]) for j in range(passes)]
+        calls += [(images[b : b + 1], labels[b : b + 1], seeds[:, 2 * j : 2 * j + 2]) for j in range(passes)]
     return calls
 
 
-def measure(method: str, mode: str, comps: dict[str, Any], guide: ClipGuide | None, images: torch.Tensor,
-            labels: torch.Tensor, context: ExpansionContext, args: argparse.Namespace) -> dict[str, Any]:
+def measure(
+    method: str,
+    mode: str,
+    comps: dict[str, Any],
+    guide: ClipGuide | None,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    context: ExpansionContext,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
     exp = make_expander(method, mode, comps, guide, context, args)
     calls = calls_for(mode, images, labels, args.ratio)
     # k kept per seed (official: ceil(k/2) passes of 2, so an odd k generates one more than it keeps)
-    timing = time_expand_calls(exp, calls, images.device, args.repeats, images.shape[0] * args.ratio,
-                               args.peak_tflops)
-    return {"method": method, "mode": mode, "dtype": str(exp.unet_dtype).replace("torch.", ""),
-            "group_size": exp.settings.group_size, **timing}
+    timing = time_expand_calls(exp, calls, images.device, args.repeats, images.shape[0] * args.ratio, args.peak_tflops)
+    return {
+        "method": method,
+        "mode": mode,
+        "dtype": str(exp.unet_dtype).replace("torch.", ""),
+        "group_size": exp.settings.group_size,
+        **timing,
+    }
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -245,51 +314,84 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     peak for MFU and the JSON report."""
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per mode (default 2 on cuda, 1 on cpu)")
     p.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS), help="where the seed images come from")
-    p.add_argument("--data", type=Path, default=Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data")),
-                   help="the shared data folder (cifar10_subset/, medmnist/)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak for MFU "
-                   "(default: looked up by device name, benchmarks/flops.py)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data")),
+        help="the shared data folder (cifar10_subset/, medmnist/)",
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the GPU's dense bf16 peak for MFU (default: looked up by device name, benchmarks/flops.py)",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--resolution", type=int, default=None, help="img2img resolution (default 512 on cuda, 64 on cpu)")
     p.add_argument("--steps", type=int, default=None, help="DDIM inference steps (default 50 on cuda, 2 on cpu)")
     p.add_argument("--strength", type=float, default=0.9)
     p.add_argument("--guidance-scale", type=float, default=50.0, help="classifier-free guidance (1 = no CFG)")
     p.add_argument("--radius", type=float, default=0.8)
-    p.add_argument("--seeds-per-pass", type=int, default=None, help="batched mode (default 8 on cuda, 2 on cpu); "
-                   "also the number of seeds the official loop goes through")
+    p.add_argument(
+        "--seeds-per-pass",
+        type=int,
+        default=None,
+        help="batched mode (default 8 on cuda, 2 on cpu); also the number of seeds the official loop goes through",
+    )
     p.add_argument("--ratio", type=int, default=None, help="k images per seed (default 5 on cuda, 2 on cpu)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="batched mode's UNet/text-encoder dtype (auto: float16 on cuda, float32 on cpu)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="batched mode's UNet/text-encoder dtype (auto: float16 on cuda, float32 on cpu)",
+    )
     add_run_arguments(p)
     p.add_argument("--method", default="gif_sd", choices=["gif_sd", "sd_img2img", "both"])
     p.add_argument("--tiny", action="store_true", help="tiny test components (script check only; default 16 px)")
     args = p.parse_args(argv)
     on_cuda = torch.device(args.device).type == "cuda"
-    defaults = {"resolution": 512 if on_cuda else (16 if args.tiny else 64), "steps": 50 if on_cuda else 2,
-                "seeds_per_pass": 8 if on_cuda else 2, "ratio": 5 if on_cuda else 2, "repeats": 2 if on_cuda else 1}
+    defaults = {
+        "resolution": 512 if on_cuda else (16 if args.tiny else 64),
+        "steps": 50 if on_cuda else 2,
+        "seeds_per_pass": 8 if on_cuda else 2,
+        "ratio": 5 if on_cuda else 2,
+        "repeats": 2 if on_cuda else 1,
+    }
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
 
 
-def write_report(args, device, params, build_s: float, results: list, speedup, benchmark: str,
-                 extra: dict | None = None) -> dict:
+def write_report(
+    args, device, params, build_s: float, results: list, speedup, benchmark: str, extra: dict | None = None
+) -> dict:
     """The figures of one benchmark run as a dict, also written to ``--json`` when given."""
     peak, peak_source = gpu_peak_tflops(device, getattr(args, "peak_tflops", None))
-    report = {"benchmark": benchmark, "machine": machine(device), "device": str(device), "torch": torch.__version__,
-              "tiny": args.tiny,
-              "date": time.strftime("%Y-%m-%d"), "peak_tflops": peak, "peak_source": peak_source,
-              "parameters": params, "build_seconds": build_s,
-              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"},
-              "results": results, "speedup": speedup, **(extra or {})}
+    report = {
+        "benchmark": benchmark,
+        "machine": machine(device),
+        "device": str(device),
+        "torch": torch.__version__,
+        "tiny": args.tiny,
+        "date": time.strftime("%Y-%m-%d"),
+        "peak_tflops": peak,
+        "peak_source": peak_source,
+        "parameters": params,
+        "build_seconds": build_s,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"},
+        "results": results,
+        "speedup": speedup,
+        **(extra or {}),
+    }
     print(f"  MFU against: {peak_source}" + (f" = {peak:.1f} TFLOP/s" if peak else ""))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -324,17 +426,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     guide.to(device)
     images, labels = images.to(device), labels.to(device)
 
-    what = ("TINY test components: figures say nothing about speed" if args.tiny
-            else "real SD v1.5 + CLIP ViT-B/32 sizes, random weights")
+    what = (
+        "TINY test components: figures say nothing about speed"
+        if args.tiny
+        else "real SD v1.5 + CLIP ViT-B/32 sizes, random weights"
+    )
     print(f"GIF-SD throughput ({what})")
     print(f"  machine: {machine(device)}")
-    counts = [f"{k} {v / 1e6:.1f}M" + ("" if args.tiny else f" (expected {EXPECTED_PARAMS[k] / 1e6:.1f}M)")
-              for k, v in params.items()]
+    counts = [
+        f"{k} {v / 1e6:.1f}M" + ("" if args.tiny else f" (expected {EXPECTED_PARAMS[k] / 1e6:.1f}M)")
+        for k, v in params.items()
+    ]
     print(f"  parameters: {', '.join(counts)}; built in {build_s:.1f} s")
-    print(f"  seeds: {args.dataset} {tuple(images.shape)} uint8 -> {args.resolution} px, {args.steps} DDIM steps x "
-          f"strength {args.strength} = {min(int(args.steps * args.strength), args.steps)} denoising step(s), "
-          f"CFG {args.guidance_scale}, k={args.ratio}, {args.seeds_per_pass} seeds, {args.repeats} timed repeat(s), "
-          "warm-up excluded")
+    print(
+        f"  seeds: {args.dataset} {tuple(images.shape)} uint8 -> {args.resolution} px, {args.steps} DDIM steps x "
+        f"strength {args.strength} = {min(int(args.steps * args.strength), args.steps)} denoising step(s), "
+        f"CFG {args.guidance_scale}, k={args.ratio}, {args.seeds_per_pass} seeds, {args.repeats} timed repeat(s), "
+        "warm-up excluded"
+    )
 
     results, speedups = [], {}
     for method in methods:

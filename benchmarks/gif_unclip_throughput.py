@@ -36,51 +36,101 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.expansion_timing import result_line, seed_calls, time_expand_calls  # noqa: E402
-from benchmarks.gif_sd_throughput import (add_run_arguments, write_report, SD_V1_SCHEDULER, SD_V1_VAE, build_real_guide,  # noqa: E402
-                                          clip_bpe_tokenizer, load_seeds, machine, n_params)
-from expansion.base import ExpansionContext  # noqa: E402
-from expansion.gif.unclip import GifUnCLIP  # noqa: E402
-from expansion.gif.guides import ClipGuide, build_guide  # noqa: E402
+from benchmarks.expansion_timing import result_line, seed_calls, time_expand_calls
+from benchmarks.gif_sd_throughput import (
+    SD_V1_SCHEDULER,
+    SD_V1_VAE,
+    add_run_arguments,
+    build_real_guide,
+    clip_bpe_tokenizer,
+    load_seeds,
+    machine,
+    n_params,
+    write_report,
+)
+from expansion.base import ExpansionContext
+from expansion.gif.guides import ClipGuide, build_guide
+from expansion.gif.unclip import GifUnCLIP
 
 #: stabilityai/stable-diffusion-2-1-unclip-small unet/config.json
 SD21_UNCLIP_UNET = dict(
-    sample_size=96, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    sample_size=96,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True, norm_num_groups=32,
-    class_embed_type="projection", projection_class_embeddings_input_dim=1536,
+    cross_attention_dim=1024,
+    attention_head_dim=(5, 10, 20, 20),
+    use_linear_projection=True,
+    norm_num_groups=32,
+    class_embed_type="projection",
+    projection_class_embeddings_input_dim=1536,
 )
 #: OpenCLIP ViT-H/14 text tower as SD 2.x's CLIPTextModel
-OPENCLIP_H_TEXT = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-                       num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512)
+OPENCLIP_H_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=23,
+    num_attention_heads=16,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    projection_dim=512,
+)
 #: CLIP ViT-L/14 vision tower + projection (the unclip-small image encoder)
-VIT_L14_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                      image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+VIT_L14_VISION = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=224,
+    patch_size=14,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+)
 SD21_SCHEDULER = {**SD_V1_SCHEDULER, "prediction_type": "v_prediction"}
 
 
 def build_real_pipe(tmp_dir: Path | str, seed: int = 0):
     from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableUnCLIPImg2ImgPipeline, UNet2DConditionModel
     from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
-    from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig,
-                              CLIPVisionModelWithProjection)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
 
     tokenizer = clip_bpe_tokenizer(tmp_dir)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**SD21_UNCLIP_UNET)
         vae = AutoencoderKL(**SD_V1_VAE)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**OPENCLIP_H_TEXT, bos_token_id=tokenizer.bos_token_id,
-                                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=0))
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                **OPENCLIP_H_TEXT,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=0,
+            )
+        )
         image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**VIT_L14_VISION))
     return StableUnCLIPImg2ImgPipeline(
-        feature_extractor=CLIPImageProcessor(crop_size=224, size=224), image_encoder=image_encoder,
+        feature_extractor=CLIPImageProcessor(crop_size=224, size=224),
+        image_encoder=image_encoder,
         image_normalizer=StableUnCLIPImageNormalizer(embedding_dim=768),
-        image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"), tokenizer=tokenizer,
-        text_encoder=text_encoder, unet=unet, scheduler=DDIMScheduler(**SD21_SCHEDULER), vae=vae)
+        image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        unet=unet,
+        scheduler=DDIMScheduler(**SD21_SCHEDULER),
+        vae=vae,
+    )
 
 
 def build_tiny(tmp_dir: Path | str, class_names: list[str]):
@@ -91,30 +141,48 @@ def build_tiny(tmp_dir: Path | str, class_names: list[str]):
 
 
 def make_expander(pipe, guide: ClipGuide, context: ExpansionContext, args: argparse.Namespace) -> GifUnCLIP:
-    exp = GifUnCLIP(ratio=args.ratio, backend="stable_unclip", model_id="unused (random weights)",
-                    radius=args.radius, score_path=args.score_path, score_steps=args.score_steps,
-                    num_inference_steps=args.steps, guidance_scale=args.guidance_scale, resolution=args.resolution,
-                    output_size=None, dtype=args.dtype)
+    exp = GifUnCLIP(
+        ratio=args.ratio,
+        backend="stable_unclip",
+        model_id="unused (random weights)",
+        radius=args.radius,
+        score_path=args.score_path,
+        score_steps=args.score_steps,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        resolution=args.resolution,
+        output_size=None,
+        dtype=args.dtype,
+    )
     exp.context = context
     exp.set_components(pipe)
     exp.use_guide(guide)
     return exp
 
 
-def measure(mode: str, pipe, guide: ClipGuide, images: torch.Tensor, labels: torch.Tensor,
-            context: ExpansionContext, args: argparse.Namespace) -> dict[str, Any]:
+def measure(
+    mode: str,
+    pipe,
+    guide: ClipGuide,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    context: ExpansionContext,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
     calls = seed_calls(mode, images, labels, args.ratio)
     exp = make_expander(pipe, guide, context, args)
     # without a warm-up no FLOPs are counted either
-    timing = time_expand_calls(exp, calls, images.device, args.repeats, images.shape[0] * args.ratio,
-                               args.peak_tflops, count=args.warmup)
+    timing = time_expand_calls(
+        exp, calls, images.device, args.repeats, images.shape[0] * args.ratio, args.peak_tflops, count=args.warmup
+    )
     return {"mode": mode, "dtype": str(exp.model_dtype).replace("torch.", ""), **timing}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--seeds-per-pass", type=int, default=None, help="default 8 on cuda, 2 on cpu")
     p.add_argument("--ratio", type=int, default=None, help="k images per seed (default 5 on cuda, 2 on cpu)")
@@ -155,15 +223,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     guide.to(device)
     images, labels = images.to(device), labels.to(device)
     res = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    what = "TINY test pipeline + CLIP: figures say nothing about speed" if args.tiny else \
-        "real SD 2.1 unCLIP-small + CLIP ViT-B/32 guide sizes, random weights"
+    what = (
+        "TINY test pipeline + CLIP: figures say nothing about speed"
+        if args.tiny
+        else "real SD 2.1 unCLIP-small + CLIP ViT-B/32 guide sizes, random weights"
+    )
     print(f"GIF-unCLIP throughput ({what})")
     print(f"  machine: {machine(device)}")
     print(f"  parameters: {', '.join(f'{k} {v / 1e6:.1f}M' for k, v in params.items())}; built in {build_s:.1f} s")
-    print(f"  seeds: {args.dataset} {tuple(images.shape)} -> {res} px, k={args.ratio}, {args.seeds_per_pass} seeds, "
-          f"score path {args.score_path} ({args.score_steps if args.score_path == 'cheap' else args.steps} steps), "
-          f"final decode {args.steps} steps, cfg {args.guidance_scale}, {args.repeats} timed repeat(s), "
-          f"warm-up {'excluded' if args.warmup else 'skipped'}")
+    print(
+        f"  seeds: {args.dataset} {tuple(images.shape)} -> {res} px, k={args.ratio}, {args.seeds_per_pass} seeds, "
+        f"score path {args.score_path} ({args.score_steps if args.score_path == 'cheap' else args.steps} steps), "
+        f"final decode {args.steps} steps, cfg {args.guidance_scale}, {args.repeats} timed repeat(s), "
+        f"warm-up {'excluded' if args.warmup else 'skipped'}"
+    )
     results = []
     for mode in ("per_seed", "batched"):
         results.append(measure(mode, pipe, guide, images, labels, context, args))

@@ -44,28 +44,37 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
 
-from benchmarks.gif_sd_throughput import machine  # noqa: E402
-from experiments.data.augment import augment_batch, normalize, prepare_eval  # noqa: E402
-from experiments.config import CONFIG_DIR  # noqa: E402
-from experiments.data.datamodule import ExpansionDataModule, load_expanded_images  # noqa: E402
-from experiments.data.datasets import DatasetSplits, build_dataset  # noqa: E402
-from experiments.training.pipeline import Job, build_classifier, build_datamodule  # noqa: E402
-from experiments.training.timing import steady_epoch_seconds  # noqa: E402
+from benchmarks.gif_sd_throughput import machine
+from experiments.config import CONFIG_DIR
+from experiments.data.augment import augment_batch, normalize, prepare_eval
+from experiments.data.datamodule import ExpansionDataModule, load_expanded_images
+from experiments.data.datasets import DatasetSplits, build_dataset
+from experiments.training.pipeline import Job, build_classifier, build_datamodule
+from experiments.training.timing import steady_epoch_seconds
 
 
 def compose_config(args: argparse.Namespace) -> DictConfig:
     """The run's config, composed as ``run.py`` would with the benchmark's overrides."""
     from hydra import compose, initialize_config_dir
 
-    overrides = [f"dataset={args.dataset}", f"classifier={args.classifier}", f"method={args.method}",
-                 f"trainer={'gpu' if args.device == 'cuda' else 'cpu'}", "logger=csv", "progress_bar=false",
-                 f"train.epochs={args.epochs}", "train.compare_original=false", "quality.enabled=false",
-                 f"paths.cache_dir={args.cache_dir}", *args.override]
+    overrides = [
+        f"dataset={args.dataset}",
+        f"classifier={args.classifier}",
+        f"method={args.method}",
+        f"trainer={'gpu' if args.device == 'cuda' else 'cpu'}",
+        "logger=csv",
+        "progress_bar=false",
+        f"train.epochs={args.epochs}",
+        "train.compare_original=false",
+        "quality.enabled=false",
+        f"paths.cache_dir={args.cache_dir}",
+        *args.override,
+    ]
     if args.data is not None:
         overrides.append(f"paths.shared_data={args.data}")
     if args.ratio is not None and args.method != "original":
@@ -88,13 +97,13 @@ def load_training_data(cfg: DictConfig) -> tuple[DatasetSplits, torch.Tensor | N
     if expander is None:
         return data, None, None
     result = run_expansion(Job.from_config(cfg), data, expander)
-    images = load_expanded_images(result.expanded, data.channels, data.image_size,
-                                  tensor_dir=cfg.paths.tensor_dir)
+    images = load_expanded_images(result.expanded, data.channels, data.image_size, tensor_dir=cfg.paths.tensor_dir)
     return data, images, result.expanded.labels
 
 
-def framework_run(cfg: DictConfig, data: DatasetSplits, expanded_images, expanded_labels, seed: int,
-                  work_dir: Path) -> dict[str, Any]:
+def framework_run(
+    cfg: DictConfig, data: DatasetSplits, expanded_images, expanded_labels, seed: int, work_dir: Path
+) -> dict[str, Any]:
     """One ``train_and_evaluate`` call in a fresh run dir (nothing to resume)."""
     from experiments.training.pipeline import make_logger, train_and_evaluate
 
@@ -102,18 +111,26 @@ def framework_run(cfg: DictConfig, data: DatasetSplits, expanded_images, expande
     cfg.seed = seed
     run_dir = Path(tempfile.mkdtemp(prefix=f"framework_s{seed}_", dir=work_dir))
     L.seed_everything(seed, workers=True, verbose=False)
-    metrics = train_and_evaluate(Job.from_config(cfg), data, expanded_images, expanded_labels, run_dir / "train",
-                                 make_logger(cfg, run_dir))
-    return {"epoch_seconds": metrics["epoch_seconds"], "fit_seconds": metrics["train_seconds"],
-            "train_images": metrics["num_train_images"], "val_acc_last": None,
-            "test_acc_final": metrics["test_acc_final"]}
+    metrics = train_and_evaluate(
+        Job.from_config(cfg), data, expanded_images, expanded_labels, run_dir / "train", make_logger(cfg, run_dir)
+    )
+    return {
+        "epoch_seconds": metrics["epoch_seconds"],
+        "fit_seconds": metrics["train_seconds"],
+        "train_images": metrics["num_train_images"],
+        "val_acc_last": None,
+        "test_acc_final": metrics["test_acc_final"],
+    }
 
 
-def bare_run(cfg: DictConfig, data: DatasetSplits, datamodule: ExpansionDataModule, seed: int,
-             device: torch.device) -> dict[str, Any]:
+def bare_run(
+    cfg: DictConfig, data: DatasetSplits, datamodule: ExpansionDataModule, seed: int, device: torch.device
+) -> dict[str, Any]:
     """The reference: the same work as a plain PyTorch loop (see the module docstring)."""
     L.seed_everything(seed, workers=True, verbose=False)
-    model = build_classifier(Job.from_config(cfg), data)  # the same initial weights as the framework's run with this seed
+    model = build_classifier(
+        Job.from_config(cfg), data
+    )  # the same initial weights as the framework's run with this seed
     net = model.net.to(device)
     optimizers = model.configure_optimizers()
     optimizer, scheduler = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
@@ -142,7 +159,7 @@ def bare_run(cfg: DictConfig, data: DatasetSplits, datamodule: ExpansionDataModu
         net.train()
         order = torch.randperm(n, device=device)
         for step in range(steps):
-            index = order[step * batch:(step + 1) * batch]
+            index = order[step * batch : (step + 1) * batch]
             logits = forward(augment_batch(train_x[index], recipe, size))
             loss = F.cross_entropy(logits.float(), train_y[index], label_smoothing=label_smoothing)
             optimizer.zero_grad(set_to_none=True)
@@ -152,44 +169,72 @@ def bare_run(cfg: DictConfig, data: DatasetSplits, datamodule: ExpansionDataModu
         correct = torch.zeros((), dtype=torch.long, device=device)
         with torch.no_grad():
             for i in range(0, len(val_y), int(cfg.train.eval_batch_size)):
-                x = normalize(prepare_eval(val_x[i:i + int(cfg.train.eval_batch_size)], recipe, size))
-                correct += (forward(x).argmax(1) == val_y[i:i + len(x)]).sum()
+                x = normalize(prepare_eval(val_x[i : i + int(cfg.train.eval_batch_size)], recipe, size))
+                correct += (forward(x).argmax(1) == val_y[i : i + len(x)]).sum()
         val_acc = correct.item() / len(val_y)  # one device sync per epoch, as the framework's val metric
         scheduler.step()
         epoch_seconds.append(time.perf_counter() - start)
-    return {"epoch_seconds": epoch_seconds, "fit_seconds": time.perf_counter() - fit_start,
-            "train_images": n, "val_acc_last": val_acc, "test_acc_final": None}
+    return {
+        "epoch_seconds": epoch_seconds,
+        "fit_seconds": time.perf_counter() - fit_start,
+        "train_images": n,
+        "val_acc_last": val_acc,
+        "test_acc_final": None,
+    }
 
 
 def summarize(runs: list[dict[str, Any]], images_per_epoch: int) -> dict[str, Any]:
     steady = [steady_epoch_seconds(r["epoch_seconds"]) for r in runs]
     median = statistics.median(steady)
-    return {"steady_epoch_seconds": steady, "median_epoch_seconds": median,
-            "images_per_s": images_per_epoch / median,
-            "median_fit_seconds": statistics.median(r["fit_seconds"] for r in runs), "runs": runs}
+    return {
+        "steady_epoch_seconds": steady,
+        "median_epoch_seconds": median,
+        "images_per_s": images_per_epoch / median,
+        "median_fit_seconds": statistics.median(r["fit_seconds"] for r in runs),
+        "runs": runs,
+    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--device", default="cuda" if cuda else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--dataset", default="breastmnist", help="a conf/dataset name")
-    p.add_argument("--classifier", default=None, help="a conf/classifier name (default small_cnn on cpu, "
-                   "resnet50 on cuda)")
-    p.add_argument("--input-size", type=int, default=None, help="classifier input side (default: the classifier "
-                   "config's, i.e. the dataset's for small_cnn and 224 for resnet50)")
-    p.add_argument("--method", default=None, help="expansion method whose images join the training set (default "
-                   "original on cpu; cutout x5 on cuda, where the 546 originals make 2-step epochs that measure "
-                   "per-epoch costs more than training)")
-    p.add_argument("--ratio", type=int, default=None, help="expansion ratio (with --method; default the method's, "
-                   "5 for the cuda default)")
+    p.add_argument(
+        "--classifier", default=None, help="a conf/classifier name (default small_cnn on cpu, resnet50 on cuda)"
+    )
+    p.add_argument(
+        "--input-size",
+        type=int,
+        default=None,
+        help="classifier input side (default: the classifier "
+        "config's, i.e. the dataset's for small_cnn and 224 for resnet50)",
+    )
+    p.add_argument(
+        "--method",
+        default=None,
+        help="expansion method whose images join the training set (default "
+        "original on cpu; cutout x5 on cuda, where the 546 originals make 2-step epochs that measure "
+        "per-epoch costs more than training)",
+    )
+    p.add_argument(
+        "--ratio",
+        type=int,
+        default=None,
+        help="expansion ratio (with --method; default the method's, 5 for the cuda default)",
+    )
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default 6 on cpu, 8 on cuda)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the dataset recipe's")
     p.add_argument("--repeats", type=int, default=3, help="runs of each, interleaved")
     p.add_argument("--data", type=Path, default=None, help="the shared data folder (default: paths.shared_data)")
-    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("EXPANSION_CACHE", ROOT / ".cache")),
-                   help="stores and decoded-tensor caches")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(os.environ.get("EXPANSION_CACHE", ROOT / ".cache")),
+        help="stores and decoded-tensor caches",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     p.add_argument("override", nargs="*", help="more Hydra overrides, e.g. train.compile=true")
     args = p.parse_args(argv)
@@ -219,12 +264,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     precision = str(cfg.trainer.precision)
     print(f"Training throughput: framework (Lightning fit) vs bare PyTorch loop, {args.repeats} x each, interleaved")
     print(f"  machine: {machine(device)}")
-    print(f"  {data.name} {datamodule.num_train} training images ({args.method}"
-          f"{' x' + str(cfg.method.ratio) if args.method != 'original' else ''}) stored at "
-          f"{tuple(datamodule.train_set.images.shape[1:])} uint8, {args.classifier} at {datamodule.input_size} px, "
-          f"{precision}, channels_last {bool(cfg.classifier.get('channels_last', False))}, batch {batch} "
-          f"({images_per_epoch} images/epoch), {args.epochs} epochs/run, recipe {datamodule.recipe}; "
-          "validation every epoch in both; figures: mean epoch time without the first epoch")
+    print(
+        f"  {data.name} {datamodule.num_train} training images ({args.method}"
+        f"{' x' + str(cfg.method.ratio) if args.method != 'original' else ''}) stored at "
+        f"{tuple(datamodule.train_set.images.shape[1:])} uint8, {args.classifier} at {datamodule.input_size} px, "
+        f"{precision}, channels_last {bool(cfg.classifier.get('channels_last', False))}, batch {batch} "
+        f"({images_per_epoch} images/epoch), {args.epochs} epochs/run, recipe {datamodule.recipe}; "
+        "validation every epoch in both; figures: mean epoch time without the first epoch"
+    )
 
     runs: dict[str, list[dict[str, Any]]] = {"framework": [], "bare": []}
     with tempfile.TemporaryDirectory(prefix="training_throughput_") as work:
@@ -236,28 +283,54 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     result = bare_run(cfg, data, datamodule, repeat, device)
                 runs[kind].append(result)
                 steady = steady_epoch_seconds(result["epoch_seconds"])
-                print(f"  repeat {repeat} {kind:<9}: {steady * 1000:8.1f} ms/epoch ({images_per_epoch / steady:8.1f} "
-                      f"img/s), fit {result['fit_seconds']:.2f} s", flush=True)
+                print(
+                    f"  repeat {repeat} {kind:<9}: {steady * 1000:8.1f} ms/epoch ({images_per_epoch / steady:8.1f} "
+                    f"img/s), fit {result['fit_seconds']:.2f} s",
+                    flush=True,
+                )
     summary = {kind: summarize(r, images_per_epoch) for kind, r in runs.items()}
     ratio = summary["framework"]["median_epoch_seconds"] / summary["bare"]["median_epoch_seconds"]
     # each repeat's two runs are neighbours in time: their ratio is the least disturbed by a drifting load
-    paired = [f / b for f, b in zip(summary["framework"]["steady_epoch_seconds"], summary["bare"]["steady_epoch_seconds"])]
+    paired = [
+        f / b for f, b in zip(summary["framework"]["steady_epoch_seconds"], summary["bare"]["steady_epoch_seconds"])
+    ]
     for kind in ("framework", "bare"):
         s = summary[kind]
         print(f"  {kind:<9} median {s['median_epoch_seconds'] * 1000:8.1f} ms/epoch = {s['images_per_s']:8.1f} img/s")
-    print(f"  framework / bare epoch time = {ratio:.3f}x (ratio of the medians; bare / framework throughput = "
-          f"{1 / ratio:.3f}); per repeat: {', '.join(f'{r:.3f}' for r in paired)}, median "
-          f"{statistics.median(paired):.3f}x")
-    report = {"benchmark": "training", "machine": machine(device), "device": str(device), "torch": torch.__version__,
-              "date": time.strftime("%Y-%m-%d"),
-              "settings": {"dataset": data.name, "classifier": args.classifier, "arch": str(cfg.classifier.arch),
-                           "channels": data.channels, "input_size": datamodule.input_size,
-                           "method": args.method, "train_images": n, "batch_size": batch,
-                           "images_per_epoch": images_per_epoch, "epochs": args.epochs, "repeats": args.repeats,
-                           "precision": precision, "recipe": datamodule.recipe, "overrides": list(args.override),
-                           "torch_threads": torch.get_num_threads()},
-              "framework": summary["framework"], "bare": summary["bare"], "ratio_framework_over_bare": ratio,
-              "paired_ratios": paired, "median_paired_ratio": statistics.median(paired)}
+    print(
+        f"  framework / bare epoch time = {ratio:.3f}x (ratio of the medians; bare / framework throughput = "
+        f"{1 / ratio:.3f}); per repeat: {', '.join(f'{r:.3f}' for r in paired)}, median "
+        f"{statistics.median(paired):.3f}x"
+    )
+    report = {
+        "benchmark": "training",
+        "machine": machine(device),
+        "device": str(device),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "settings": {
+            "dataset": data.name,
+            "classifier": args.classifier,
+            "arch": str(cfg.classifier.arch),
+            "channels": data.channels,
+            "input_size": datamodule.input_size,
+            "method": args.method,
+            "train_images": n,
+            "batch_size": batch,
+            "images_per_epoch": images_per_epoch,
+            "epochs": args.epochs,
+            "repeats": args.repeats,
+            "precision": precision,
+            "recipe": datamodule.recipe,
+            "overrides": list(args.override),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "framework": summary["framework"],
+        "bare": summary["bare"],
+        "ratio_framework_over_bare": ratio,
+        "paired_ratios": paired,
+        "median_paired_ratio": statistics.median(paired),
+    }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))

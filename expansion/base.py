@@ -47,8 +47,16 @@ from torch import nn
 from .errors import ExpansionError
 from .settings import from_mapping, signature_of
 
-__all__ = ["Expander", "ExpansionContext", "ExpansionError", "ExpansionOutput", "ImageSet", "NoSettings",
-           "to_uint8", "train_tensors"]
+__all__ = [
+    "Expander",
+    "ExpansionContext",
+    "ExpansionError",
+    "ExpansionOutput",
+    "ImageSet",
+    "NoSettings",
+    "to_uint8",
+    "train_tensors",
+]
 
 
 @runtime_checkable
@@ -105,9 +113,7 @@ class ExpansionOutput:
         for name, values in self.fields.items():
             n = values.numel() if isinstance(values, torch.Tensor) else len(values)
             if n != batch_size * ratio:
-                raise ExpansionError(
-                    f"manifest field {name!r} has {n} values for {batch_size * ratio} images"
-                )
+                raise ExpansionError(f"manifest field {name!r} has {n} values for {batch_size * ratio} images")
 
     def field_rows(self) -> list[dict[str, Any]]:
         """Per-image dicts of the method fields, in ``(seed, copy)`` order."""

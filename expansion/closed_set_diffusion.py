@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from .base import Expander, ExpansionContext, ExpansionError, ExpansionOutput, ImageSet, to_uint8, train_tensors
+from .files import atomic_directory, atomic_file
 from .seeding import derive, image_seeds, per_image_rand
 from .settings import from_mapping, signature_of, speed_only
-from .files import atomic_directory, atomic_file
 
 DONE_MARKER = "DONE"
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -50,13 +50,30 @@ MIXED_PRECISION = ("bf16", "no")
 #: named UNet sizes (parameters at 32 px, 10 classes): ``ddpm_cifar10`` is DDPM's CIFAR-10 network (35.7 M,
 #: attention at 16 px), ``small`` 1.7 M, ``tiny`` 0.28 M (the CPU setting)
 UNET_PRESETS: dict[str, dict[str, Any]] = {
-    "ddpm_cifar10": {"block_out_channels": [128, 256, 256, 256], "layers_per_block": 2,
-                     "attention": [False, True, False, False], "norm_num_groups": 32, "attention_head_dim": None,
-                     "dropout": 0.1},
-    "small": {"block_out_channels": [32, 64, 64], "layers_per_block": 2, "attention": [False, True, True],
-              "norm_num_groups": 16, "attention_head_dim": 32, "dropout": 0.0},
-    "tiny": {"block_out_channels": [16, 32, 32], "layers_per_block": 1, "attention": [False, False, True],
-             "norm_num_groups": 8, "attention_head_dim": 16, "dropout": 0.0},
+    "ddpm_cifar10": {
+        "block_out_channels": [128, 256, 256, 256],
+        "layers_per_block": 2,
+        "attention": [False, True, False, False],
+        "norm_num_groups": 32,
+        "attention_head_dim": None,
+        "dropout": 0.1,
+    },
+    "small": {
+        "block_out_channels": [32, 64, 64],
+        "layers_per_block": 2,
+        "attention": [False, True, True],
+        "norm_num_groups": 16,
+        "attention_head_dim": 32,
+        "dropout": 0.0,
+    },
+    "tiny": {
+        "block_out_channels": [16, 32, 32],
+        "layers_per_block": 1,
+        "attention": [False, False, True],
+        "norm_num_groups": 8,
+        "attention_head_dim": 16,
+        "dropout": 0.0,
+    },
 }
 
 
@@ -78,11 +95,14 @@ class UNetSpec:
         if not self.block_out_channels or len(self.attention) != len(self.block_out_channels):
             raise ExpansionError(
                 f"closed_set_diffusion: unet.attention needs one flag per level of block_out_channels "
-                f"({len(self.block_out_channels)}), got {len(self.attention)}")
+                f"({len(self.block_out_channels)}), got {len(self.attention)}"
+            )
         bad = [c for c in self.block_out_channels if c < 1 or c % self.norm_num_groups]
         if self.norm_num_groups < 1 or bad:
-            raise ExpansionError(f"closed_set_diffusion: unet.norm_num_groups={self.norm_num_groups} must divide every "
-                                 f"block_out_channels entry {list(self.block_out_channels)}")
+            raise ExpansionError(
+                f"closed_set_diffusion: unet.norm_num_groups={self.norm_num_groups} must divide every "
+                f"block_out_channels entry {list(self.block_out_channels)}"
+            )
         if self.layers_per_block < 1 or not 0.0 <= self.dropout < 1.0:
             raise ExpansionError("closed_set_diffusion: need unet.layers_per_block >= 1 and 0 <= unet.dropout < 1")
 
@@ -97,8 +117,10 @@ def unet_spec(unet: str | Mapping[str, Any] | UNetSpec) -> UNetSpec:
         return unet
     if isinstance(unet, str):
         if unet not in UNET_PRESETS:
-            raise ExpansionError(f"closed_set_diffusion: unknown unet preset {unet!r}; known: {sorted(UNET_PRESETS)} "
-                                 "(or give a mapping of UNet settings)")
+            raise ExpansionError(
+                f"closed_set_diffusion: unknown unet preset {unet!r}; known: {sorted(UNET_PRESETS)} "
+                "(or give a mapping of UNet settings)"
+            )
         unet = UNET_PRESETS[unet]
     return from_mapping(UNetSpec, unet, "closed_set_diffusion: unet")
 
@@ -116,21 +138,31 @@ class ScheduleSpec:
 
     def __post_init__(self) -> None:
         if self.beta_schedule not in BETA_SCHEDULES:
-            raise ExpansionError(f"closed_set_diffusion: schedule.beta_schedule must be one of {BETA_SCHEDULES}, "
-                                 f"got {self.beta_schedule!r}")
+            raise ExpansionError(
+                f"closed_set_diffusion: schedule.beta_schedule must be one of {BETA_SCHEDULES}, "
+                f"got {self.beta_schedule!r}"
+            )
         if self.prediction_type not in PREDICTION_TYPES:
-            raise ExpansionError(f"closed_set_diffusion: schedule.prediction_type must be one of {PREDICTION_TYPES}, "
-                                 f"got {self.prediction_type!r}")
+            raise ExpansionError(
+                f"closed_set_diffusion: schedule.prediction_type must be one of {PREDICTION_TYPES}, "
+                f"got {self.prediction_type!r}"
+            )
         if self.num_train_timesteps < 2 or not 0 < self.beta_start < self.beta_end < 1:
-            raise ExpansionError("closed_set_diffusion: need schedule.num_train_timesteps >= 2 and "
-                                 "0 < beta_start < beta_end < 1")
+            raise ExpansionError(
+                "closed_set_diffusion: need schedule.num_train_timesteps >= 2 and 0 < beta_start < beta_end < 1"
+            )
 
     def training_scheduler(self):
         from diffusers import DDPMScheduler
 
-        return DDPMScheduler(num_train_timesteps=self.num_train_timesteps, beta_schedule=self.beta_schedule,
-                             beta_start=self.beta_start, beta_end=self.beta_end,
-                             prediction_type=self.prediction_type, clip_sample=True)
+        return DDPMScheduler(
+            num_train_timesteps=self.num_train_timesteps,
+            beta_schedule=self.beta_schedule,
+            beta_start=self.beta_start,
+            beta_end=self.beta_end,
+            prediction_type=self.prediction_type,
+            clip_sample=True,
+        )
 
 
 @dataclass(frozen=True)
@@ -156,21 +188,25 @@ class FitSettings:
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1 or self.warmup_steps < 0:
-            raise ExpansionError("closed_set_diffusion: need fit.steps >= 1, fit.batch_size >= 1, "
-                                 "fit.checkpoint_every >= 1 and fit.warmup_steps >= 0")
+            raise ExpansionError(
+                "closed_set_diffusion: need fit.steps >= 1, fit.batch_size >= 1, "
+                "fit.checkpoint_every >= 1 and fit.warmup_steps >= 0"
+            )
         if self.lr <= 0 or self.max_grad_norm <= 0 or self.weight_decay < 0:
             raise ExpansionError("closed_set_diffusion: need fit.lr > 0, fit.max_grad_norm > 0, fit.weight_decay >= 0")
         if not 0.0 <= self.label_dropout < 1.0 or not 0.0 <= self.ema_max_decay < 1.0 or self.ema_power <= 0:
-            raise ExpansionError("closed_set_diffusion: need 0 <= fit.label_dropout < 1, 0 <= fit.ema_max_decay < 1 "
-                                 "and fit.ema_power > 0")
-
+            raise ExpansionError(
+                "closed_set_diffusion: need 0 <= fit.label_dropout < 1, 0 <= fit.ema_max_decay < 1 "
+                "and fit.ema_power > 0"
+            )
 
 
 # --------------------------------------------------------------------------- the network
 
 
-def build_unet(spec: UNetSpec, *, channels: int, resolution: int, num_classes: int, null_class: bool,
-               seed: int | None = None):
+def build_unet(
+    spec: UNetSpec, *, channels: int, resolution: int, num_classes: int, null_class: bool, seed: int | None = None
+):
     """``UNet2DModel`` with an ``nn.Embedding`` class embedding added to the time embedding;
     with ``null_class`` one more embedding (index ``num_classes``) is the unconditional label.
     With ``seed`` the initial weights come from it alone (not from torch's global RNG state)."""
@@ -180,15 +216,22 @@ def build_unet(spec: UNetSpec, *, channels: int, resolution: int, num_classes: i
     if seed is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return build_unet(spec, channels=channels, resolution=resolution, num_classes=num_classes,
-                              null_class=null_class)
+            return build_unet(
+                spec, channels=channels, resolution=resolution, num_classes=num_classes, null_class=null_class
+            )
     down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in spec.attention)
     up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(spec.attention))
     return UNet2DModel(
-        sample_size=resolution, in_channels=channels, out_channels=channels,
-        block_out_channels=spec.block_out_channels, layers_per_block=spec.layers_per_block,
-        down_block_types=down, up_block_types=up, norm_num_groups=spec.norm_num_groups,
-        attention_head_dim=spec.attention_head_dim, dropout=spec.dropout,
+        sample_size=resolution,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=spec.block_out_channels,
+        layers_per_block=spec.layers_per_block,
+        down_block_types=down,
+        up_block_types=up,
+        norm_num_groups=spec.norm_num_groups,
+        attention_head_dim=spec.attention_head_dim,
+        dropout=spec.dropout,
         num_class_embeds=num_classes + int(null_class),
     )
 
@@ -198,7 +241,8 @@ def check_resolution(spec: UNetSpec, resolution: int) -> None:
         raise ExpansionError(
             f"closed_set_diffusion: resolution {resolution} is not divisible by {spec.downsampling} "
             f"({len(spec.block_out_channels) - 1} downsamplings of the UNet); set method.resolution to a "
-            f"multiple of {spec.downsampling} (e.g. {math.ceil(resolution / spec.downsampling) * spec.downsampling})")
+            f"multiple of {spec.downsampling} (e.g. {math.ceil(resolution / spec.downsampling) * spec.downsampling})"
+        )
 
 
 def model_resolution(spec: UNetSpec, image_size: int, resolution: int | None) -> int:
@@ -245,13 +289,15 @@ def _rng_devices(device: torch.device) -> list[int]:
     return [device.index if device.index is not None else torch.cuda.current_device()]
 
 
-def save_checkpoint(path: Path, *, unet, ema, optimizer, step: int, losses: list[float], fit_key: dict[str, Any],
-                    device: torch.device) -> None:
+def save_checkpoint(
+    path: Path, *, unet, ema, optimizer, step: int, losses: list[float], fit_key: dict[str, Any], device: torch.device
+) -> None:
     """Everything a resumed fit needs, in one safetensors file written atomically (temp + ``os.replace``)."""
     from safetensors.torch import save_file
 
-    tensors: dict[str, torch.Tensor] = {f"model.{k}": v.detach().cpu().contiguous()
-                                        for k, v in unet.state_dict().items()}
+    tensors: dict[str, torch.Tensor] = {
+        f"model.{k}": v.detach().cpu().contiguous() for k, v in unet.state_dict().items()
+    }
     ema_state = ema.state_dict()
     for i, shadow in enumerate(ema_state.pop("shadow_params")):
         tensors[f"ema.{i}"] = shadow.detach().cpu().contiguous()
@@ -280,8 +326,9 @@ def save_checkpoint(path: Path, *, unet, ema, optimizer, step: int, losses: list
         save_file(tensors, str(tmp), metadata=metadata)
 
 
-def load_checkpoint(path: Path, *, unet, ema, optimizer, fit_key: dict[str, Any], device: torch.device
-                    ) -> tuple[int, list[float], dict[str, torch.Tensor]]:
+def load_checkpoint(
+    path: Path, *, unet, ema, optimizer, fit_key: dict[str, Any], device: torch.device
+) -> tuple[int, list[float], dict[str, torch.Tensor]]:
     """Restore a :func:`save_checkpoint` file in place; returns (step, losses, RNG states)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -289,14 +336,18 @@ def load_checkpoint(path: Path, *, unet, ema, optimizer, fit_key: dict[str, Any]
     with safe_open(str(path), framework="pt") as fh:
         metadata = fh.metadata() or {}
     if metadata.get("format") != str(CHECKPOINT_FORMAT):
-        raise ExpansionError(f"closed_set_diffusion: {path} is not a checkpoint of format {CHECKPOINT_FORMAT}; "
-                             "delete it to train from scratch")
+        raise ExpansionError(
+            f"closed_set_diffusion: {path} is not a checkpoint of format {CHECKPOINT_FORMAT}; "
+            "delete it to train from scratch"
+        )
     saved_key = json.loads(metadata["fit_key"])
     if saved_key != json.loads(json.dumps(fit_key, sort_keys=True, default=str)):
-        raise ExpansionError(f"closed_set_diffusion: checkpoint {path} was written by a fit with other settings; "
-                             "delete it to train from scratch")
+        raise ExpansionError(
+            f"closed_set_diffusion: checkpoint {path} was written by a fit with other settings; "
+            "delete it to train from scratch"
+        )
     tensors = load_file(str(path))
-    unet.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    unet.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
     ema_state = json.loads(metadata["ema"])
     ema_state["shadow_params"] = [tensors[f"ema.{i}"].to(device) for i in range(int(metadata["num_shadow"]))]
     ema.load_state_dict(ema_state)
@@ -312,10 +363,19 @@ def load_checkpoint(path: Path, *, unet, ema, optimizer, fit_key: dict[str, Any]
     return int(metadata["step"]), tensors["losses"].tolist(), rng
 
 
-def train_diffusion(unet, schedule: ScheduleSpec, images: torch.Tensor, labels: torch.Tensor, settings: FitSettings,
-                    *, checkpoint_path: Path, fit_key: dict[str, Any] | None = None,
-                    device: torch.device | str = "cpu", mixed_precision: str = "bf16",
-                    null_class: int | None = None) -> dict[str, Any]:
+def train_diffusion(
+    unet,
+    schedule: ScheduleSpec,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    settings: FitSettings,
+    *,
+    checkpoint_path: Path,
+    fit_key: dict[str, Any] | None = None,
+    device: torch.device | str = "cpu",
+    mixed_precision: str = "bf16",
+    null_class: int | None = None,
+) -> dict[str, Any]:
     """Train ``unet`` in place with the DDPM objective on ``images`` (uint8 ``[N, C, H, W]`` at the
     model's resolution or resized to it) and ``labels``; resumes from ``checkpoint_path`` if it exists.
 
@@ -330,8 +390,9 @@ def train_diffusion(unet, schedule: ScheduleSpec, images: torch.Tensor, labels: 
     from diffusers.training_utils import EMAModel
 
     if mixed_precision not in MIXED_PRECISION:
-        raise ExpansionError(f"closed_set_diffusion: mixed_precision must be one of {MIXED_PRECISION}, "
-                             f"got {mixed_precision!r}")
+        raise ExpansionError(
+            f"closed_set_diffusion: mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}"
+        )
     if images.dtype != torch.uint8 or images.ndim != 4 or len(images) != len(labels) or len(images) == 0:
         raise ExpansionError("closed_set_diffusion: training needs uint8 images [N, C, H, W] and N labels, N >= 1")
     if settings.label_dropout > 0 and null_class is None:
@@ -349,13 +410,15 @@ def train_diffusion(unet, schedule: ScheduleSpec, images: torch.Tensor, labels: 
 
     unet.to(device).train().requires_grad_(True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    ema = EMAModel(unet.parameters(), decay=settings.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0,
-                   power=settings.ema_power)
+    ema = EMAModel(
+        unet.parameters(), decay=settings.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0, power=settings.ema_power
+    )
     start_step, losses = 0, []
     rng_state: dict[str, torch.Tensor] = {}
     if Path(checkpoint_path).is_file():
-        start_step, losses, rng_state = load_checkpoint(Path(checkpoint_path), unet=unet, ema=ema,
-                                                        optimizer=optimizer, fit_key=fit_key, device=device)
+        start_step, losses, rng_state = load_checkpoint(
+            Path(checkpoint_path), unet=unet, ema=ema, optimizer=optimizer, fit_key=fit_key, device=device
+        )
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=_rng_devices(device)):  # dropout draws are seeded and checkpointed
         if rng_state:
@@ -397,13 +460,26 @@ def train_diffusion(unet, schedule: ScheduleSpec, images: torch.Tensor, labels: 
             losses.append(float(loss.detach()))
             done = step + 1
             if done % settings.checkpoint_every == 0 and done < settings.steps:
-                save_checkpoint(Path(checkpoint_path), unet=unet, ema=ema, optimizer=optimizer, step=done,
-                                losses=losses, fit_key=fit_key, device=device)
+                save_checkpoint(
+                    Path(checkpoint_path),
+                    unet=unet,
+                    ema=ema,
+                    optimizer=optimizer,
+                    step=done,
+                    losses=losses,
+                    fit_key=fit_key,
+                    device=device,
+                )
     ema.copy_to(unet.parameters())
     unet.eval().requires_grad_(False)
-    return {"steps": settings.steps, "resumed_from_step": start_step, "losses": losses,
-            "seconds": time.perf_counter() - t0, "device": str(device),
-            "parameters": sum(p.numel() for p in unet.parameters())}
+    return {
+        "steps": settings.steps,
+        "resumed_from_step": start_step,
+        "losses": losses,
+        "seconds": time.perf_counter() - t0,
+        "device": str(device),
+        "parameters": sum(p.numel() for p in unet.parameters()),
+    }
 
 
 # --------------------------------------------------------------------------- persistence
@@ -447,14 +523,23 @@ def sampling_scheduler(schedule: ScheduleSpec, sampler: str):
     if sampler == "ddim":
         return DDIMScheduler.from_config(config, timestep_spacing="trailing")
     if sampler == "dpm_solver":
-        return DPMSolverMultistepScheduler.from_config(config, timestep_spacing="trailing",
-                                                       algorithm_type="dpmsolver++", solver_order=2)
+        return DPMSolverMultistepScheduler.from_config(
+            config, timestep_spacing="trailing", algorithm_type="dpmsolver++", solver_order=2
+        )
     raise ExpansionError(f"closed_set_diffusion: sampler must be one of {SAMPLERS}, got {sampler!r}")
 
 
-def sample_images(unet, scheduler, class_labels: torch.Tensor, seeds: torch.Tensor, *, num_inference_steps: int,
-                  guidance_scale: float = 1.0, null_class: int | None = None, mixed_precision: str = "no"
-                  ) -> torch.Tensor:
+def sample_images(
+    unet,
+    scheduler,
+    class_labels: torch.Tensor,
+    seeds: torch.Tensor,
+    *,
+    num_inference_steps: int,
+    guidance_scale: float = 1.0,
+    null_class: int | None = None,
+    mixed_precision: str = "no",
+) -> torch.Tensor:
     """One batched denoising loop for N images: image i is a sample of class ``class_labels[i]`` whose
     initial noise comes from ``seeds[i]`` alone. Returns float ``[N, C, R, R]`` in [-1, 1]. The same
     seeds and labels give the same images in any batch, up to the float rounding of batched
@@ -520,14 +605,18 @@ class ClosedSetSettings:
         if self.sampler not in SAMPLERS:
             raise ExpansionError(f"closed_set_diffusion: sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.num_inference_steps < 1:
-            raise ExpansionError(f"closed_set_diffusion: num_inference_steps must be >= 1, got "
-                                 f"{self.num_inference_steps}")
+            raise ExpansionError(
+                f"closed_set_diffusion: num_inference_steps must be >= 1, got {self.num_inference_steps}"
+            )
         if self.mixed_precision not in MIXED_PRECISION:
-            raise ExpansionError(f"closed_set_diffusion: mixed_precision must be one of {MIXED_PRECISION}, "
-                                 f"got {self.mixed_precision!r}")
+            raise ExpansionError(
+                f"closed_set_diffusion: mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}"
+            )
         if self.guidance_scale != 1.0 and self.fit.label_dropout == 0:
-            raise ExpansionError("closed_set_diffusion: guidance_scale != 1 (classifier-free guidance) needs a model "
-                                 "trained with fit.label_dropout > 0 (e.g. 0.1)")
+            raise ExpansionError(
+                "closed_set_diffusion: guidance_scale != 1 (classifier-free guidance) needs a model "
+                "trained with fit.label_dropout > 0 (e.g. 0.1)"
+            )
         if self.resolution is not None:
             check_resolution(self.unet, self.resolution)
 
@@ -552,8 +641,10 @@ class ClosedSetDiffusion(Expander):
     def fit_signature(self) -> dict[str, Any]:
         """What the trained weights depend on (not the ratio or the sampler: one fit serves them all)."""
         sig = signature_of(self.settings)
-        return {"kind": "closed_set_diffusion", **{k: sig[k] for k in ("resolution", "unet", "schedule", "fit",
-                                                                        "mixed_precision")}}
+        return {
+            "kind": "closed_set_diffusion",
+            **{k: sig[k] for k in ("resolution", "unet", "schedule", "fit", "mixed_precision")},
+        }
 
     @property
     def null_class(self) -> int | None:
@@ -572,21 +663,37 @@ class ClosedSetDiffusion(Expander):
         resolution = model_resolution(self.unet_spec, int(images.shape[-1]), self.settings.resolution)
         model_dir = Path(artifact_dir) / "model"
         if not model_available(model_dir):
-            unet = build_unet(self.unet_spec, channels=int(images.shape[1]), resolution=resolution,
-                              num_classes=len(self.context.class_names), null_class=self.null_class is not None,
-                              seed=self.fit_settings.seed)
+            unet = build_unet(
+                self.unet_spec,
+                channels=int(images.shape[1]),
+                resolution=resolution,
+                num_classes=len(self.context.class_names),
+                null_class=self.null_class is not None,
+                seed=self.fit_settings.seed,
+            )
             checkpoint = Path(artifact_dir) / CHECKPOINT_NAME
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            result = train_diffusion(unet, self.schedule, images, labels, self.fit_settings,
-                                     checkpoint_path=checkpoint, fit_key=self.fit_signature(), device=device,
-                                     mixed_precision=self.settings.mixed_precision, null_class=self.null_class)
+            result = train_diffusion(
+                unet,
+                self.schedule,
+                images,
+                labels,
+                self.fit_settings,
+                checkpoint_path=checkpoint,
+                fit_key=self.fit_signature(),
+                device=device,
+                mixed_precision=self.settings.mixed_precision,
+                null_class=self.null_class,
+            )
             save_model(unet.cpu(), self.schedule, fit_summary(result, n_images=len(images)), model_dir)
             checkpoint.unlink(missing_ok=True)
         self.fit_info = json.loads((model_dir / "fit.json").read_text())
         unet = load_model(model_dir)
         if int(unet.config.in_channels) != self.context.channels:
-            raise ExpansionError(f"closed_set_diffusion: the model in {model_dir} has {unet.config.in_channels} "
-                                 f"channels, the dataset {self.context.channels}")
+            raise ExpansionError(
+                f"closed_set_diffusion: the model in {model_dir} has {unet.config.in_channels} "
+                f"channels, the dataset {self.context.channels}"
+            )
         self.unet = unet
 
     @torch.no_grad()
@@ -599,17 +706,27 @@ class ClosedSetDiffusion(Expander):
             raise ExpansionError(f"closed_set_diffusion: need {b} labels in [0, {num_classes})")
         p = self.settings
         class_labels = labels.reshape(-1).long().repeat_interleave(k)  # output (b, j) is a sample of labels[b]
-        x = sample_images(self.unet, sampling_scheduler(self.schedule, p.sampler), class_labels, seeds.reshape(-1),
-                          num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale,
-                          null_class=self.null_class, mixed_precision=p.mixed_precision)
+        x = sample_images(
+            self.unet,
+            sampling_scheduler(self.schedule, p.sampler),
+            class_labels,
+            seeds.reshape(-1),
+            num_inference_steps=p.num_inference_steps,
+            guidance_scale=p.guidance_scale,
+            null_class=self.null_class,
+            mixed_precision=p.mixed_precision,
+        )
         size = int(self.context.image_size or images.shape[-1])
         images01 = (x + 1.0) / 2.0
         if images01.shape[-1] != size:
             images01 = F.interpolate(images01, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         out = to_uint8(images01).reshape(b, k, *images01.shape[1:]).cpu()
         n = b * k
-        fields = {"sampler": [p.sampler] * n, "sampling_steps": torch.full((b, k), p.num_inference_steps),
-                  "guidance_scale": [p.guidance_scale] * n}
+        fields = {
+            "sampler": [p.sampler] * n,
+            "sampling_steps": torch.full((b, k), p.num_inference_steps),
+            "guidance_scale": [p.guidance_scale] * n,
+        }
         return ExpansionOutput(images=out, fields=fields)
 
 
@@ -617,7 +734,14 @@ def fit_summary(result: Mapping[str, Any], n_images: int, points: int = 200) -> 
     """fit.json: steps, resume point, wall time and the loss curve as means over at most ``points`` windows."""
     losses = list(result["losses"])
     every = max(1, math.ceil(len(losses) / points))
-    curve = [sum(losses[i:i + every]) / len(losses[i:i + every]) for i in range(0, len(losses), every)]
-    return {"steps": result["steps"], "resumed_from_step": result["resumed_from_step"],
-            "seconds": round(result["seconds"], 3), "device": result["device"], "parameters": result["parameters"],
-            "train_images": n_images, "loss_curve_every": every, "loss_curve": [round(v, 6) for v in curve]}
+    curve = [sum(losses[i : i + every]) / len(losses[i : i + every]) for i in range(0, len(losses), every)]
+    return {
+        "steps": result["steps"],
+        "resumed_from_step": result["resumed_from_step"],
+        "seconds": round(result["seconds"], 3),
+        "device": result["device"],
+        "parameters": result["parameters"],
+        "train_images": n_images,
+        "loss_curve_every": every,
+        "loss_curve": [round(v, 6) for v in curve],
+    }

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from contextlib import nullcontext
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +25,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from .base import Expander, ExpansionContext, ExpansionError, ExpansionOutput
-from .seeding import image_seeds
 from .files import atomic_write_text, canonical_json
+from .seeding import image_seeds
 from .store import ExpandedSet, ExpansionStore, fit_key
 
 log = logging.getLogger(__name__)
@@ -82,13 +82,15 @@ class StoreWriter(BasePredictionWriter):
         rows = []
         for i in range(b):
             for j in range(k):
-                rows.append({
-                    "parent": int(prediction["index"][i]),
-                    "copy": j,
-                    "label": int(prediction["label"][i]),
-                    "seed": int(prediction["seeds"][i, j]),
-                    **fields[i * k + j],
-                })
+                rows.append(
+                    {
+                        "parent": int(prediction["index"][i]),
+                        "copy": j,
+                        "label": int(prediction["label"][i]),
+                        "seed": int(prediction["seeds"][i, j]),
+                        **fields[i * k + j],
+                    }
+                )
         self.store.write_batch(images.reshape(b * k, *images.shape[2:]), rows)
 
 
@@ -154,24 +156,51 @@ def expand_dataset(
     with lock:
         if store.is_complete():  # another job finished it while we waited for the lock
             return ExpansionResult(store.load(), store, 0, True, time.perf_counter() - start)
-        expander.prepare(context or ExpansionContext(
-            dataset_name=str(dataset_identity.get("name", "")), class_names=list(dataset_identity.get("class_names", [])),
-            channels=int(getattr(train, "channels", 3)), image_size=dataset_identity.get("image_size")))
+        expander.prepare(
+            context
+            or ExpansionContext(
+                dataset_name=str(dataset_identity.get("name", "")),
+                class_names=list(dataset_identity.get("class_names", [])),
+                channels=int(getattr(train, "channels", 3)),
+                image_size=dataset_identity.get("image_size"),
+            )
+        )
         fit_seconds = fit_expander(expander, train, dataset_identity, fit_dir) if expander.needs_fit else 0.0
         store.open_for_writing(k)
         done = store.done_parents(k)
         pending = [i for i in range(len(train)) if i not in done]
         writer = StoreWriter(store)
         if pending:
-            log.info("expanding %d of %d seeds x%d into %s (%d already done)",
-                     len(pending), len(train), k, store.root, len(done))
-            loader = DataLoader(SeedImages(train, pending), batch_size=batch_size, shuffle=False,
-                                num_workers=num_workers, pin_memory=torch.cuda.is_available())
-            kwargs = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, **(trainer_kwargs or {}),
-                      # guided methods differentiate through their decoder: predict under no_grad, not inference_mode
-                      "inference_mode": not expander.needs_grad}
-            trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False,
-                                callbacks=[writer, *callbacks], **kwargs)
+            log.info(
+                "expanding %d of %d seeds x%d into %s (%d already done)",
+                len(pending),
+                len(train),
+                k,
+                store.root,
+                len(done),
+            )
+            loader = DataLoader(
+                SeedImages(train, pending),
+                batch_size=batch_size,
+                shuffle=False,
+                num_workers=num_workers,
+                pin_memory=torch.cuda.is_available(),
+            )
+            kwargs = {
+                "accelerator": "cpu",
+                "devices": 1,
+                "enable_progress_bar": False,
+                **(trainer_kwargs or {}),
+                # guided methods differentiate through their decoder: predict under no_grad, not inference_mode
+                "inference_mode": not expander.needs_grad,
+            }
+            trainer = L.Trainer(
+                logger=False,
+                enable_checkpointing=False,
+                enable_model_summary=False,
+                callbacks=[writer, *callbacks],
+                **kwargs,
+            )
             trainer.predict(ExpansionModule(expander, seed), loader, return_predictions=False)
             if trainer.is_global_zero:
                 store.finalize(range(len(train)), k)
@@ -179,6 +208,12 @@ def expand_dataset(
         else:
             store.finalize(range(len(train)), k)
     # every pending seed was written k times (by this process or, under DDP, by its ranks)
-    return ExpansionResult(store.load(), store, len(pending) * k, False,
-                           time.perf_counter() - start, fit_seconds,
-                           info={"pending_at_start": len(pending), "signature": canonical_json(expander.signature())})
+    return ExpansionResult(
+        store.load(),
+        store,
+        len(pending) * k,
+        False,
+        time.perf_counter() - start,
+        fit_seconds,
+        info={"pending_at_start": len(pending), "signature": canonical_json(expander.signature())},
+    )

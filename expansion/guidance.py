@@ -96,8 +96,13 @@ def group_mean(values: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     return sums / counts.view(-1, *([1] * (values.ndim - 1)))
 
 
-def criteria(seed_probs: torch.Tensor, sample_probs: torch.Tensor, sample_embeddings: torch.Tensor,
-             groups: torch.Tensor, settings: GuidanceSettings) -> CriteriaTerms:
+def criteria(
+    seed_probs: torch.Tensor,
+    sample_probs: torch.Tensor,
+    sample_embeddings: torch.Tensor,
+    groups: torch.Tensor,
+    settings: GuidanceSettings,
+) -> CriteriaTerms:
     """The three GIF criteria per sample.
 
     seed_probs ``[N, K]``: the guide's probabilities on each sample's seed image;
@@ -105,8 +110,11 @@ def criteria(seed_probs: torch.Tensor, sample_probs: torch.Tensor, sample_embedd
     groups ``[N]``: samples scored together (a seed's k samples, or the official code's
     passes of two) share a group id, numbered 0..G-1.
     """
-    if not (seed_probs.shape == sample_probs.shape and sample_probs.ndim == 2
-            and sample_embeddings.shape[0] == sample_probs.shape[0] == groups.shape[0]):
+    if not (
+        seed_probs.shape == sample_probs.shape
+        and sample_probs.ndim == 2
+        and sample_embeddings.shape[0] == sample_probs.shape[0] == groups.shape[0]
+    ):
         raise ExpansionError("criteria expects seed_probs and sample_probs [N,K], embeddings [N,D], groups [N]")
     entropy_gain = entropy(sample_probs) - entropy(seed_probs)
     top1 = seed_probs.argmax(dim=-1, keepdim=True)  # the guide's own prediction on the seed
@@ -114,8 +122,11 @@ def criteria(seed_probs: torch.Tensor, sample_probs: torch.Tensor, sample_embedd
     log_q = torch.log_softmax(sample_embeddings, dim=-1)
     log_mean = torch.log_softmax(group_mean(sample_embeddings, groups)[groups], dim=-1)
     diversity = (log_q.exp() * (log_q - log_mean)).sum(-1)  # KL(softmax(f_i) || softmax(mean f))
-    score = (settings.entropy_weight * entropy_gain + settings.consistency_weight * consistency
-             + settings.diversity_weight * diversity)
+    score = (
+        settings.entropy_weight * entropy_gain
+        + settings.consistency_weight * consistency
+        + settings.diversity_weight * diversity
+    )
     return CriteriaTerms(entropy_gain, consistency, diversity, score, groups)
 
 
@@ -186,6 +197,7 @@ def guided_perturbation(
     if score_before is None:  # n_steps = 0: random perturbation, no guidance (the unguided ablation)
         with torch.no_grad():
             score_before = score_fn(perturb(z0, e, b)).score.reshape(-1)
-    latents = project_linf(perturb(z0, e.detach(), b.detach()), z0,
-                           radius.to(z0) if torch.is_tensor(radius) else float(radius))
+    latents = project_linf(
+        perturb(z0, e.detach(), b.detach()), z0, radius.to(z0) if torch.is_tensor(radius) else float(radius)
+    )
     return GuidedResult(latents, score_before.detach(), e.detach(), b.detach())

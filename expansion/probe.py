@@ -80,9 +80,11 @@ class Probe(nn.Module):
         from safetensors.torch import save_file
 
         with atomic_file(Path(path)) as tmp:
-            save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(tmp),
-                      metadata={"num_classes": str(self.num_classes), "size": str(self.size),
-                                "channels": str(self.channels)})
+            save_file(
+                {k: v.contiguous() for k, v in self.net.state_dict().items()},
+                str(tmp),
+                metadata={"num_classes": str(self.num_classes), "size": str(self.size), "channels": str(self.channels)},
+            )
 
     @classmethod
     def load(cls, path: Path | str) -> Probe:
@@ -96,9 +98,19 @@ class Probe(nn.Module):
         return cls(net, int(meta["size"]))
 
 
-def train_probe(images: torch.Tensor, labels: torch.Tensor | np.ndarray, num_classes: int, *, epochs: int = 10,
-                size: int = 32, seed: int = 0, batch_size: int = 32, lr: float = 3e-3, min_steps: int = 200,
-                progress: Callable[[Iterable, str], Iterable] | None = None) -> Probe:
+def train_probe(
+    images: torch.Tensor,
+    labels: torch.Tensor | np.ndarray,
+    num_classes: int,
+    *,
+    epochs: int = 10,
+    size: int = 32,
+    seed: int = 0,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    min_steps: int = 200,
+    progress: Callable[[Iterable, str], Iterable] | None = None,
+) -> Probe:
     """Train the probe on uint8 ``images [N, C, H, W]`` (AdamW, cross-entropy, random shifts of up
     to 1/8 of the side) for ``epochs`` epochs, more if needed to make ``min_steps`` optimisation
     steps (a few-shot set has few batches per epoch). Deterministic given ``seed``; the global RNG
@@ -119,12 +131,12 @@ def train_probe(images: torch.Tensor, labels: torch.Tensor | np.ndarray, num_cla
     for _ in rounds:
         order = torch.randperm(len(x), generator=g)
         for start in range(0, len(x), batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             if len(idx) < 2:  # BatchNorm needs two images
                 continue
             batch = F.pad(x[idx], (pad, pad, pad, pad), mode="replicate")
             dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=g).tolist()
-            loss = F.cross_entropy(net(batch[..., dy:dy + size, dx:dx + size]), y[idx])
+            loss = F.cross_entropy(net(batch[..., dy : dy + size, dx : dx + size]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -26,9 +26,7 @@ def image_seeds(store_seed: int, parents: Sequence[int] | torch.Tensor, ratio: i
 
     seed(parent, copy) = splitmix64(splitmix64(splitmix64(store_seed) ^ parent) ^ copy) >> 1
     """
-    parents_np = np.asarray(
-        parents.cpu().numpy() if isinstance(parents, torch.Tensor) else parents, dtype=np.uint64
-    )
+    parents_np = np.asarray(parents.cpu().numpy() if isinstance(parents, torch.Tensor) else parents, dtype=np.uint64)
     base = _splitmix64(np.array([store_seed], dtype=np.uint64))
     per_parent = _splitmix64(base ^ parents_np)[:, None]
     copies = np.arange(ratio, dtype=np.uint64)[None, :]

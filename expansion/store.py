@@ -45,13 +45,18 @@ FORMAT_VERSION = 2
 FIT_FORMAT_VERSION = 1
 
 
-def key_payload(dataset_identity: Mapping[str, Any], signature: Mapping[str, Any], seed: int,
-                format_version: int | None = None) -> dict[str, Any]:
+def key_payload(
+    dataset_identity: Mapping[str, Any], signature: Mapping[str, Any], seed: int, format_version: int | None = None
+) -> dict[str, Any]:
     """What a store (or, with ``FIT_FORMAT_VERSION``, a fitted artifact) is keyed on: format version,
     dataset identity, method signature, seed."""
     version = FORMAT_VERSION if format_version is None else format_version
-    return {"format_version": int(version), "dataset": dict(dataset_identity), "method": dict(signature),
-            "seed": int(seed)}
+    return {
+        "format_version": int(version),
+        "dataset": dict(dataset_identity),
+        "method": dict(signature),
+        "seed": int(seed),
+    }
 
 
 def store_key(dataset_identity: Mapping[str, Any], signature: Mapping[str, Any], seed: int) -> tuple[str, dict]:
@@ -107,8 +112,9 @@ class ExpansionStore:
         self.payload = dict(payload)
 
     @classmethod
-    def at(cls, store_dir: Path | str, dataset_identity: Mapping[str, Any], signature: Mapping[str, Any],
-           seed: int) -> "ExpansionStore":
+    def at(
+        cls, store_dir: Path | str, dataset_identity: Mapping[str, Any], signature: Mapping[str, Any], seed: int
+    ) -> ExpansionStore:
         key, payload = store_key(dataset_identity, signature, seed)
         return cls(Path(store_dir) / key, key, payload)
 
@@ -136,7 +142,9 @@ class ExpansionStore:
         try:
             meta = json.loads(self.meta_path.read_text())
         except json.JSONDecodeError as exc:
-            raise ExpansionError(f"store {self.root}: meta.json is corrupt ({exc}); delete the folder to regenerate") from exc
+            raise ExpansionError(
+                f"store {self.root}: meta.json is corrupt ({exc}); delete the folder to regenerate"
+            ) from exc
         version = meta.get("format_version")
         if version != FORMAT_VERSION:
             raise ExpansionError(
@@ -170,9 +178,20 @@ class ExpansionStore:
         self.chunks_dir.mkdir(parents=True, exist_ok=True)
         meta = self.read_meta()
         if meta is None:
-            atomic_write_text(self.meta_path, json.dumps(
-                {"key": self.key, "format_version": FORMAT_VERSION, "status": "writing", "ratio": ratio,
-                 "payload": self.payload}, indent=2, default=str))
+            atomic_write_text(
+                self.meta_path,
+                json.dumps(
+                    {
+                        "key": self.key,
+                        "format_version": FORMAT_VERSION,
+                        "status": "writing",
+                        "ratio": ratio,
+                        "payload": self.payload,
+                    },
+                    indent=2,
+                    default=str,
+                ),
+            )
         elif meta.get("key") != self.key:
             raise ExpansionError(f"store {self.root} holds key {meta.get('key')}, expected {self.key}")
         for folder in (self.root, self.images_dir, self.chunks_dir):
@@ -229,7 +248,7 @@ class ExpansionStore:
         by_image: dict[tuple[int, int], dict[str, Any]] = {}
         for row in self.read_chunks():
             by_image[(row["parent"], row["copy"])] = row  # duplicates (padded DDP batches) collapse
-        expected = sorted(set(int(p) for p in expected_parents))
+        expected = sorted({int(p) for p in expected_parents})
         missing = [p for p in expected if any((p, c) not in by_image for c in range(ratio))]
         if missing:
             raise ExpansionError(

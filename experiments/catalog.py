@@ -13,9 +13,11 @@ from .config import CONFIG_DIR, PROJECT_ROOT, method_names
 def one_line(text: str, limit: int = 110) -> str:
     """The first sentence of ``text`` on one line, cut at a word boundary past ``limit`` characters."""
     text = " ".join(text.replace("``", "").split())
-    end = next((m.start() for m in re.finditer(r"\. ", text)
-                if not re.search(r"\b(al|e\.g|i\.e|vs|etc)$", text[:m.start()])), -1)
-    sentence = text if end < 0 else text[:end + 1]
+    end = next(
+        (m.start() for m in re.finditer(r"\. ", text) if not re.search(r"\b(al|e\.g|i\.e|vs|etc)$", text[: m.start()])),
+        -1,
+    )
+    sentence = text if end < 0 else text[: end + 1]
     if len(sentence) <= limit:
         return sentence
     return sentence[:limit].rsplit(" ", 1)[0].rstrip(",;:(") + " ..."
@@ -34,21 +36,28 @@ def config_description(path: Path) -> str:
 
 def entries() -> dict[str, list[tuple[str, str, str]]]:
     """``{kind: [(name, description, defined in)]}`` over everything that is registered."""
-    from .data.datasets import loaders
     from .analysis.quality import METRICS
+    from .data.datasets import loaders
 
     def configs(group: str, names: list[str] | None = None) -> list[tuple[str, str, str]]:
         paths = sorted((CONFIG_DIR / group).glob("*.yaml"))
-        return [(p.stem, config_description(p), str(p.relative_to(PROJECT_ROOT))) for p in paths
-                if names is None or p.stem in names]
+        return [
+            (p.stem, config_description(p), str(p.relative_to(PROJECT_ROOT)))
+            for p in paths
+            if names is None or p.stem in names
+        ]
 
     known_loaders = loaders()
     return {
         "methods": configs("method", method_names()),
         "datasets": configs("dataset"),
-        "dataset loaders": [(name, one_line(fn.__doc__ or "(no description)"), f"{fn.__module__}.{fn.__qualname__}")
-                            for name, fn in sorted(known_loaders.items())],
-        "quality metrics": [(m.name, m.description, f"{m.fn.__module__}.{m.fn.__qualname__}") for m in METRICS.values()],
+        "dataset loaders": [
+            (name, one_line(fn.__doc__ or "(no description)"), f"{fn.__module__}.{fn.__qualname__}")
+            for name, fn in sorted(known_loaders.items())
+        ],
+        "quality metrics": [
+            (m.name, m.description, f"{m.fn.__module__}.{m.fn.__qualname__}") for m in METRICS.values()
+        ],
         "classifiers": configs("classifier"),
     }
 

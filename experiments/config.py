@@ -24,13 +24,14 @@ def register_resolvers() -> None:
 def _int_product(a, b) -> int:
     if a is None or b is None:
         raise ValueError(f"${{mul:a,b}} needs two numbers, got {a!r} and {b!r} (e.g. set dataset.train_per_class)")
-    return int(round(float(a) * float(b)))
+    return round(float(a) * float(b))
 
 
 def method_configs(config_dir: Path = CONFIG_DIR) -> dict[str, dict]:
     """Every method config, as written (not composed): ``{name: mapping}`` (the method registry)."""
-    return {path.stem: yaml.safe_load(path.read_text()) or {}
-            for path in sorted((config_dir / "method").glob("*.yaml"))}
+    return {
+        path.stem: yaml.safe_load(path.read_text()) or {} for path in sorted((config_dir / "method").glob("*.yaml"))
+    }
 
 
 def method_names(config_dir: Path = CONFIG_DIR) -> list[str]:

@@ -13,7 +13,13 @@ from experiments.analysis.aggregate import aggregate, load_paper_numbers
 def _write(root, i, **m):
     d = root / f"job{i}"
     d.mkdir(parents=True)
-    base = {"table": "medical", "classifier": "resnet50", "ratio": 5, "seed": i, "test_acc_best_val": m["test_acc_final"] - 1}
+    base = {
+        "table": "medical",
+        "classifier": "resnet50",
+        "ratio": 5,
+        "seed": i,
+        "test_acc_best_val": m["test_acc_final"] - 1,
+    }
     (d / "metrics.json").write_text(json.dumps({**base, **m}))
 
 
@@ -38,8 +44,16 @@ def test_mean_std_paper_and_difference(tmp_path):
 def test_ratio_rows_and_classifier_columns(tmp_path):
     for i, (ratio, acc) in enumerate([(5, 30.0), (10, 31.0)]):
         _write(tmp_path, i, table="efficiency", dataset="cars", method="cutout", ratio=ratio, test_acc_final=acc)
-    _write(tmp_path, 2, table="architectures", dataset="cars", method="original", ratio=0, classifier="mobilenet_v2",
-           test_acc_final=20.0)
+    _write(
+        tmp_path,
+        2,
+        table="architectures",
+        dataset="cars",
+        method="original",
+        ratio=0,
+        classifier="mobilenet_v2",
+        test_acc_final=20.0,
+    )
     _, md_path = aggregate(tmp_path)
     md = md_path.read_text()
     assert "| cutout@5 | 30.0 [1]; 24.1; +5.9 |" in md and "| cutout@10 | 31.0 [1]; 25.7; +5.3 |" in md
@@ -47,11 +61,23 @@ def test_ratio_rows_and_classifier_columns(tmp_path):
 
 
 def test_generated_only_rows_and_few_shot_columns(tmp_path):
-    runs = [("expansive_synthesis", "generated only", 10, 80.0), ("expansive_synthesis", "original+generated", 10, 85.0),
-            ("original", "original+generated", 10, 82.0), ("original", "original+generated", 100, 95.0)]
+    runs = [
+        ("expansive_synthesis", "generated only", 10, 80.0),
+        ("expansive_synthesis", "original+generated", 10, 85.0),
+        ("original", "original+generated", 10, 82.0),
+        ("original", "original+generated", 100, 95.0),
+    ]
     for i, (method, data, shots, acc) in enumerate(runs):
-        _write(tmp_path, i, table="expansive_synthesis", dataset="mnist", method=method, train_data=data,
-               train_per_class=shots, test_acc_final=acc)
+        _write(
+            tmp_path,
+            i,
+            table="expansive_synthesis",
+            dataset="mnist",
+            method=method,
+            train_data=data,
+            train_per_class=shots,
+            test_acc_final=acc,
+        )
     md = aggregate(tmp_path)[1].read_text()
     assert "| method | mnist 10/class | mnist 100/class | avg |" in md
     assert "| expansive_synthesis (generated only) | 80.0 [1] | – | – |" in md

@@ -19,8 +19,7 @@ from expansion import files as files_mod
 from expansion import store as store_mod
 from expansion.base import ExpansionError
 from expansion.store import ExpansionStore
-from experiments.data.datasets import DatasetError
-from experiments.data.datasets import build_dataset
+from experiments.data.datasets import DatasetError, build_dataset
 from experiments.training.pipeline import Job, run, run_expansion
 from tests.conftest import compose
 
@@ -51,7 +50,9 @@ def assert_nothing_half_written(tmp_path, run_dir):
         rows = store.read_chunks()
         named = {r["file"] for r in rows}
         on_disk = {p.name for p in store.images_dir.iterdir()} if store.images_dir.is_dir() else set()
-        assert named == on_disk, f"images without a chunk: {on_disk - named}, chunk rows without image: {named - on_disk}"
+        assert named == on_disk, (
+            f"images without a chunk: {on_disk - named}, chunk rows without image: {named - on_disk}"
+        )
 
 
 def _image_folder(root: Path, classes=("a", "b"), n=4, size=(12, 12), mode="RGB"):
@@ -64,8 +65,17 @@ def _image_folder(root: Path, classes=("a", "b"), n=4, size=(12, 12), mode="RGB"
 
 
 def _folder_cfg(root: Path, *extra):
-    return _cfg(["dataset=imagefolder", f"dataset.path={root}", "dataset.image_size=12", "dataset.val_fraction=0.25",
-                 "method=cutout", "method.ratio=1", *extra])
+    return _cfg(
+        [
+            "dataset=imagefolder",
+            f"dataset.path={root}",
+            "dataset.image_size=12",
+            "dataset.val_fraction=0.25",
+            "method=cutout",
+            "method.ratio=1",
+            *extra,
+        ]
+    )
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
@@ -142,16 +152,16 @@ def test_label_out_of_range(shared_data, tmp_path):
     labels[5, 0] = 7
     folder = _breastmnist_copy(shared_data, tmp_path, train_labels=labels)
     with pytest.raises(DatasetError, match=r"train labels span \[0, 7\] but the dataset has 2 classes"):
-        run(_cfg(["dataset=breastmnist", f"dataset.root={folder}", "method=cutout", "method.ratio=1"]),
-            tmp_path / "run")
+        run(
+            _cfg(["dataset=breastmnist", f"dataset.root={folder}", "method=cutout", "method.ratio=1"]), tmp_path / "run"
+        )
     assert_nothing_half_written(tmp_path, tmp_path / "run")
     assert _stores(tmp_path) == []
 
 
 def test_class_count_differs_from_config(shared_data, tmp_path):
     with pytest.raises(DatasetError, match="config says num_classes=3 but the data has 2 classes"):
-        run(_cfg(["dataset=breastmnist", "dataset.num_classes=3", "method=cutout", "method.ratio=1"]),
-            tmp_path / "run")
+        run(_cfg(["dataset=breastmnist", "dataset.num_classes=3", "method=cutout", "method.ratio=1"]), tmp_path / "run")
     assert_nothing_half_written(tmp_path, tmp_path / "run")
     assert _stores(tmp_path) == []
 
@@ -203,8 +213,11 @@ def test_disk_full_while_writing_the_store(tmp_path, monkeypatch):
         real_fsync(fd)
 
     monkeypatch.setattr(files_mod.os, "fsync", fsync_until_full)
-    with pytest.raises(ExpansionError, match=r"writing a batch of 50 images failed \(\[Errno 28\] No space left on "
-                                             r"device\); nothing of this batch was kept.*rerun to resume"):
+    with pytest.raises(
+        ExpansionError,
+        match=r"writing a batch of 50 images failed \(\[Errno 28\] No space left on "
+        r"device\); nothing of this batch was kept.*rerun to resume",
+    ):
         run(_cfg(overrides), tmp_path / "run")
     assert_nothing_half_written(tmp_path, tmp_path / "run")
     (store_root,) = _stores(tmp_path)
@@ -237,8 +250,11 @@ def test_store_of_another_format_version_is_refused_untouched(tmp_path):
     meta["format_version"] = 999
     store.meta_path.write_text(json.dumps(meta))
     before = {p: p.stat().st_mtime_ns for p in store.root.rglob("*")}
-    with pytest.raises(ExpansionError, match=rf"written by store format version 999, this framework reads version {store_mod.FORMAT_VERSION}; "
-                                             "delete the folder to regenerate it"):
+    with pytest.raises(
+        ExpansionError,
+        match=rf"written by store format version 999, this framework reads version {store_mod.FORMAT_VERSION}; "
+        "delete the folder to regenerate it",
+    ):
         run(_cfg(["dataset=digits", "method=cutout", "method.ratio=1"]), tmp_path / "run")
     assert {p: p.stat().st_mtime_ns for p in store.root.rglob("*")} == before
     assert not (tmp_path / "run" / "metrics.json").exists() and not list(tmp_path.rglob("*.tmp-*"))

@@ -144,8 +144,8 @@ def test_cutout_hole(dataset: str, fill: int) -> None:
     k = 8
     exp = Cutout(k, size=0.5, fill=fill)
     out = exp.expand(imgs, labels, seeds_for(len(imgs), k))
-    B, C, H, W = imgs.shape
-    s = int(math.floor(0.5 * min(H, W) + 0.5))
+    _, _, H, W = imgs.shape
+    s = math.floor(0.5 * min(H, W) + 0.5)
     rows = out.field_rows()
     inside = 0
     for i, row in enumerate(rows):
@@ -159,7 +159,7 @@ def test_cutout_hole(dataset: str, fill: int) -> None:
         o, src = out.images[b, j], imgs[b]
         assert (o[:, hole] == fill).all()  # the hole is exactly fill-valued
         assert torch.equal(o[:, ~hole], src[:, ~hole])  # the rest is unchanged
-        if 0 <= y0 and y0 + s <= H and 0 <= x0 and x0 + s <= W:
+        if y0 >= 0 and y0 + s <= H and x0 >= 0 and x0 + s <= W:
             inside += 1
             assert int(hole.sum()) == s * s
     assert inside > 0
@@ -196,14 +196,14 @@ def test_cutout_rejects_bad_settings() -> None:
 # -- GridMask ------------------------------------------------------------------
 def _reference_keep(d: int, dy: int, dx: int, r: float, H: int, W: int) -> np.ndarray:
     """Independent numpy version of the official mode-1 grid (no rotation)."""
-    l = math.ceil(r * d - 1e-9)
+    band = math.ceil(r * d - 1e-9)
     rows = np.zeros(H, dtype=bool)
     cols = np.zeros(W, dtype=bool)
-    for i in range(-1, max(H, W) // d + 2):  # kept bands [d*i + offset, d*i + offset + l)
+    for i in range(-1, max(H, W) // d + 2):  # kept bands [d*i + offset, d*i + offset + band)
         s = d * i + dy
-        rows[max(s, 0) : max(min(s + l, H), 0)] = True
+        rows[max(s, 0) : max(min(s + band, H), 0)] = True
         s = d * i + dx
-        cols[max(s, 0) : max(min(s + l, W), 0)] = True
+        cols[max(s, 0) : max(min(s + band, W), 0)] = True
     return rows[:, None] | cols[None, :]
 
 
@@ -219,7 +219,7 @@ def test_gridmask_kept_unchanged_dropped_fill(dataset: str) -> None:
     for fill in (0, 200):
         exp = GridMask(k, keep_ratio=r, fill=fill)
         out = exp.expand(imgs, labels, seeds_for(len(imgs), k))
-        B, C, H, W = imgs.shape
+        _, _, H, W = imgs.shape
         lo, hi = exp.unit_range(H, W)
         for i, row in enumerate(out.field_rows()):
             b, j = divmod(i, k)
@@ -253,9 +253,7 @@ def test_gridmask_dropped_fraction() -> None:
 def test_gridmask_rotation() -> None:
     n, H, r, rot = 100, 64, 0.6, 45.0
     imgs = torch.full((n, 1, H, H), 255, dtype=torch.uint8)
-    out = GridMask(1, keep_ratio=r, max_rotation=rot).expand(
-        imgs, torch.zeros(n, dtype=torch.long), seeds_for(n, 1)
-    )
+    out = GridMask(1, keep_ratio=r, max_rotation=rot).expand(imgs, torch.zeros(n, dtype=torch.long), seeds_for(n, 1))
     angle = out.fields["grid_angle"]
     assert (angle >= 0).all() and (angle <= rot).all() and angle.max() > 20
     dropped = (out.images == 0).float().mean().item()
@@ -315,9 +313,7 @@ def test_randaugment_rejects_bad_magnitude() -> None:
 
 
 # -- configs ---------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "name, cls", [("cutout", Cutout), ("gridmask", GridMask), ("randaugment", RandAugment)]
-)
+@pytest.mark.parametrize("name, cls", [("cutout", Cutout), ("gridmask", GridMask), ("randaugment", RandAugment)])
 def test_method_configs_instantiate(name: str, cls) -> None:
     from experiments.training.pipeline import build_expander
     from tests.conftest import compose

@@ -13,8 +13,27 @@ from benchmarks import gif_sd_throughput as bench
 
 def test_tiny_run_times_both_modes_of_both_methods(shared_data, tmp_path, capsys):
     out = tmp_path / "figures.json"
-    report = bench.main(["--tiny", "--device", "cpu", "--method", "both", "--ratio", "3", "--seeds-per-pass", "2",
-                         "--steps", "2", "--repeats", "1", "--data", str(shared_data), "--json", str(out)])
+    report = bench.main(
+        [
+            "--tiny",
+            "--device",
+            "cpu",
+            "--method",
+            "both",
+            "--ratio",
+            "3",
+            "--seeds-per-pass",
+            "2",
+            "--steps",
+            "2",
+            "--repeats",
+            "1",
+            "--data",
+            str(shared_data),
+            "--json",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert "img/s" in printed and "batched / official" in printed and "TINY" in printed
     assert json.loads(out.read_text())["speedup"].keys() == {"gif_sd", "sd_img2img"}
@@ -65,8 +84,10 @@ def test_real_architectures_have_the_released_parameter_counts():
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.device("meta"):
-        counts = {"unet": bench.n_params(UNet2DConditionModel(**bench.SD_V1_UNET)),
-                  "vae": bench.n_params(AutoencoderKL(**bench.SD_V1_VAE)),
-                  "text_encoder": bench.n_params(CLIPTextModel(CLIPTextConfig(**bench.VIT_L14_TEXT))),
-                  "guide": bench.n_params(CLIP(**open_clip.get_model_config(bench.GUIDE_ARCH)))}
+        counts = {
+            "unet": bench.n_params(UNet2DConditionModel(**bench.SD_V1_UNET)),
+            "vae": bench.n_params(AutoencoderKL(**bench.SD_V1_VAE)),
+            "text_encoder": bench.n_params(CLIPTextModel(CLIPTextConfig(**bench.VIT_L14_TEXT))),
+            "guide": bench.n_params(CLIP(**open_clip.get_model_config(bench.GUIDE_ARCH))),
+        }
     assert counts == bench.EXPECTED_PARAMS

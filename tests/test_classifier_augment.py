@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import lightning as L
@@ -10,9 +11,9 @@ import torch
 from omegaconf import OmegaConf
 
 from experiments.data import augment
-from experiments.training.classifier import ImageClassifier, SmallConvNet, create_network
 from experiments.data.datamodule import ExpansionDataModule
 from experiments.data.datasets import build_dataset
+from experiments.training.classifier import ImageClassifier, SmallConvNet, create_network
 from tests.conftest import compose
 
 
@@ -22,7 +23,9 @@ def test_small_cnn_shapes(size):
     assert net(torch.zeros(2, 1, size, size)).shape == (2, 7)
 
 
-@pytest.mark.parametrize("arch", ["resnet50", "resnext50_32x4d", "wide_resnet50_2", "mobilenetv2_100", "torchvision.resnet18"])
+@pytest.mark.parametrize(
+    "arch", ["resnet50", "resnext50_32x4d", "wide_resnet50_2", "mobilenetv2_100", "torchvision.resnet18"]
+)
 def test_paper_architectures_build_from_scratch_for_gray_input(arch):
     net = create_network(arch, num_classes=3, in_chans=1, input_size=64)
     with torch.no_grad():
@@ -45,7 +48,7 @@ def test_cosine_schedule_is_one_schedule_from_lr_to_zero():
         sched.step()
     assert lrs[0] == pytest.approx(0.1)
     assert lrs[5] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert all(a > b for a, b in itertools.pairwise(lrs))
     group = opt["optimizer"].param_groups[0]
     assert group["momentum"] == 0.9 and group["weight_decay"] == 1e-4
 
@@ -54,8 +57,15 @@ def test_training_on_real_digits_learns():
     data = build_dataset(compose(["dataset=digits"]).dataset)
     dm = ExpansionDataModule(data, None, None, recipe="digits", input_size=8, batch_size=32)
     model = ImageClassifier("small_cnn", 10, 1, 8, lr=0.05, epochs=8)
-    trainer = L.Trainer(max_epochs=8, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        max_epochs=8,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     before = trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"]
     trainer.fit(model, datamodule=dm)
     after = trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"]

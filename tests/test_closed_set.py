@@ -59,8 +59,9 @@ def breast(shared_data):
 
 
 def _context(data):
-    return ExpansionContext(dataset_name=data.name, class_names=data.class_names, channels=data.channels,
-                            image_size=data.image_size)
+    return ExpansionContext(
+        dataset_name=data.name, class_names=data.class_names, channels=data.channels, image_size=data.image_size
+    )
 
 
 def _tiny_unet(channels=3, num_classes=2, null_class=False, seed=0):
@@ -94,7 +95,7 @@ def test_training_is_reproducible_and_seeded(cifar, tmp_path):
 def test_batches_cover_every_image_once_per_epoch():
     seen = torch.cat([csd.batch_indices(step, 3, 7, seed=5) for step in range(7)])  # 21 = 3 epochs of 7
     for epoch in range(3):
-        assert sorted(seen[epoch * 7:(epoch + 1) * 7].tolist()) == list(range(7))
+        assert sorted(seen[epoch * 7 : (epoch + 1) * 7].tolist()) == list(range(7))
     assert torch.equal(csd.batch_indices(4, 3, 7, seed=5), seen[12:15])  # any step without replay
 
 
@@ -104,8 +105,13 @@ def test_sampling_is_deterministic_per_image_seed(sampler):
 
     def sample(labels, seeds):
         with torch.no_grad():
-            x = csd.sample_images(unet, csd.sampling_scheduler(SCHEDULE, sampler), torch.tensor(labels),
-                                  torch.tensor(seeds), num_inference_steps=4)
+            x = csd.sample_images(
+                unet,
+                csd.sampling_scheduler(SCHEDULE, sampler),
+                torch.tensor(labels),
+                torch.tensor(seeds),
+                num_inference_steps=4,
+            )
         return ((x + 1) * 127.5).round().to(torch.uint8)
 
     together = sample([0, 1, 0], [11, 12, 13])
@@ -130,7 +136,8 @@ def test_samples_of_class_c_are_requested_with_label_c_and_stored_with_it(breast
         requested.update(zip(seeds.tolist(), class_labels.tolist()))
         calls.append((class_labels.tolist(), []))
         hook = unet.register_forward_pre_hook(
-            lambda module, args, kw: calls[-1][1].append(kw["class_labels"].tolist()), with_kwargs=True)
+            lambda module, args, kw: calls[-1][1].append(kw["class_labels"].tolist()), with_kwargs=True
+        )
         try:
             return real_sample(unet, scheduler, class_labels, seeds, **kwargs)
         finally:
@@ -138,8 +145,16 @@ def test_samples_of_class_c_are_requested_with_label_c_and_stored_with_it(breast
 
     monkeypatch.setattr(csd, "sample_images", recording_sample)
     expander = tiny_expander(steps=3)
-    result = expand_dataset(expander, breast.train, breast.identity, context=_context(breast),
-                            store_dir=tmp_path / "stores", fit_dir=tmp_path / "fits", seed=3, batch_size=3)
+    result = expand_dataset(
+        expander,
+        breast.train,
+        breast.identity,
+        context=_context(breast),
+        store_dir=tmp_path / "stores",
+        fit_dir=tmp_path / "fits",
+        seed=3,
+        batch_size=3,
+    )
     rows = [json.loads(line) for line in (result.store.root / "manifest.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * len(breast.train) == len(requested) == result.generated_images
     for row in rows:
@@ -164,8 +179,9 @@ def test_fit_is_cached_by_key_and_shared_by_ratios(breast, tmp_path, monkeypatch
         raise AssertionError("the cached fit was trained again")
 
     monkeypatch.setattr(csd, "train_diffusion", no_training)
-    other_ratio = csd.ClosedSetDiffusion(5, **{**asdict(first.settings), "sampler": "dpm_solver",
-                                               "num_inference_steps": 3})
+    other_ratio = csd.ClosedSetDiffusion(
+        5, **{**asdict(first.settings), "sampler": "dpm_solver", "num_inference_steps": 3}
+    )
     other_ratio.prepare(_context(breast))
     fit_expander(other_ratio, breast.train, breast.identity, tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == [artifact.name]
@@ -179,18 +195,24 @@ def test_fit_is_cached_by_key_and_shared_by_ratios(breast, tmp_path, monkeypatch
 def test_checkpoint_of_other_settings_is_refused(cifar, tmp_path):
     images, labels = cifar
     settings = csd.FitSettings(steps=3, batch_size=4, lr=1e-3, warmup_steps=0, checkpoint_every=1)
-    csd.train_diffusion(_tiny_unet(), SCHEDULE, images, labels, settings, checkpoint_path=tmp_path / "c",
-                        fit_key={"run": "a"})
+    csd.train_diffusion(
+        _tiny_unet(), SCHEDULE, images, labels, settings, checkpoint_path=tmp_path / "c", fit_key={"run": "a"}
+    )
     assert (tmp_path / "c").is_file()
     with pytest.raises(ExpansionError, match="other settings"):
-        csd.train_diffusion(_tiny_unet(), SCHEDULE, images, labels, settings, checkpoint_path=tmp_path / "c",
-                            fit_key={"run": "b"})
+        csd.train_diffusion(
+            _tiny_unet(), SCHEDULE, images, labels, settings, checkpoint_path=tmp_path / "c", fit_key={"run": "b"}
+        )
 
 
 def _fit_job(shared, cache, delay, steps):
-    return subprocess.Popen([sys.executable, str(HELPERS / "closed_set_fit_job.py"), str(shared), str(cache),
-                             str(delay), str(steps)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, str(HELPERS / "closed_set_fit_job.py"), str(shared), str(cache), str(delay), str(steps)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _checkpoint_step(path: Path) -> int:
@@ -237,17 +259,20 @@ def test_killed_fit_resumes_from_its_checkpoint(shared_data, breast, tmp_path):
         assert torch.equal(value, weights[name]), name
 
 
-@pytest.mark.parametrize("kwargs,pattern", [
-    ({"sampler": "euler"}, "sampler must be one of"),
-    ({"guidance_scale": 3.0}, "needs a model trained with fit.label_dropout"),
-    ({"fit": {"stepz": 3}}, r"fit: unknown setting\(s\) \['stepz'\]"),
-    ({"unet": "huge"}, "unknown unet preset 'huge'"),
-    ({"unet": {**TINY_UNET, "norm_num_groups": 5}}, "must divide every block_out_channels"),
-    ({"unet": "ddpm_cifar10", "resolution": 28}, "not divisible by 8"),
-    ({"schedule": {"prediction_type": "x0"}}, "prediction_type must be one of"),
-    ({"mixed_precision": "fp8"}, "mixed_precision must be one of"),
-    ({"ratio": 0}, "ratio must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        ({"sampler": "euler"}, "sampler must be one of"),
+        ({"guidance_scale": 3.0}, "needs a model trained with fit.label_dropout"),
+        ({"fit": {"stepz": 3}}, r"fit: unknown setting\(s\) \['stepz'\]"),
+        ({"unet": "huge"}, "unknown unet preset 'huge'"),
+        ({"unet": {**TINY_UNET, "norm_num_groups": 5}}, "must divide every block_out_channels"),
+        ({"unet": "ddpm_cifar10", "resolution": 28}, "not divisible by 8"),
+        ({"schedule": {"prediction_type": "x0"}}, "prediction_type must be one of"),
+        ({"mixed_precision": "fp8"}, "mixed_precision must be one of"),
+        ({"ratio": 0}, "ratio must be an integer >= 1"),
+    ],
+)
 def test_bad_settings_fail_at_construction(kwargs, pattern):
     with pytest.raises(ExpansionError, match=pattern):
         csd.ClosedSetDiffusion(**{"ratio": 2, **kwargs})
@@ -262,14 +287,20 @@ def test_model_resolution_rounds_up_to_the_unet_downsampling():
 def test_classifier_free_guidance_uses_the_null_class(cifar, tmp_path):
     images, labels = cifar
     unet = _tiny_unet(null_class=True)
-    settings = csd.FitSettings(steps=2, batch_size=8, lr=1e-3, warmup_steps=0, label_dropout=0.5,
-                               checkpoint_every=1000)
+    settings = csd.FitSettings(steps=2, batch_size=8, lr=1e-3, warmup_steps=0, label_dropout=0.5, checkpoint_every=1000)
     csd.train_diffusion(unet, SCHEDULE, images, labels, settings, checkpoint_path=tmp_path / "c", null_class=2)
     seen = []
     unet.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["class_labels"].clone()), with_kwargs=True)
     with torch.no_grad():
-        csd.sample_images(unet, csd.sampling_scheduler(SCHEDULE, "ddim"), torch.tensor([0, 1]), torch.tensor([1, 2]),
-                          num_inference_steps=2, guidance_scale=2.0, null_class=2)
+        csd.sample_images(
+            unet,
+            csd.sampling_scheduler(SCHEDULE, "ddim"),
+            torch.tensor([0, 1]),
+            torch.tensor([1, 2]),
+            num_inference_steps=2,
+            guidance_scale=2.0,
+            null_class=2,
+        )
     assert seen[0].tolist() == [2, 2, 0, 1]  # unconditional and conditional halves in one pass
 
 
@@ -280,9 +311,23 @@ def _cfg(overrides):
 
 def test_run_on_the_offline_cifar10_subset_end_to_end(shared_data, tmp_path):
     """The README's tiny CPU setting, shrunk further (2 images per class, 2 fit steps, 1 epoch)."""
-    metrics = run(_cfg(["dataset=cifar10_subset", "dataset.train_per_class=2", "method=closed_set_diffusion_cpu",
-                        "method.ratio=1", "method.fit.steps=2", "method.num_inference_steps=2", "train.epochs=1",
-                        "train.compare_original=false", "quality.enabled=false", "logger=none"]), tmp_path / "run")
+    metrics = run(
+        _cfg(
+            [
+                "dataset=cifar10_subset",
+                "dataset.train_per_class=2",
+                "method=closed_set_diffusion_cpu",
+                "method.ratio=1",
+                "method.fit.steps=2",
+                "method.num_inference_steps=2",
+                "train.epochs=1",
+                "train.compare_original=false",
+                "quality.enabled=false",
+                "logger=none",
+            ]
+        ),
+        tmp_path / "run",
+    )
     assert metrics["method"] == "closed_set_diffusion" and metrics["ratio"] == 1
     assert metrics["expansion"]["num_images"] == 20 and metrics["num_train_images"] == 40
     assert 0 <= metrics["test_acc_final"] <= 100

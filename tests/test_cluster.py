@@ -15,9 +15,16 @@ from hydra.utils import instantiate
 
 from tests.conftest import PROJECT_ROOT, compose
 
-SLURM = ["launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.account=my_lab",
-         "hydra.launcher.timeout_min=240", "hydra.launcher.cpus_per_task=6", "hydra.launcher.mem_gb=48",
-         "hydra.launcher.array_parallelism=5", 'hydra.launcher.setup=["module load cuda/12.1","source .venv/bin/activate"]']
+SLURM = [
+    "launcher=slurm",
+    "hydra.launcher.partition=gpu",
+    "hydra.launcher.account=my_lab",
+    "hydra.launcher.timeout_min=240",
+    "hydra.launcher.cpus_per_task=6",
+    "hydra.launcher.mem_gb=48",
+    "hydra.launcher.array_parallelism=5",
+    'hydra.launcher.setup=["module load cuda/12.1","source .venv/bin/activate"]',
+]
 
 
 def test_slurm_launcher_composes_with_its_parameters():
@@ -55,10 +62,19 @@ def test_slurm_launcher_writes_the_expected_sbatch_array(tmp_path, monkeypatch):
     with pytest.raises(Submitted):
         launcher.launch([["seed=0"], ["seed=1"], ["seed=2"]], initial_job_idx=0)
     sbatch = captured["sbatch"].splitlines()
-    for line in ("#SBATCH --partition=gpu", "#SBATCH --account=my_lab", "#SBATCH --gpus-per-node=1",
-                 "#SBATCH --ntasks-per-node=1", "#SBATCH --cpus-per-task=6", "#SBATCH --mem=48GB",
-                 "#SBATCH --time=240", "#SBATCH --array=0-2%3", "#SBATCH --signal=USR2@120",
-                 "module load cuda/12.1", "source .venv/bin/activate"):
+    for line in (
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=my_lab",
+        "#SBATCH --gpus-per-node=1",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --cpus-per-task=6",
+        "#SBATCH --mem=48GB",
+        "#SBATCH --time=240",
+        "#SBATCH --array=0-2%3",
+        "#SBATCH --signal=USR2@120",
+        "module load cuda/12.1",
+        "source .venv/bin/activate",
+    ):
         assert line in sbatch, f"{line!r} not in:\n" + "\n".join(sbatch)
     assert str(tmp_path / "sweep" / ".submitit") in captured["sbatch"]
 
@@ -76,9 +92,9 @@ def _wandb_records(path: Path):
         if block - pos % block < 7:  # a block's tail too short for a header is padding
             pos += block - pos % block
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         pos += 7
-        pending += data[pos:pos + length]
+        pending += data[pos : pos + length]
         pos += length
         if kind == 0 and length == 0:
             break
@@ -94,21 +110,48 @@ def test_wandb_offline_multirun_groups_jobs_and_finishes_every_run(tmp_path):
     exit record; the expansion job logged its grid and manifest table; the API key from the
     environment appears in no file of the sweep."""
     sweep, key = tmp_path / "sweep", "0123456789abcdef0123456789abcdef01234567"
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_API_KEY": key, "WANDB_DIR": str(tmp_path / "wandb"),
-           "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache"), "WANDB_DATA_DIR": str(tmp_path / "wandb_data"),
-           "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config"), "PROGRESS_BAR": "false"}
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "WANDB_API_KEY": key,
+        "WANDB_DIR": str(tmp_path / "wandb"),
+        "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache"),
+        "WANDB_DATA_DIR": str(tmp_path / "wandb_data"),
+        "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config"),
+        "PROGRESS_BAR": "false",
+    }
     proc = subprocess.run(
-        [sys.executable, "run.py", "-m", "dataset=digits", "method=original,cutout", "method.ratio=1",
-         "train.epochs=1", "quality.enabled=false", "logger=wandb", f"hydra.sweep.dir={sweep}"],
-        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "run.py",
+            "-m",
+            "dataset=digits",
+            "method=original,cutout",
+            "method.ratio=1",
+            "train.epochs=1",
+            "quality.enabled=false",
+            "logger=wandb",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = {}
     for path in sorted(glob.glob(str(sweep / "*" / "wandb" / "offline-run-*" / "run-*.wandb"))):
         records = list(_wandb_records(Path(path)))
         (info,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
         exits = [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"]
-        runs[info.run_id] = {"group": info.run_group, "job_type": info.job_type, "tags": list(info.tags),
-                             "exits": exits, "dir": Path(path).parent}
+        runs[info.run_id] = {
+            "group": info.run_group,
+            "job_type": info.job_type,
+            "tags": list(info.tags),
+            "exits": exits,
+            "dir": Path(path).parent,
+        }
     assert len(runs) == 2
     assert all(r["exits"] == [0] for r in runs.values())  # both finished, neither reused
     assert {r["group"] for r in runs.values()} == {f"adhoc-{sweep.parent.name}_{sweep.name}"}
@@ -118,6 +161,11 @@ def test_wandb_offline_multirun_groups_jobs_and_finishes_every_run(tmp_path):
     assert by_type["expand"]["tags"] == ["digits", "cutout", "small_cnn"]
     media = by_type["expand"]["dir"] / "files" / "media"
     assert list(media.glob("images/expansion/grid_*.png")) and list(media.glob("table/expansion/manifest_*.table.json"))
-    leaked = [p for root in (sweep, tmp_path / "wandb", tmp_path / "wandb_data") if root.exists()
-              for p in root.rglob("*") if p.is_file() and key.encode() in p.read_bytes()]
+    leaked = [
+        p
+        for root in (sweep, tmp_path / "wandb", tmp_path / "wandb_data")
+        if root.exists()
+        for p in root.rglob("*")
+        if p.is_file() and key.encode() in p.read_bytes()
+    ]
     assert leaked == []

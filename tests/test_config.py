@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 from hydra.utils import get_class
 from omegaconf import OmegaConf
@@ -64,7 +63,9 @@ def test_paper_tables_cover_every_dataset_and_classifier():
     grids = {e: _sweep_params(e)[1] for e in ("table1_natural", "table2_medical", "table3_architectures", "efficiency")}
     assert set(grids["table1_natural"]["dataset"].split(",")) == set(paper["natural"]["values"]["original"])
     assert set(grids["table2_medical"]["dataset"].split(",")) == set(paper["medical"]["values"]["original"])
-    assert set(grids["table3_architectures"]["classifier"].split(",")) == set(paper["architectures"]["values"]["original"])
+    assert set(grids["table3_architectures"]["classifier"].split(",")) == set(
+        paper["architectures"]["values"]["original"]
+    )
     ratios = {int(r) for r in grids["efficiency"]["method.ratio"].split(",")}
     assert {int(k.split("@")[1]) for k in paper["efficiency"]["values"]} <= ratios
     assert compose(["experiment=table3_architectures"]).dataset.name == "cars"
@@ -87,10 +88,17 @@ def test_unknown_option_lists_choices():
         compose(["method=nope"])
 
 
-@pytest.mark.parametrize("dataset,expected", [
-    ("cars", (50.0, 0.9, 0.8, 5)), ("pets", (50.0, 0.7, 0.8, 10)), ("flowers102", (8.0, 0.5, 0.8, 5)),
-    ("caltech101", (5.0, 0.9, 4.0, 5)), ("organsmnist", (5.0, 0.4, 0.5, 5)), ("digits", (50.0, 0.9, 0.8, 5)),
-])
+@pytest.mark.parametrize(
+    "dataset,expected",
+    [
+        ("cars", (50.0, 0.9, 0.8, 5)),
+        ("pets", (50.0, 0.7, 0.8, 10)),
+        ("flowers102", (8.0, 0.5, 0.8, 5)),
+        ("caltech101", (5.0, 0.9, 4.0, 5)),
+        ("organsmnist", (5.0, 0.4, 0.5, 5)),
+        ("digits", (50.0, 0.9, 0.8, 5)),
+    ],
+)
 def test_gif_sd_takes_the_paper_settings_of_each_dataset(dataset, expected):
     m = compose([f"dataset={dataset}", "method=gif_sd"]).method
     assert (m.guidance_scale, m.strength, m.radius, m.ratio) == expected
@@ -106,8 +114,12 @@ def test_gif_tables_include_gif_sd_and_its_ablation():
 
 
 def test_tables_include_the_gif_variants_of_the_paper():
-    grids = {e: _sweep_params(e)[1]["method"].split(",") for e in
-             ("table1_natural", "table2_medical", "table3_architectures", "efficiency")}
-    assert {"gif_mae", "gif_unclip"} <= set(grids["table1_natural"]) and {"gif_mae", "gif_unclip"} <= set(grids["table2_medical"])
+    grids = {
+        e: _sweep_params(e)[1]["method"].split(",")
+        for e in ("table1_natural", "table2_medical", "table3_architectures", "efficiency")
+    }
+    assert {"gif_mae", "gif_unclip"} <= set(grids["table1_natural"]) and {"gif_mae", "gif_unclip"} <= set(
+        grids["table2_medical"]
+    )
     assert "gif_unclip" in grids["table3_architectures"] and {"gif_mae", "gif_unclip"} <= set(grids["efficiency"])
     assert compose(["method=gif_unclip"]).method.paper_name == "gif_dalle"

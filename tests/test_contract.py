@@ -37,17 +37,30 @@ METHODS = method_names()
 SIGNATURES = Path(__file__).with_name("contract_signatures.json")
 DATASET = ["dataset=breastmnist", "dataset.train_per_class=3"]
 
-_AUTOENCODER = ["method.pretrain.steps=10", "method.pretrain.max_images=100", "method.finetune.steps=5",
-                "method.autoencoder.width=8"]
+_AUTOENCODER = [
+    "method.pretrain.steps=10",
+    "method.pretrain.max_images=100",
+    "method.finetune.steps=5",
+    "method.autoencoder.width=8",
+]
 
 
 def tiny_overrides(name: str, weights: dict) -> list[str]:
     """Settings that make method ``name`` cheap on the CPU and point it at the tiny weights."""
     clip = weights["clip"]
-    guide = [f"method.guide.arch={clip['arch']}", f"method.guide.pretrained={clip['pretrained']}",
-             f"method.guide.model_config={clip['model_config']}"]
-    sd = [f"method.model_id={weights['sd']}", "method.resolution=16", "method.num_inference_steps=2",
-          "method.dreambooth=null", "method.output_size=null", *guide]
+    guide = [
+        f"method.guide.arch={clip['arch']}",
+        f"method.guide.pretrained={clip['pretrained']}",
+        f"method.guide.model_config={clip['model_config']}",
+    ]
+    sd = [
+        f"method.model_id={weights['sd']}",
+        "method.resolution=16",
+        "method.num_inference_steps=2",
+        "method.dreambooth=null",
+        "method.output_size=null",
+        *guide,
+    ]
     tiny = {
         "gif_sd": sd,
         "sd_img2img": sd,
@@ -56,8 +69,13 @@ def tiny_overrides(name: str, weights: dict) -> list[str]:
         "expansive_synthesis": [*_AUTOENCODER, "method.koopman.steps=5"],
         "gif_ae": [*_AUTOENCODER, "method.guide.epochs=1"],
         "gif_ae_unguided": _AUTOENCODER,
-        "closed_set_diffusion": ["method.unet=tiny", "method.resolution=16", "method.fit.steps=2",
-                                 "method.fit.batch_size=4", "method.num_inference_steps=2"],
+        "closed_set_diffusion": [
+            "method.unet=tiny",
+            "method.resolution=16",
+            "method.fit.steps=2",
+            "method.fit.batch_size=4",
+            "method.num_inference_steps=2",
+        ],
         "closed_set_diffusion_cpu": ["method.fit.steps=2", "method.fit.batch_size=4", "method.num_inference_steps=2"],
     }
     return ["method.ratio=2", *tiny.get(name, [])]
@@ -67,8 +85,12 @@ def tiny_overrides(name: str, weights: dict) -> list[str]:
 def weights(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_weights")
     tiny_mae(seed=1).save_pretrained(root / "mae")
-    return {"sd": save_tiny_sd(root), "clip": save_tiny_clip(root / "clip"), "mae": root / "mae",
-            "unclip": save_tiny_stable_unclip(root)}
+    return {
+        "sd": save_tiny_sd(root),
+        "clip": save_tiny_clip(root / "clip"),
+        "mae": root / "mae",
+        "unclip": save_tiny_stable_unclip(root),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +196,8 @@ def test_signatures_of_the_default_configs_are_pinned():
         SIGNATURES.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
     pinned = json.loads(SIGNATURES.read_text())
     changed = sorted(n for n in current if n in pinned and pinned[n] != current[n])
-    assert not changed, (f"store signatures changed for {changed}: users' caches would no longer be found; if that "
-                         "is deliberate, rewrite tests/contract_signatures.json (UPDATE_SIGNATURES=1) and bump "
-                         "expansion.store.FORMAT_VERSION when the outputs did not change")
+    assert not changed, (
+        f"store signatures changed for {changed}: users' caches would no longer be found; if that "
+        "is deliberate, rewrite tests/contract_signatures.json (UPDATE_SIGNATURES=1) and bump "
+        "expansion.store.FORMAT_VERSION when the outputs did not change"
+    )

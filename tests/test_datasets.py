@@ -28,7 +28,7 @@ def test_digits_splits_are_deterministic_and_disjoint():
     assert np.array_equal(a.train.labels, b.train.labels)
     assert a.identity == b.identity
     assert np.bincount(a.train.labels).tolist() == [20] * 10
-    image, label = a.train[0]
+    image, _ = a.train[0]
     assert image.dtype == torch.uint8 and image.shape == (1, 8, 8) and image.max() > 200
     # the few-shot choice depends on the split seed; val does not depend on the few-shot size
     other = build_dataset(OmegaConf.merge(cfg, {"split_seed": 1}))
@@ -95,7 +95,8 @@ def test_mnist_without_train_files_needs_the_split_option(shared_data, tmp_path)
 
 
 def test_mnist_truncated_idx_file(shared_data, tmp_path):
-    raw = gzip.open(shared_data / "mnist" / "t10k-images-idx3-ubyte.gz").read()
+    with gzip.open(shared_data / "mnist" / "t10k-images-idx3-ubyte.gz") as fh:
+        raw = fh.read()
     (tmp_path / "t10k-images-idx3-ubyte").write_bytes(raw[: len(raw) // 2])
     shutil.copy(shared_data / "mnist" / "t10k-labels-idx1-ubyte.gz", tmp_path)
     cfg = compose(["dataset=mnist", f"dataset.root={tmp_path}"]).dataset
@@ -108,7 +109,7 @@ def test_cifar10_subset_as_imagefolder(shared_data):
     data = build_dataset(cfg)
     assert data.class_names[:3] == ["airplane", "automobile", "bird"] and data.num_classes == 10
     assert data.sizes() == {"train": 4500, "val": 500, "test": 1000}  # val carved 10% per class
-    image, label = data.train[0]
+    image, _ = data.train[0]
     assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
     few = build_dataset(OmegaConf.merge(cfg, {"train_per_class": 5}))
     assert len(few.train) == 50 and few.train.to_tensor().shape == (50, 3, 32, 32)
@@ -119,7 +120,9 @@ def _tiny_folder(root, classes=("a", "b"), n=3, size=(10, 12), mode="RGB"):
         for c in classes:
             (root / split / c).mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                Image.new(mode, size, color=(i * 40) if mode == "L" else (i * 40, 0, 0)).save(root / split / c / f"{i}.png")
+                Image.new(mode, size, color=(i * 40) if mode == "L" else (i * 40, 0, 0)).save(
+                    root / split / c / f"{i}.png"
+                )
 
 
 def test_imagefolder_unreadable_image_is_named(tmp_path):
@@ -167,6 +170,7 @@ def test_extra_real_and_unused_pool_are_disjoint_from_train_val_test(shared_data
     assert np.bincount(data.train.labels).tolist() == [20, 20]
     assert np.bincount(data.extra_train.labels).tolist() == [30, 30]
     assert len(data.unused_train) == 546 - 100 and data.sizes()["extra_real"] == 60
+
     # the three parts of the official train split are disjoint and cover it
     def root_indices(split):  # subsets of subsets index their own base
         idx = split.indices
@@ -186,4 +190,7 @@ def test_extra_real_and_unused_pool_are_disjoint_from_train_val_test(shared_data
         build_dataset(OmegaConf.merge(cfg, {"extra_real_per_class": 500}))
     with pytest.raises(DatasetError, match="needs a few-shot train_per_class"):
         build_dataset(OmegaConf.merge(cfg, {"train_per_class": None}))
-    assert build_dataset(OmegaConf.merge(cfg, {"train_per_class": None, "extra_real_per_class": None})).unused_train is None
+    assert (
+        build_dataset(OmegaConf.merge(cfg, {"train_per_class": None, "extra_real_per_class": None})).unused_train
+        is None
+    )

@@ -18,8 +18,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from experiments.data.datasets import DatasetError, DatasetNotFoundError, build_dataset
-from experiments.data.datasets import LOADERS
+from experiments.data.datasets import LOADERS, DatasetError, DatasetNotFoundError, build_dataset
 from experiments.data.datasets.torchvision_sets import FLOWERS102_CLASSES
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
@@ -37,8 +36,17 @@ def no_network(monkeypatch):
 
 
 def _cfg(name: str, root: Path, **extra):
-    cfg = {"name": name, "loader": name, "root": str(root), "download": False, "image_size": 16,
-           "split_seed": 0, "val_fraction": 0.1, "train_per_class": None, "num_classes": None}
+    cfg = {
+        "name": name,
+        "loader": name,
+        "root": str(root),
+        "download": False,
+        "image_size": 16,
+        "split_seed": 0,
+        "val_fraction": 0.1,
+        "train_per_class": None,
+        "num_classes": None,
+    }
     cfg.update(extra)
     return OmegaConf.create(cfg)
 
@@ -66,8 +74,10 @@ def _paths(split) -> list[str]:
 MISSING = {
     # loader: (expected path fragment, fix fragments)
     "caltech101": ("caltech101/101_ObjectCategories", ["dataset.download=true", "data.caltech.edu"]),
-    "cars": ("stanford_cars", ["cars_train_annos.mat", "cars_test_annos_withlabels.mat", "kaggle.com",
-                               "does not help"]),
+    "cars": (
+        "stanford_cars",
+        ["cars_train_annos.mat", "cars_test_annos_withlabels.mat", "kaggle.com", "does not help"],
+    ),
     "flowers102": ("flowers-102", ["dataset.download=true", "robots.ox.ac.uk/~vgg/data/flowers/102"]),
     "dtd": ("dtd/dtd", ["dataset.download=true", "dtd-r1.0.1.tar.gz"]),
     "pets": ("oxford-iiit-pet", ["dataset.download=true", "robots.ox.ac.uk/~vgg/data/pets"]),
@@ -96,10 +106,15 @@ def test_cars_download_flag_still_explains(tmp_path):
 @pytest.mark.parametrize("name", sorted(MISSING))
 def test_yaml_configs(name, tmp_path):
     cfg = OmegaConf.load(CONF / f"{name}.yaml")
-    expected = {"caltech101": (102, "caltech", 0.01, 256), "cars": (196, "fine_grained", 0.01, 256),
-                "flowers102": (102, "fine_grained", 0.1, 256), "dtd": (47, "dtd", 0.01, 256),
-                "pets": (37, "fine_grained", 0.01, 256), "cifar10": (10, "cifar", 0.1, 32),
-                "cifar100_subset": (100, "cifar", 0.1, 32)}[name]
+    expected = {
+        "caltech101": (102, "caltech", 0.01, 256),
+        "cars": (196, "fine_grained", 0.01, 256),
+        "flowers102": (102, "fine_grained", 0.1, 256),
+        "dtd": (47, "dtd", 0.01, 256),
+        "pets": (37, "fine_grained", 0.01, 256),
+        "cifar10": (10, "cifar", 0.1, 32),
+        "cifar100_subset": (100, "cifar", 0.1, 32),
+    }[name]
     assert cfg.name == name and cfg.loader == name and name in LOADERS
     assert (cfg.num_classes, cfg.recipe.augment, cfg.recipe.lr, cfg.image_size) == expected
     assert cfg.download is False and cfg.split_seed == 0 and cfg.train_per_class is None
@@ -137,7 +152,7 @@ def test_caltech101_split(tmp_path):
     # grayscale Caltech JPEGs come out with 3 channels, at image_size
     for split in (ds.train, ds.val, ds.test):
         for i in range(len(split)):
-            image, label = split[i]
+            image, _ = split[i]
             assert tuple(image.shape) == (3, 16, 16)
 
     # deterministic for a seed, different for another seed
@@ -159,8 +174,9 @@ def test_caltech101_split(tmp_path):
 # --------------------------------------------------------------------------- CIFAR
 
 
-def _fake_cifar(root: Path, which: str, n_classes: int, train_per_class: int, test_per_class: int,
-                monkeypatch=None) -> None:
+def _fake_cifar(
+    root: Path, which: str, n_classes: int, train_per_class: int, test_per_class: int, monkeypatch=None
+) -> None:
     """torchvision's CIFAR python layout with tiny random contents. torchvision checks the
     md5 of every file against the real ones; with ``monkeypatch`` the class's file lists are
     patched to the fake files' md5 so its integrity check runs and passes."""
@@ -261,14 +277,20 @@ def test_flowers102_official_splits(tmp_path, monkeypatch):
     for i in range(len(labels)):
         _jpeg(base / "jpg" / f"image_{i + 1:05d}.jpg", 20 * i)
     savemat(base / "imagelabels.mat", {"labels": labels[None]})
-    savemat(base / "setid.mat", {"trnid": np.array([[1, 3, 5]]), "valid": np.array([[2, 4, 7]]),
-                                 "tstid": np.array([[6, 8, 9, 10]])})
+    savemat(
+        base / "setid.mat",
+        {"trnid": np.array([[1, 3, 5]]), "valid": np.array([[2, 4, 7]]), "tstid": np.array([[6, 8, 9, 10]])},
+    )
     # torchvision checks the .mat files' md5 against the real ones: point it at the fakes'
-    monkeypatch.setattr(Flowers102, "_file_dict", {
-        **Flowers102._file_dict,
-        "label": ("imagelabels.mat", _md5(base / "imagelabels.mat")),
-        "setid": ("setid.mat", _md5(base / "setid.mat")),
-    })
+    monkeypatch.setattr(
+        Flowers102,
+        "_file_dict",
+        {
+            **Flowers102._file_dict,
+            "label": ("imagelabels.mat", _md5(base / "imagelabels.mat")),
+            "setid": ("setid.mat", _md5(base / "setid.mat")),
+        },
+    )
     ds = build_dataset(_cfg("flowers102", tmp_path, num_classes=102))
     assert not ds.val_is_carved and ds.sizes() == {"train": 3, "val": 3, "test": 4}
     assert ds.class_names == FLOWERS102_CLASSES

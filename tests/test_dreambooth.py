@@ -54,8 +54,15 @@ def sd(tmp_path):
 
 def _finetune(sd, images, prompts, settings, **kw):
     return dreambooth_finetune(
-        sd["unet"], sd["text_encoder"], sd["vae"], sd["tokenizer"], sd["noise_scheduler"],
-        images, prompts, settings, **kw,
+        sd["unet"],
+        sd["text_encoder"],
+        sd["vae"],
+        sd["tokenizer"],
+        sd["noise_scheduler"],
+        images,
+        prompts,
+        settings,
+        **kw,
     )
 
 
@@ -70,7 +77,12 @@ def _same(module, snapshot) -> bool:
 def test_defaults_are_gif_official():
     s = DreamBoothSettings()
     assert (s.steps, s.lr, s.batch_size, s.train_text_encoder, s.resolution, s.seed) == (
-        400, 2e-6, 2, True, 512, 2023,
+        400,
+        2e-6,
+        2,
+        True,
+        512,
+        2023,
     )
     assert not s.prior_preservation and s.prior_loss_weight == 1.0 and s.max_grad_norm == 1.0
 
@@ -144,15 +156,27 @@ def test_prior_preservation_needs_class_images(sd, breast):
 def test_prior_preservation_with_generated_class_images(sd, breast):
     images, prompts = breast
     class_images = generate_class_images(
-        sd["unet"], sd["text_encoder"], sd["vae"], sd["tokenizer"], sd["scheduler"],
-        PROMPTS[0], 3, resolution=16, seed=1, batch_size=2, num_inference_steps=2,
+        sd["unet"],
+        sd["text_encoder"],
+        sd["vae"],
+        sd["tokenizer"],
+        sd["scheduler"],
+        PROMPTS[0],
+        3,
+        resolution=16,
+        seed=1,
+        batch_size=2,
+        num_inference_steps=2,
     )
     assert class_images.dtype == torch.uint8 and class_images.shape == (3, 3, 16, 16)
     w = 0.5
     out = _finetune(
-        sd, images, prompts,
+        sd,
+        images,
+        prompts,
         DreamBoothSettings(steps=3, prior_preservation=True, prior_loss_weight=w, num_class_images=3, **FAST),
-        class_images=class_images, class_prompts=[PROMPTS[0]] * 3,
+        class_images=class_images,
+        class_prompts=[PROMPTS[0]] * 3,
     )
     assert out["steps"] == 3
     for total, inst, prior in zip(out["losses"], out["instance_losses"], out["prior_losses"]):
@@ -173,8 +197,13 @@ def test_save_load_round_trip(sd, breast, tmp_path):
     unet, te = load_finetuned(out_dir)
     assert not unet.training and not any(p.requires_grad for p in unet.parameters())
     assert _same(unet, _snapshot(sd["unet"])) and _same(te, _snapshot(sd["text_encoder"]))
-    ids = sd["tokenizer"]([PROMPTS[1]], padding="max_length", max_length=sd["tokenizer"].model_max_length,
-                          truncation=True, return_tensors="pt").input_ids
+    ids = sd["tokenizer"](
+        [PROMPTS[1]],
+        padding="max_length",
+        max_length=sd["tokenizer"].model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
     g = torch.Generator().manual_seed(0)
     lat = torch.randn(1, 4, 8, 8, generator=g)
     t = torch.tensor([500])
@@ -182,8 +211,12 @@ def test_save_load_round_trip(sd, breast, tmp_path):
         h0, h1 = sd["text_encoder"](ids)[0], te(ids)[0]
         # same weights (compared bitwise above); CPU kernels may differ in the last ulp between module instances
         torch.testing.assert_close(h0, h1, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(sd["unet"](lat, t, encoder_hidden_states=h0).sample,
-                                   unet(lat, t, encoder_hidden_states=h1).sample, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            sd["unet"](lat, t, encoder_hidden_states=h0).sample,
+            unet(lat, t, encoder_hidden_states=h1).sample,
+            rtol=1e-5,
+            atol=1e-6,
+        )
 
     unet16, _ = load_finetuned(out_dir, dtype=torch.float16)
     assert next(unet16.parameters()).dtype == torch.float16

@@ -39,7 +39,7 @@ def test_k_rescales_c1_only():
     a = eq.fit_exchange_rate(n_base, ratio * n_base, x * n_base, k=100.0)
     b = eq.fit_exchange_rate(n_base, ratio * n_base, x * n_base, k=10.0)
     assert a.c2 == pytest.approx(b.c2, rel=1e-4)
-    assert b.c1 == pytest.approx(a.c1 ** 0.1, rel=1e-3)  # c1(k') = c1(k)^(k'/k)
+    assert b.c1 == pytest.approx(a.c1**0.1, rel=1e-3)  # c1(k') = c1(k)^(k'/k)
     assert a.factor(40) == pytest.approx(b.factor(40), rel=1e-3)
 
 
@@ -71,8 +71,9 @@ def _accuracy(n_base, n_real_plus, seed):
     return 30.0 + SLOPE * (n_base + n_real_plus) + 0.2 * (seed - 1)
 
 
-def _write_sweep(root, dataset="cifar10_subset", n_bases=(10, 20), real=(0, 0.5, 1, 2), ratios=(1, 2, 4),
-                 syn_accuracy=None):
+def _write_sweep(
+    root, dataset="cifar10_subset", n_bases=(10, 20), real=(0, 0.5, 1, 2), ratios=(1, 2, 4), syn_accuracy=None
+):
     job = 0
     for n_base in n_bases:
         for seed in (0, 1, 2):
@@ -82,16 +83,30 @@ def _write_sweep(root, dataset="cifar10_subset", n_bases=(10, 20), real=(0, 0.5,
                     equivalent = relation_x(ratio, n_base, C1, C2) * n_base
                     # seed noise of the synthetic runs beyond the real runs', zero mean over the three seeds
                     noise = SYN_NOISE[(seed + ratio) % 3]
-                    acc = (syn_accuracy(n_base, ratio, seed) if syn_accuracy
-                           else _accuracy(n_base, equivalent, seed) + noise)
+                    acc = (
+                        syn_accuracy(n_base, ratio, seed)
+                        if syn_accuracy
+                        else _accuracy(n_base, equivalent, seed) + noise
+                    )
                 else:
                     acc = _accuracy(n_base, extra, seed)
                 folder = root / f"{job}_{dataset}_{method}_small_cnn_s{seed}"
                 folder.mkdir(parents=True)
-                (folder / "metrics.json").write_text(json.dumps({
-                    "dataset": dataset, "method": method, "ratio": ratio, "train_per_class": n_base,
-                    "extra_real_per_class": extra, "seed": seed, "train_data": "original+generated",
-                    "test_acc_final": acc, "test_acc_best_val": acc}))
+                (folder / "metrics.json").write_text(
+                    json.dumps(
+                        {
+                            "dataset": dataset,
+                            "method": method,
+                            "ratio": ratio,
+                            "train_per_class": n_base,
+                            "extra_real_per_class": extra,
+                            "seed": seed,
+                            "train_data": "original+generated",
+                            "test_acc_final": acc,
+                            "test_acc_best_val": acc,
+                        }
+                    )
+                )
                 job += 1
 
 
@@ -111,8 +126,9 @@ def test_cli_recovers_c2_from_a_sweep_and_writes_every_output(tmp_path, capsys):
     syn = [p for p in points if p["arm"] == "synthetic"]
     for p in syn:
         assert p["status"] == "ok"
-        assert p["n_real_plus_equivalent"] == pytest.approx(relation_x(p["n_syn"] / p["n_base"], p["n_base"], C1, C2)
-                                                            * p["n_base"], rel=1e-6)
+        assert p["n_real_plus_equivalent"] == pytest.approx(
+            relation_x(p["n_syn"] / p["n_base"], p["n_base"], C1, C2) * p["n_base"], rel=1e-6
+        )
         assert sorted(p["per_seed"]) == ["0", "1", "2"]
     assert len((tmp_path / "exchange_points.csv").read_text().splitlines()) == 1 + len(points)
     md = (tmp_path / "exchange_rate.md").read_text()
@@ -122,7 +138,9 @@ def test_cli_recovers_c2_from_a_sweep_and_writes_every_output(tmp_path, capsys):
 
 
 def test_synthetic_images_without_gain_give_no_c2(tmp_path, capsys):
-    _write_sweep(tmp_path, dataset="breastmnist", syn_accuracy=lambda n_base, ratio, seed: _accuracy(n_base, 0, seed) - 1)
+    _write_sweep(
+        tmp_path, dataset="breastmnist", syn_accuracy=lambda n_base, ratio, seed: _accuracy(n_base, 0, seed) - 1
+    )
     eq.main([str(tmp_path), "--bootstrap", "10", "--out", str(tmp_path / "analysis")])
     out = capsys.readouterr().out
     assert "breastmnist: no fit (breastmnist: no synthetic point gained accuracy" in out
@@ -144,9 +162,20 @@ def test_runs_outside_the_two_curves_are_counted_not_used(tmp_path):
     _write_sweep(tmp_path)
     odd = tmp_path / "mixed" / "metrics.json"
     odd.parent.mkdir()
-    odd.write_text(json.dumps({"dataset": "cifar10_subset", "method": "closed_set_diffusion", "ratio": 2,
-                               "train_per_class": 10, "extra_real_per_class": 5, "seed": 0,
-                               "test_acc_final": 99.0, "test_acc_best_val": 99.0}))
+    odd.write_text(
+        json.dumps(
+            {
+                "dataset": "cifar10_subset",
+                "method": "closed_set_diffusion",
+                "ratio": 2,
+                "train_per_class": 10,
+                "extra_real_per_class": 5,
+                "seed": 0,
+                "test_acc_final": 99.0,
+                "test_acc_best_val": 99.0,
+            }
+        )
+    )
     runs, skipped = eq.load_runs(tmp_path)
     assert len(runs) == 2 * 3 * 7
     assert skipped == {"synthetic and extra real images together (on neither curve)": 1}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import networkx as nx
 import numpy as np
@@ -14,8 +15,12 @@ from omegaconf import OmegaConf
 
 from expansion.base import ExpansionContext, ExpansionError
 from expansion.expansive_synthesis import ExpansiveSynthesis
-from expansion.expansive_synthesis.autoencoder import (AutoencoderSpec, ConvAutoencoder, reconstruction_error,
-                                                       train_autoencoder)
+from expansion.expansive_synthesis.autoencoder import (
+    AutoencoderSpec,
+    ConvAutoencoder,
+    reconstruction_error,
+    train_autoencoder,
+)
 from expansion.expansive_synthesis.graph import build_expander_graph, ramanujan_bound
 from expansion.expansive_synthesis.transport import KINDS, ot_distance
 from expansion.gif.ae import GifAE
@@ -26,8 +31,7 @@ from tests.conftest import compose
 from tests.helpers.tolerances import same_up_to_float_rounding
 
 #: a fit small enough for tests (seconds on 2 cores), large enough to learn something
-TINY_FIT = {"pretrain": {"steps": 150, "max_images": 2000}, "finetune": {"steps": 60},
-            "autoencoder": {"width": 8}}
+TINY_FIT = {"pretrain": {"steps": 150, "max_images": 2000}, "finetune": {"steps": 60}, "autoencoder": {"width": 8}}
 
 
 def _cfg(overrides):
@@ -57,6 +61,7 @@ def fitted_es(mnist, tmp_path_factory):
 
 # -- expander graphs ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("n,degree", [(10, 4), (100, 4), (37, 6), (200, 3)])
 def test_expander_graph_is_regular_connected_and_ramanujan(n, degree):
     g = build_expander_graph(n, degree, seed=3)
@@ -84,6 +89,7 @@ def test_expander_graph_small_classes_and_impossible_degree():
 
 # -- optimal transport ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_ot_distance_is_zero_for_identical_sets_and_positive_otherwise(kind):
     g = torch.Generator().manual_seed(0)
@@ -100,6 +106,7 @@ def test_ot_distance_is_zero_for_identical_sets_and_positive_otherwise(kind):
 
 
 # -- autoencoder and Koopman fit on real MNIST ------------------------------------------------------
+
 
 def test_autoencoder_reconstruction_error_drops_on_real_mnist(mnist):
     pool = mnist.unused_train.to_tensor()[:800]
@@ -151,8 +158,17 @@ def test_koopman_dynamics_term_fits_the_graph_walk(fitted_es, mnist):
     from expansion.expansive_synthesis.koopman import fit_koopman
 
     exp, _ = fitted_es
-    fit = fit_koopman(exp.train_features, torch.as_tensor(mnist.train.labels), exp.neighbours, steps=40, lr=3e-3,
-                      rank=None, dynamics_weight=1.0, ot_weight=0.0, identity_weight=0.0)
+    fit = fit_koopman(
+        exp.train_features,
+        torch.as_tensor(mnist.train.labels),
+        exp.neighbours,
+        steps=40,
+        lr=3e-3,
+        rank=None,
+        dynamics_weight=1.0,
+        ot_weight=0.0,
+        identity_weight=0.0,
+    )
     assert fit.dynamics_fitted < 0.9 * fit.dynamics_identity  # K y_i ~ y_j along the edges
     assert fit.losses[-1] < fit.losses[0]
 
@@ -188,7 +204,7 @@ def test_expand_is_deterministic_per_image_and_names_its_parents(mnist, fitted_e
     assert out.images.shape == (3, 6, 1, 28, 28) and out.images.dtype == torch.uint8
     rows = out.field_rows()
     for b, p in enumerate(parents.tolist()):
-        copies = rows[b * 6:(b + 1) * 6]
+        copies = rows[b * 6 : (b + 1) * 6]
         assert [r["parents"][0] for r in copies] == [p] * 6
         # the 6 copies walk over all 4 graph edges of the seed before reusing one
         assert sorted({r["parents"][1] for r in copies}) == sorted(exp.neighbours[p])
@@ -210,6 +226,7 @@ def test_bad_settings_fail_early():
 
 
 # -- GIF over the autoencoder ---------------------------------------------------------------------
+
 
 def test_gif_ae_guidance_raises_the_score_and_unguided_uses_the_same_draws(mnist, fitted_es):
     fit_dir = fitted_es[1].parent / "gif_ae"  # beside the Expansive Synthesis fit: the autoencoder is reused
@@ -237,15 +254,26 @@ def test_gif_ae_guidance_raises_the_score_and_unguided_uses_the_same_draws(mnist
 
 # -- end to end -----------------------------------------------------------------------------------
 
+
 def test_run_py_expansive_synthesis_end_to_end(tmp_path, shared_data):
-    overrides = ["dataset=mnist", "dataset.train_per_class=10", "method=expansive_synthesis", "method.ratio=3",
-                 "method.pretrain.steps=60", "method.pretrain.max_images=1000", "method.finetune.steps=20",
-                 "method.koopman.steps=10", "method.autoencoder.width=8", "train.epochs=1",
-                 "train.include_original=false", "quality.enabled=false"]
+    overrides = [
+        "dataset=mnist",
+        "dataset.train_per_class=10",
+        "method=expansive_synthesis",
+        "method.ratio=3",
+        "method.pretrain.steps=60",
+        "method.pretrain.max_images=1000",
+        "method.finetune.steps=20",
+        "method.koopman.steps=10",
+        "method.autoencoder.width=8",
+        "train.epochs=1",
+        "train.include_original=false",
+        "quality.enabled=false",
+    ]
     metrics = run(_cfg(overrides), tmp_path / "run")
     assert metrics["train_data"] == "generated only" and metrics["num_train_images"] == 300
     store = metrics["expansion"]["store"]
-    rows = [json.loads(line) for line in open(f"{store}/manifest.jsonl")]
+    rows = [json.loads(line) for line in Path(f"{store}/manifest.jsonl").read_text().splitlines()]
     assert len(rows) == 300 and len({r["parent"] for r in rows}) == 100
     fits = list((tmp_path / "cache" / "fits").glob("*/graphs.json"))
     neighbours = json.loads(fits[0].read_text())["neighbours"]

@@ -45,8 +45,17 @@ IMG2IMG = {"guided": False, "radius": 0.0}
 
 def _expander(tiny_models, **kw):
     sd_path, clip_spec = tiny_models
-    params = dict(ratio=3, model_id=str(sd_path), guide=clip_spec, guidance_scale=5.0, strength=0.9, radius=0.1,
-                  num_inference_steps=4, resolution=16, output_size=None)
+    params = dict(
+        ratio=3,
+        model_id=str(sd_path),
+        guide=clip_spec,
+        guidance_scale=5.0,
+        strength=0.9,
+        radius=0.1,
+        num_inference_steps=4,
+        resolution=16,
+        output_size=None,
+    )
     params.update(kw)
     exp = GifSD(**params)
     exp.prepare(ExpansionContext("breastmnist", CLASSES, channels=1, prompt_prefix="Ultrasound image of"))
@@ -60,8 +69,16 @@ def test_gif_sd_produces_k_images_with_full_manifest_fields(tiny_models, seeds_b
     out.validate(4, 3)
     assert out.images.shape == (4, 3, 1, 16, 16)
     rows = out.field_rows()
-    assert set(rows[0]) == {"prompt", "strength", "guidance_scale", "radius", "score_before", "score_after",
-                            "guide_class", "guide_confidence"}
+    assert set(rows[0]) == {
+        "prompt",
+        "strength",
+        "guidance_scale",
+        "radius",
+        "score_before",
+        "score_after",
+        "guide_class",
+        "guide_confidence",
+    }
     assert all(r["prompt"].startswith("Ultrasound image of") for r in rows)
     assert rows[0]["prompt"].endswith(CLASSES[int(labels[0])])
     assert all(0 <= r["guide_confidence"] <= 1 and r["guide_class"] in (0, 1) for r in rows)
@@ -138,7 +155,9 @@ def test_bad_settings_and_missing_weights_are_clear(tmp_path, monkeypatch):
     with pytest.raises(ExpansionError, match="folder .*nope does not exist"):
         load_sd_components(str(tmp_path / "nope"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ExpansionError, match="'CompVis/stable-diffusion-v1-4' are not available.*huggingface-cli download"):
+    with pytest.raises(
+        ExpansionError, match="'CompVis/stable-diffusion-v1-4' are not available.*huggingface-cli download"
+    ):
         load_sd_components("CompVis/stable-diffusion-v1-4")
 
 
@@ -146,26 +165,43 @@ def test_missing_clip_weights_are_clear(monkeypatch):
     from expansion.gif.guides import build_guide
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ExpansionError, match="could not load the CLIP guide open_clip 'ViT-B-32'.*local open_clip weights"):
+    with pytest.raises(
+        ExpansionError, match="could not load the CLIP guide open_clip 'ViT-B-32'.*local open_clip weights"
+    ):
         build_guide({"kind": "clip", "arch": "ViT-B-32", "pretrained": "openai"}, ["a", "b"])
 
 
 def _run(args, tmp_path):
     env = {**os.environ, "PROGRESS_BAR": "false", "HF_HUB_OFFLINE": "1", "EXPANSION_CACHE": str(tmp_path / "cache")}
-    return subprocess.run([sys.executable, "run.py", *args], cwd=PROJECT_ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "run.py", *args], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
 
 
 def test_run_py_gif_sd_end_to_end_and_batch_size_independent(tiny_models, tmp_path):
     sd_path, clip = tiny_models
-    common = ["dataset=breastmnist", "dataset.train_per_class=3", "method=gif_sd", f"method.model_id={sd_path}",
-              f"method.guide.arch={clip['arch']}", f"method.guide.pretrained={clip['pretrained']}",
-              f"method.guide.model_config={clip['model_config']}", "method.resolution=16", "method.output_size=16",
-              "method.num_inference_steps=3", "method.ratio=2", "method.paper_settings.breastmnist.dreambooth=null",
-              "train.epochs=1", "logger=none", "train.compare_original=false"]
+    common = [
+        "dataset=breastmnist",
+        "dataset.train_per_class=3",
+        "method=gif_sd",
+        f"method.model_id={sd_path}",
+        f"method.guide.arch={clip['arch']}",
+        f"method.guide.pretrained={clip['pretrained']}",
+        f"method.guide.model_config={clip['model_config']}",
+        "method.resolution=16",
+        "method.output_size=16",
+        "method.num_inference_steps=3",
+        "method.ratio=2",
+        "method.paper_settings.breastmnist.dreambooth=null",
+        "train.epochs=1",
+        "logger=none",
+        "train.compare_original=false",
+    ]
     stores = []
     for batch in (1, 4):
-        proc = _run(common + [f"method.batch_size={batch}", f"hydra.run.dir={tmp_path}/run{batch}"], tmp_path / f"b{batch}")
+        proc = _run(
+            common + [f"method.batch_size={batch}", f"hydra.run.dir={tmp_path}/run{batch}"], tmp_path / f"b{batch}"
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         metrics = json.loads((tmp_path / f"run{batch}" / "metrics.json").read_text())
         assert metrics["method"] == "gif_sd" and metrics["expansion"]["num_images"] == 2 * 6
@@ -179,16 +215,18 @@ def test_run_py_gif_sd_end_to_end_and_batch_size_independent(tiny_models, tmp_pa
     other = stores[1].read_rows()
     for a, b in zip(rows, other):
         assert (a["parent"], a["copy"], a["seed"], a["prompt"]) == (b["parent"], b["copy"], b["seed"], b["prompt"])
-        pixels = [torch.from_numpy(np.array(Image.open(s.images_dir / r["file"])))
-                  for s, r in ((stores[0], a), (stores[1], b))]
+        pixels = [
+            torch.from_numpy(np.array(Image.open(s.images_dir / r["file"])))
+            for s, r in ((stores[0], a), (stores[1], b))
+        ]
         assert same_up_to_float_rounding(*pixels), (pixels[0].int() - pixels[1].int()).abs().max()
         for key in ("score_before", "score_after"):
             assert scores_close(a[key], b[key], stored=True), (key, a[key], b[key])
 
 
 def test_dreambooth_fit_is_cached_and_shared_with_the_ablation(tiny_models, seeds_batch, tmp_path, monkeypatch):
-    from expansion.gif import dreambooth
     from expansion.engine import expand_dataset
+    from expansion.gif import dreambooth
     from experiments.data.datasets import TensorImageSet
 
     images, labels = seeds_batch
@@ -202,10 +240,26 @@ def test_dreambooth_fit_is_cached_and_shared_with_the_ablation(tiny_models, seed
 
     def run(ratio, **unguided):
         sd_path, clip = tiny_models
-        kw = dict(ratio=ratio, model_id=str(sd_path), guide=clip, guidance_scale=5.0, num_inference_steps=2,
-                  resolution=16, dreambooth=db, **unguided)
-        return expand_dataset(GifSD(**kw), train, identity, context=context, store_dir=tmp_path / "stores",
-                              fit_dir=tmp_path / "fits", seed=0, batch_size=4)
+        kw = dict(
+            ratio=ratio,
+            model_id=str(sd_path),
+            guide=clip,
+            guidance_scale=5.0,
+            num_inference_steps=2,
+            resolution=16,
+            dreambooth=db,
+            **unguided,
+        )
+        return expand_dataset(
+            GifSD(**kw),
+            train,
+            identity,
+            context=context,
+            store_dir=tmp_path / "stores",
+            fit_dir=tmp_path / "fits",
+            seed=0,
+            batch_size=4,
+        )
 
     first = run(2)
     assert len(calls) == 1

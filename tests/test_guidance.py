@@ -34,13 +34,15 @@ def test_each_criterion_against_hand_computed_values():
     samples = torch.tensor([[0.5, 0.5], [0.8, 0.2]])
     emb = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     terms = criteria(seed, samples, emb, torch.tensor([0, 0]), GuidanceSettings())
-    assert terms.entropy_gain.tolist() == pytest.approx([H([.5, .5]) - H([.9, .1]), H([.8, .2]) - H([.9, .1])], abs=1e-6)
+    assert terms.entropy_gain.tolist() == pytest.approx(
+        [H([0.5, 0.5]) - H([0.9, 0.1]), H([0.8, 0.2]) - H([0.9, 0.1])], abs=1e-6
+    )
     # consistency uses the seed's own top-1 (class 0), not a label
     assert terms.consistency.tolist() == pytest.approx([0.5, 0.8])
     q = [math.e / (math.e + 1), 1 / (math.e + 1)]  # softmax([1, 0]); the mean embedding [.5, .5] -> uniform
     kl = q[0] * math.log(q[0] / 0.5) + q[1] * math.log(q[1] / 0.5)
     assert terms.diversity.tolist() == pytest.approx([kl, kl], abs=1e-6)
-    expected = ((H([.5, .5]) - H([.9, .1]) + 0.5 + kl) + (H([.8, .2]) - H([.9, .1]) + 0.8 + kl)) / 2
+    expected = ((H([0.5, 0.5]) - H([0.9, 0.1]) + 0.5 + kl) + (H([0.8, 0.2]) - H([0.9, 0.1]) + 0.8 + kl)) / 2
     assert terms.total().item() == pytest.approx(expected, abs=1e-6)
 
 
@@ -49,8 +51,13 @@ def test_weights_scale_each_criterion():
     samples = torch.tensor([[0.5, 0.5], [0.8, 0.2]])
     emb = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     base = criteria(seed, samples, emb, torch.tensor([0, 0]), GuidanceSettings())
-    only_con = criteria(seed, samples, emb, torch.tensor([0, 0]),
-                        GuidanceSettings(entropy_weight=0, consistency_weight=2, diversity_weight=0))
+    only_con = criteria(
+        seed,
+        samples,
+        emb,
+        torch.tensor([0, 0]),
+        GuidanceSettings(entropy_weight=0, consistency_weight=2, diversity_weight=0),
+    )
     assert only_con.score.tolist() == pytest.approx((2 * base.consistency).tolist())
 
 
@@ -96,8 +103,12 @@ def test_perturbation_is_channel_wise():
 
 def _tiny_prior_and_guide():
     torch.manual_seed(0)
-    decoder = torch.nn.Sequential(torch.nn.ConvTranspose2d(4, 8, 4, 2, 1), torch.nn.SiLU(),
-                                  torch.nn.Conv2d(8, 3, 3, padding=1), torch.nn.Sigmoid())
+    decoder = torch.nn.Sequential(
+        torch.nn.ConvTranspose2d(4, 8, 4, 2, 1),
+        torch.nn.SiLU(),
+        torch.nn.Conv2d(8, 3, 3, padding=1),
+        torch.nn.Sigmoid(),
+    )
     guide = Probe(SmallConvNet(5, 3, width=8, input_size=16), 16)
     return decoder, guide
 
@@ -107,6 +118,7 @@ def _score_fn(decoder, guide, seed_probs, groups, settings):
         images = decoder(z)
         emb = guide.embed(images)
         return criteria(seed_probs, guide.net.head(emb).softmax(-1), emb, groups, settings)
+
     return fn
 
 
@@ -134,8 +146,9 @@ def test_steps_move_e_and_b_by_signed_gradient_and_result_is_projected():
     seed_probs = torch.softmax(torch.randn(1, 5), -1).repeat(2, 1)
     settings = GuidanceSettings(n_steps=3, step_size=0.1)
     e, b = torch.rand(2, 4, 1, 1), torch.randn(2, 4, 1, 1)
-    res = guided_perturbation(z0, e, b, _score_fn(decoder, guide, seed_probs, torch.tensor([0, 0]), settings), settings,
-                              radius=0.3)
+    res = guided_perturbation(
+        z0, e, b, _score_fn(decoder, guide, seed_probs, torch.tensor([0, 0]), settings), settings, radius=0.3
+    )
     steps = (res.e - e) / 0.1
     assert torch.allclose(steps, steps.round(), atol=1e-5) and steps.abs().max() <= 3 + 1e-5
     assert (res.latents - z0).abs().max() <= 0.3 + 1e-6
@@ -156,11 +169,18 @@ def test_non_finite_gradient_is_an_error():
 
     def bad(z):
         v = (z * float("nan")).mean(dim=(1, 2, 3))
-        return criteria(torch.full((2, 2), 0.5), torch.stack([v.sigmoid(), 1 - v.sigmoid()], 1), z.flatten(1),
-                        torch.tensor([0, 0]), settings)
+        return criteria(
+            torch.full((2, 2), 0.5),
+            torch.stack([v.sigmoid(), 1 - v.sigmoid()], 1),
+            z.flatten(1),
+            torch.tensor([0, 0]),
+            settings,
+        )
 
     with pytest.raises(ExpansionError, match="not finite"):
-        guided_perturbation(torch.randn(2, 4, 2, 2), torch.rand(2, 4, 1, 1), torch.randn(2, 4, 1, 1), bad, settings, 1.0)
+        guided_perturbation(
+            torch.randn(2, 4, 2, 2), torch.rand(2, 4, 1, 1), torch.randn(2, 4, 1, 1), bad, settings, 1.0
+        )
 
 
 def test_radius_may_be_one_value_per_sample():

@@ -22,8 +22,16 @@ def _cfg(overrides):
 
 
 def test_pipeline_end_to_end_original_vs_expanded(tmp_path, capsys):
-    cfg = _cfg(["dataset=digits", "method=cutout", "method.ratio=2", "train.epochs=2", "train.compare_original=true",
-                "logger=csv"])
+    cfg = _cfg(
+        [
+            "dataset=digits",
+            "method=cutout",
+            "method.ratio=2",
+            "train.epochs=2",
+            "train.compare_original=true",
+            "logger=csv",
+        ]
+    )
     metrics = run(cfg, tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved == metrics
@@ -44,13 +52,32 @@ def test_pipeline_end_to_end_original_vs_expanded(tmp_path, capsys):
 
 
 def test_generated_only_and_extra_real_training_sets(tmp_path, capsys):
-    cfg = _cfg(["dataset=digits", "dataset.train_per_class=10", "method=cutout", "method.ratio=2", "train.epochs=1",
-                "train.include_original=false", "train.compare_original=false"])
+    cfg = _cfg(
+        [
+            "dataset=digits",
+            "dataset.train_per_class=10",
+            "method=cutout",
+            "method.ratio=2",
+            "train.epochs=1",
+            "train.include_original=false",
+            "train.compare_original=false",
+        ]
+    )
     metrics = run(cfg, tmp_path / "gen")
     assert metrics["train_data"] == "generated only" and metrics["num_train_images"] == 2 * 100
     assert "(generated only)" in capsys.readouterr().out
-    extra = run(_cfg(["dataset=digits", "dataset.train_per_class=10", "dataset.extra_real_per_class=5",
-                      "method=original", "train.epochs=1"]), tmp_path / "extra")
+    extra = run(
+        _cfg(
+            [
+                "dataset=digits",
+                "dataset.train_per_class=10",
+                "dataset.extra_real_per_class=5",
+                "method=original",
+                "train.epochs=1",
+            ]
+        ),
+        tmp_path / "extra",
+    )
     assert extra["num_train_images"] == 150 and extra["sizes"]["extra_real"] == 50
     with pytest.raises(ExpansionError, match="method=original generates none"):
         run(_cfg(["dataset=digits", "method=original", "train.include_original=false"]), tmp_path / "bad")
@@ -63,13 +90,20 @@ def test_original_expands_nothing(tmp_path):
     assert metrics["num_train_images"] == metrics["sizes"]["train"]
 
 
-@pytest.mark.parametrize("overrides,error,pattern", [
-    (["method=cutout", "method.ratio=0"], ExpansionError, "ratio must be an integer >= 1"),
-    (["method=gridmask", "method.ratio=2.5"], ExpansionError, "ratio must be an integer >= 1"),
-    (["method=cutout", "+method.hole_count=3"], ExpansionError, r"method cutout: unknown setting\(s\) \['hole_count'\]"),
-    (["dataset.train_per_class=500"], DatasetError, "train_per_class=500 but class 0"),
-    (["dataset=breastmnist", "dataset.root=/nonexistent/medmnist"], DatasetNotFoundError, "breastmnist.npz"),
-])
+@pytest.mark.parametrize(
+    "overrides,error,pattern",
+    [
+        (["method=cutout", "method.ratio=0"], ExpansionError, "ratio must be an integer >= 1"),
+        (["method=gridmask", "method.ratio=2.5"], ExpansionError, "ratio must be an integer >= 1"),
+        (
+            ["method=cutout", "+method.hole_count=3"],
+            ExpansionError,
+            r"method cutout: unknown setting\(s\) \['hole_count'\]",
+        ),
+        (["dataset.train_per_class=500"], DatasetError, "train_per_class=500 but class 0"),
+        (["dataset=breastmnist", "dataset.root=/nonexistent/medmnist"], DatasetNotFoundError, "breastmnist.npz"),
+    ],
+)
 def test_bad_input_fails_before_any_work(tmp_path, overrides, error, pattern):
     with pytest.raises(error, match=pattern):
         run(_cfg(overrides + ["train.epochs=1"]), tmp_path / "run")
@@ -79,14 +113,21 @@ def test_bad_input_fails_before_any_work(tmp_path, overrides, error, pattern):
 
 def _run_py(*args, cwd=PROJECT_ROOT, timeout=600):
     env = {**os.environ, "PROGRESS_BAR": "false", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, "run.py", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "run.py", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_multirun_over_methods_produces_results_table(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = _run_py("-m", "dataset=digits", "method=original,cutout,gridmask,randaugment", "train.epochs=2",
-                   "logger=none", f"hydra.sweep.dir={sweep}")
+    proc = _run_py(
+        "-m",
+        "dataset=digits",
+        "method=original,cutout,gridmask,randaugment",
+        "train.epochs=2",
+        "logger=none",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = (sweep / "results.md").read_text()
     table = results.split("**test accuracy at the best")[0]
@@ -115,8 +156,17 @@ def test_unreadable_image_in_imagefolder_is_named(tmp_path):
             for i in range(4):
                 Image.new("RGB", (12, 12), (i * 50, 10, 10)).save(tmp_path / "data" / split / c / f"{i}.png")
     (tmp_path / "data" / "train" / "a" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    cfg = _cfg(["dataset=imagefolder", f"dataset.path={tmp_path / 'data'}", "dataset.image_size=12",
-                "dataset.val_fraction=0.25", "method=cutout", "method.ratio=1", "train.epochs=1"])
+    cfg = _cfg(
+        [
+            "dataset=imagefolder",
+            f"dataset.path={tmp_path / 'data'}",
+            "dataset.image_size=12",
+            "dataset.val_fraction=0.25",
+            "method=cutout",
+            "method.ratio=1",
+            "train.epochs=1",
+        ]
+    )
     with pytest.raises(DatasetError, match=r"unreadable image .*train/a/2.png"):
         run(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.json").exists()

@@ -8,8 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from experiments.analysis.quality import (QualityError, grid_parents, quality_metrics, save_expansion_grid, train_probe,
-                                 vendi_score)
+from experiments.analysis.quality import (
+    QualityError,
+    grid_parents,
+    quality_metrics,
+    save_expansion_grid,
+    train_probe,
+    vendi_score,
+)
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +87,10 @@ def test_diversity_orders_identical_below_varied(breast, breast_probe):
     identical = train_x[:1].repeat(100, 1, 1, 1)
     five = train_x[:5].repeat(20, 1, 1, 1)
     varied = train_x[:100]
-    scores = [quality_metrics(train_x, train_y, s, train_y[:1].repeat(100), 2, breast_probe)
-              for s in (identical, five, varied)]
+    scores = [
+        quality_metrics(train_x, train_y, s, train_y[:1].repeat(100), 2, breast_probe)
+        for s in (identical, five, varied)
+    ]
     vendi = [s["vendi_expanded"] for s in scores]
     spread = [s["pairwise_distance_expanded"] for s in scores]
     assert vendi[0] == pytest.approx(1.0, abs=1e-4) and spread[0] == pytest.approx(0.0, abs=1e-4)
@@ -106,8 +114,17 @@ def test_expansion_grid_rows_are_seeds_then_their_expansions(tmp_path, digits):
     chosen = grid_parents(labels, parents, 12)
     assert len(chosen) == 12 and [labels[p] for p in chosen[:10]] == list(range(10))
     assert chosen == grid_parents(labels, parents, 12)
-    path = save_expansion_grid(tmp_path / "grid.png", images, labels, expanded, parents, copies, rows=12,
-                               class_names=[str(i) for i in range(10)], title="digits")
+    path = save_expansion_grid(
+        tmp_path / "grid.png",
+        images,
+        labels,
+        expanded,
+        parents,
+        copies,
+        rows=12,
+        class_names=[str(i) for i in range(10)],
+        title="digits",
+    )
     with Image.open(path) as im:
         w, h = im.size
     assert w > (k + 1) * 48 and h > 12 * 48
@@ -147,14 +164,27 @@ def test_a_registered_metric_reaches_metrics_json_results_and_the_report(digits,
 
     images, labels = digits[0][:100], digits[1][:100]
     metrics = quality.quality_metrics(images, labels, 255 - images, labels, 10, epochs=1)
-    assert metrics["brightness_gap"] == pytest.approx(float((255 - images).float().mean() - images.float().mean()),
-                                                      rel=1e-5)
+    assert metrics["brightness_gap"] == pytest.approx(
+        float((255 - images).float().mean() - images.float().mean()), rel=1e-5
+    )
     for i in range(2):
         run = tmp_path / f"job{i}"
         run.mkdir()
-        (run / "metrics.json").write_text(json.dumps({
-            "table": "medical", "dataset": "breastmnist", "method": "cutout", "classifier": "resnet50", "ratio": 5,
-            "seed": i, "test_acc_final": 70.0, "test_acc_best_val": 69.0, "quality": metrics}))
+        (run / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "table": "medical",
+                    "dataset": "breastmnist",
+                    "method": "cutout",
+                    "classifier": "resnet50",
+                    "ratio": 5,
+                    "seed": i,
+                    "test_acc_final": 70.0,
+                    "test_acc_best_val": 69.0,
+                    "quality": metrics,
+                }
+            )
+        )
     csv_path, md_path = aggregate(tmp_path)
     (row,) = list(csv.DictReader(csv_path.open()))
     assert float(row["brightness_gap"]) == pytest.approx(metrics["brightness_gap"], rel=1e-5)

@@ -7,15 +7,21 @@ import subprocess
 import sys
 import textwrap
 
-from experiments.data import datasets
 from experiments.catalog import entries
 from experiments.config import CONFIG_DIR, method_names
+from experiments.data import datasets
 from tests.conftest import PROJECT_ROOT
 
 
 def test_make_list_prints_every_registered_method_dataset_and_metric():
-    proc = subprocess.run([sys.executable, "-m", "experiments.catalog"], cwd=PROJECT_ROOT, capture_output=True,
-                          text=True, timeout=300, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.catalog"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     lines = proc.stdout.splitlines()
     catalog = entries()
     assert [n for n, _, _ in catalog["methods"]] == method_names() and "original" not in method_names()
@@ -29,7 +35,8 @@ def test_make_list_prints_every_registered_method_dataset_and_metric():
 
 
 def test_a_loader_in_a_new_module_is_registered_without_a_list(tmp_path, monkeypatch):
-    (tmp_path / "my_own_set.py").write_text(textwrap.dedent('''
+    (tmp_path / "my_own_set.py").write_text(
+        textwrap.dedent('''
         import numpy as np
         import torch
 
@@ -42,7 +49,8 @@ def test_a_loader_in_a_new_module_is_registered_without_a_list(tmp_path, monkeyp
             images = torch.arange(40, dtype=torch.uint8).view(40, 1, 1, 1).expand(40, 1, 8, 8).contiguous()
             labels = np.arange(40) % 2
             return RawSplits(["dark", "light"], TensorImageSet(images, labels), TensorImageSet(images, labels))
-    '''))
+    ''')
+    )
     monkeypatch.setattr(datasets, "__path__", [*datasets.__path__, str(tmp_path)])
     monkeypatch.setattr(datasets, "LOADERS", dict(datasets.LOADERS))
     data = datasets.build_dataset({"name": "my_own_set", "image_size": 8})

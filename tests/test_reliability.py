@@ -17,8 +17,8 @@ import torch
 from omegaconf import OmegaConf
 
 from expansion.store import ExpansionStore
-from experiments.training.classifier import ImageClassifier
 from experiments.data.datasets import build_dataset
+from experiments.training.classifier import ImageClassifier
 from experiments.training.pipeline import Job, run, run_expansion
 from experiments.training.preemption import EXIT_PREEMPTED, PREEMPTED_CHECKPOINT, preemptible
 from tests.conftest import PROJECT_ROOT, compose
@@ -63,20 +63,31 @@ def test_signal_during_training_checkpoints_exits_for_requeue_and_resumes(tmp_pa
 
     monkeypatch.undo()
     metrics = run(cfg, run_dir)  # the requeued job: same config, same run dir
-    assert metrics["resumed_from"] == {"checkpoint": PREEMPTED_CHECKPOINT, "epoch": preempted["epoch"],
-                                       "global_step": 5}
+    assert metrics["resumed_from"] == {
+        "checkpoint": PREEMPTED_CHECKPOINT,
+        "epoch": preempted["epoch"],
+        "global_step": 5,
+    }
     last = _load(checkpoints / "last.ckpt")
     # as many optimizer steps as an uninterrupted run (full batches only, see experiments/data/datamodule.py)
     steps_per_epoch = max(1, metrics["num_train_images"] // int(cfg.train.batch_size))
     assert last["global_step"] == 3 * steps_per_epoch > 5
-    assert len(last["val_history"]) == 3 and metrics["best_val_epoch"] == int(torch.tensor(last["val_history"]).argmax())
+    assert len(last["val_history"]) == 3 and metrics["best_val_epoch"] == int(
+        torch.tensor(last["val_history"]).argmax()
+    )
     assert not (checkpoints / PREEMPTED_CHECKPOINT).exists()
     assert 0 <= metrics["test_acc_final"] <= 100
 
 
 def test_signal_during_expansion_stops_after_the_batch_and_resumes(tmp_path):
-    method = {"name": "signal_at_batch", "_target_": "tests.helpers.faulty_expanders.SignalAtBatch", "ratio": 2,
-              "batch": 2, "signum": int(signal.SIGUSR2), "batch_size": 10}
+    method = {
+        "name": "signal_at_batch",
+        "_target_": "tests.helpers.faulty_expanders.SignalAtBatch",
+        "ratio": 2,
+        "batch": 2,
+        "signum": int(signal.SIGUSR2),
+        "batch_size": 10,
+    }
     cfg = _cfg(["dataset=digits", "logger=none", "quality.enabled=false", "train.epochs=1"])
     cfg.method = OmegaConf.create(method)
     with pytest.raises(SystemExit) as stopped, preemptible():
@@ -100,8 +111,16 @@ def test_signal_during_expansion_stops_after_the_batch_and_resumes(tmp_path):
 
 def _run_py(args, **kwargs):
     env = {**os.environ, "PROGRESS_BAR": "false", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.Popen([sys.executable, "run.py", *args], cwd=PROJECT_ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "run.py", *args],
+        cwd=PROJECT_ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        **kwargs,
+    )
 
 
 def _wait_for(path: Path, proc, timeout=240.0) -> None:
@@ -169,16 +188,24 @@ def test_kill_9_during_training_resumes_from_the_last_checkpoint(tmp_path):
     assert killed_at["epoch"] < 29
 
     metrics = run(_cfg(overrides), tmp_path / "run")
-    assert metrics["resumed_from"] == {"checkpoint": "last.ckpt", "epoch": killed_at["epoch"],
-                                       "global_step": killed_at["global_step"]}
+    assert metrics["resumed_from"] == {
+        "checkpoint": "last.ckpt",
+        "epoch": killed_at["epoch"],
+        "global_step": killed_at["global_step"],
+    }
     assert len(_load(last)["val_history"]) == 30
     assert not list(last.parent.glob("*.tmp-*"))
 
 
 def _chaos(tmp_path, *args):
     report = tmp_path / "chaos.json"
-    proc = subprocess.run([sys.executable, "-m", "experiments.drills.chaos", *args, "--json", str(report)],
-                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.drills.chaos", *args, "--json", str(report)],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return json.loads(report.read_text()), proc.stdout
 
@@ -187,8 +214,19 @@ def test_chaos_drill_few_kills_and_concurrency(tmp_path, shared_data):
     """kill -9 at random moments of an expansion (3 times), then finish: the store equals an
     uninterrupted run's; two processes on one key: one generates, one reuses; the lock holder
     killed: the waiting process takes over."""
-    report, out = _chaos(tmp_path, "--kills", "3", "--train-per-class", "20", "--ratio", "3", "--batch-size", "4",
-                         "--data", str(shared_data))
+    report, out = _chaos(
+        tmp_path,
+        "--kills",
+        "3",
+        "--train-per-class",
+        "20",
+        "--ratio",
+        "3",
+        "--batch-size",
+        "4",
+        "--data",
+        str(shared_data),
+    )
     kill = report["kill"]
     assert len(kill["kills"]) == 3 and any(k["landed_mid_expansion"] for k in kill["kills"])
     assert kill["files_lost"] == 0 and kill["problems"] == [] and kill["hash_equal"]
@@ -201,7 +239,7 @@ def test_chaos_drill_few_kills_and_concurrency(tmp_path, shared_data):
 
 @pytest.mark.slow
 def test_chaos_drill_twenty_kills(tmp_path, shared_data):
-    report, out = _chaos(tmp_path, "--kills", "20", "--train-per-class", "100", "--data", str(shared_data))
+    report, _ = _chaos(tmp_path, "--kills", "20", "--train-per-class", "100", "--data", str(shared_data))
     kill = report["kill"]
     assert sum(k["landed_mid_expansion"] for k in kill["kills"]) >= 18
     assert kill["files_lost"] == 0 and kill["problems"] == [] and kill["hash_equal"]
@@ -234,7 +272,7 @@ def test_submitit_time_limit_signal_requeues_and_resumes(tmp_path):
     assert tasks, "no submitit task process found"
     for pid in tasks:
         os.kill(pid, signal.SIGUSR2)
-    out, err = job.communicate(timeout=600)
+    _, err = job.communicate(timeout=600)
     assert job.returncode == 0, err[-3000:]
     metrics = json.loads((job_dir / "metrics.json").read_text())
     assert metrics["resumed_from"]["checkpoint"] == PREEMPTED_CHECKPOINT

@@ -19,16 +19,35 @@ from tests.conftest import PROJECT_ROOT
 
 
 def _env(cache: Path) -> dict[str, str]:
-    return {**os.environ, "PROGRESS_BAR": "false", "EXPANSION_CACHE": str(cache), "HYDRA_FULL_ERROR": "0",
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return {
+        **os.environ,
+        "PROGRESS_BAR": "false",
+        "EXPANSION_CACHE": str(cache),
+        "HYDRA_FULL_ERROR": "0",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    }
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
-    proc = subprocess.run([sys.executable, "run.py", "-m", "dataset=digits", "method=original,cutout",
-                           "train.epochs=2", "logger=none", f"hydra.sweep.dir={root}"],
-                          cwd=PROJECT_ROOT, env=_env(root / "cache"), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "run.py",
+            "-m",
+            "dataset=digits",
+            "method=original,cutout",
+            "train.epochs=2",
+            "logger=none",
+            f"hydra.sweep.dir={root}",
+        ],
+        cwd=PROJECT_ROOT,
+        env=_env(root / "cache"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root
 
@@ -43,8 +62,14 @@ def test_report_command_writes_every_promised_file(sweep):
     quality = cutout["quality"]
     assert quality["feature_extractor"].startswith("classifier(small_cnn")
     assert quality["seconds"] < 30 and (next(sweep.glob("*_cutout_*")) / "expansion_grid.png").is_file()
-    proc = subprocess.run([sys.executable, "-m", "experiments.analysis.report", str(sweep)], cwd=PROJECT_ROOT,
-                          env=_env(sweep / "cache"), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.analysis.report", str(sweep)],
+        cwd=PROJECT_ROOT,
+        env=_env(sweep / "cache"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = sweep / "report" / "report.md"
     printed = [Path(line.strip()).resolve() for line in proc.stdout.splitlines() if line.startswith("  ")]
@@ -85,14 +110,32 @@ def test_report_backfills_runs_that_predate_quality(sweep, tmp_path):
 
 def test_ratio_sweep_gets_accuracy_vs_ratio_curves(tmp_path):
     root = tmp_path / "sweep"
-    for i, (method, ratio, acc) in enumerate([("original", 0, 20.0), ("cutout", 5, 30.0), ("cutout", 10, 31.0),
-                                               ("cutout", 10, 33.0), ("randaugment", 5, 35.0),
-                                               ("randaugment", 10, 38.0)]):
+    for i, (method, ratio, acc) in enumerate(
+        [
+            ("original", 0, 20.0),
+            ("cutout", 5, 30.0),
+            ("cutout", 10, 31.0),
+            ("cutout", 10, 33.0),
+            ("randaugment", 5, 35.0),
+            ("randaugment", 10, 38.0),
+        ]
+    ):
         d = root / f"job{i}"
         d.mkdir(parents=True)
-        (d / "metrics.json").write_text(json.dumps({
-            "table": "efficiency", "dataset": "cars", "method": method, "classifier": "resnet50", "ratio": ratio,
-            "seed": i, "test_acc_final": acc, "test_acc_best_val": acc - 1}))
+        (d / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "table": "efficiency",
+                    "dataset": "cars",
+                    "method": method,
+                    "classifier": "resnet50",
+                    "ratio": ratio,
+                    "seed": i,
+                    "test_acc_final": acc,
+                    "test_acc_best_val": acc - 1,
+                }
+            )
+        )
     report, written = build_report(root, backfill=False)
     assert {p.name for p in written} >= {"fig_efficiency.png", "fig_efficiency_ratio.png", "report.md"}
     text = report.read_text()

@@ -14,13 +14,19 @@ import torch
 from omegaconf import OmegaConf
 
 from expansion import files as files_mod
-from experiments.training.checkpoints import AtomicCheckpointIO, CheckpointError, training_signature
 from experiments.data.datasets import DatasetError, build_dataset
+from experiments.training.checkpoints import AtomicCheckpointIO, CheckpointError, training_signature
 from experiments.training.pipeline import Job, run
 from tests.conftest import PROJECT_ROOT, compose
 
-TRAIN = ["dataset=digits", "method=original", "logger=none", "quality.enabled=false", "train.compare_original=false",
-         "train.epochs=1"]
+TRAIN = [
+    "dataset=digits",
+    "method=original",
+    "logger=none",
+    "quality.enabled=false",
+    "train.compare_original=false",
+    "train.epochs=1",
+]
 
 
 def _cfg(overrides):
@@ -45,9 +51,13 @@ def _plant(path: Path, obj) -> None:
 
 def test_planted_checkpoint_in_the_run_dir_never_runs_code(tmp_path):
     marker = tmp_path / "pwned"
-    _plant(tmp_path / "run" / "train" / "checkpoints" / "last.ckpt",
-           {"epoch": 0, "global_step": 1, "state_dict": {}, "run_signature": Payload(marker)})
-    with pytest.raises(CheckpointError, match=r"cannot resume training from .*last\.ckpt: UnpicklingError.*weights_only"):
+    _plant(
+        tmp_path / "run" / "train" / "checkpoints" / "last.ckpt",
+        {"epoch": 0, "global_step": 1, "state_dict": {}, "run_signature": Payload(marker)},
+    )
+    with pytest.raises(
+        CheckpointError, match=r"cannot resume training from .*last\.ckpt: UnpicklingError.*weights_only"
+    ):
         run(_cfg(TRAIN), tmp_path / "run")
     assert not marker.exists()
     assert not (tmp_path / "run" / "metrics.json").exists()
@@ -70,8 +80,14 @@ def test_checkpoint_of_other_settings_is_not_resumed(tmp_path):
 
     def signature(overrides):
         job = Job.from_config(_cfg(TRAIN + overrides))
-        return training_signature(dataset_identity=identity, store_key=None, include_original=True,
-                                  classifier=job.classifier, train=job.train, seed=job.seed)
+        return training_signature(
+            dataset_identity=identity,
+            store_key=None,
+            include_original=True,
+            classifier=job.classifier,
+            train=job.train,
+            seed=job.seed,
+        )
 
     assert signature(["train.eval_batch_size=7", "train.num_workers=2"]) == signature([])
     assert signature(["seed=1"]) != signature([])
@@ -110,8 +126,15 @@ def test_cifar_pickles_are_checksummed_before_they_are_unpickled(tmp_path):
     marker = tmp_path / "pwned"
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
-    for name in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
-                 "batches.meta"]:
+    for name in [
+        "data_batch_1",
+        "data_batch_2",
+        "data_batch_3",
+        "data_batch_4",
+        "data_batch_5",
+        "test_batch",
+        "batches.meta",
+    ]:
         (folder / name).write_bytes(pickle.dumps(Payload(marker)))
     with pytest.raises(DatasetError, match="md5"):
         build_dataset(compose(["dataset=cifar10", f"dataset.root={tmp_path}"]).dataset)
@@ -122,16 +145,23 @@ SOURCES = [p for d in ("expansion", "experiments", "baselines", "benchmarks") fo
 SOURCES += [PROJECT_ROOT / "run.py", *(PROJECT_ROOT / "conf").rglob("*.yaml")]
 
 
-@pytest.mark.parametrize("pattern,why", [
-    (r"trust_remote_code\s*[=:]\s*(True|true)", "trust_remote_code is never switched on"),
-    (r"torch\.load\((?![^)]*weights_only=True)", "torch.load without weights_only=True"),
-    (r"\bpickle\.loads?\(|\bdill\.|\bjoblib\.load\(", "unpickling"),
-    (r"allow_pickle\s*=\s*True", "numpy unpickling"),
-    (r"(api_key|apikey|token|password|secret)\s*:\s*['\"]?[A-Za-z0-9_\-]{8,}", "a secret written into a config"),
-])
+@pytest.mark.parametrize(
+    "pattern,why",
+    [
+        (r"trust_remote_code\s*[=:]\s*(True|true)", "trust_remote_code is never switched on"),
+        (r"torch\.load\((?![^)]*weights_only=True)", "torch.load without weights_only=True"),
+        (r"\bpickle\.loads?\(|\bdill\.|\bjoblib\.load\(", "unpickling"),
+        (r"allow_pickle\s*=\s*True", "numpy unpickling"),
+        (r"(api_key|apikey|token|password|secret)\s*:\s*['\"]?[A-Za-z0-9_\-]{8,}", "a secret written into a config"),
+    ],
+)
 def test_source_never_unpickles_or_trusts_remote_code(pattern, why):
-    hits = [f"{p.relative_to(PROJECT_ROOT)}: {line.strip()}" for p in SOURCES
-            for line in p.read_text().splitlines() if re.search(pattern, line)]
+    hits = [
+        f"{p.relative_to(PROJECT_ROOT)}: {line.strip()}"
+        for p in SOURCES
+        for line in p.read_text().splitlines()
+        if re.search(pattern, line)
+    ]
     assert hits == [], f"{why}: {hits}"
 
 

@@ -24,6 +24,10 @@ def test_breastmnist_small_cnn_beats_the_majority_class(tmp_path, shared_data):
 
 
 def test_mnist_few_shot_with_cutout_expansion_learns(tmp_path, shared_data):
-    metrics = run(_cfg(["dataset=mnist", "method=cutout", "train.epochs=20", "train.batch_size=32",
-                        "train.compare_original=true"]), tmp_path)
+    metrics = run(
+        _cfg(
+            ["dataset=mnist", "method=cutout", "train.epochs=20", "train.batch_size=32", "train.compare_original=true"]
+        ),
+        tmp_path,
+    )
     assert metrics["test_acc_final"] > 60.0 and metrics["original"]["test_acc_final"] > 40.0

@@ -15,11 +15,11 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from experiments.data import tensor_cache
-from experiments.training.classifier import ImageClassifier
 from experiments.data.datamodule import ExpansionDataModule, TensorImages, load_expanded_images, whole_batch
 from experiments.data.datasets import build_dataset
-from experiments.training.pipeline import Job, build_classifier, run_expansion
 from experiments.data.tensor_cache import TensorCache, cache_key, store_source
+from experiments.training.classifier import ImageClassifier
+from experiments.training.pipeline import Job, build_classifier, run_expansion
 from experiments.training.timing import EpochTimer, steady_epoch_seconds
 from tests.conftest import compose
 
@@ -53,8 +53,13 @@ def test_key_changes_with_resolution_channels_source_and_version(monkeypatch):
     source = {"kind": "expansion_store", "store_key": "abc", "manifest_rows": "1", "files": "2", "num_images": 3}
     key = cache_key(source, 32, 3)[0]
     assert key == cache_key(dict(source), 32, 3)[0]  # deterministic
-    others = [cache_key(source, 28, 3)[0], cache_key(source, 32, 1)[0], cache_key(source, None, 3)[0],
-              cache_key({**source, "store_key": "abd"}, 32, 3)[0], cache_key({**source, "files": "3"}, 32, 3)[0]]
+    others = [
+        cache_key(source, 28, 3)[0],
+        cache_key(source, 32, 1)[0],
+        cache_key(source, None, 3)[0],
+        cache_key({**source, "store_key": "abd"}, 32, 3)[0],
+        cache_key({**source, "files": "3"}, 32, 3)[0],
+    ]
     assert len({key, *others}) == 6
     monkeypatch.setattr(tensor_cache, "FORMAT_VERSION", tensor_cache.FORMAT_VERSION + 1)
     assert cache_key(source, 32, 3)[0] != key
@@ -96,7 +101,7 @@ def test_another_store_with_the_same_files_has_another_key(digits_store, tmp_pat
 
     from expansion.store import ExpandedSet
 
-    expanded, data = digits_store
+    expanded, _ = digits_store
     copy = ExpandedSet(tmp_path / "other_store_key", expanded.rows)
     shutil.copytree(expanded.root / "images", copy.root / "images")
     keys = {cache_key(store_source(s), 8, 1)[0] for s in (expanded, copy)}
@@ -132,7 +137,9 @@ def test_a_cache_file_with_other_labels_is_stale_and_rebuilt(tmp_path, caplog):
 
 def test_decoded_images_that_do_not_match_the_key_are_refused(tmp_path):
     with pytest.raises(ValueError, match="do not match their cache key: .*8, 8.*expected 4 x 4"):
-        TensorCache(tmp_path).get_or_decode({"kind": "test"}, 4, 1, [0], lambda: torch.zeros(1, 1, 8, 8, dtype=torch.uint8))
+        TensorCache(tmp_path).get_or_decode(
+            {"kind": "test"}, 4, 1, [0], lambda: torch.zeros(1, 1, 8, 8, dtype=torch.uint8)
+        )
     assert not list(tmp_path.iterdir())
 
 
@@ -157,14 +164,22 @@ def _image_folder(root, size=10, n=3):
         for c in ("a", "b"):
             (root / split / c).mkdir(parents=True)
             for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+                    root / split / c / f"{i}.png"
+                )
 
 
 def test_file_dataset_splits_are_cached_by_resolution(tmp_path, monkeypatch):
     _image_folder(tmp_path / "data")
     tensors = tmp_path / "tensors"
-    cfg = _cfg(["dataset=imagefolder", f"dataset.path={tmp_path / 'data'}", "dataset.image_size=8",
-                "dataset.val_fraction=0.34"])
+    cfg = _cfg(
+        [
+            "dataset=imagefolder",
+            f"dataset.path={tmp_path / 'data'}",
+            "dataset.image_size=8",
+            "dataset.val_fraction=0.34",
+        ]
+    )
     plain = build_dataset(cfg.dataset).in_memory()
     cached = build_dataset(cfg.dataset).in_memory(tensor_dir=tensors)
     assert len(_cache_files(tensors)) == 3  # train, val, test
@@ -189,8 +204,16 @@ def test_in_memory_datasets_are_not_copied_into_the_cache(tmp_path):
 def test_pipeline_reuses_the_decoded_store_across_seeds(tmp_path, monkeypatch):
     from experiments.training.pipeline import run
 
-    overrides = ["dataset=digits", "method=cutout", "method.ratio=1", "train.epochs=1", "expansion_seed=0",
-                 "quality.enabled=false", "logger=none", "train.compare_original=false"]
+    overrides = [
+        "dataset=digits",
+        "method=cutout",
+        "method.ratio=1",
+        "train.epochs=1",
+        "expansion_seed=0",
+        "quality.enabled=false",
+        "logger=none",
+        "train.compare_original=false",
+    ]
     first = run(_cfg(overrides + ["seed=0"]), tmp_path / "s0")
     tensors = tmp_path / "cache" / "tensors"  # EXPANSION_CACHE is tmp_path/cache (conftest)
     assert len(_cache_files(tensors)) == 1
@@ -204,12 +227,21 @@ def test_loader_fetches_whole_batches_in_the_per_sample_order():
     images = torch.arange(10, dtype=torch.uint8).reshape(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
     dataset = TensorImages(images, np.arange(10) % 3)
     assert torch.equal(dataset.__getitems__([3, 1])[0], images[[3, 1]])
-    batched = torch.utils.data.DataLoader(dataset, batch_size=4, shuffle=True, drop_last=True,
-                                          generator=torch.Generator().manual_seed(0),
-                                          collate_fn=whole_batch)
-    per_sample = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(dataset.images, dataset.labels),
-                                             batch_size=4, shuffle=True, drop_last=True,
-                                             generator=torch.Generator().manual_seed(0))
+    batched = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=4,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(0),
+        collate_fn=whole_batch,
+    )
+    per_sample = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(dataset.images, dataset.labels),
+        batch_size=4,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     pairs = list(zip(batched, per_sample, strict=True))
     assert len(pairs) == 2
     for (x, y), (x_ref, y_ref) in pairs:
@@ -247,8 +279,16 @@ def test_epoch_timer_times_every_epoch():
     data = build_dataset(_cfg(["dataset=digits"]).dataset)
     dm = ExpansionDataModule(data, None, None, recipe="digits", input_size=8, batch_size=256)
     timer = EpochTimer()
-    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[timer],
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[timer],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(ImageClassifier("small_cnn", 10, 1, 8, lr=0.05, epochs=3), datamodule=dm)
     assert len(timer.epoch_seconds) == 3 and all(t > 0 for t in timer.epoch_seconds)
     assert steady_epoch_seconds([5.0, 1.0, 3.0]) == 2.0 and steady_epoch_seconds([4.0]) == 4.0
@@ -257,8 +297,20 @@ def test_epoch_timer_times_every_epoch():
 def test_training_benchmark_smoke(shared_data, tmp_path, capsys):
     from benchmarks import training_throughput as bench
 
-    report = bench.main(["--dataset", "digits", "--epochs", "2", "--repeats", "1", "--cache-dir", str(tmp_path),
-                         "--json", str(tmp_path / "t.json")])
+    report = bench.main(
+        [
+            "--dataset",
+            "digits",
+            "--epochs",
+            "2",
+            "--repeats",
+            "1",
+            "--cache-dir",
+            str(tmp_path),
+            "--json",
+            str(tmp_path / "t.json"),
+        ]
+    )
     out = capsys.readouterr().out
     assert "framework / bare epoch time" in out and (tmp_path / "t.json").is_file()
     for kind in ("framework", "bare"):
@@ -272,7 +324,9 @@ def test_checkpoints_written_in_the_background_are_whole_when_fit_returns(tmp_pa
     from experiments.training.pipeline import train_and_evaluate
 
     cfg = _cfg(["dataset=digits", "train.epochs=2", "logger=none"])
-    metrics = train_and_evaluate(Job.from_config(cfg), build_dataset(cfg.dataset).in_memory(), None, None, tmp_path / "train", False)
+    metrics = train_and_evaluate(
+        Job.from_config(cfg), build_dataset(cfg.dataset).in_memory(), None, None, tmp_path / "train", False
+    )
     checkpoints = tmp_path / "train" / "checkpoints"
     last = torch.load(checkpoints / "last.ckpt", weights_only=True)
     best = torch.load(checkpoints / "best.ckpt", weights_only=True)
@@ -290,7 +344,7 @@ def test_flop_counter_counts_cpu_attention_like_cuda_attention():
     from benchmarks.flops import count_flops
 
     q = torch.randn(2, 4, 16, 8, requires_grad=True)
-    out, flops = count_flops(lambda: F.scaled_dot_product_attention(q, q, q))
+    _, flops = count_flops(lambda: F.scaled_dot_product_attention(q, q, q))
     assert flops == 4 * 2 * 4 * 16 * 16 * 8  # QK^T and PV: 2 matmuls of 2 b h s s d FLOPs
     _, with_backward = count_flops(lambda: F.scaled_dot_product_attention(q, q, q).sum().backward())
     assert with_backward == flops * 7 // 2  # backward = 2.5 x forward
@@ -301,9 +355,15 @@ def test_gpu_peak_lookup_and_utilisation(monkeypatch):
 
     assert gpu_peak_tflops(torch.device("cpu"))[0] is None
     assert gpu_peak_tflops(torch.device("cpu"), override=100.0) == (100.0, "--peak-tflops")
-    for name, peak in [("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.4),
-                       ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L40S", 362.0), ("NVIDIA L4", 121.0),
-                       ("Some Future GPU", None)]:
+    for name, peak in [
+        ("NVIDIA H100 80GB HBM3", 989.4),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H200", 989.4),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA L40S", 362.0),
+        ("NVIDIA L4", 121.0),
+        ("Some Future GPU", None),
+    ]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
         assert gpu_peak_tflops(torch.device("cuda"))[0] == peak, name
     assert utilisation(2e12, 10.0, 100.0) == {"achieved_tflops": 20.0, "mfu": 0.2}
@@ -314,9 +374,28 @@ def test_closed_set_benchmark_counts_the_unet_work_per_image(shared_data, tmp_pa
     from benchmarks import closed_set_throughput as bench
     from benchmarks.flops import count_flops
 
-    report = bench.main(["--device", "cpu", "--unet", "tiny", "--steps", "2", "--ratio", "1", "--seeds-per-pass", "2",
-                         "--fit-steps", "1", "--fit-batch", "2", "--data", str(shared_data),
-                         "--json", str(tmp_path / "c.json")])
+    report = bench.main(
+        [
+            "--device",
+            "cpu",
+            "--unet",
+            "tiny",
+            "--steps",
+            "2",
+            "--ratio",
+            "1",
+            "--seeds-per-pass",
+            "2",
+            "--fit-steps",
+            "1",
+            "--fit-batch",
+            "2",
+            "--data",
+            str(shared_data),
+            "--json",
+            str(tmp_path / "c.json"),
+        ]
+    )
     assert "batched / per-seed" in capsys.readouterr().out and (tmp_path / "c.json").is_file()
     per_seed, batched = report["results"]
     assert per_seed["seeds_per_call"] == [1, 1] and per_seed["calls_per_repeat"] == 2
@@ -346,16 +425,32 @@ def test_cost_table_multiplies_measured_rates_over_the_sweep_grid(tmp_path):
 
     measurements = tmp_path / "m"
     measurements.mkdir()
-    (measurements / "training_cpu.json").write_text(json.dumps({
-        "benchmark": "training", "device": "cpu", "machine": "test CPU", "date": "2026-11-29",
-        "settings": {"arch": "small_cnn", "input_size": 8, "channels": 1, "batch_size": 64, "precision": "32-true",
-                     "dataset": "digits"},
-        "framework": {"images_per_s": 1000.0}}))
+    (measurements / "training_cpu.json").write_text(
+        json.dumps(
+            {
+                "benchmark": "training",
+                "device": "cpu",
+                "machine": "test CPU",
+                "date": "2026-11-29",
+                "settings": {
+                    "arch": "small_cnn",
+                    "input_size": 8,
+                    "channels": 1,
+                    "batch_size": 64,
+                    "precision": "32-true",
+                    "dataset": "digits",
+                },
+                "framework": {"images_per_s": 1000.0},
+            }
+        )
+    )
     out = tmp_path / "cost.md"
     costs = cost_table.main(["--measurements", str(measurements), "--tables", "digits_baselines", "--out", str(out)])
     cost = costs["digits_baselines"]
     n_train = len(build_dataset(_cfg(["dataset=digits"]).dataset).train)
-    per_method = {m: _cfg(["experiment=digits_baselines", f"method={m}"]) for m in ("cutout", "gridmask", "randaugment")}
+    per_method = {
+        m: _cfg(["experiment=digits_baselines", f"method={m}"]) for m in ("cutout", "gridmask", "randaugment")
+    }
     epochs = int(per_method["cutout"].train.epochs)
     ratios = [int(c.method.ratio) for c in per_method.values()]
     assert cost["jobs"] == 12 and cost["cells"] == 4 and cost["device"] == "cpu"
@@ -370,8 +465,9 @@ def test_cost_table_multiplies_measured_rates_over_the_sweep_grid(tmp_path):
     other_batch = json.loads((measurements / "training_cpu.json").read_text())
     other_batch["settings"]["batch_size"] = 256
     (measurements / "training_cpu.json").write_text(json.dumps(other_batch))
-    (training,) = cost_table.main(["--measurements", str(measurements), "--tables", "digits_baselines"]
-                                  )["digits_baselines"]["parts"]["training"].values()
+    (training,) = cost_table.main(["--measurements", str(measurements), "--tables", "digits_baselines"])[
+        "digits_baselines"
+    ]["parts"]["training"].values()
     assert training["kind"] == "estimate"
 
 

@@ -29,14 +29,28 @@ HELPERS = Path(__file__).parent / "helpers"
 
 @pytest.fixture(scope="module")
 def breast(shared_data):
-    cfg = OmegaConf.create({"name": "breastmnist", "loader": "medmnist", "root": f"{shared_data}/medmnist",
-                            "image_size": 28, "train_per_class": 12})
+    cfg = OmegaConf.create(
+        {
+            "name": "breastmnist",
+            "loader": "medmnist",
+            "root": f"{shared_data}/medmnist",
+            "image_size": 28,
+            "train_per_class": 12,
+        }
+    )
     return build_dataset(cfg)
 
 
 def _expand(data, tmp_path, expander, seed=5, batch_size=8):
-    return expand_dataset(expander, data.train, data.identity, store_dir=tmp_path / "stores",
-                          fit_dir=tmp_path / "fits", seed=seed, batch_size=batch_size)
+    return expand_dataset(
+        expander,
+        data.train,
+        data.identity,
+        store_dir=tmp_path / "stores",
+        fit_dir=tmp_path / "fits",
+        seed=seed,
+        batch_size=batch_size,
+    )
 
 
 def test_image_seeds_are_per_image_and_stable():
@@ -96,9 +110,16 @@ def test_output_independent_of_batch_size(breast, tmp_path):
 def test_two_devices_shard_to_the_same_store(breast, tmp_path):
     """Trainer.predict over 2 CPU processes (DDP) writes the same store as one process."""
     single = _expand(breast, tmp_path / "one", NoiseShift(2), batch_size=5)
-    sharded = expand_dataset(NoiseShift(2), breast.train, breast.identity, store_dir=tmp_path / "two" / "stores",
-                             fit_dir=tmp_path / "two" / "fits", seed=5, batch_size=3,
-                             trainer_kwargs={"accelerator": "cpu", "devices": 2, "strategy": "ddp_spawn"})
+    sharded = expand_dataset(
+        NoiseShift(2),
+        breast.train,
+        breast.identity,
+        store_dir=tmp_path / "two" / "stores",
+        fit_dir=tmp_path / "two" / "fits",
+        seed=5,
+        batch_size=3,
+        trainer_kwargs={"accelerator": "cpu", "devices": 2, "strategy": "ddp_spawn"},
+    )
     assert sharded.generated_images == 2 * len(breast.train)
     assert sharded.store.content_hash() == single.store.content_hash()
 
@@ -141,8 +162,10 @@ def test_store_from_another_format_version_is_refused(breast, tmp_path):
 def test_finalize_refuses_incomplete_store(tmp_path):
     store = ExpansionStore(tmp_path / "s", "k", {})
     store.open_for_writing(2)
-    store.write_batch(torch.zeros(2, 1, 4, 4, dtype=torch.uint8),
-                      [{"parent": 0, "copy": 0, "label": 0, "seed": 1}, {"parent": 0, "copy": 1, "label": 0, "seed": 2}])
+    store.write_batch(
+        torch.zeros(2, 1, 4, 4, dtype=torch.uint8),
+        [{"parent": 0, "copy": 0, "label": 0, "seed": 1}, {"parent": 0, "copy": 1, "label": 0, "seed": 2}],
+    )
     with pytest.raises(ExpansionError, match="no complete expansion"):
         store.finalize(range(2), 2)
     assert not store.is_complete()
@@ -150,8 +173,19 @@ def test_finalize_refuses_incomplete_store(tmp_path):
 
 def _run_job(shared, cache, delay, batch_size=2, limit=12):
     return subprocess.Popen(
-        [sys.executable, str(HELPERS / "expand_job.py"), str(shared), str(cache), str(delay), str(batch_size), str(limit)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        [
+            sys.executable,
+            str(HELPERS / "expand_job.py"),
+            str(shared),
+            str(cache),
+            str(delay),
+            str(batch_size),
+            str(limit),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
 
 

@@ -56,7 +56,7 @@ class AutoencoderSpec:
 
     @property
     def latent_dim(self) -> int:
-        return self.latent_channels * self.latent_side ** 2
+        return self.latent_channels * self.latent_side**2
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -110,11 +110,19 @@ class ConvAutoencoder(nn.Module):
         self.spec = spec
         w, c = spec.width, spec.latent_channels
         # strided convs straight from the input: no full-resolution feature maps in the encoder
-        self.encoder = nn.Sequential(*_block(spec.channels, w, down=True), *_block(w, 2 * w, down=True),
-                                     *_block(2 * w, 4 * w), nn.Conv2d(4 * w, c, 1))
+        self.encoder = nn.Sequential(
+            *_block(spec.channels, w, down=True),
+            *_block(w, 2 * w, down=True),
+            *_block(2 * w, 4 * w),
+            nn.Conv2d(4 * w, c, 1),
+        )
         self.attention = SpatialSelfAttention(c, spec.patch, spec.heads, spec.attention_dim)
-        self.decoder = nn.Sequential(*_block(c, 4 * w), *_block(4 * w, 2 * w, up=True), *_block(2 * w, w, up=True),
-                                     nn.Conv2d(w, spec.channels, 3, padding=1))
+        self.decoder = nn.Sequential(
+            *_block(c, 4 * w),
+            *_block(4 * w, 2 * w, up=True),
+            *_block(2 * w, w, up=True),
+            nn.Conv2d(w, spec.channels, 3, padding=1),
+        )
         self.head = nn.Linear(c, num_classes) if num_classes else None
 
     def features(self, images01: torch.Tensor) -> torch.Tensor:
@@ -138,8 +146,13 @@ def to_unit(images: torch.Tensor, spec: AutoencoderSpec) -> torch.Tensor:
         else:
             x = (x * torch.tensor((0.299, 0.587, 0.114), device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
     if x.shape[-1] != spec.image_size or x.shape[-2] != spec.image_size:
-        x = F.interpolate(x, size=(spec.image_size, spec.image_size), mode="bilinear", align_corners=False,
-                          antialias=x.shape[-1] > spec.image_size)
+        x = F.interpolate(
+            x,
+            size=(spec.image_size, spec.image_size),
+            mode="bilinear",
+            align_corners=False,
+            antialias=x.shape[-1] > spec.image_size,
+        )
     return x
 
 
@@ -149,15 +162,24 @@ def reconstruction_error(model: ConvAutoencoder, images: torch.Tensor, batch_siz
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            x = to_unit(images[start:start + batch_size], model.spec)
+            x = to_unit(images[start : start + batch_size], model.spec)
             total += F.mse_loss(model(x), x, reduction="sum").item()
             count += x.numel()
     return total / max(count, 1)
 
 
-def train_autoencoder(model: ConvAutoencoder, images: torch.Tensor, labels: torch.Tensor | None = None, *,
-                      steps: int, lr: float = 2e-3, batch_size: int = 128, classifier_weight: float = 0.0,
-                      seed: int = 0, log_every: int = 0) -> list[float]:
+def train_autoencoder(
+    model: ConvAutoencoder,
+    images: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    steps: int,
+    lr: float = 2e-3,
+    batch_size: int = 128,
+    classifier_weight: float = 0.0,
+    seed: int = 0,
+    log_every: int = 0,
+) -> list[float]:
     """AdamW on MSE reconstruction (+ ``classifier_weight`` x cross-entropy of the head on the
     pooled features when labels are given); seeded batch sampling, no augmentation. Returns the
     loss per step. ``images``: uint8 ``[N, C, H, W]``."""

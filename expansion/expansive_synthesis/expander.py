@@ -120,21 +120,35 @@ class AutoencoderMethod(Expander):
         size = context.image_size
         if not size:
             raise ExpansionError(f"{self.name} needs dataset.image_size (the autoencoder's input side)")
-        self.spec = AutoencoderSpec(channels=context.channels, image_size=int(size),
-                                    **asdict(self.settings.autoencoder))
+        self.spec = AutoencoderSpec(
+            channels=context.channels, image_size=int(size), **asdict(self.settings.autoencoder)
+        )
 
     def autoencoder_fit_signature(self) -> dict[str, Any]:
         s = self.settings
-        return {"autoencoder": asdict(s.autoencoder), "pretrain": asdict(s.pretrain), "finetune": asdict(s.finetune),
-                "fit_seed": s.fit_seed}
+        return {
+            "autoencoder": asdict(s.autoencoder),
+            "pretrain": asdict(s.pretrain),
+            "finetune": asdict(s.finetune),
+            "fit_seed": s.fit_seed,
+        }
 
     def fit_autoencoder(self, train: ImageSet, artifact_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
         """Fit (or load) the autoencoder; returns the training images and labels."""
         images, labels = train_tensors(train)
         s = self.settings
         self.autoencoder, self.autoencoder_report = fitted_autoencoder(
-            images, labels, len(self.context.class_names), self.spec, s.pretrain, s.finetune,
-            self.context.auxiliary, artifact_dir.parent, train.fingerprint(), seed=s.fit_seed)
+            images,
+            labels,
+            len(self.context.class_names),
+            self.spec,
+            s.pretrain,
+            s.finetune,
+            self.context.auxiliary,
+            artifact_dir.parent,
+            train.fingerprint(),
+            seed=s.fit_seed,
+        )
         self.autoencoder.requires_grad_(False)
         return images, labels
 
@@ -154,15 +168,21 @@ class ExpansiveSynthesis(AutoencoderMethod):
 
     def fit_signature(self) -> dict[str, Any]:
         s = self.settings
-        return {"kind": self.name, **self.autoencoder_fit_signature(), "graph": asdict(s.graph),
-                "koopman": asdict(s.koopman), "ot": asdict(s.ot), "mix_range": list(s.mix_range)}
+        return {
+            "kind": self.name,
+            **self.autoencoder_fit_signature(),
+            "graph": asdict(s.graph),
+            "koopman": asdict(s.koopman),
+            "ot": asdict(s.ot),
+            "mix_range": list(s.mix_range),
+        }
 
     # -- fit ------------------------------------------------------------------------------
     def fit(self, train: ImageSet, artifact_dir: Path) -> None:
         images, labels = self.fit_autoencoder(train, artifact_dir)
         self.register_buffer("train_images", images, persistent=False)
         with torch.no_grad():
-            feats = torch.cat([self.features(images[s:s + 512]) for s in range(0, len(images), 512)])
+            feats = torch.cat([self.features(images[s : s + 512]) for s in range(0, len(images), 512)])
         self.latent_shape = tuple(feats.shape[1:])
         self.register_buffer("train_features", feats.flatten(1), persistent=False)
         graph_file, koopman_file = artifact_dir / "graphs.json", artifact_dir / "koopman.safetensors"
@@ -175,9 +195,17 @@ class ExpansiveSynthesis(AutoencoderMethod):
             self.koopman, report = self._fit_koopman(labels, graphs["neighbours"])
             with atomic_file(koopman_file) as tmp:
                 save_file({k: v.contiguous() for k, v in self.koopman.state_dict().items()}, str(tmp))
-            atomic_write_text(artifact_dir / "fit_report.json", json.dumps(
-                {"autoencoder": self.autoencoder_report, "koopman": report,
-                 "graphs": {k: v for k, v in graphs.items() if k != "neighbours"}}, indent=2))
+            atomic_write_text(
+                artifact_dir / "fit_report.json",
+                json.dumps(
+                    {
+                        "autoencoder": self.autoencoder_report,
+                        "koopman": report,
+                        "graphs": {k: v for k, v in graphs.items() if k != "neighbours"},
+                    },
+                    indent=2,
+                ),
+            )
             atomic_write_text(graph_file, json.dumps(graphs))  # last: its presence marks a complete fit
         self.koopman.requires_grad_(False)
         self.neighbours = graphs["neighbours"]
@@ -197,34 +225,56 @@ class ExpansiveSynthesis(AutoencoderMethod):
             if not members:
                 continue
             if len(members) < 2:
-                raise ExpansionError(f"{self.name}: class {c} ({self.context.class_names[c]!r}) has "
-                                     f"{len(members)} training image; combining neighbours needs at least 2")
-            graph = build_expander_graph(len(members), g.degree, self.settings.fit_seed * 7919 + c, g.family,
-                                         g.tries)
+                raise ExpansionError(
+                    f"{self.name}: class {c} ({self.context.class_names[c]!r}) has "
+                    f"{len(members)} training image; combining neighbours needs at least 2"
+                )
+            graph = build_expander_graph(len(members), g.degree, self.settings.fit_seed * 7919 + c, g.family, g.tries)
             for local, nbrs in enumerate(graph.neighbours):
                 neighbours[members[local]] = [members[n] for n in nbrs]
             per_class[self.context.class_names[c]] = {
-                "nodes": len(members), "degree": graph.degree, "spectral_gap": round(graph.spectral_gap, 6),
-                "second_eigenvalue": round(graph.second_eigenvalue, 6), "ramanujan": graph.ramanujan}
+                "nodes": len(members),
+                "degree": graph.degree,
+                "spectral_gap": round(graph.spectral_gap, 6),
+                "second_eigenvalue": round(graph.second_eigenvalue, 6),
+                "ramanujan": graph.ramanujan,
+            }
         return {"neighbours": neighbours, "per_class": per_class}
 
     def _fit_koopman(self, labels: torch.Tensor, neighbours: list[list[int]]):
         s = self.settings
         k, ot = s.koopman, s.ot
-        fit = fit_koopman(self.train_features.cpu(), labels, neighbours, rank=k.rank, steps=k.steps, lr=k.lr,
-                          tau=k.tau, mix_range=tuple(s.mix_range), dynamics_weight=k.dynamics_weight,
-                          identity_weight=k.identity_weight, ot_weight=ot.weight, ot_kind=ot.kind, ot_blur=ot.blur,
-                          seed=s.fit_seed)
-        report = {"ot_identity": fit.ot_identity, "ot_fitted": fit.ot_fitted,
-                  "dynamics_identity": fit.dynamics_identity, "dynamics_fitted": fit.dynamics_fitted,
-                  "loss_first": fit.losses[0] if fit.losses else None,
-                  "loss_last": fit.losses[-1] if fit.losses else None}
+        fit = fit_koopman(
+            self.train_features.cpu(),
+            labels,
+            neighbours,
+            rank=k.rank,
+            steps=k.steps,
+            lr=k.lr,
+            tau=k.tau,
+            mix_range=tuple(s.mix_range),
+            dynamics_weight=k.dynamics_weight,
+            identity_weight=k.identity_weight,
+            ot_weight=ot.weight,
+            ot_kind=ot.kind,
+            ot_blur=ot.blur,
+            seed=s.fit_seed,
+        )
+        report = {
+            "ot_identity": fit.ot_identity,
+            "ot_fitted": fit.ot_fitted,
+            "dynamics_identity": fit.dynamics_identity,
+            "dynamics_fitted": fit.dynamics_fitted,
+            "loss_first": fit.losses[0] if fit.losses else None,
+            "loss_last": fit.losses[-1] if fit.losses else None,
+        }
         return fit.operator, report
 
     # -- generation ---------------------------------------------------------------------------
     @torch.no_grad()
-    def new_latents(self, parents: torch.Tensor,
-                    seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def new_latents(
+        self, parents: torch.Tensor, seeds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Steps 1-3 of the module doc: ``(y_new [B*k, m], neighbour [B, k], t [B, k])``."""
         if self.koopman is None:
             raise ExpansionError(f"{self.name}: fit() has not run")
@@ -241,8 +291,9 @@ class ExpansiveSynthesis(AutoencoderMethod):
         return y_new, neighbour, t
 
     @torch.no_grad()
-    def expand(self, images: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor,
-               parents: torch.Tensor | None = None) -> ExpansionOutput:
+    def expand(
+        self, images: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor, parents: torch.Tensor | None = None
+    ) -> ExpansionOutput:
         if parents is None:
             raise ExpansionError(f"{self.name}.expand needs the seeds' training indices (parents)")
         if not torch.equal(images.cpu(), self.train_images[parents.to(self.train_images.device)].cpu()):
@@ -251,7 +302,10 @@ class ExpansiveSynthesis(AutoencoderMethod):
         y_new, neighbour, t = self.new_latents(parents, seeds)
         decoded = self.autoencoder.decode(y_new.reshape(b * k, *self.latent_shape))
         parent_rows = parents.cpu()[:, None].expand(b, k)
-        fields = {"parents": [[int(p), int(n)] for p, n in zip(parent_rows.reshape(-1), neighbour.cpu().reshape(-1))],
-                  "neighbour": neighbour.cpu(), "mix_weight": t.cpu()}
+        fields = {
+            "parents": [[int(p), int(n)] for p, n in zip(parent_rows.reshape(-1), neighbour.cpu().reshape(-1))],
+            "neighbour": neighbour.cpu(),
+            "mix_weight": t.cpu(),
+        }
         out = to_uint8(decoded)
         return ExpansionOutput(out.reshape(b, k, *out.shape[1:]).cpu(), fields)

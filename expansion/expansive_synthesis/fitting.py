@@ -110,8 +110,10 @@ def pretraining_pool(source: str, auxiliary: Any, max_images: int, seed: int) ->
     if source == "none" or (source == "auto" and auxiliary is None):
         return None
     if auxiliary is None:
-        raise ExpansionError("pretrain.source=unused_train but the dataset leaves no training images out: set "
-                             "dataset.train_per_class (few-shot) or pretrain.source=none")
+        raise ExpansionError(
+            "pretrain.source=unused_train but the dataset leaves no training images out: set "
+            "dataset.train_per_class (few-shot) or pretrain.source=none"
+        )
     n = len(auxiliary)
     if max_images and n > max_images:
         keep = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_images].sort().values
@@ -119,19 +121,36 @@ def pretraining_pool(source: str, auxiliary: Any, max_images: int, seed: int) ->
     return auxiliary.to_tensor()
 
 
-def fitted_autoencoder(images: torch.Tensor, labels: torch.Tensor, num_classes: int, spec: AutoencoderSpec,
-                       pretrain: PretrainSettings, finetune: FinetuneSettings, auxiliary: Any, cache_root: Path,
-                       train_fingerprint: str, seed: int = 0) -> tuple[ConvAutoencoder, dict[str, Any]]:
+def fitted_autoencoder(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    spec: AutoencoderSpec,
+    pretrain: PretrainSettings,
+    finetune: FinetuneSettings,
+    auxiliary: Any,
+    cache_root: Path,
+    train_fingerprint: str,
+    seed: int = 0,
+) -> tuple[ConvAutoencoder, dict[str, Any]]:
     """The autoencoder pretrained on the auxiliary pool and fine-tuned on ``images``/``labels``
     (module doc); loaded from the cache when both stages are there. Returns it with the report."""
     cache_root = Path(cache_root) / "autoencoder"
     cache_root.mkdir(parents=True, exist_ok=True)
     pool = pretraining_pool(pretrain.source, auxiliary, pretrain.max_images, seed)
     pool_id = None if pool is None else hashlib.sha256(pool.numpy().tobytes()).hexdigest()[:16]
-    pre_payload = {"spec": spec.as_dict(), "pretrain": {k: v for k, v in asdict(pretrain).items() if k != "source"},
-                   "pool": pool_id, "seed": seed}
-    fine_payload = {"pretrained": content_key(pre_payload), "finetune": asdict(finetune), "train": train_fingerprint,
-                    "num_classes": num_classes}
+    pre_payload = {
+        "spec": spec.as_dict(),
+        "pretrain": {k: v for k, v in asdict(pretrain).items() if k != "source"},
+        "pool": pool_id,
+        "seed": seed,
+    }
+    fine_payload = {
+        "pretrained": content_key(pre_payload),
+        "finetune": asdict(finetune),
+        "train": train_fingerprint,
+        "num_classes": num_classes,
+    }
     fine_dir = cache_root / f"finetune-{content_key(fine_payload)}"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -140,27 +159,41 @@ def fitted_autoencoder(images: torch.Tensor, labels: torch.Tensor, num_classes: 
         report = _load(model, fine_dir)
         if report is not None:
             return model, report
-        report = {"pretrain_pool_images": 0 if pool is None else len(pool),
-                  "recon_mse_init": reconstruction_error(model, images)}
+        report = {
+            "pretrain_pool_images": 0 if pool is None else len(pool),
+            "recon_mse_init": reconstruction_error(model, images),
+        }
         if pool is not None:
             pre_dir = cache_root / f"pretrain-{content_key(pre_payload)}"
             with FileLock(str(cache_root / f"{pre_dir.name}.lock")):
                 pre_report = _load(model, pre_dir)
                 if pre_report is None:
-                    log.info("autoencoder: pretraining on %d auxiliary images for %d steps", len(pool),
-                             pretrain.steps)
-                    losses = train_autoencoder(model, pool, steps=pretrain.steps, lr=pretrain.lr,
-                                               batch_size=pretrain.batch_size, seed=seed)
-                    pre_report = {"pool_images": len(pool), "loss_first": losses[0] if losses else None,
-                                  "loss_last": losses[-1] if losses else None}
+                    log.info("autoencoder: pretraining on %d auxiliary images for %d steps", len(pool), pretrain.steps)
+                    losses = train_autoencoder(
+                        model, pool, steps=pretrain.steps, lr=pretrain.lr, batch_size=pretrain.batch_size, seed=seed
+                    )
+                    pre_report = {
+                        "pool_images": len(pool),
+                        "loss_first": losses[0] if losses else None,
+                        "loss_last": losses[-1] if losses else None,
+                    }
                     _save(model, pre_dir, pre_report)
             report["recon_mse_pretrained"] = reconstruction_error(model, images)
         log.info("autoencoder: fine-tuning on %d images for %d steps", len(images), finetune.steps)
-        losses = train_autoencoder(model, images, labels, steps=finetune.steps, lr=finetune.lr,
-                                   batch_size=finetune.batch_size,
-                                   classifier_weight=finetune.classifier_weight, seed=seed + 1)
-        report.update(recon_mse_finetuned=reconstruction_error(model, images),
-                      finetune_loss_first=losses[0] if losses else None,
-                      finetune_loss_last=losses[-1] if losses else None)
+        losses = train_autoencoder(
+            model,
+            images,
+            labels,
+            steps=finetune.steps,
+            lr=finetune.lr,
+            batch_size=finetune.batch_size,
+            classifier_weight=finetune.classifier_weight,
+            seed=seed + 1,
+        )
+        report.update(
+            recon_mse_finetuned=reconstruction_error(model, images),
+            finetune_loss_first=losses[0] if losses else None,
+            finetune_loss_last=losses[-1] if losses else None,
+        )
         _save(model, fine_dir, report)
     return model, report

@@ -68,8 +68,9 @@ def describe(graph: nx.Graph, degree: int) -> ExpanderGraph:
     return ExpanderGraph(graph, degree, float(eig[0] - eig[1]), lam, lam <= ramanujan_bound(degree) + 1e-9)
 
 
-def build_expander_graph(n: int, degree: int, seed: int, family: str = "random_regular",
-                         tries: int = 20) -> ExpanderGraph:
+def build_expander_graph(
+    n: int, degree: int, seed: int, family: str = "random_regular", tries: int = 20
+) -> ExpanderGraph:
     """A d-regular expander on ``n`` nodes (module doc); deterministic given ``seed``."""
     if family not in FAMILIES:
         raise ExpansionError(f"expander graph family must be one of {FAMILIES}, got {family!r}")

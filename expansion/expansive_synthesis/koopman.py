@@ -51,7 +51,7 @@ class KoopmanOperator(nn.Module):
             if not 1 <= int(rank) <= dim:
                 raise ExpansionError(f"Koopman rank must be in [1, {dim}] or null (full), got {rank}")
             self.u = nn.Parameter(torch.zeros(dim, int(rank)))
-            self.v = nn.Parameter(torch.randn(dim, int(rank), generator=torch.Generator().manual_seed(0)) / dim ** 0.5)
+            self.v = nn.Parameter(torch.randn(dim, int(rank), generator=torch.Generator().manual_seed(0)) / dim**0.5)
 
     def delta_matrix(self) -> torch.Tensor:
         return self.delta if self.rank is None else self.u @ self.v.T
@@ -83,8 +83,9 @@ def edge_index(neighbours: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]
     return torch.tensor(src, dtype=torch.long), torch.tensor(dst, dtype=torch.long)
 
 
-def random_mixes(features: torch.Tensor, neighbours: list[list[int]], mix_range: tuple[float, float],
-                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def random_mixes(
+    features: torch.Tensor, neighbours: list[list[int]], mix_range: tuple[float, float], generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One edge mix per sample: a random neighbour j of i and ``t ~ U(mix_range)``; returns
     ``(y_mix [N, m], j [N])``."""
     n = len(neighbours)
@@ -96,11 +97,23 @@ def random_mixes(features: torch.Tensor, neighbours: list[list[int]], mix_range:
     return (1 - t) * features + t * features[j], j
 
 
-def fit_koopman(features: torch.Tensor, labels: torch.Tensor, neighbours: list[list[int]], *,
-                rank: int | None = 16, steps: int = 200, lr: float = 1e-3, tau: float = 0.5,
-                mix_range: tuple[float, float] = (0.1, 0.5), dynamics_weight: float = 0.1,
-                ot_weight: float = 1.0, identity_weight: float = 0.1, ot_kind: str = "sliced",
-                ot_blur: float = 0.05, seed: int = 0) -> KoopmanFit:
+def fit_koopman(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    neighbours: list[list[int]],
+    *,
+    rank: int | None = 16,
+    steps: int = 200,
+    lr: float = 1e-3,
+    tau: float = 0.5,
+    mix_range: tuple[float, float] = (0.1, 0.5),
+    dynamics_weight: float = 0.1,
+    ot_weight: float = 1.0,
+    identity_weight: float = 0.1,
+    ot_kind: str = "sliced",
+    ot_blur: float = 0.05,
+    seed: int = 0,
+) -> KoopmanFit:
     """Fit ``K`` on flattened features ``[N, m]`` (module doc). Deterministic given ``seed``."""
     features = features.detach().float()
     n, m = features.shape
@@ -115,8 +128,12 @@ def fit_koopman(features: torch.Tensor, labels: torch.Tensor, neighbours: list[l
     g = torch.Generator().manual_seed(seed)
 
     def class_ot(y_new: torch.Tensor, ot_seed: int) -> torch.Tensor:
-        return torch.stack([ot_distance(y_new[idx], features[idx], ot_kind, blur=ot_blur, seed=ot_seed + c)
-                            for c, idx in enumerate(classes)]).mean()
+        return torch.stack(
+            [
+                ot_distance(y_new[idx], features[idx], ot_kind, blur=ot_blur, seed=ot_seed + c)
+                for c, idx in enumerate(classes)
+            ]
+        ).mean()
 
     def dynamics(op: KoopmanOperator) -> torch.Tensor:
         return (op(features[src]) - features[dst]).pow(2).sum(1).mean() / m

@@ -42,18 +42,28 @@ def _pot():
 
 def _entropic(x: torch.Tensor, y: torch.Tensor, reg: float, iterations: int) -> torch.Tensor:
     cost = _cost(x, y)
-    return _pot().sinkhorn2(_uniform(len(x), x), _uniform(len(y), y), cost, reg, method="sinkhorn_log",
-                        numItermax=iterations, stopThr=1e-7)
+    return _pot().sinkhorn2(
+        _uniform(len(x), x), _uniform(len(y), y), cost, reg, method="sinkhorn_log", numItermax=iterations, stopThr=1e-7
+    )
 
 
-def ot_distance(x: torch.Tensor, y: torch.Tensor, kind: str = "sinkhorn", *, blur: float = 0.05,
-                iterations: int = 200, n_projections: int = 128, seed: int = 0) -> torch.Tensor:
+def ot_distance(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    kind: str = "sinkhorn",
+    *,
+    blur: float = 0.05,
+    iterations: int = 200,
+    n_projections: int = 128,
+    seed: int = 0,
+) -> torch.Tensor:
     """OT distance between the empirical distributions of the rows of ``x`` and ``y`` (module doc)."""
     if kind not in KINDS:
         raise ExpansionError(f"optimal transport kind must be one of {KINDS}, got {kind!r}")
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1] or not len(x) or not len(y):
-        raise ExpansionError(f"ot_distance expects non-empty [n, m] and [n', m] point sets, got "
-                             f"{tuple(x.shape)} and {tuple(y.shape)}")
+        raise ExpansionError(
+            f"ot_distance expects non-empty [n, m] and [n', m] point sets, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     x, y = x.float(), y.float()
     if kind == "emd":
         return _pot().emd2(_uniform(len(x), x), _uniform(len(y), y), _cost(x, y))
@@ -61,5 +71,8 @@ def ot_distance(x: torch.Tensor, y: torch.Tensor, kind: str = "sinkhorn", *, blu
         return _pot().sliced_wasserstein_distance(x, y, n_projections=n_projections, p=2, seed=seed).pow(2)
     # one regularisation for the three terms, from the cross cost (not differentiated through)
     reg = float(blur * _cost(x, y).mean().detach().clamp_min(1e-12))
-    return (_entropic(x, y, reg, iterations)
-            - 0.5 * _entropic(x, x, reg, iterations) - 0.5 * _entropic(y, y, reg, iterations))
+    return (
+        _entropic(x, y, reg, iterations)
+        - 0.5 * _entropic(x, x, reg, iterations)
+        - 0.5 * _entropic(y, y, reg, iterations)
+    )

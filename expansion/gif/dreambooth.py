@@ -238,7 +238,9 @@ def dreambooth_finetune(
         pred_type = noise_scheduler.config.prediction_type
         bs = settings.batch_size
 
-        cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        cuda_devices = (
+            [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        )
         bar = None
         if progress:
             from tqdm.auto import tqdm

@@ -58,8 +58,14 @@ class GuideSpec:
         """Only the settings of the chosen kind change the output."""
         if self.kind == "probe":
             return {"kind": "probe", "epochs": self.epochs, "network": PROBE_RECIPE}
-        return {"kind": "clip", "arch": self.arch, "pretrained": self.pretrained, "model_config": self.model_config,
-                "template": self.template, "logit_scale": self.logit_scale}
+        return {
+            "kind": "clip",
+            "arch": self.arch,
+            "pretrained": self.pretrained,
+            "model_config": self.model_config,
+            "template": self.template,
+            "logit_scale": self.logit_scale,
+        }
 
 
 @dataclass
@@ -77,8 +83,9 @@ def rgb_at(images: torch.Tensor, size: int) -> torch.Tensor:
     when shrinking), as a prior's image encoder takes it."""
     x = to_rgb(images.float() / 255.0 if images.dtype == torch.uint8 else images.float())
     if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False,
-                          antialias=x.shape[-1] > size).clamp(0, 1)
+        x = F.interpolate(
+            x, size=(size, size), mode="bicubic", align_corners=False, antialias=x.shape[-1] > size
+        ).clamp(0, 1)
     return x
 
 
@@ -94,10 +101,17 @@ class Guide(nn.Module):
 class ClipGuide(Guide):
     """Zero-shot CLIP: ``p = softmax(logit_scale * <f(x)/|f(x)|, t_c/|t_c|>)`` over the class prompts."""
 
-    def __init__(self, model: nn.Module, tokenizer, class_names: Sequence[str],
-                 template: str = "This is a photo of a {}", logit_scale: float = 100.0,
-                 image_size: int = 224, mean: Sequence[float] = OPENAI_CLIP_MEAN,
-                 std: Sequence[float] = OPENAI_CLIP_STD):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        class_names: Sequence[str],
+        template: str = "This is a photo of a {}",
+        logit_scale: float = 100.0,
+        image_size: int = 224,
+        mean: Sequence[float] = OPENAI_CLIP_MEAN,
+        std: Sequence[float] = OPENAI_CLIP_STD,
+    ):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.num_classes = len(class_names)
@@ -118,18 +132,31 @@ class ClipGuide(Guide):
             import open_clip
 
             open_clip.add_model_config(str(Path(spec.model_config).expanduser()))
-        return cls.from_open_clip(class_names, arch=spec.arch, pretrained=spec.pretrained, cache_dir=spec.cache_dir,
-                                  template=spec.template, logit_scale=spec.logit_scale)
+        return cls.from_open_clip(
+            class_names,
+            arch=spec.arch,
+            pretrained=spec.pretrained,
+            cache_dir=spec.cache_dir,
+            template=spec.template,
+            logit_scale=spec.logit_scale,
+        )
 
     @classmethod
-    def from_open_clip(cls, class_names: Sequence[str], arch: str = "ViT-B-32", pretrained: str = "openai",
-                       cache_dir: str | None = None, **kwargs) -> ClipGuide:
+    def from_open_clip(
+        cls,
+        class_names: Sequence[str],
+        arch: str = "ViT-B-32",
+        pretrained: str = "openai",
+        cache_dir: str | None = None,
+        **kwargs,
+    ) -> ClipGuide:
         """Load an open_clip model by architecture and pretrained tag (or a local weights file)."""
         import open_clip
 
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained,
-                                                                         cache_dir=cache_dir)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                arch, pretrained=pretrained, cache_dir=cache_dir
+            )
         except Exception as exc:  # offline hub miss, bad tag, corrupt file: say what is missing and how to get it
             raise ExpansionError(
                 f"could not load the CLIP guide open_clip {arch!r} with pretrained={pretrained!r} ({type(exc).__name__}: "
@@ -147,8 +174,13 @@ class ClipGuide(Guide):
     def forward(self, images: torch.Tensor) -> GuideOutput:
         x = to_rgb(images.float())
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False,
-                              antialias=x.shape[-1] > self.image_size)
+            x = F.interpolate(
+                x,
+                size=(self.image_size, self.image_size),
+                mode="bicubic",
+                align_corners=False,
+                antialias=x.shape[-1] > self.image_size,
+            )
         x = (x - self.mean) / self.std
         features = F.normalize(self.model.encode_image(x).float(), dim=-1)
         logits = self.logit_scale * features @ self.text_features.T
@@ -164,8 +196,9 @@ class ProbeGuide(Guide):
         self.num_classes = probe.num_classes
 
     @classmethod
-    def fitted(cls, images: torch.Tensor, labels: torch.Tensor, num_classes: int, spec: GuideSpec,
-               path: Path) -> ProbeGuide:
+    def fitted(
+        cls, images: torch.Tensor, labels: torch.Tensor, num_classes: int, spec: GuideSpec, path: Path
+    ) -> ProbeGuide:
         """The probe saved at ``path`` or, if there is none, trained on uint8 ``images`` and saved there."""
         if path.is_file():
             return cls(Probe.load(path))

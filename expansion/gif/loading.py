@@ -30,8 +30,9 @@ def resolve_dtype(value: str, device: torch.device, cuda_auto: str | None = None
     return DTYPES[value]
 
 
-def pretrained_source(what: str, model_id: str, revision: str | None, local_files_only: bool | None,
-                      missing_folder_hint: str) -> tuple[str, dict[str, Any]]:
+def pretrained_source(
+    what: str, model_id: str, revision: str | None, local_files_only: bool | None, missing_folder_hint: str
+) -> tuple[str, dict[str, Any]]:
     """Where ``from_pretrained`` should read a model: ``(source, kwargs)``. A path-like id must
     be an existing folder (else an error with ``missing_folder_hint``); HF_HUB_OFFLINE is read
     at call time (huggingface_hub reads it only at import), so offline runs fail at once."""

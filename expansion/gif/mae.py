@@ -67,10 +67,17 @@ def load_mae(model_id: str, revision: str | None = None, local_files_only: bool 
     (``save_pretrained`` layout). A missing model is an error that says how to get it."""
     from transformers import ViTMAEForPreTraining
 
-    source, kwargs = pretrained_source("MAE", model_id, revision, local_files_only, (
-        "set method.model_id to a transformers "
-        "ViTMAEForPreTraining folder (config.json + model.safetensors) or a hub id such as "
-        "facebook/vit-mae-large"))
+    source, kwargs = pretrained_source(
+        "MAE",
+        model_id,
+        revision,
+        local_files_only,
+        (
+            "set method.model_id to a transformers "
+            "ViTMAEForPreTraining folder (config.json + model.safetensors) or a hub id such as "
+            "facebook/vit-mae-large"
+        ),
+    )
     try:
         model = ViTMAEForPreTraining.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
@@ -101,7 +108,9 @@ class GifMAE(GifExpander):
         """Use an already-built ``ViTMAEForPreTraining`` (tests, benchmarks with random weights)."""
         config = model.config
         if int(config.num_channels) != 3:
-            raise ExpansionError(f"{self.name}: the MAE must take RGB input (num_channels 3), got {config.num_channels}")
+            raise ExpansionError(
+                f"{self.name}: the MAE must take RGB input (num_channels 3), got {config.num_channels}"
+            )
         self.mae = model.eval().requires_grad_(False)
         size = config.image_size
         self.image_size = int(size[0] if isinstance(size, tuple | list) else size)
@@ -146,8 +155,11 @@ class GifMAE(GifExpander):
         ``ids_restore [N, L]`` and, for norm_pix models, the input's per-patch mean and std."""
         self._place(x.device)
         cfg = self.mae.config
-        for c in {id(cfg): cfg, id(self.mae.vit.config): self.mae.vit.config,
-                  id(self.mae.vit.embeddings.config): self.mae.vit.embeddings.config}.values():
+        for c in {
+            id(cfg): cfg,
+            id(self.mae.vit.config): self.mae.vit.config,
+            id(self.mae.vit.embeddings.config): self.mae.vit.embeddings.config,
+        }.values():
             c.mask_ratio = self.settings.mask_ratio
         out = self.mae.vit(pixel_values=x.to(self.model_dtype), noise=self._mask_noise(flat_seeds, x.device))
         inputs = {"ids_restore": out.ids_restore}
@@ -162,8 +174,10 @@ class GifMAE(GifExpander):
         flat = seeds.reshape(-1)
         if not self.settings.augment and self.settings.mask_ratio == 0:  # the k copies share one encoder pass
             one = self.encode_tokens(self.preprocess(images, seeds[:, :1]), flat[::k])
-            encoding = Encoding(one.z0.repeat_interleave(k, 0),
-                                {name: v.repeat_interleave(k, 0) for name, v in one.decode_inputs.items()})
+            encoding = Encoding(
+                one.z0.repeat_interleave(k, 0),
+                {name: v.repeat_interleave(k, 0) for name, v in one.decode_inputs.items()},
+            )
         else:
             encoding = self.encode_tokens(self.preprocess(images, seeds), flat)
         encoding.fields["mask_ratio"] = [self.settings.mask_ratio] * (b * k)

@@ -44,8 +44,18 @@ from .loading import check_dtype, pretrained_source, resolve_dtype
 from .template import Encoding, GifExpander, GifSettings
 
 DOMAINS = ("an image of", "a real-world photo of", "a cartoon image of", "an oil painting of", "a sketch of")
-ADJECTIVES = ("", "colorful", "stylized", "high-contrast", "low-contrast", "posterized", "solarized", "sheared",
-              "bright", "dark")
+ADJECTIVES = (
+    "",
+    "colorful",
+    "stylized",
+    "high-contrast",
+    "low-contrast",
+    "posterized",
+    "solarized",
+    "sheared",
+    "bright",
+    "dark",
+)
 
 
 @dataclass(frozen=True)
@@ -88,16 +98,21 @@ class SDSettings(GifSettings):
         check_dtype("vae_dtype", self.vae_dtype)
 
 
-def load_sd_components(model_id: str, revision: str | None = None,
-                       local_files_only: bool | None = None) -> dict[str, Any]:
+def load_sd_components(
+    model_id: str, revision: str | None = None, local_files_only: bool | None = None
+) -> dict[str, Any]:
     """VAE, UNet, text encoder, tokenizer and DDIM scheduler of an SD 1.x/2.x model
     (hub id or local diffusers folder). A missing model is an error that says how to get it."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    source, kwargs = pretrained_source("Stable Diffusion", model_id, revision, local_files_only, (
-        "set method.model_id to a diffusers "
-        "folder (vae/, unet/, text_encoder/, tokenizer/, scheduler/) or a hub id"))
+    source, kwargs = pretrained_source(
+        "Stable Diffusion",
+        model_id,
+        revision,
+        local_files_only,
+        ("set method.model_id to a diffusers folder (vae/, unet/, text_encoder/, tokenizer/, scheduler/) or a hub id"),
+    )
     try:
         return {
             "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs),
@@ -122,8 +137,13 @@ def rotate_flip(x: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
     angle = (draws[:, 0] * 30 - 15) * (math.pi / 180)
     flip = torch.where(draws[:, 1] < 0.5, -1.0, 1.0)
     cos, sin = torch.cos(angle), torch.sin(angle)
-    theta = torch.stack([torch.stack([cos * flip, -sin, torch.zeros_like(cos)], -1),
-                         torch.stack([sin * flip, cos, torch.zeros_like(cos)], -1)], 1).to(x.dtype)
+    theta = torch.stack(
+        [
+            torch.stack([cos * flip, -sin, torch.zeros_like(cos)], -1),
+            torch.stack([sin * flip, cos, torch.zeros_like(cos)], -1),
+        ],
+        1,
+    ).to(x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -175,8 +195,13 @@ class GifSD(GifExpander):
     def _dreambooth(self, images: torch.Tensor, labels: torch.Tensor, artifact_dir: Path) -> None:
         """DreamBooth (400 steps, lr 2e-6, text encoder trained, one instance prompt per class);
         with prior preservation, class images are the base model's own samples of each class prompt."""
-        from .dreambooth import dreambooth_finetune, finetuned_available, generate_class_images, load_finetuned, \
-            save_finetuned
+        from .dreambooth import (
+            dreambooth_finetune,
+            finetuned_available,
+            generate_class_images,
+            load_finetuned,
+            save_finetuned,
+        )
 
         out = artifact_dir / "dreambooth"
         spec = self.settings.dreambooth
@@ -189,16 +214,36 @@ class GifSD(GifExpander):
                 class_prompts, chunks = [], []
                 for c in range(len(self.context.class_names)):
                     prompt = self._instance_prompt(spec.instance_prompt, c)
-                    chunks.append(generate_class_images(
-                        self.unet, self.text_encoder, self.vae, self.tokenizer,
-                        self.scheduler_cls.from_config(self.scheduler_config), prompt, per_class,
-                        resolution=spec.resolution, seed=spec.seed + c, device=device))
+                    chunks.append(
+                        generate_class_images(
+                            self.unet,
+                            self.text_encoder,
+                            self.vae,
+                            self.tokenizer,
+                            self.scheduler_cls.from_config(self.scheduler_config),
+                            prompt,
+                            per_class,
+                            resolution=spec.resolution,
+                            seed=spec.seed + c,
+                            device=device,
+                        )
+                    )
                     class_prompts += [prompt] * per_class
                 class_images = torch.cat(chunks)
-            dreambooth_finetune(self.unet, self.text_encoder, self.vae, self.tokenizer,
-                                _training_scheduler(self.scheduler_config), images, prompts, spec,
-                                class_images=class_images, class_prompts=class_prompts, device=device,
-                                mixed_precision="fp16" if device == "cuda" else None)
+            dreambooth_finetune(
+                self.unet,
+                self.text_encoder,
+                self.vae,
+                self.tokenizer,
+                _training_scheduler(self.scheduler_config),
+                images,
+                prompts,
+                spec,
+                class_images=class_images,
+                class_prompts=class_prompts,
+                device=device,
+                mixed_precision="fp16" if device == "cuda" else None,
+            )
             save_finetuned(self.unet, self.text_encoder if spec.train_text_encoder else None, out)
         unet, text_encoder = load_finetuned(out)
         self.add_module("unet", unet)
@@ -243,12 +288,18 @@ class GifSD(GifExpander):
         n = seeds.numel()
         prompts = self.prompts(labels, seeds)
         z0 = self.img2img(self.preprocess(images, seeds), prompts, seeds)
-        return Encoding(z0, fields={"prompt": prompts, "strength": [s.strength] * n,
-                                    "guidance_scale": [s.guidance_scale] * n})
+        return Encoding(
+            z0, fields={"prompt": prompts, "strength": [s.strength] * n, "guidance_scale": [s.guidance_scale] * n}
+        )
 
     def _encode_text(self, prompts: list[str], device: torch.device) -> torch.Tensor:
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(device)
+        ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
         return self.text_encoder(ids)[0]
 
     def img2img(self, x: torch.Tensor, prompts: list[str], seeds: torch.Tensor) -> torch.Tensor:
@@ -262,7 +313,7 @@ class GifSD(GifExpander):
         scheduler = self.scheduler_cls.from_config(self.scheduler_config)
         scheduler.set_timesteps(s.num_inference_steps, device=device)
         n_steps = min(int(s.num_inference_steps * s.strength), s.num_inference_steps)
-        timesteps = scheduler.timesteps[s.num_inference_steps - n_steps:]
+        timesteps = scheduler.timesteps[s.num_inference_steps - n_steps :]
         if len(timesteps) == 0:
             return z
         noise = per_image_rand(derive(flat_seeds, "noise"), z.shape[1:], normal=True, device=device)

@@ -23,7 +23,15 @@ import torch
 import torch.nn.functional as F
 
 from ..base import Expander, ExpansionContext, ExpansionError, ExpansionOutput, ImageSet, to_uint8, train_tensors
-from ..guidance import GuidanceSettings, channel_shape, criteria, guided_perturbation, perturb, project_linf, sample_groups
+from ..guidance import (
+    GuidanceSettings,
+    channel_shape,
+    criteria,
+    guided_perturbation,
+    perturb,
+    project_linf,
+    sample_groups,
+)
 from ..probe import LUMA
 from ..seeding import derive, per_image_rand
 from ..settings import field_signature, speed_only
@@ -163,8 +171,15 @@ class GifExpander(Expander):
 
     def fit_probe_guide(self, images: torch.Tensor, labels: torch.Tensor, artifact_dir: Path) -> None:
         if self.uses_probe_guide:
-            self.use_guide(ProbeGuide.fitted(images, labels, len(self.context.class_names), self.settings.guide,
-                                             artifact_dir / "probe_guide.safetensors"))
+            self.use_guide(
+                ProbeGuide.fitted(
+                    images,
+                    labels,
+                    len(self.context.class_names),
+                    self.settings.guide,
+                    artifact_dir / "probe_guide.safetensors",
+                )
+            )
 
     def fit_signature(self) -> dict[str, Any]:
         probe = self.settings.guide.signature() if self.uses_probe_guide else None
@@ -219,16 +234,25 @@ class GifExpander(Expander):
             if s.guided:
                 final = self.guide(decoded)
                 fields["score_before"] = score_before.tolist()
-                fields["score_after"] = criteria(seed_probs, final.probs, final.embeddings, groups,
-                                                 s.guidance).score.tolist()
+                fields["score_after"] = criteria(
+                    seed_probs, final.probs, final.embeddings, groups, s.guidance
+                ).score.tolist()
                 fields["guide_class"] = final.probs.argmax(-1).tolist()
                 fields["guide_confidence"] = final.probs.max(-1).values.tolist()
         # 7. stored images
         return ExpansionOutput(self.stored_images(decoded, b, k), fields)
 
-    def _guided_latents(self, encoding: Encoding, e: torch.Tensor, bias: torch.Tensor, radius: torch.Tensor,
-                        seed_probs: torch.Tensor, groups: torch.Tensor, b: int, k: int
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _guided_latents(
+        self,
+        encoding: Encoding,
+        e: torch.Tensor,
+        bias: torch.Tensor,
+        radius: torch.Tensor,
+        seed_probs: torch.Tensor,
+        groups: torch.Tensor,
+        b: int,
+        k: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Step 5, chunk by chunk (each chunk's groups renumbered from 0: a group never spans chunks)."""
         chunk = int(self.settings.guidance_chunk or b) * k
         latents, before = [], []
@@ -241,8 +265,9 @@ class GifExpander(Expander):
                 out = self.guide(self.decode(z, inputs, final=False))
                 return criteria(seed_probs[rows], out.probs, out.embeddings, g, self.settings.guidance)
 
-            result = guided_perturbation(encoding.z0[rows], e[rows], bias[rows], score_fn, self.settings.guidance,
-                                         radius=radius[rows])
+            result = guided_perturbation(
+                encoding.z0[rows], e[rows], bias[rows], score_fn, self.settings.guidance, radius=radius[rows]
+            )
             latents.append(result.latents)
             before.append(result.score_before)
         return torch.cat(latents), torch.cat(before)
@@ -257,8 +282,7 @@ class GifExpander(Expander):
         ``output_size`` (antialiased bilinear) and, RGB for a 1-channel dataset, turned into luma."""
         size = self.settings.output_size
         if size and images01.shape[-1] != size:
-            images01 = F.interpolate(images01, size=(size, size), mode="bilinear", antialias=True,
-                                     align_corners=False)
+            images01 = F.interpolate(images01, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         if self.context.channels == 1 and images01.shape[1] == 3:
             images01 = (images01 * LUMA.to(images01.device)).sum(1, keepdim=True)
         out = to_uint8(images01)

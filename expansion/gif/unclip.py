@@ -125,11 +125,13 @@ def _text_proj_class():
     """diffusers' ``UnCLIPTextProjModel``: deprecated (and moved) in recent diffusers."""
     for module in ("diffusers.pipelines.deprecated.unclip.text_proj", "diffusers.pipelines.unclip.text_proj"):
         try:
-            return getattr(__import__(module, fromlist=["UnCLIPTextProjModel"]), "UnCLIPTextProjModel")
+            return __import__(module, fromlist=["UnCLIPTextProjModel"]).UnCLIPTextProjModel
         except (ImportError, AttributeError):
             continue
-    raise ExpansionError("gif_unclip: this diffusers has no UnCLIPTextProjModel (needed by backend karlo); "
-                         "use backend stable_unclip or a diffusers release that ships the unCLIP pipelines")
+    raise ExpansionError(
+        "gif_unclip: this diffusers has no UnCLIPTextProjModel (needed by backend karlo); "
+        "use backend stable_unclip or a diffusers release that ships the unCLIP pipelines"
+    )
 
 
 def _karlo_pipeline_class():
@@ -164,8 +166,9 @@ def _load_karlo(source: str, kwargs: dict[str, Any]):
     return cls(**parts) if cls is not None else KarloComponents(**parts)
 
 
-def load_unclip(backend: str, model_id: str | None = None, revision: str | None = None,
-                local_files_only: bool | None = None):
+def load_unclip(
+    backend: str, model_id: str | None = None, revision: str | None = None, local_files_only: bool | None = None
+):
     """The backend's diffusers pipeline from a hub id or a local folder (``save_pretrained`` of the pipeline,
     or for Karlo any folder with the hub repo's component subfolders). A missing model is an error that says
     how to get it."""
@@ -173,11 +176,21 @@ def load_unclip(backend: str, model_id: str | None = None, revision: str | None 
         raise ExpansionError(f"gif_unclip: backend must be one of {sorted(BACKENDS)}, got {backend!r}")
     model_id = model_id or BACKENDS[backend]
     cls = _pipeline_class(backend)
-    layout = ("model_index.json + its components" if backend == "stable_unclip" else
-              "subfolders " + ", ".join(KARLO_COMPONENTS))
-    source, kwargs = pretrained_source("unCLIP", model_id, revision, local_files_only, (
-        "set method.model_id to a diffusers "
-        f"{cls.__name__} folder ({layout}) or a hub id such as {BACKENDS[backend]}"))
+    layout = (
+        "model_index.json + its components"
+        if backend == "stable_unclip"
+        else "subfolders " + ", ".join(KARLO_COMPONENTS)
+    )
+    source, kwargs = pretrained_source(
+        "unCLIP",
+        model_id,
+        revision,
+        local_files_only,
+        (
+            "set method.model_id to a diffusers "
+            f"{cls.__name__} folder ({layout}) or a hub id such as {BACKENDS[backend]}"
+        ),
+    )
     try:
         pipe = _load_karlo(source, kwargs) if backend == "karlo" else cls.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
@@ -235,10 +248,12 @@ class UnCLIPSettings(GifSettings):
             "model_id": self.model_id or BACKENDS[self.backend],
             "num_inference_steps": self.num_inference_steps or DEFAULT_STEPS[self.backend],
             "score_steps": (self.score_steps or 2) if cheap else None,
-            "super_res_num_inference_steps": (self.super_res_num_inference_steps or KARLO_SUPER_RES_STEPS) if karlo
+            "super_res_num_inference_steps": (self.super_res_num_inference_steps or KARLO_SUPER_RES_STEPS)
+            if karlo
             else None,
-            "guidance_scale": float(DEFAULT_GUIDANCE_SCALE[self.backend] if self.guidance_scale is None
-                                    else self.guidance_scale),
+            "guidance_scale": float(
+                DEFAULT_GUIDANCE_SCALE[self.backend] if self.guidance_scale is None else self.guidance_scale
+            ),
             "noise_level": None if karlo else int(self.noise_level or 0),
             "resolution": None if karlo else self.resolution,
         }
@@ -268,8 +283,9 @@ class GifUnCLIP(GifExpander):
         backend = self.settings.backend
         expected = _pipeline_class(backend)
         if not isinstance(pipe, (expected, KarloComponents) if backend == "karlo" else expected):
-            raise ExpansionError(f"{self.name}: backend {backend} needs a {expected.__name__}, "
-                                 f"got {type(pipe).__name__}")
+            raise ExpansionError(
+                f"{self.name}: backend {backend} needs a {expected.__name__}, got {type(pipe).__name__}"
+            )
         self.pipe = pipe
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):
@@ -288,8 +304,11 @@ class GifUnCLIP(GifExpander):
         return {"kind": "unclip", "backend": s.backend, "model_id": s.model_id, "revision": s.revision}
 
     def _models(self) -> list[torch.nn.Module]:
-        names = (["image_encoder", "text_encoder", "text_proj", "decoder", "super_res_first", "super_res_last"]
-                 if self.settings.backend == "karlo" else ["image_encoder", "text_encoder", "unet"])
+        names = (
+            ["image_encoder", "text_encoder", "text_proj", "decoder", "super_res_first", "super_res_last"]
+            if self.settings.backend == "karlo"
+            else ["image_encoder", "text_encoder", "unet"]
+        )
         return [getattr(self.pipe, n) for n in names]
 
     def place(self, device: torch.device) -> None:
@@ -312,8 +331,13 @@ class GifUnCLIP(GifExpander):
         return self.pipe.image_encoder(pixel_values=x.to(self.model_dtype)).image_embeds.float()
 
     def _empty_text(self, n: int, device):
-        tok = self.pipe.tokenizer([""], padding="max_length", max_length=self.pipe.tokenizer.model_max_length,
-                                  truncation=True, return_tensors="pt")
+        tok = self.pipe.tokenizer(
+            [""],
+            padding="max_length",
+            max_length=self.pipe.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
         out = self.pipe.text_encoder(tok.input_ids.to(device))
         return out, tok.attention_mask.bool().to(device)
 
@@ -322,8 +346,11 @@ class GifUnCLIP(GifExpander):
         each output image's seed (its sampler noise)."""
         b, k = seeds.shape
         s = self.settings
-        return Encoding(self.embed(images).repeat_interleave(k, 0), {"seeds": seeds.reshape(-1)},
-                        {"backend": [s.backend] * (b * k), "score_path": [s.score_path] * (b * k)})
+        return Encoding(
+            self.embed(images).repeat_interleave(k, 0),
+            {"seeds": seeds.reshape(-1)},
+            {"backend": [s.backend] * (b * k), "score_path": [s.score_path] * (b * k)},
+        )
 
     def decode(self, z: torch.Tensor, inputs: Mapping[str, torch.Tensor], *, final: bool) -> torch.Tensor:
         """Image embeddings ``[N, D]`` -> images in [0, 1] (differentiable when called with grad).
@@ -348,8 +375,9 @@ class GifUnCLIP(GifExpander):
         emb = pipe.image_normalizer.scale(z.float())
         emb = pipe.image_noising_scheduler.add_noise(emb, timesteps=level, noise=emb_noise)
         emb = pipe.image_normalizer.unscale(emb)
-        level_emb = get_timestep_embedding(timesteps=level, embedding_dim=emb.shape[-1], flip_sin_to_cos=True,
-                                           downscale_freq_shift=0)
+        level_emb = get_timestep_embedding(
+            timesteps=level, embedding_dim=emb.shape[-1], flip_sin_to_cos=True, downscale_freq_shift=0
+        )
         class_labels = torch.cat([emb, level_emb.to(emb)], 1)
         text, _ = self._empty_text(n, device)
         cond = text[0].expand(n, -1, -1)
@@ -369,8 +397,9 @@ class GifUnCLIP(GifExpander):
         for t in scheduler.timesteps:
             model_in = torch.cat([latents, latents]) if cfg else latents
             model_in = scheduler.scale_model_input(model_in, t)
-            eps = pipe.unet(model_in.to(self.model_dtype), t, encoder_hidden_states=cond,
-                            class_labels=class_labels).sample.float()
+            eps = pipe.unet(
+                model_in.to(self.model_dtype), t, encoder_hidden_states=cond, class_labels=class_labels
+            ).sample.float()
             if cfg:
                 eps_u, eps_c = eps.chunk(2)
                 eps = eps_u + p.guidance_scale * (eps_c - eps_u)
@@ -387,12 +416,17 @@ class GifUnCLIP(GifExpander):
         mask = mask.expand(n, -1)
         cfg = p.guidance_scale > 1.0
         if cfg:
-            prompt_embeds, hidden, mask = (torch.cat([prompt_embeds] * 2), torch.cat([hidden] * 2),
-                                           torch.cat([mask] * 2))
-        hidden, time_emb = pipe.text_proj(image_embeddings=z.to(self.model_dtype),
-                                          prompt_embeds=prompt_embeds.to(self.model_dtype),
-                                          text_encoder_hidden_states=hidden.to(self.model_dtype),
-                                          do_classifier_free_guidance=cfg)
+            prompt_embeds, hidden, mask = (
+                torch.cat([prompt_embeds] * 2),
+                torch.cat([hidden] * 2),
+                torch.cat([mask] * 2),
+            )
+        hidden, time_emb = pipe.text_proj(
+            image_embeddings=z.to(self.model_dtype),
+            prompt_embeds=prompt_embeds.to(self.model_dtype),
+            text_encoder_hidden_states=hidden.to(self.model_dtype),
+            do_classifier_free_guidance=cfg,
+        )
         dec_mask = F.pad(mask, (pipe.text_proj.clip_extra_context_tokens, 0), value=True)
         scheduler = pipe.decoder_scheduler.__class__.from_config(pipe.decoder_scheduler.config)
         scheduler.set_timesteps(steps, device=device)
@@ -404,15 +438,22 @@ class GifUnCLIP(GifExpander):
         gens = [generator(s) for s in derive(flat_seeds, "step_noise").tolist()]
         for i, t in enumerate(timesteps):
             model_in = torch.cat([latents] * 2) if cfg else latents
-            out = pipe.decoder(sample=model_in.to(self.model_dtype), timestep=t, encoder_hidden_states=hidden,
-                               class_labels=time_emb, attention_mask=dec_mask).sample.float()
+            out = pipe.decoder(
+                sample=model_in.to(self.model_dtype),
+                timestep=t,
+                encoder_hidden_states=hidden,
+                class_labels=time_emb,
+                attention_mask=dec_mask,
+            ).sample.float()
             if cfg:
                 out_u, out_c = out.chunk(2)
                 out_u, _ = out_u.split(latents.shape[1], dim=1)
                 out_c, var = out_c.split(latents.shape[1], dim=1)
                 out = torch.cat([out_u + p.guidance_scale * (out_c - out_u), var], dim=1)
             prev = None if i + 1 == len(timesteps) else timesteps[i + 1]
-            latents = scheduler.step(out, t, latents, prev_timestep=prev, generator=gens if n > 1 else gens[0]).prev_sample
+            latents = scheduler.step(
+                out, t, latents, prev_timestep=prev, generator=gens if n > 1 else gens[0]
+            ).prev_sample
         image = latents.clamp(-1, 1)
         if super_res:
             image = self._super_res(image, flat_seeds)
@@ -434,5 +475,7 @@ class GifUnCLIP(GifExpander):
             unet = pipe.super_res_last if i == len(timesteps) - 1 else pipe.super_res_first
             out = unet(sample=torch.cat([latents, up], 1).to(self.model_dtype), timestep=t).sample.float()
             prev = None if i + 1 == len(timesteps) else timesteps[i + 1]
-            latents = scheduler.step(out, t, latents, prev_timestep=prev, generator=gens if n > 1 else gens[0]).prev_sample
+            latents = scheduler.step(
+                out, t, latents, prev_timestep=prev, generator=gens if n > 1 else gens[0]
+            ).prev_sample
         return latents

@@ -112,7 +112,9 @@ def build_cells(runs: Iterable[dict[str, Any]], paper: dict[str, Any]) -> list[C
         ratios_per_method: dict[str, set] = defaultdict(set)
         for run in table_runs:
             ratios_per_method[run["method"]].add(run["ratio"])
-        with_ratio = bool(spec and spec.get("row_includes_ratio")) or any(len(r) > 1 for r in ratios_per_method.values())
+        with_ratio = bool(spec and spec.get("row_includes_ratio")) or any(
+            len(r) > 1 for r in ratios_per_method.values()
+        )
         shots_per_dataset: dict[str, set] = defaultdict(set)
         for run in table_runs:
             shots_per_dataset[run["dataset"]].add(run.get("train_per_class"))
@@ -125,17 +127,34 @@ def build_cells(runs: Iterable[dict[str, Any]], paper: dict[str, Any]) -> list[C
             paper_value = None
             if spec:
                 paper_value = spec.get("values", {}).get(row, {}).get(column)
-            cells.append(Cell(
-                table=table, row=row, column=column, method=first["method"], dataset=first["dataset"],
-                classifier=first["classifier"], ratio=first["ratio"],
-                values={m: [float(r[m]) for r in group if r.get(m) is not None] for m in METRICS},
-                paper=paper_value,
-                quality={csv: [float(r["quality"][col.key]) for r in group
-                               if isinstance(r.get("quality"), dict) and r["quality"].get(col.key) is not None]
-                         for csv, col in quality_columns().items()},
-                extractors=sorted({str(r["quality"].get("feature_extractor")) for r in group
-                                   if isinstance(r.get("quality"), dict)}),
-            ))
+            cells.append(
+                Cell(
+                    table=table,
+                    row=row,
+                    column=column,
+                    method=first["method"],
+                    dataset=first["dataset"],
+                    classifier=first["classifier"],
+                    ratio=first["ratio"],
+                    values={m: [float(r[m]) for r in group if r.get(m) is not None] for m in METRICS},
+                    paper=paper_value,
+                    quality={
+                        csv: [
+                            float(r["quality"][col.key])
+                            for r in group
+                            if isinstance(r.get("quality"), dict) and r["quality"].get(col.key) is not None
+                        ]
+                        for csv, col in quality_columns().items()
+                    },
+                    extractors=sorted(
+                        {
+                            str(r["quality"].get("feature_extractor"))
+                            for r in group
+                            if isinstance(r.get("quality"), dict)
+                        }
+                    ),
+                )
+            )
     return cells
 
 
@@ -163,8 +182,10 @@ def render_markdown(cells: list[Cell], paper: dict[str, Any]) -> str:
         paper_rows = list(spec.get("values", {}).keys())
         rows = _order({c.row for c in tcells}, paper_rows)
         columns = sorted({c.column for c in tcells}, key=natural_key)
-        for metric, label in (("test_acc_final", "final-epoch test accuracy"),
-                              ("test_acc_best_val", "test accuracy at the best validation epoch")):
+        for metric, label in (
+            ("test_acc_final", "final-epoch test accuracy"),
+            ("test_acc_best_val", "test accuracy at the best validation epoch"),
+        ):
             out.write(f"**{label}** (ours mean ± std over seeds [n]; paper; ours − paper)\n\n")
             out.write("| method | " + " | ".join(columns) + " | avg |\n")
             out.write("|---" * (len(columns) + 2) + "|\n")
@@ -212,8 +233,13 @@ def render_quality_markdown(cells: list[Cell], paper: dict[str, Any]) -> str:
         spec = paper.get(table, {})
         out.write(f"## Quality of the expanded sets: {spec.get('title', table)}\n\n")
         extractors = sorted({e for c in tcells for e in c.extractors})
-        out.write("Feature extractor: " + "; ".join(extractors) + ". "
-                  + " ".join(f"{m.name}: {m.description}" for m in _quality_metrics()) + " Mean over runs [n].\n\n")
+        out.write(
+            "Feature extractor: "
+            + "; ".join(extractors)
+            + ". "
+            + " ".join(f"{m.name}: {m.description}" for m in _quality_metrics())
+            + " Mean over runs [n].\n\n"
+        )
         columns = quality_columns()
         out.write("| method | column | " + " | ".join(c.title for c in columns.values()) + " | n |\n")
         out.write("|---|---|" + "---|" * (len(columns) + 1) + "\n")
@@ -231,17 +257,47 @@ def write_csv(cells: list[Cell], path: Path) -> None:
     quality = has_quality(cells)
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["table", "row", "column", "method", "dataset", "classifier", "ratio", "n_seeds",
-                         "final_mean", "final_std", "best_val_mean", "best_val_std", "paper", "final_minus_paper"]
-                        + (list(quality_columns()) if quality else []))
+        writer.writerow(
+            [
+                "table",
+                "row",
+                "column",
+                "method",
+                "dataset",
+                "classifier",
+                "ratio",
+                "n_seeds",
+                "final_mean",
+                "final_std",
+                "best_val_mean",
+                "best_val_std",
+                "paper",
+                "final_minus_paper",
+            ]
+            + (list(quality_columns()) if quality else [])
+        )
         for c in cells:
             fm, fs, n = c.stats("test_acc_final")
             bm, bs, _ = c.stats("test_acc_best_val") if c.values["test_acc_best_val"] else (math.nan, math.nan, 0)
-            writer.writerow([c.table, c.row, c.column, c.method, c.dataset, c.classifier, c.ratio, n,
-                             f"{fm:.3f}", f"{fs:.3f}", f"{bm:.3f}", f"{bs:.3f}",
-                             "" if c.paper is None else c.paper,
-                             "" if c.paper is None else f"{fm - c.paper:.3f}"]
-                            + ([_fmt_quality(quality_mean(c, col)) for col in quality_columns()] if quality else []))
+            writer.writerow(
+                [
+                    c.table,
+                    c.row,
+                    c.column,
+                    c.method,
+                    c.dataset,
+                    c.classifier,
+                    c.ratio,
+                    n,
+                    f"{fm:.3f}",
+                    f"{fs:.3f}",
+                    f"{bm:.3f}",
+                    f"{bs:.3f}",
+                    "" if c.paper is None else c.paper,
+                    "" if c.paper is None else f"{fm - c.paper:.3f}",
+                ]
+                + ([_fmt_quality(quality_mean(c, col)) for col in quality_columns()] if quality else [])
+            )
 
 
 def _fmt_quality(value: float | None) -> str:
@@ -270,8 +326,11 @@ def aggregate(root: Path | str) -> tuple[Path, Path]:
     cells = build_cells(runs, paper)
     csv_path, md_path = root / "results.csv", root / "results.md"
     write_csv(cells, csv_path)
-    md_path.write_text(f"# Results ({len(runs)} runs under {root})\n\n" + render_markdown(cells, paper)
-                       + (render_quality_markdown(cells, paper) if has_quality(cells) else ""))
+    md_path.write_text(
+        f"# Results ({len(runs)} runs under {root})\n\n"
+        + render_markdown(cells, paper)
+        + (render_quality_markdown(cells, paper) if has_quality(cells) else "")
+    )
     return csv_path, md_path
 
 
@@ -281,7 +340,7 @@ try:  # the Hydra callback that aggregates a multirun when it ends
     class AggregateOnMultirunEnd(Callback):
         def on_multirun_end(self, config, **kwargs: Any) -> None:
             try:
-                csv_path, md_path = aggregate(config.hydra.sweep.dir)
+                _, md_path = aggregate(config.hydra.sweep.dir)
             except FileNotFoundError as exc:
                 print(f"aggregate: {exc}")
                 return

@@ -88,8 +88,10 @@ def load_runs(root: Path | str, metric: str = "test_acc_final") -> tuple[list[Ru
     for dataset in {r.dataset for r in runs}:
         generators = {r.method for r in runs if r.dataset == dataset and r.n_syn}
         if len(generators) > 1:
-            raise EquivalenceError(f"{dataset}: synthetic runs of several methods {sorted(generators)}; "
-                                   "analyse one generator per sweep folder")
+            raise EquivalenceError(
+                f"{dataset}: synthetic runs of several methods {sorted(generators)}; "
+                "analyse one generator per sweep folder"
+            )
     return runs, dict(skipped)
 
 
@@ -123,8 +125,9 @@ def isotonic(values: Sequence[float]) -> list[float]:
     return [m for m, n in blocks for _ in range(int(n))]
 
 
-def equivalent_real(accuracy: float, real_added: Sequence[float], real_accuracy: Sequence[float]
-                    ) -> tuple[float | None, str]:
+def equivalent_real(
+    accuracy: float, real_added: Sequence[float], real_accuracy: Sequence[float]
+) -> tuple[float | None, str]:
     """The n_real_plus at which the monotone, piecewise linear real curve reaches ``accuracy``.
 
     ``real_added`` ascending from 0, ``real_accuracy`` non-decreasing. Returns (0, "no_gain") at or
@@ -143,19 +146,25 @@ def exchange_points(cells: dict[tuple, list[float]]) -> list[dict[str, Any]]:
     """One row per curve point; synthetic rows carry their equivalent n_real_plus and status."""
     rows = []
     for dataset, n_base in sorted({(k[0], k[1]) for k in cells}):
-        real = sorted((k[3], statistics.fmean(v)) for k, v in cells.items()
-                      if k[:3] == (dataset, n_base, "real"))
+        real = sorted((k[3], statistics.fmean(v)) for k, v in cells.items() if k[:3] == (dataset, n_base, "real"))
         if not real or real[0][0] != 0:
-            raise EquivalenceError(f"{dataset}, n_base={n_base}: no run with n_base images alone (real_0); "
-                                   "the real curve needs it")
+            raise EquivalenceError(
+                f"{dataset}, n_base={n_base}: no run with n_base images alone (real_0); the real curve needs it"
+            )
         real_added = [float(x) for x, _ in real]
         real_mono = isotonic([a for _, a in real])
         for arm in ("real", "synthetic"):
             for key in sorted(k for k in cells if k[:3] == (dataset, n_base, arm)):
                 values = cells[key]
-                row = {"dataset": dataset, "n_base": n_base, "arm": arm, "added_per_class": key[3],
-                       "accuracy_mean": statistics.fmean(values),
-                       "accuracy_std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+                row = {
+                    "dataset": dataset,
+                    "n_base": n_base,
+                    "arm": arm,
+                    "added_per_class": key[3],
+                    "accuracy_mean": statistics.fmean(values),
+                    "accuracy_std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "n": len(values),
+                }
                 if arm == "synthetic":
                     equiv, status = equivalent_real(row["accuracy_mean"], real_added, real_mono)
                     row.update(n_syn=key[3], n_real_plus_equivalent=equiv, status=status)
@@ -192,8 +201,9 @@ def predicted_real_fraction(n_syn_over_base, n_base, c1: float, c2: float, k: fl
     return np.log1p(y * np.exp(-nb / k * math.log(c1))) / math.log(c2)
 
 
-def fit_exchange_rate(n_base: Sequence[float], n_syn: Sequence[float], n_real_plus: Sequence[float],
-                      k: float = 100.0) -> ExchangeFit:
+def fit_exchange_rate(
+    n_base: Sequence[float], n_syn: Sequence[float], n_real_plus: Sequence[float], k: float = 100.0
+) -> ExchangeFit:
     """Fit c1, c2 of  n_syn / n_base = c1^(n_base / k) * (c2^(n_real_plus / n_base) - 1)  by least squares
     on x = n_real_plus / n_base (the measured side; n_syn is set by the experiment), started from the
     best point of a coarse grid."""
@@ -219,13 +229,20 @@ def fit_exchange_rate(n_base: Sequence[float], n_syn: Sequence[float], n_real_pl
     a = np.log1p(y[None, :] * np.exp(-nb[None, :] / k * grid_c1))  # [41, n]
     costs = (((a[:, None, :] / np.exp(grid_c2)[None, :, :]) - x) ** 2).sum(-1)  # [41 c1, 41 c2]
     i, j = np.unravel_index(np.argmin(costs), costs.shape)
-    best = least_squares(residuals, [grid_c1[i, 0], grid_c2[j, 0]], bounds=([-np.inf, lo], [np.inf, hi]),
-                         method="trf", x_scale="jac")
+    best = least_squares(
+        residuals, [grid_c1[i, 0], grid_c2[j, 0]], bounds=([-np.inf, lo], [np.inf, hi]), method="trf", x_scale="jac"
+    )
     log_c1, log_log_c2 = best.x
     at_bound = bool(np.isclose(log_log_c2, lo, atol=1e-3) or np.isclose(log_log_c2, hi, atol=1e-3))
-    rmse = float(np.sqrt(np.mean(best.fun ** 2)))
-    return ExchangeFit(c1=float(math.exp(log_c1)), c2=float(math.exp(math.exp(log_log_c2))), k=float(k),
-                       n_points=len(x), rmse=rmse, at_bound=at_bound)
+    rmse = float(np.sqrt(np.mean(best.fun**2)))
+    return ExchangeFit(
+        c1=float(math.exp(log_c1)),
+        c2=float(math.exp(math.exp(log_log_c2))),
+        k=float(k),
+        n_points=len(x),
+        rmse=rmse,
+        at_bound=at_bound,
+    )
 
 
 def fit_points(rows: Iterable[dict[str, Any]], dataset: str, no_gain: str = "zero") -> list[tuple[int, int, float]]:
@@ -246,16 +263,17 @@ def fit_points(rows: Iterable[dict[str, Any]], dataset: str, no_gain: str = "zer
 def fit_dataset(rows: list[dict[str, Any]], dataset: str, k: float, no_gain: str) -> ExchangeFit:
     points = fit_points(rows, dataset, no_gain)
     if points and all(p[2] == 0 for p in points):
-        raise EquivalenceError(f"{dataset}: no synthetic point gained accuracy over n_base alone; the synthetic "
-                               "images are worth no real image here and c2 is unbounded")
+        raise EquivalenceError(
+            f"{dataset}: no synthetic point gained accuracy over n_base alone; the synthetic "
+            "images are worth no real image here and c2 is unbounded"
+        )
     if not points:
         raise EquivalenceError(f"{dataset}: no synthetic point inside the real curve's range")
     nb, ns, nr = zip(*points)
     return fit_exchange_rate(nb, ns, nr, k)
 
 
-def bootstrap(runs: list[Run], dataset: str, k: float, no_gain: str, replicates: int, seed: int = 0
-              ) -> dict[str, Any]:
+def bootstrap(runs: list[Run], dataset: str, k: float, no_gain: str, replicates: int, seed: int = 0) -> dict[str, Any]:
     """Resample the dataset's seeds with replacement, redo curves, equivalents and fit; percentile intervals."""
     runs = [r for r in runs if r.dataset == dataset]
     seeds = sorted({r.seed for r in runs})
@@ -286,8 +304,15 @@ def bootstrap(runs: list[Run], dataset: str, k: float, no_gain: str, replicates:
 # --------------------------------------------------------------------------- outputs
 
 
-def analyse(root: Path | str, *, k: float = 100.0, metric: str = "test_acc_final", replicates: int = 1000,
-            no_gain: str = "zero", seed: int = 0) -> dict[str, Any]:
+def analyse(
+    root: Path | str,
+    *,
+    k: float = 100.0,
+    metric: str = "test_acc_final",
+    replicates: int = 1000,
+    no_gain: str = "zero",
+    seed: int = 0,
+) -> dict[str, Any]:
     """Everything the CLI writes, as one dict: points, per-dataset fits, bootstrap intervals."""
     runs, skipped = load_runs(root, metric)
     if not runs:
@@ -296,8 +321,11 @@ def analyse(root: Path | str, *, k: float = 100.0, metric: str = "test_acc_final
     fits: dict[str, Any] = {}
     for dataset in sorted({r.dataset for r in runs}):
         paper_dataset = PAPER_DATASET.get(dataset, dataset)
-        entry: dict[str, Any] = {"paper_dataset": paper_dataset, "paper_c2": PAPER_C2.get(paper_dataset),
-                                 "points_used": len(fit_points(rows, dataset, no_gain))}
+        entry: dict[str, Any] = {
+            "paper_dataset": paper_dataset,
+            "paper_c2": PAPER_C2.get(paper_dataset),
+            "points_used": len(fit_points(rows, dataset, no_gain)),
+        }
         try:
             fit = fit_dataset(rows, dataset, k, no_gain)
         except EquivalenceError as exc:
@@ -314,8 +342,15 @@ def analyse(root: Path | str, *, k: float = 100.0, metric: str = "test_acc_final
         per_seed[(r.dataset, r.n_base, arm, added)][str(r.seed)] = r.accuracy
     for row in rows:
         row["per_seed"] = per_seed[(row["dataset"], row["n_base"], row["arm"], row["added_per_class"])]
-    return {"root": str(root), "metric": metric, "k": k, "no_gain": no_gain, "skipped_runs": skipped,
-            "points": rows, "fits": fits}
+    return {
+        "root": str(root),
+        "metric": metric,
+        "k": k,
+        "no_gain": no_gain,
+        "skipped_runs": skipped,
+        "points": rows,
+        "fits": fits,
+    }
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -325,22 +360,30 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def render_markdown(result: dict[str, Any]) -> str:
-    lines = ["# Exchange rate of closed-set synthetic vs real images (arXiv 2508.09550)", "",
-             f"Runs under `{result['root']}`; accuracy = `{result['metric']}` (%), mean ± std over seeds [n]. "
-             "Added images are per class: extra real images (real arm) or synthetic samples (synthetic arm). "
-             "Equivalent n_real_plus: extra real images per class with the same accuracy on the monotone real "
-             f"curve (no-gain points enter the fit as 0: `{result['no_gain']}`; beyond-range points are left out).",
-             ""]
+    lines = [
+        "# Exchange rate of closed-set synthetic vs real images (arXiv 2508.09550)",
+        "",
+        f"Runs under `{result['root']}`; accuracy = `{result['metric']}` (%), mean ± std over seeds [n]. "
+        "Added images are per class: extra real images (real arm) or synthetic samples (synthetic arm). "
+        "Equivalent n_real_plus: extra real images per class with the same accuracy on the monotone real "
+        f"curve (no-gain points enter the fit as 0: `{result['no_gain']}`; beyond-range points are left out).",
+        "",
+    ]
     for dataset, fit in result["fits"].items():
-        lines += [f"## {dataset}", "", "| n_base | arm | added per class | accuracy (%) | equivalent n_real_plus | status |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            f"## {dataset}",
+            "",
+            "| n_base | arm | added per class | accuracy (%) | equivalent n_real_plus | status |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in result["points"]:
             if r["dataset"] != dataset:
                 continue
             acc = f"{r['accuracy_mean']:.2f} ± {r['accuracy_std']:.2f} [{r['n']}]"
             equiv = _fmt(r.get("n_real_plus_equivalent")) if r["arm"] == "synthetic" else ""
-            lines.append(f"| {r['n_base']} | {r['arm']} | {r['added_per_class']} | {acc} | {equiv} | "
-                         f"{r.get('status', '')} |")
+            lines.append(
+                f"| {r['n_base']} | {r['arm']} | {r['added_per_class']} | {acc} | {equiv} | {r.get('status', '')} |"
+            )
         lines.append("")
         paper = fit["paper_c2"]
         paper_txt = f"paper c2 ({fit['paper_dataset']}, closed-set): {paper}" if paper else "no paper value"
@@ -348,15 +391,20 @@ def render_markdown(result: dict[str, Any]) -> str:
             lines += [f"**No fit:** {fit['error']}. {paper_txt}.", ""]
             continue
         boot = fit["bootstrap"]
-        ci = {n: (f" [{_fmt(boot[n]['low'])}, {_fmt(boot[n]['high'])}]" if n in boot else " [no interval]")
-              for n in ("c1", "c2")}
+        ci = {
+            n: (f" [{_fmt(boot[n]['low'])}, {_fmt(boot[n]['high'])}]" if n in boot else " [no interval]")
+            for n in ("c1", "c2")
+        }
         factors = ", ".join(f"n_base {n}: {_fmt(v)}" for n, v in fit["factor_per_n_base"].items())
-        lines += [f"**Fit** ({fit['n_points']} points, rmse of n_real_plus/n_base {fit['rmse']:.3f}"
-                  f"{', c2 at a search bound' if fit['at_bound'] else ''}): "
-                  f"**c2 = {_fmt(fit['c2'])}**{ci['c2']}, c1 = {_fmt(fit['c1'])}{ci['c1']} (k = {fit['k']:g}); "
-                  f"c1^(n_base/k): {factors}. 95 % percentile intervals from {boot['replicates']} bootstrap "
-                  f"replicates over seeds {boot['seeds']} ({boot['failed']} without a fit, {boot['at_bound']} with "
-                  f"c2 at a search bound {LOG_C2_BOUNDS_TEXT}). {paper_txt}.", ""]
+        lines += [
+            f"**Fit** ({fit['n_points']} points, rmse of n_real_plus/n_base {fit['rmse']:.3f}"
+            f"{', c2 at a search bound' if fit['at_bound'] else ''}): "
+            f"**c2 = {_fmt(fit['c2'])}**{ci['c2']}, c1 = {_fmt(fit['c1'])}{ci['c1']} (k = {fit['k']:g}); "
+            f"c1^(n_base/k): {factors}. 95 % percentile intervals from {boot['replicates']} bootstrap "
+            f"replicates over seeds {boot['seeds']} ({boot['failed']} without a fit, {boot['at_bound']} with "
+            f"c2 at a search bound {LOG_C2_BOUNDS_TEXT}). {paper_txt}.",
+            "",
+        ]
     if result["skipped_runs"]:
         lines += ["Runs left out: " + "; ".join(f"{v} {k}" for k, v in result["skipped_runs"].items()) + ".", ""]
     return "\n".join(lines)
@@ -377,11 +425,23 @@ def plot(result: dict[str, Any], path: Path) -> None:
             color = f"C{i}"
             base = [r for r in rows if r["n_base"] == n_base and r["arm"] == "real" and r["added_per_class"] == 0]
             for arm, style, marker in (("real", "-", "o"), ("synthetic", "--", "^")):
-                pts = sorted(([r for r in rows if r["n_base"] == n_base and r["arm"] == arm]
-                              + (base if arm == "synthetic" else [])), key=lambda r: r["added_per_class"])
-                ax.errorbar([r["added_per_class"] for r in pts], [r["accuracy_mean"] for r in pts],
-                            yerr=[r["accuracy_std"] for r in pts], color=color, linestyle=style, marker=marker,
-                            capsize=3, label=f"n_base {n_base}, {arm}")
+                pts = sorted(
+                    (
+                        [r for r in rows if r["n_base"] == n_base and r["arm"] == arm]
+                        + (base if arm == "synthetic" else [])
+                    ),
+                    key=lambda r: r["added_per_class"],
+                )
+                ax.errorbar(
+                    [r["added_per_class"] for r in pts],
+                    [r["accuracy_mean"] for r in pts],
+                    yerr=[r["accuracy_std"] for r in pts],
+                    color=color,
+                    linestyle=style,
+                    marker=marker,
+                    capsize=3,
+                    label=f"n_base {n_base}, {arm}",
+                )
         fit = result["fits"][dataset]
         title = dataset + (f": c2 = {_fmt(fit['c2'])}" if "c2" in fit else "")
         ax.set(title=title, xlabel="added images per class", ylabel=f"{result['metric']} (%)")
@@ -394,10 +454,27 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def write_outputs(result: dict[str, Any], out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
-    paths = [out_dir / n for n in ("exchange_points.csv", "exchange_points.json", "exchange_fit.json",
-                                   "exchange_rate.md", "exchange_rate.png")]
-    columns = ["dataset", "n_base", "arm", "added_per_class", "accuracy_mean", "accuracy_std", "n",
-               "n_real_plus_equivalent", "status"]
+    paths = [
+        out_dir / n
+        for n in (
+            "exchange_points.csv",
+            "exchange_points.json",
+            "exchange_fit.json",
+            "exchange_rate.md",
+            "exchange_rate.png",
+        )
+    ]
+    columns = [
+        "dataset",
+        "n_base",
+        "arm",
+        "added_per_class",
+        "accuracy_mean",
+        "accuracy_std",
+        "n",
+        "n_real_plus_equivalent",
+        "status",
+    ]
     with open(paths[0], "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -415,14 +492,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", type=float, default=100.0, help="the n_base scale k of c1^(n_base/k) (default 100)")
     parser.add_argument("--metric", choices=METRICS, default="test_acc_final")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates over seeds")
-    parser.add_argument("--no-gain", choices=NO_GAIN_POLICIES, default="zero",
-                        help="synthetic points without gain enter the fit as n_real_plus 0 (zero) or not (drop)")
+    parser.add_argument(
+        "--no-gain",
+        choices=NO_GAIN_POLICIES,
+        default="zero",
+        help="synthetic points without gain enter the fit as n_real_plus 0 (zero) or not (drop)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap draws")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the sweep folder)")
     args = parser.parse_args(argv)
     try:
-        result = analyse(args.sweep, k=args.k, metric=args.metric, replicates=args.bootstrap,
-                         no_gain=args.no_gain, seed=args.seed)
+        result = analyse(
+            args.sweep, k=args.k, metric=args.metric, replicates=args.bootstrap, no_gain=args.no_gain, seed=args.seed
+        )
     except EquivalenceError as exc:
         parser.exit(2, f"error: {exc}\n")
     out = args.out or args.sweep

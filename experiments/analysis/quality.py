@@ -54,12 +54,13 @@ from torch import nn
 from expansion.base import ExpansionError
 from expansion.probe import Probe
 from expansion.probe import train_probe as fit_probe
-
 from experiments.data.augment import resize_to
 
-DUP_RULE = ("near-duplicate: pixel NN distance (RMS of [0,1] pixels, <=32 px) <= {f} x median leave-one-out "
-            "NN distance among originals, or feature NN distance <= {f} x the same median in feature space; "
-            "exact: pixel-identical")
+DUP_RULE = (
+    "near-duplicate: pixel NN distance (RMS of [0,1] pixels, <=32 px) <= {f} x median leave-one-out "
+    "NN distance among originals, or feature NN distance <= {f} x the same median in feature space; "
+    "exact: pixel-identical"
+)
 PIXEL_SIZE = 32  # memorisation in pixel space compares images at most this large
 EXTRACTORS = ("classifier", "inception", "clip")
 
@@ -76,8 +77,9 @@ def _progress(enabled: bool) -> bool:
 def _tqdm(iterable, *, progress: bool, desc: str, total: int | None = None, unit: str = "it"):
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, disable=not _progress(progress),
-                dynamic_ncols=True)
+    return tqdm(
+        iterable, desc=desc, total=total, unit=unit, leave=False, disable=not _progress(progress), dynamic_ncols=True
+    )
 
 
 # -- feature extractors ---------------------------------------------------------------------------------
@@ -109,16 +111,29 @@ class ProbeExtractor(FeatureExtractor):
         return self.probe(images.float() / 255.0)
 
 
-def train_probe(images: torch.Tensor, labels: torch.Tensor | np.ndarray, num_classes: int, *, epochs: int = 10,
-                size: int = 32, seed: int = 0, min_steps: int = 200, progress: bool = False) -> ProbeExtractor:
+def train_probe(
+    images: torch.Tensor,
+    labels: torch.Tensor | np.ndarray,
+    num_classes: int,
+    *,
+    epochs: int = 10,
+    size: int = 32,
+    seed: int = 0,
+    min_steps: int = 200,
+    progress: bool = False,
+) -> ProbeExtractor:
     """The probe trained on uint8 ``images`` (:func:`expansion.probe.train_probe`), as a feature extractor."""
+
     def bars(iterable, desc):
         return _tqdm(iterable, progress=progress, desc=f"quality: {desc}", unit="epoch")
 
-    probe = fit_probe(images, labels, num_classes, epochs=epochs, size=size, seed=seed, min_steps=min_steps,
-                      progress=bars)
-    description = (f"classifier(small_cnn, trained on {len(images)} original images, {probe.trained_epochs} epochs, "
-                   f"{probe.size} px, {probe.num_features}-d penultimate features)")
+    probe = fit_probe(
+        images, labels, num_classes, epochs=epochs, size=size, seed=seed, min_steps=min_steps, progress=bars
+    )
+    description = (
+        f"classifier(small_cnn, trained on {len(images)} original images, {probe.trained_epochs} epochs, "
+        f"{probe.size} px, {probe.num_features}-d penultimate features)"
+    )
     return ProbeExtractor(probe, description)
 
 
@@ -171,13 +186,24 @@ def _has_head(model: nn.Module) -> bool:
     return isinstance(model, FeatureExtractor) and type(model).logits is not FeatureExtractor.logits
 
 
-def build_extractor(kind: str, original: torch.Tensor, original_labels, num_classes: int, *,
-                    class_names: Sequence[str] | None = None, epochs: int = 10, probe_size: int = 32,
-                    seed: int = 0, progress: bool = False, clip_arch: str = "ViT-B-32",
-                    clip_pretrained: str = "openai") -> FeatureExtractor:
+def build_extractor(
+    kind: str,
+    original: torch.Tensor,
+    original_labels,
+    num_classes: int,
+    *,
+    class_names: Sequence[str] | None = None,
+    epochs: int = 10,
+    probe_size: int = 32,
+    seed: int = 0,
+    progress: bool = False,
+    clip_arch: str = "ViT-B-32",
+    clip_pretrained: str = "openai",
+) -> FeatureExtractor:
     if kind == "classifier":
-        return train_probe(original, original_labels, num_classes, epochs=epochs, size=probe_size, seed=seed,
-                           progress=progress)
+        return train_probe(
+            original, original_labels, num_classes, epochs=epochs, size=probe_size, seed=seed, progress=progress
+        )
     if kind == "inception":
         return InceptionExtractor()
     if kind == "clip":
@@ -187,14 +213,22 @@ def build_extractor(kind: str, original: torch.Tensor, original_labels, num_clas
 
 
 @torch.no_grad()
-def extract(extractor: nn.Module, images: torch.Tensor, *, batch_size: int = 256, device: str = "cpu",
-            progress: bool = False, desc: str = "quality: features", logits: bool = False) -> torch.Tensor:
+def extract(
+    extractor: nn.Module,
+    images: torch.Tensor,
+    *,
+    batch_size: int = 256,
+    device: str = "cpu",
+    progress: bool = False,
+    desc: str = "quality: features",
+    logits: bool = False,
+) -> torch.Tensor:
     """Run ``extractor`` (or its ``logits``) over uint8 ``images`` in batches; float32 on the CPU."""
     fn = extractor.logits if logits else extractor
     out = []
     starts = range(0, len(images), batch_size)
     for start in _tqdm(starts, progress=progress, desc=desc, total=len(starts), unit="batch"):
-        out.append(fn(images[start:start + batch_size].to(device)).float().cpu())
+        out.append(fn(images[start : start + batch_size].to(device)).float().cpu())
     return torch.cat(out)
 
 
@@ -213,8 +247,9 @@ class _Precomputed(nn.Module):
         return features
 
 
-def fid_kid(real: torch.Tensor, fake: torch.Tensor, *, kid_subsets: int = 50, kid_subset_size: int = 1000,
-            seed: int = 0) -> dict[str, float]:
+def fid_kid(
+    real: torch.Tensor, fake: torch.Tensor, *, kid_subsets: int = 50, kid_subset_size: int = 1000, seed: int = 0
+) -> dict[str, float]:
     """FID and KID (torchmetrics) between two feature sets ``[N, D]``, ``[M, D]``."""
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
@@ -254,18 +289,19 @@ def mean_pairwise_distance(features: torch.Tensor) -> float:
     if n < 2:
         return 0.0
     x = features.double()
-    total = sum(float(torch.cdist(x[s:s + 1024], x).sum()) for s in range(0, n, 1024))
+    total = sum(float(torch.cdist(x[s : s + 1024], x).sum()) for s in range(0, n, 1024))
     return total / (n * (n - 1))
 
 
-def nn_distances(queries: torch.Tensor, reference: torch.Tensor, *, exclude_self: bool = False,
-                 chunk: int = 256) -> torch.Tensor:
+def nn_distances(
+    queries: torch.Tensor, reference: torch.Tensor, *, exclude_self: bool = False, chunk: int = 256
+) -> torch.Tensor:
     """L2 distance of every query row to its nearest reference row (``exclude_self``:
     queries ARE the reference, skip the diagonal)."""
     out = []
     q, r = queries.double(), reference.double()
     for s in range(0, len(q), chunk):
-        d = torch.cdist(q[s:s + chunk], r)
+        d = torch.cdist(q[s : s + chunk], r)
         if exclude_self:
             rows = torch.arange(d.shape[0])
             d[rows, rows + s] = math.inf
@@ -338,12 +374,14 @@ METRICS: dict[str, Metric] = {}
 def register_metric(name: str, columns: dict[str, Column] | None = None):
     """Register ``fn(inputs: QualityInputs) -> {key: value}`` as a quality metric: its values go into
     metrics.json (``quality``) and the W&B run, its ``columns`` into results.csv, results.md and the report."""
+
     def deco(fn: Callable[[QualityInputs], dict[str, Any]]):
         if name in METRICS:
             raise ValueError(f"quality metric {name!r} is registered twice")
         doc = (fn.__doc__ or name).strip().splitlines()[0]
         METRICS[name] = Metric(name, fn, dict(columns or {}), doc)
         return fn
+
     return deco
 
 
@@ -365,24 +403,41 @@ def _label_agreement_metric(q: QualityInputs) -> dict[str, Any]:
     st = q.settings
     judge = q.extractor if _has_head(q.extractor) else None
     if judge is None and st["trained_here"]:
-        judge = train_probe(q.original_all, q.original_labels_all, q.num_classes, epochs=st["epochs"],
-                            size=st["probe_size"], seed=st["seed"], progress=st["progress"]).to(st["device"])
+        judge = train_probe(
+            q.original_all,
+            q.original_labels_all,
+            q.num_classes,
+            epochs=st["epochs"],
+            size=st["probe_size"],
+            seed=st["seed"],
+            progress=st["progress"],
+        ).to(st["device"])
     if judge is None:
         return {"label_agreement": None, "label_agreement_original": None, "label_agreement_by": None}
     pred_exp = extract(judge, q.expanded, batch_size=st["batch_size"], device=st["device"], logits=True).argmax(1)
     pred_orig = extract(judge, q.original, batch_size=st["batch_size"], device=st["device"], logits=True).argmax(1)
-    return {"label_agreement": float((pred_exp == q.expanded_labels).double().mean()),
-            "label_agreement_original": float((pred_orig == q.original_labels).double().mean()),
-            "label_agreement_by": judge.description.split("(")[0]}
+    return {
+        "label_agreement": float((pred_exp == q.expanded_labels).double().mean()),
+        "label_agreement_original": float((pred_orig == q.original_labels).double().mean()),
+        "label_agreement_by": judge.description.split("(")[0],
+    }
 
 
-@register_metric("diversity", {"vendi": Column("vendi_expanded", "Vendi", ".2f"),
-                               "vendi_original": Column("vendi_original", "Vendi (original)", ".2f")})
+@register_metric(
+    "diversity",
+    {
+        "vendi": Column("vendi_expanded", "Vendi", ".2f"),
+        "vendi_original": Column("vendi_original", "Vendi (original)", ".2f"),
+    },
+)
 def _diversity_metric(q: QualityInputs) -> dict[str, Any]:
     """Vendi score and mean pairwise feature distance of the expanded and of the original set."""
-    return {"vendi_expanded": vendi_score(q.f_expanded), "vendi_original": vendi_score(q.f_original),
-            "pairwise_distance_expanded": mean_pairwise_distance(q.f_expanded),
-            "pairwise_distance_original": mean_pairwise_distance(q.f_original)}
+    return {
+        "vendi_expanded": vendi_score(q.f_expanded),
+        "vendi_original": vendi_score(q.f_original),
+        "pairwise_distance_expanded": mean_pairwise_distance(q.f_expanded),
+        "pairwise_distance_original": mean_pairwise_distance(q.f_original),
+    }
 
 
 @register_metric("memorisation", {"near_duplicate_fraction": Column("near_duplicate_fraction", "near-duplicates", "%")})
@@ -399,22 +454,40 @@ def _memorisation_metric(q: QualityInputs) -> dict[str, Any]:
     exact = torch.tensor([_digest(img) in train_hashes for img in q.expanded], dtype=torch.bool)
     near = exact | (nn_pix <= dup_factor * ref_pix) | (nn_feat <= dup_factor * ref_feat)
     return {
-        "nn_pixel_mean": float(nn_pix.mean()), "nn_pixel_median": float(nn_pix.median()),
+        "nn_pixel_mean": float(nn_pix.mean()),
+        "nn_pixel_median": float(nn_pix.median()),
         "nn_pixel_original_median": ref_pix,
-        "nn_feature_mean": float(nn_feat.mean()), "nn_feature_median": float(nn_feat.median()),
+        "nn_feature_mean": float(nn_feat.mean()),
+        "nn_feature_median": float(nn_feat.median()),
         "nn_feature_original_median": ref_feat,
-        "exact_duplicates": int(exact.sum()), "near_duplicates": int(near.sum()),
+        "exact_duplicates": int(exact.sum()),
+        "near_duplicates": int(near.sum()),
         "near_duplicate_fraction": float(near.double().mean()),
         "near_duplicate_rule": DUP_RULE.format(f=dup_factor),
     }
 
 
-def quality_metrics(original: torch.Tensor, original_labels, expanded: torch.Tensor, expanded_labels,
-                    num_classes: int, extractor: str | FeatureExtractor = "classifier", *,
-                    class_names: Sequence[str] | None = None, max_images: int = 2000, epochs: int = 10,
-                    probe_size: int = 32, dup_factor: float = 0.05, kid_subsets: int = 50, seed: int = 0,
-                    batch_size: int = 256, device: str = "cpu", progress: bool = False,
-                    clip_arch: str = "ViT-B-32", clip_pretrained: str = "openai") -> dict[str, Any]:
+def quality_metrics(
+    original: torch.Tensor,
+    original_labels,
+    expanded: torch.Tensor,
+    expanded_labels,
+    num_classes: int,
+    extractor: str | FeatureExtractor = "classifier",
+    *,
+    class_names: Sequence[str] | None = None,
+    max_images: int = 2000,
+    epochs: int = 10,
+    probe_size: int = 32,
+    dup_factor: float = 0.05,
+    kid_subsets: int = 50,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: str = "cpu",
+    progress: bool = False,
+    clip_arch: str = "ViT-B-32",
+    clip_pretrained: str = "openai",
+) -> dict[str, Any]:
     """Every registered quality metric of ``expanded`` (uint8 ``[M, C, H, W]``) against ``original``
     (uint8 ``[N, C, H, W]``, the training images), in one flat dict; see the module docstring."""
     start = time.perf_counter()
@@ -422,17 +495,29 @@ def quality_metrics(original: torch.Tensor, original_labels, expanded: torch.Ten
         if not torch.is_tensor(t) or t.dtype != torch.uint8 or t.dim() != 4:
             raise QualityError(f"{name} images must be a uint8 tensor [N, C, H, W]")
     if original.shape[1:] != expanded.shape[1:]:
-        raise QualityError(f"original images {tuple(original.shape[1:])} and expanded images "
-                           f"{tuple(expanded.shape[1:])} differ in shape")
+        raise QualityError(
+            f"original images {tuple(original.shape[1:])} and expanded images "
+            f"{tuple(expanded.shape[1:])} differ in shape"
+        )
     if len(original) < 2 or len(expanded) < 2:
         raise QualityError("quality metrics need at least two original and two expanded images")
     original_labels = torch.as_tensor(np.asarray(original_labels), dtype=torch.long)
     expanded_labels = torch.as_tensor(np.asarray(expanded_labels), dtype=torch.long)
 
     if isinstance(extractor, str):
-        model = build_extractor(extractor, original, original_labels, num_classes, class_names=class_names,
-                                epochs=epochs, probe_size=probe_size, seed=seed, progress=progress,
-                                clip_arch=clip_arch, clip_pretrained=clip_pretrained)
+        model = build_extractor(
+            extractor,
+            original,
+            original_labels,
+            num_classes,
+            class_names=class_names,
+            epochs=epochs,
+            probe_size=probe_size,
+            seed=seed,
+            progress=progress,
+            clip_arch=clip_arch,
+            clip_pretrained=clip_pretrained,
+        )
     else:
         model = extractor
     model = model.to(device).eval()
@@ -442,18 +527,39 @@ def quality_metrics(original: torch.Tensor, original_labels, expanded: torch.Ten
     ei = _subsample(len(expanded), int(max_images), g)
     orig, exp = original[oi], expanded[ei]
     inputs = QualityInputs(
-        original_all=original, original_labels_all=original_labels, original=orig,
-        original_labels=original_labels[oi], expanded=exp, expanded_labels=expanded_labels[ei],
-        f_original=extract(model, orig, batch_size=batch_size, device=device, progress=progress,
-                           desc="quality: original features"),
-        f_expanded=extract(model, exp, batch_size=batch_size, device=device, progress=progress,
-                           desc="quality: expanded features"),
-        extractor=model, num_classes=num_classes,
-        settings={"dup_factor": dup_factor, "kid_subsets": kid_subsets, "seed": seed, "epochs": epochs,
-                  "probe_size": probe_size, "batch_size": batch_size, "device": device, "progress": progress,
-                  "trained_here": isinstance(extractor, str), "original_index": oi})
-    out: dict[str, Any] = {"feature_extractor": getattr(model, "description", type(model).__name__),
-                           "num_original": len(orig), "num_expanded": len(exp), "num_expanded_total": len(expanded)}
+        original_all=original,
+        original_labels_all=original_labels,
+        original=orig,
+        original_labels=original_labels[oi],
+        expanded=exp,
+        expanded_labels=expanded_labels[ei],
+        f_original=extract(
+            model, orig, batch_size=batch_size, device=device, progress=progress, desc="quality: original features"
+        ),
+        f_expanded=extract(
+            model, exp, batch_size=batch_size, device=device, progress=progress, desc="quality: expanded features"
+        ),
+        extractor=model,
+        num_classes=num_classes,
+        settings={
+            "dup_factor": dup_factor,
+            "kid_subsets": kid_subsets,
+            "seed": seed,
+            "epochs": epochs,
+            "probe_size": probe_size,
+            "batch_size": batch_size,
+            "device": device,
+            "progress": progress,
+            "trained_here": isinstance(extractor, str),
+            "original_index": oi,
+        },
+    )
+    out: dict[str, Any] = {
+        "feature_extractor": getattr(model, "description", type(model).__name__),
+        "num_original": len(orig),
+        "num_expanded": len(exp),
+        "num_expanded_total": len(expanded),
+    }
     for metric in METRICS.values():
         out.update(metric.fn(inputs))
     out = {k: (_num(v) if isinstance(v, float) else v) for k, v in out.items()}
@@ -467,15 +573,16 @@ def _digest(image: torch.Tensor) -> bytes:
     return hashlib.blake2b(image.contiguous().numpy().tobytes(), digest_size=16).digest()
 
 
-def _loo_nn(queries: torch.Tensor, reference: torch.Tensor, query_index: torch.Tensor,
-            chunk: int = 256) -> torch.Tensor:
+def _loo_nn(
+    queries: torch.Tensor, reference: torch.Tensor, query_index: torch.Tensor, chunk: int = 256
+) -> torch.Tensor:
     """NN distance of original images (``reference[query_index]``) to the other originals."""
     out = []
     q, r = queries.double(), reference.double()
     for s in range(0, len(q), chunk):
-        d = torch.cdist(q[s:s + chunk], r)
+        d = torch.cdist(q[s : s + chunk], r)
         rows = torch.arange(d.shape[0])
-        d[rows, query_index[s:s + chunk]] = math.inf
+        d[rows, query_index[s : s + chunk]] = math.inf
         out.append(d.min(dim=1).values)
     return torch.cat(out)
 
@@ -487,7 +594,7 @@ def grid_parents(labels: Sequence[int] | np.ndarray, parents: Sequence[int], row
     """``rows`` seed indices, round-robin over the classes (the first seed of each class,
     then the second, ...), among seeds that have expansions; deterministic."""
     labels = np.asarray(labels)
-    have = sorted(set(int(p) for p in parents))
+    have = sorted({int(p) for p in parents})
     by_class: dict[int, list[int]] = {}
     for p in have:
         by_class.setdefault(int(labels[p]), []).append(p)
@@ -501,9 +608,18 @@ def grid_parents(labels: Sequence[int] | np.ndarray, parents: Sequence[int], row
     return chosen
 
 
-def save_expansion_grid(path: Path | str, original: torch.Tensor, original_labels, expanded: torch.Tensor,
-                        parents: Sequence[int], copies: Sequence[int], *, rows: int = 8,
-                        class_names: Sequence[str] | None = None, title: str | None = None) -> Path:
+def save_expansion_grid(
+    path: Path | str,
+    original: torch.Tensor,
+    original_labels,
+    expanded: torch.Tensor,
+    parents: Sequence[int],
+    copies: Sequence[int],
+    *,
+    rows: int = 8,
+    class_names: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Path:
     """PNG grid: one row per seed image (first column), then its k expansions in copy order."""
     from PIL import Image, ImageDraw, ImageFont
 
@@ -579,9 +695,16 @@ class QualitySettings:
 
     def options(self) -> dict[str, Any]:
         """``quality_metrics`` keyword arguments."""
-        return {"extractor": self.extractor, "max_images": self.max_images, "epochs": self.epochs,
-                "probe_size": self.probe_size, "dup_factor": self.dup_factor, "kid_subsets": self.kid_subsets,
-                "clip_arch": self.clip_arch, "clip_pretrained": self.clip_pretrained}
+        return {
+            "extractor": self.extractor,
+            "max_images": self.max_images,
+            "epochs": self.epochs,
+            "probe_size": self.probe_size,
+            "dup_factor": self.dup_factor,
+            "kid_subsets": self.kid_subsets,
+            "clip_arch": self.clip_arch,
+            "clip_pretrained": self.clip_pretrained,
+        }
 
 
 def quality_settings(section: Any) -> QualitySettings:
@@ -594,20 +717,45 @@ def quality_settings(section: Any) -> QualitySettings:
     return from_mapping(QualitySettings, values, "quality")
 
 
-def evaluate_expansion(settings: QualitySettings, data, expanded_set, expanded_images: torch.Tensor,
-                       run_dir: Path | str, *, seed: int, device: str, title: str,
-                       progress: bool = False) -> dict[str, Any]:
+def evaluate_expansion(
+    settings: QualitySettings,
+    data,
+    expanded_set,
+    expanded_images: torch.Tensor,
+    run_dir: Path | str,
+    *,
+    seed: int,
+    device: str,
+    title: str,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Quality metrics of one run's expansion + ``<run_dir>/expansion_grid.png`` (the pipeline's step)."""
     start = time.perf_counter()
     original = data.train.to_tensor()
     labels = np.asarray(data.train.labels)
-    metrics = quality_metrics(original, labels, expanded_images, expanded_set.labels, data.num_classes,
-                              class_names=data.class_names, seed=seed, device=device, progress=progress,
-                              **settings.options())
+    metrics = quality_metrics(
+        original,
+        labels,
+        expanded_images,
+        expanded_set.labels,
+        data.num_classes,
+        class_names=data.class_names,
+        seed=seed,
+        device=device,
+        progress=progress,
+        **settings.options(),
+    )
     grid = save_expansion_grid(
-        Path(run_dir) / "expansion_grid.png", original, labels, expanded_images,
-        [r["parent"] for r in expanded_set.rows], [r["copy"] for r in expanded_set.rows],
-        rows=settings.grid_seeds, class_names=data.class_names, title=title)
+        Path(run_dir) / "expansion_grid.png",
+        original,
+        labels,
+        expanded_images,
+        [r["parent"] for r in expanded_set.rows],
+        [r["copy"] for r in expanded_set.rows],
+        rows=settings.grid_seeds,
+        class_names=data.class_names,
+        title=title,
+    )
     metrics["grid"] = grid.name
     metrics["seconds"] = round(time.perf_counter() - start, 3)
     return metrics

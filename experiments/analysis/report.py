@@ -36,8 +36,16 @@ from typing import Any
 
 import yaml
 
-from .aggregate import (Cell, aggregate, build_cells, find_runs, has_quality, load_paper_numbers, natural_key,
-                        render_quality_markdown)
+from .aggregate import (
+    Cell,
+    aggregate,
+    build_cells,
+    find_runs,
+    has_quality,
+    load_paper_numbers,
+    natural_key,
+    render_quality_markdown,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +91,9 @@ def backfill_run(run: dict[str, Any], out_dir: Path, probe_cache: dict, *, progr
     import experiments.config  # noqa: F401  (resolvers)
     from expansion.files import canonical_json
     from expansion.store import ExpandedSet
-
     from experiments.data.datamodule import load_expanded_images
     from experiments.data.datasets import build_dataset
+
     from .quality import build_extractor, quality_metrics, quality_settings, save_expansion_grid
 
     run_dir = _run_dir(run)
@@ -111,19 +119,45 @@ def backfill_run(run: dict[str, Any], out_dir: Path, probe_cache: dict, *, progr
     seed = int(cfg.get("expansion_seed", cfg.get("seed", 0)))
     key = (canonical_json(data.identity), seed, settings.extractor, settings.epochs, settings.probe_size)
     if key not in probe_cache:  # one probe per dataset and seed, shared by the runs that use them
-        probe_cache[key] = build_extractor(settings.extractor, original, labels, data.num_classes,
-                                           class_names=data.class_names, epochs=settings.epochs,
-                                           probe_size=settings.probe_size, seed=seed, progress=progress,
-                                           clip_arch=settings.clip_arch, clip_pretrained=settings.clip_pretrained)
-    quality = quality_metrics(original, labels, images, expanded.labels, data.num_classes, probe_cache[key],
-                              class_names=data.class_names, seed=seed, progress=progress,
-                              max_images=settings.max_images, dup_factor=settings.dup_factor,
-                              kid_subsets=settings.kid_subsets)
+        probe_cache[key] = build_extractor(
+            settings.extractor,
+            original,
+            labels,
+            data.num_classes,
+            class_names=data.class_names,
+            epochs=settings.epochs,
+            probe_size=settings.probe_size,
+            seed=seed,
+            progress=progress,
+            clip_arch=settings.clip_arch,
+            clip_pretrained=settings.clip_pretrained,
+        )
+    quality = quality_metrics(
+        original,
+        labels,
+        images,
+        expanded.labels,
+        data.num_classes,
+        probe_cache[key],
+        class_names=data.class_names,
+        seed=seed,
+        progress=progress,
+        max_images=settings.max_images,
+        dup_factor=settings.dup_factor,
+        kid_subsets=settings.kid_subsets,
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
-    grid = save_expansion_grid(out_dir / "expansion_grid.png", original, labels, images,
-                               [r["parent"] for r in rows], [r["copy"] for r in rows],
-                               rows=settings.grid_seeds, class_names=data.class_names,
-                               title=f"{data.name} | {run['method']} x{run['ratio']} | expansion seed {seed}")
+    grid = save_expansion_grid(
+        out_dir / "expansion_grid.png",
+        original,
+        labels,
+        images,
+        [r["parent"] for r in rows],
+        [r["copy"] for r in rows],
+        rows=settings.grid_seeds,
+        class_names=data.class_names,
+        title=f"{data.name} | {run['method']} x{run['ratio']} | expansion seed {seed}",
+    )
     quality.update(backfilled=True, grid=grid.name)
     (out_dir / "quality.json").write_text(json.dumps(quality, indent=2))
     return quality
@@ -169,17 +203,32 @@ def figure_table(cells: list[Cell], spec: dict[str, Any], path: Path, table: str
                 continue
             mean, std, n = cell.stats("test_acc_final")
             x = j - 0.4 + width * (i + 0.5)
-            ax.bar(x, mean, width * 0.9, yerr=std if n > 1 else None, capsize=3, color=colors(i % 10),
-                   label=row if j == next(jj for jj, cc in enumerate(columns) if (row, cc) in index) else None)
+            ax.bar(
+                x,
+                mean,
+                width * 0.9,
+                yerr=std if n > 1 else None,
+                capsize=3,
+                color=colors(i % 10),
+                label=row if j == next(jj for jj, cc in enumerate(columns) if (row, cc) in index) else None,
+            )
             ax.text(x, mean + (std if n > 1 else 0) + 0.4, f"{mean:.1f} [{n}]", ha="center", va="bottom", fontsize=7)
             if cell.paper is not None:
-                ax.plot([x], [cell.paper], marker="D", color="black", markersize=5, linestyle="none",
-                        label="paper" if "paper" not in ax.get_legend_handles_labels()[1] else None)
+                ax.plot(
+                    [x],
+                    [cell.paper],
+                    marker="D",
+                    color="black",
+                    markersize=5,
+                    linestyle="none",
+                    label="paper" if "paper" not in ax.get_legend_handles_labels()[1] else None,
+                )
     ax.set_xticks(range(len(columns)), columns)
     ax.set_ylabel("final-epoch test accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(_wrap(spec.get("title", table)) + "\nours: mean ± std over seeds [n]; ◆ = the paper's number",
-                 fontsize=9)
+    ax.set_title(
+        _wrap(spec.get("title", table)) + "\nours: mean ± std over seeds [n]; ◆ = the paper's number", fontsize=9
+    )
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -205,17 +254,32 @@ def figure_ratio(cells: list[Cell], spec: dict[str, Any], path: Path, table: str
     fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.8), squeeze=False)
     for ax, col in zip(axes[0], columns):
         for i, method in enumerate(methods):
-            pts = sorted((c.ratio, c) for c in cells if c.method == method and c.column == col
-                         and c.values["test_acc_final"])
+            pts = sorted(
+                (c.ratio, c) for c in cells if c.method == method and c.column == col and c.values["test_acc_final"]
+            )
             if not pts:
                 continue
             stats = [c.stats("test_acc_final") for _, c in pts]
-            ax.errorbar([r for r, _ in pts], [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o",
-                        capsize=3, color=colors(i % 10), label=f"{method} (ours)")
+            ax.errorbar(
+                [r for r, _ in pts],
+                [s[0] for s in stats],
+                yerr=[s[1] for s in stats],
+                marker="o",
+                capsize=3,
+                color=colors(i % 10),
+                label=f"{method} (ours)",
+            )
             paper = [(r, c.paper) for r, c in pts if c.paper is not None]
             if paper:
-                ax.plot([r for r, _ in paper], [p for _, p in paper], linestyle="--", marker="x",
-                        color=colors(i % 10), alpha=0.7, label=f"{method} (paper)")
+                ax.plot(
+                    [r for r, _ in paper],
+                    [p for _, p in paper],
+                    linestyle="--",
+                    marker="x",
+                    color=colors(i % 10),
+                    alpha=0.7,
+                    label=f"{method} (paper)",
+                )
         for c in cells:
             if c.method == "original" and c.column == col and c.values["test_acc_final"]:
                 ax.axhline(c.stats("test_acc_final")[0], color="gray", linestyle=":", label="original (ours)")
@@ -241,12 +305,15 @@ def sweep_settings(root: Path, runs: list[dict[str, Any]]) -> str:
         hydra = (yaml.safe_load(multirun.read_text()) or {}).get("hydra", {})
         task = hydra.get("overrides", {}).get("task") or []
         params = (hydra.get("sweeper") or {}).get("params") or {}
-        lines.append(f"Sweep command overrides ({_rel(multirun, root)}): "
-                     + (" ".join(f"`{t}`" for t in task) or "none"))
+        lines.append(
+            f"Sweep command overrides ({_rel(multirun, root)}): " + (" ".join(f"`{t}`" for t in task) or "none")
+        )
         if params:
             lines.append("Sweeper parameters from the config: " + ", ".join(f"`{k}={v}`" for k, v in params.items()))
-    first = next((_run_dir(r) / ".hydra" / "config.yaml" for r in runs
-                  if (_run_dir(r) / ".hydra" / "config.yaml").is_file()), None)
+    first = next(
+        (_run_dir(r) / ".hydra" / "config.yaml" for r in runs if (_run_dir(r) / ".hydra" / "config.yaml").is_file()),
+        None,
+    )
     if first is not None:
         cfg = _load_config(first)
         train = cfg.get("train", {})
@@ -257,7 +324,8 @@ def sweep_settings(root: Path, runs: list[dict[str, Any]]) -> str:
             f"classifier `{cfg.get('classifier', {}).get('arch')}`, epochs `{train.get('epochs')}`, "
             f"batch `{train.get('batch_size')}`, SGD momentum {train.get('momentum')}, "
             f"weight decay {train.get('weight_decay')}, trainer `{cfg.get('trainer', {})}`, "
-            f"quality `{cfg.get('quality', 'n/a (run predates quality metrics)')}`")
+            f"quality `{cfg.get('quality', 'n/a (run predates quality metrics)')}`"
+        )
     return "\n\n".join(f"- {line}" for line in lines) + "\n"
 
 
@@ -283,8 +351,9 @@ def _overrides(run: dict[str, Any]) -> str:
 # -- the report ----------------------------------------------------------------------------------------------
 
 
-def build_report(root: Path | str, out: Path | str | None = None, *, backfill: bool = True,
-                 progress: bool = False) -> tuple[Path, list[Path]]:
+def build_report(
+    root: Path | str, out: Path | str | None = None, *, backfill: bool = True, progress: bool = False
+) -> tuple[Path, list[Path]]:
     """Write the report of sweep ``root`` into ``out``; returns ``(report.md, every file written)``."""
     root = Path(root)
     out = Path(out) if out is not None else root / "report"
@@ -343,8 +412,7 @@ def build_report(root: Path | str, out: Path | str | None = None, *, backfill: b
     for run in sorted(runs, key=lambda r: (r.get("seed", 0), r["_path"])):
         name = _run_name(run, root)
         if name in grids:
-            key = (run.get("table") or "adhoc", run["method"], str(run.get("ratio")), run["dataset"],
-                   run["classifier"])
+            key = (run.get("table") or "adhoc", run["method"], str(run.get("ratio")), run["dataset"], run["classifier"])
             by_cell[key].append(run)
     (out / "grids").mkdir(exist_ok=True)
     for key, group in sorted(by_cell.items()):
@@ -357,12 +425,15 @@ def build_report(root: Path | str, out: Path | str | None = None, *, backfill: b
     # report.md
     report = out / "report.md"
     written.append(report)
-    text = [f"# Report: {root}\n",
-            f"{len(runs)} finished runs (folders with a metrics.json) in {len(tables)} table(s). Written by "
-            f"`python -m experiments.analysis.report {root}`.\n"]
+    text = [
+        f"# Report: {root}\n",
+        f"{len(runs)} finished runs (folders with a metrics.json) in {len(tables)} table(s). Written by "
+        f"`python -m experiments.analysis.report {root}`.\n",
+    ]
     text.append("## Results\n")
-    text.append(f"From [{_rel(md_path, out)}]({_rel(md_path, out)}) and "
-                f"[{_rel(csv_path, out)}]({_rel(csv_path, out)}).\n")
+    text.append(
+        f"From [{_rel(md_path, out)}]({_rel(md_path, out)}) and [{_rel(csv_path, out)}]({_rel(csv_path, out)}).\n"
+    )
     body = md_path.read_text().split("\n", 2)[-1]  # without its '# Results' title
     body = body.split("## Quality of the expanded sets")[0]  # quality comes below, with backfilled runs
     text.append(re.sub(r"^## ", "### ", body, flags=re.M))
@@ -373,32 +444,38 @@ def build_report(root: Path | str, out: Path | str | None = None, *, backfill: b
     if has_quality(cells):
         text.append(re.sub(r"^## ", "### ", render_quality_markdown(cells, paper), flags=re.M))
         if any(r.get("quality", {}).get("backfilled") for r in runs):
-            text.append("Runs marked backfilled had no quality metrics; they were computed by this report from "
-                        "their expansion store (`backfill/<run>/quality.json`).\n")
+            text.append(
+                "Runs marked backfilled had no quality metrics; they were computed by this report from "
+                "their expansion store (`backfill/<run>/quality.json`).\n"
+            )
     else:
-        text.append("No run of this sweep has quality metrics (they are computed after expansion when "
-                    "`quality.enabled=true`; runs without an expansion have none).\n")
+        text.append(
+            "No run of this sweep has quality metrics (they are computed after expansion when "
+            "`quality.enabled=true`; runs without an expansion have none).\n"
+        )
     if notes:
         text.append("\n".join(f"- {name}: {note}" for name, note in sorted(notes.items())) + "\n")
     text.append("## Expansion grids\n")
     if grid_files:
-        text.append("One run per method and dataset: each row is a seed image (left) followed by its k "
-                    "expansions.\n")
+        text.append("One run per method and dataset: each row is a seed image (left) followed by its k expansions.\n")
         for caption, path in grid_files:
             text.append(f"**{caption}**\n\n![{caption}]({_rel(path, out)})\n")
     else:
         text.append("No run has an expansion grid (no expansion, or quality disabled).\n")
     text.append("## Settings\n")
     text.append(sweep_settings(root, runs))
-    table_lines = ["| run | method | ratio | dataset | classifier | seed | final acc | best-val acc | FID "
-                   "| overrides |",
-                   "|---|---|---|---|---|---|---|---|---|---|"]
+    table_lines = [
+        "| run | method | ratio | dataset | classifier | seed | final acc | best-val acc | FID | overrides |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for run in runs:
         q = run.get("quality") or {}
         fid = f"{q['fid']:.3g}" if q.get("fid") is not None else "–"
-        table_lines.append(f"| {_rel(_run_dir(run), root)} | {run['method']} | {run.get('ratio')} | {run['dataset']} | "
-                           f"{run['classifier']} | {run.get('seed')} | {run['test_acc_final']:.2f} | "
-                           f"{run['test_acc_best_val']:.2f} | {fid} | {_overrides(run)} |")
+        table_lines.append(
+            f"| {_rel(_run_dir(run), root)} | {run['method']} | {run.get('ratio')} | {run['dataset']} | "
+            f"{run['classifier']} | {run.get('seed')} | {run['test_acc_final']:.2f} | "
+            f"{run['test_acc_best_val']:.2f} | {fid} | {_overrides(run)} |"
+        )
     text.append("\n".join(table_lines) + "\n")
     text.append("\n## Files written by this report\n")
     text.append("\n".join(f"- [{_rel(p, out)}]({_rel(p, out)})" for p in written) + "\n")
@@ -413,8 +490,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", type=Path, help="a sweep folder (searched recursively for metrics.json)")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default: ROOT/report)")
-    parser.add_argument("--no-backfill", action="store_true",
-                        help="do not compute quality metrics/grids for runs that predate them")
+    parser.add_argument(
+        "--no-backfill", action="store_true", help="do not compute quality metrics/grids for runs that predate them"
+    )
     args = parser.parse_args(argv)
     progress = os.environ.get("PROGRESS_BAR", "true").lower() not in ("0", "false", "no")
     report, written = build_report(args.root, args.out, backfill=not args.no_backfill, progress=progress)

@@ -142,4 +142,4 @@ def center_crop(images: torch.Tensor, size: int, recipe: str) -> torch.Tensor:
         images = to_grayscale3(images.float()).round().to(torch.uint8)
     h, w = images.shape[-2:]
     top, left = (h - size) // 2, (w - size) // 2
-    return images[..., top:top + size, left:left + size].contiguous()
+    return images[..., top : top + size, left : left + size].contiguous()

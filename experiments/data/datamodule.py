@@ -46,8 +46,9 @@ def whole_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor,
     return batch
 
 
-def load_expanded_images(expanded: ExpandedSet, channels: int, image_size: int | None,
-                         tensor_dir: Path | str | None = None) -> torch.Tensor:
+def load_expanded_images(
+    expanded: ExpandedSet, channels: int, image_size: int | None, tensor_dir: Path | str | None = None
+) -> torch.Tensor:
     """Decode a finished store into uint8 ``[M, C, S, S]`` matching the dataset's channels and size;
     with ``tensor_dir`` the decoded tensor is cached there by key (:mod:`experiments.data.tensor_cache`)."""
     if not len(expanded):
@@ -73,14 +74,26 @@ class ExpansionDataModule(L.LightningDataModule):
     (val/test also centre-cropped); batches of uint8 travel to the device and
     are augmented there as a whole (:mod:`experiments.data.augment`)."""
 
-    def __init__(self, data: DatasetSplits, expanded_images: torch.Tensor | None, expanded_labels: np.ndarray | None,
-                 *, recipe: str, input_size: int, batch_size: int, eval_batch_size: int = 512,
-                 num_workers: int = 0, include_original: bool = True):
+    def __init__(
+        self,
+        data: DatasetSplits,
+        expanded_images: torch.Tensor | None,
+        expanded_labels: np.ndarray | None,
+        *,
+        recipe: str,
+        input_size: int,
+        batch_size: int,
+        eval_batch_size: int = 512,
+        num_workers: int = 0,
+        include_original: bool = True,
+    ):
         super().__init__()
         check_recipe(recipe)
         if not include_original and expanded_images is None:
-            raise DatasetError("training on generated images only (train.include_original=false) needs an "
-                               "expansion method; method=original has no generated images")
+            raise DatasetError(
+                "training on generated images only (train.include_original=false) needs an "
+                "expansion method; method=original has no generated images"
+            )
         self.data = data
         self.recipe, self.input_size = recipe, int(input_size)
         size = base_size(recipe, self.input_size)

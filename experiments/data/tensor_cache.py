@@ -45,8 +45,12 @@ FORMAT_VERSION = 1
 
 def cache_key(source: Mapping[str, Any], resolution: int | None, channels: int) -> tuple[str, dict[str, Any]]:
     """``sha256`` (20 hex chars) of the source, the resolution, the channels and the format version."""
-    payload = {"format_version": FORMAT_VERSION, "source": dict(source),
-               "resolution": None if resolution is None else int(resolution), "channels": int(channels)}
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "source": dict(source),
+        "resolution": None if resolution is None else int(resolution),
+        "channels": int(channels),
+    }
     return content_key(payload), payload
 
 
@@ -61,15 +65,26 @@ def file_stats_digest(paths: Iterable[Path]) -> str:
 
 def split_source(dataset_name: str, split_name: str, fingerprint: str, files: Sequence[Path]) -> dict[str, Any]:
     """What a dataset split decoded from ``files`` is keyed on."""
-    return {"kind": "dataset_split", "dataset": dataset_name, "split": split_name, "fingerprint": fingerprint,
-            "num_files": len(files), "files": file_stats_digest(files)}
+    return {
+        "kind": "dataset_split",
+        "dataset": dataset_name,
+        "split": split_name,
+        "fingerprint": fingerprint,
+        "num_files": len(files),
+        "files": file_stats_digest(files),
+    }
 
 
 def store_source(expanded: ExpandedSet) -> dict[str, Any]:
     """What a finished expansion store is keyed on (its folder name is the store key)."""
     rows = content_key(expanded.rows)
-    return {"kind": "expansion_store", "store_key": expanded.root.name, "manifest_rows": rows,
-            "num_images": len(expanded), "files": file_stats_digest(expanded.paths)}
+    return {
+        "kind": "expansion_store",
+        "store_key": expanded.root.name,
+        "manifest_rows": rows,
+        "num_images": len(expanded),
+        "files": file_stats_digest(expanded.paths),
+    }
 
 
 class TensorCache:
@@ -81,8 +96,14 @@ class TensorCache:
     def path(self, key: str) -> Path:
         return self.root / f"{key}.safetensors"
 
-    def get_or_decode(self, source: Mapping[str, Any], resolution: int | None, channels: int,
-                      labels: np.ndarray | Sequence[int], decode: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def get_or_decode(
+        self,
+        source: Mapping[str, Any],
+        resolution: int | None,
+        channels: int,
+        labels: np.ndarray | Sequence[int],
+        decode: Callable[[], torch.Tensor],
+    ) -> torch.Tensor:
         """The cached tensor of ``source``, or ``decode()``'s result, written to the cache first."""
         key, payload = cache_key(source, resolution, channels)
         labels = torch.as_tensor(np.asarray(labels, dtype=np.int64).reshape(-1))
@@ -107,9 +128,13 @@ class TensorCache:
             with safe_open(str(path), framework="pt") as fh:
                 stored_payload = json.loads((fh.metadata() or {}).get("payload", "null"))
                 images, stored_labels = fh.get_tensor("images"), fh.get_tensor("labels")
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is rebuilt, whatever the parser says
-            log.warning("decoded-image cache %s is unreadable (%s: %s); decoding the images again",
-                        path, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        except Exception as exc:
+            log.warning(
+                "decoded-image cache %s is unreadable (%s: %s); decoding the images again",
+                path,
+                type(exc).__name__,
+                str(exc).splitlines()[0] if str(exc) else "",
+            )
             return None
         problem = None
         if stored_payload != canonical_json_roundtrip(payload):
@@ -129,8 +154,11 @@ class TensorCache:
 
         path = self.path(key)
         with atomic_file(path) as tmp:
-            save_file({"images": images.contiguous(), "labels": labels.contiguous()}, str(tmp),
-                      metadata={"payload": canonical_json(payload)})
+            save_file(
+                {"images": images.contiguous(), "labels": labels.contiguous()},
+                str(tmp),
+                metadata={"payload": canonical_json(payload)},
+            )
         return path
 
 

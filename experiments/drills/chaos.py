@@ -38,7 +38,6 @@ import torch
 from omegaconf import DictConfig
 
 from expansion.store import ExpansionStore
-
 from experiments.config import CONFIG_DIR, PROJECT_ROOT
 from experiments.data.datasets import build_dataset
 from experiments.training.pipeline import Job, run_expansion
@@ -55,9 +54,16 @@ def compose_job(overrides: list[str]) -> DictConfig:
 
 
 def job_overrides(args: argparse.Namespace, cache: Path) -> list[str]:
-    overrides = [f"dataset={args.dataset}", f"dataset.root={Path(args.data) / 'medmnist'}",
-                 f"method={args.method}", f"method.ratio={args.ratio}", f"method.batch_size={args.batch_size}",
-                 f"expansion_seed={args.expansion_seed}", f"paths.cache_dir={cache}", "progress_bar=false"]
+    overrides = [
+        f"dataset={args.dataset}",
+        f"dataset.root={Path(args.data) / 'medmnist'}",
+        f"method={args.method}",
+        f"method.ratio={args.ratio}",
+        f"method.batch_size={args.batch_size}",
+        f"expansion_seed={args.expansion_seed}",
+        f"paths.cache_dir={cache}",
+        "progress_bar=false",
+    ]
     if args.train_per_class:
         overrides.append(f"dataset.train_per_class={args.train_per_class}")
     return overrides
@@ -72,8 +78,13 @@ def expand_worker(overrides: list[str], result_path: str, started: Any) -> None:
     started.set()
     start = time.perf_counter()
     result = run_expansion(job, data)
-    report = {"pid": os.getpid(), "store": str(result.store.root), "generated": result.generated_images,
-              "reused": result.reused, "seconds": round(time.perf_counter() - start, 3)}
+    report = {
+        "pid": os.getpid(),
+        "store": str(result.store.root),
+        "generated": result.generated_images,
+        "reused": result.reused,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
     Path(result_path).write_text(json.dumps(report))
 
 
@@ -123,7 +134,11 @@ def compare(store_root: Path, reference_root: Path) -> dict[str, Any]:
         for row in reference.read_rows():
             mine = rows.get(row["file"])
             path = store.images_dir / row["file"]
-            if mine != row or not path.is_file() or path.read_bytes() != (reference.images_dir / row["file"]).read_bytes():
+            if (
+                mine != row
+                or not path.is_file()
+                or path.read_bytes() != (reference.images_dir / row["file"]).read_bytes()
+            ):
                 lost += 1
     else:
         lost = len(reference.read_rows())
@@ -164,14 +179,16 @@ def kill_drill(launcher: Launcher, args: argparse.Namespace, reference: dict[str
         after = chunks_written(cache)
         if delay > setup and after > before:
             rate = max(rate, (after - before) / (delay - setup))
-        kills.append({"delay_s": round(delay, 3), "window_s": round(window, 3), "landed_mid_expansion": landed,
-                      "chunks": after})
+        kills.append(
+            {"delay_s": round(delay, 3), "window_s": round(window, 3), "landed_mid_expansion": landed, "chunks": after}
+        )
     final = launcher.run(overrides, args.timeout)
     return {"kills": kills, "final": final, **compare(Path(final["store"]), Path(reference["store"]))}
 
 
-def concurrency_drill(launcher: Launcher, args: argparse.Namespace, reference: dict[str, Any],
-                      rng: random.Random) -> dict:
+def concurrency_drill(
+    launcher: Launcher, args: argparse.Namespace, reference: dict[str, Any], rng: random.Random
+) -> dict:
     """N processes expand the same key at once; then the lock holder is killed while another waits."""
     overrides = job_overrides(args, launcher.workdir / "concurrent")
     procs = [launcher.start(overrides) for _ in range(args.concurrent)]
@@ -181,10 +198,12 @@ def concurrency_drill(launcher: Launcher, args: argparse.Namespace, reference: d
         if proc.exitcode != 0 or not report.is_file():
             raise RuntimeError(f"a concurrent expansion failed with exit code {proc.exitcode}")
         reports.append(json.loads(report.read_text()))
-    together = {"reports": reports, **compare(Path(reports[0]["store"]), Path(reference["store"])),
-                "one_generated": sorted(r["generated"] for r in reports) == [0] * (len(reports) - 1) + [
-                    reference["generated"]],
-                "same_store": len({r["store"] for r in reports}) == 1}
+    together = {
+        "reports": reports,
+        **compare(Path(reports[0]["store"]), Path(reference["store"])),
+        "one_generated": sorted(r["generated"] for r in reports) == [0] * (len(reports) - 1) + [reference["generated"]],
+        "same_store": len({r["store"] for r in reports}) == 1,
+    }
 
     # the holder dies mid-way: the waiting process gets the (OS-released) lock and finishes the store
     cache = launcher.workdir / "holder_killed"
@@ -203,8 +222,11 @@ def concurrency_drill(launcher: Launcher, args: argparse.Namespace, reference: d
     if waiter.exitcode != 0 or not waiter_report.is_file():
         raise RuntimeError(f"the waiting expansion failed with exit code {waiter.exitcode}")
     took_over = json.loads(waiter_report.read_text())
-    holder_killed = {"holder_killed_mid_expansion": holder_alive, "waiter": took_over,
-                     **compare(Path(took_over["store"]), Path(reference["store"]))}
+    holder_killed = {
+        "holder_killed_mid_expansion": holder_alive,
+        "waiter": took_over,
+        **compare(Path(took_over["store"]), Path(reference["store"])),
+    }
     return {"simultaneous": together, "holder_killed": holder_killed}
 
 
@@ -220,9 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-per-class", type=int, default=0, help="few-shot size (0: the whole train split)")
     parser.add_argument("--expansion-seed", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill times")
-    parser.add_argument("--window", type=float, default=0.0,
-                        help="kill delays are uniform in [0, window] s after the expansion starts (0: adaptive, "
-                             "see kill_drill)")
+    parser.add_argument(
+        "--window",
+        type=float,
+        default=0.0,
+        help="kill delays are uniform in [0, window] s after the expansion starts (0: adaptive, see kill_drill)",
+    )
     parser.add_argument("--start-method", choices=("fork", "spawn"), default="fork")
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--workdir", default=None, help="kept when given; a temporary folder otherwise")
@@ -236,9 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter()
     try:
         reference = launcher.run(job_overrides(args, workdir / "reference"), args.timeout, workdir / "reference")
-        report: dict[str, Any] = {"setup": {k: v for k, v in vars(args).items() if k not in ("json", "workdir")},
-                                  "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-                                  "reference": reference}
+        report: dict[str, Any] = {
+            "setup": {k: v for k, v in vars(args).items() if k not in ("json", "workdir")},
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+            "reference": reference,
+        }
         report["kill"] = kill_drill(launcher, args, reference, rng)
         if args.concurrent:
             report["concurrency"] = concurrency_drill(launcher, args, reference, rng)
@@ -251,22 +278,30 @@ def main(argv: list[str] | None = None) -> int:
     survived = sum(k["landed_mid_expansion"] for k in kill["kills"])
     delays = [k["delay_s"] for k in kill["kills"]] or [0.0]
     ok = kill["hash_equal"] and kill["files_lost"] == 0
-    print(f"reference: {reference['generated']} images in {reference['seconds']:.1f} s "
-          f"(set-up to the first chunk {reference['setup_seconds']:.2f} s)")
-    print(f"kill -9: {len(kill['kills'])} kills, {survived} mid-expansion (delays {min(delays):.2f}-{max(delays):.2f} s "
-          f"after the expansion started); finished by a last run that generated {kill['final']['generated']} "
-          f"images; files lost: "
-          f"{kill['files_lost']}; problems: {kill['problems'] or 'none'}; content hash equal: {kill['hash_equal']}")
+    print(
+        f"reference: {reference['generated']} images in {reference['seconds']:.1f} s "
+        f"(set-up to the first chunk {reference['setup_seconds']:.2f} s)"
+    )
+    print(
+        f"kill -9: {len(kill['kills'])} kills, {survived} mid-expansion (delays {min(delays):.2f}-{max(delays):.2f} s "
+        f"after the expansion started); finished by a last run that generated {kill['final']['generated']} "
+        f"images; files lost: "
+        f"{kill['files_lost']}; problems: {kill['problems'] or 'none'}; content hash equal: {kill['hash_equal']}"
+    )
     if args.concurrent:
         together, holder = report["concurrency"]["simultaneous"], report["concurrency"]["holder_killed"]
         ok = ok and together["hash_equal"] and together["one_generated"] and together["same_store"]
         ok = ok and holder["hash_equal"] and holder["files_lost"] == 0
-        print(f"{args.concurrent} processes on one key: generated {[r['generated'] for r in together['reports']]}, "
-              f"waited/reused {[r['seconds'] for r in together['reports']]} s; problems: "
-              f"{together['problems'] or 'none'}; content hash equal: {together['hash_equal']}")
-        print(f"lock holder killed (mid-expansion: {holder['holder_killed_mid_expansion']}): the waiter generated "
-              f"{holder['waiter']['generated']} images to finish; files lost: {holder['files_lost']}; "
-              f"content hash equal: {holder['hash_equal']}")
+        print(
+            f"{args.concurrent} processes on one key: generated {[r['generated'] for r in together['reports']]}, "
+            f"waited/reused {[r['seconds'] for r in together['reports']]} s; problems: "
+            f"{together['problems'] or 'none'}; content hash equal: {together['hash_equal']}"
+        )
+        print(
+            f"lock holder killed (mid-expansion: {holder['holder_killed_mid_expansion']}): the waiter generated "
+            f"{holder['waiter']['generated']} images to finish; files lost: {holder['files_lost']}; "
+            f"content hash equal: {holder['hash_equal']}"
+        )
     print(f"wall {report['wall_s']} s; {'OK' if ok else 'FAILED'}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

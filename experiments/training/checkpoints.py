@@ -79,7 +79,7 @@ def resume_point(folder: Path, signature: str) -> tuple[Path, dict[str, int]] | 
     try:
         # mmap: the tensors are not read, only the small header fields below
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # noqa: BLE001 - any failure to parse means: cannot resume from it
+    except Exception as exc:
         raise CheckpointError(
             f"cannot resume training from {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}. It is damaged "
             "or was not written by this framework (checkpoints are loaded with weights_only=True, never "
@@ -94,17 +94,26 @@ def resume_point(folder: Path, signature: str) -> tuple[Path, dict[str, int]] | 
     return path, {"epoch": int(checkpoint["epoch"]), "global_step": int(checkpoint["global_step"])}
 
 
-def training_signature(*, dataset_identity: dict[str, Any], store_key: str | None, include_original: bool,
-                       classifier: Any, train: Any, seed: int) -> str:
+def training_signature(
+    *,
+    dataset_identity: dict[str, Any],
+    store_key: str | None,
+    include_original: bool,
+    classifier: Any,
+    train: Any,
+    seed: int,
+) -> str:
     """The signature of one classifier training of a job: the training images (the dataset identity
     and the expansion store's key, which names the method's settings and the expansion seed), the
     classifier, the training settings and the seed; speed-only settings (workers, eval batch size,
     compile) are left out, so a requeued job may change them."""
-    return run_signature({
-        "dataset": dataset_identity,
-        "expansion_store": store_key,
-        "include_original": include_original,
-        "classifier": signature_of(classifier),
-        "train": signature_of(train),
-        "seed": int(seed),
-    })
+    return run_signature(
+        {
+            "dataset": dataset_identity,
+            "expansion_store": store_key,
+            "include_original": include_original,
+            "classifier": signature_of(classifier),
+            "train": signature_of(train),
+            "seed": int(seed),
+        }
+    )

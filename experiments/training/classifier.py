@@ -27,8 +27,10 @@ def check_arch(arch: str) -> None:
         import torchvision
 
         if arch.split(".", 1)[1] not in torchvision.models.list_models():
-            raise ValueError(f"unknown classifier arch {arch!r}: torchvision has no model "
-                             f"{arch.split('.', 1)[1]!r} (torchvision.models.list_models())")
+            raise ValueError(
+                f"unknown classifier arch {arch!r}: torchvision has no model "
+                f"{arch.split('.', 1)[1]!r} (torchvision.models.list_models())"
+            )
         return
     import timm
 
@@ -70,10 +72,23 @@ class ImageClassifier(L.LightningModule):
     ``compile``: False, True (``torch.compile`` with inductor) or a torch.compile backend name;
     the network is compiled in place, so checkpoints keep the same keys either way."""
 
-    def __init__(self, arch: str, num_classes: int, in_chans: int, input_size: int, *, lr: float,
-                 momentum: float = 0.9, weight_decay: float = 1e-4, epochs: int = 100,
-                 warmup_epochs: int = 0, label_smoothing: float = 0.0, channels_last: bool = False,
-                 net_kwargs: dict[str, Any] | None = None, compile: bool | str = False):
+    def __init__(
+        self,
+        arch: str,
+        num_classes: int,
+        in_chans: int,
+        input_size: int,
+        *,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        epochs: int = 100,
+        warmup_epochs: int = 0,
+        label_smoothing: float = 0.0,
+        channels_last: bool = False,
+        net_kwargs: dict[str, Any] | None = None,
+        compile: bool | str = False,
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.net = create_network(arch, num_classes, in_chans, input_size, **(net_kwargs or {}))

@@ -51,8 +51,9 @@ def build_expander(method_cfg: DictConfig) -> Expander | None:
     """Instantiate the expander of ``cfg.method`` (None for ``original``)."""
     if method_cfg.get("_target_") is None:
         return None
-    kwargs = {k: v for k, v in OmegaConf.to_container(method_cfg, resolve=True).items()
-              if k not in FRAMEWORK_METHOD_KEYS}
+    kwargs = {
+        k: v for k, v in OmegaConf.to_container(method_cfg, resolve=True).items() if k not in FRAMEWORK_METHOD_KEYS
+    }
     try:
         expander = instantiate(kwargs, _convert_="all")
     except InstantiationException as exc:
@@ -80,8 +81,10 @@ class GenerationSettings:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.num_workers < 0:
-            raise ExpansionError(f"method.batch_size must be >= 1 and method.num_workers >= 0, got "
-                                 f"{self.batch_size} and {self.num_workers}")
+            raise ExpansionError(
+                f"method.batch_size must be >= 1 and method.num_workers >= 0, got "
+                f"{self.batch_size} and {self.num_workers}"
+            )
 
 
 @dataclass
@@ -108,8 +111,10 @@ class Job:
         train = from_mapping(TrainSettings, section["train"], "train")
         classifier = from_mapping(ClassifierSettings, section["classifier"], "classifier")
         if expander is None and not train.include_original:
-            raise ExpansionError("train.include_original=false trains on generated images only, but method=original "
-                                 "generates none; pick an expansion method")
+            raise ExpansionError(
+                "train.include_original=false trains on generated images only, but method=original "
+                "generates none; pick an expansion method"
+            )
         trainer = section["trainer"]
         check_accelerator(trainer)
         generation_trainer = {k: v for k, v in trainer.items() if k not in TRAINING_ONLY_TRAINER_KEYS}
@@ -118,19 +123,36 @@ class Job:
             generation_trainer.update(OmegaConf.to_container(cfg.method.trainer, resolve=True))
         generation_trainer["enable_progress_bar"] = bool(cfg.get("progress_bar", False))
         generation = GenerationSettings(
-            batch_size=int(cfg.method.get("batch_size", 64)), num_workers=int(cfg.method.get("num_workers", 0)),
-            trainer=generation_trainer, store_dir=str(cfg.paths.store_dir), fit_dir=str(cfg.paths.fit_dir),
-            lock_timeout=float(cfg.get("store_lock_timeout", -1)))
-        return cls(cfg=cfg, expander=expander, train=train, classifier=classifier,
-                   quality=quality_settings(cfg.quality), trainer=trainer, generation=generation,
-                   seed=int(cfg.seed), expansion_seed=int(cfg.expansion_seed),
-                   progress=bool(cfg.get("progress_bar", False)),
-                   labels={"table": cfg.get("table"), "method": cfg.method.name,
-                           "paper_method": cfg.method.get("paper_name"), "classifier": classifier.name,
-                           "train_per_class": cfg.dataset.get("train_per_class"),
-                           "extra_real_per_class": cfg.dataset.get("extra_real_per_class"),
-                           "prompt_prefix": cfg.dataset.get("prompt_prefix"),
-                           "recipe": cfg.dataset.recipe.augment, "tensor_dir": cfg.paths.get("tensor_dir")})
+            batch_size=int(cfg.method.get("batch_size", 64)),
+            num_workers=int(cfg.method.get("num_workers", 0)),
+            trainer=generation_trainer,
+            store_dir=str(cfg.paths.store_dir),
+            fit_dir=str(cfg.paths.fit_dir),
+            lock_timeout=float(cfg.get("store_lock_timeout", -1)),
+        )
+        return cls(
+            cfg=cfg,
+            expander=expander,
+            train=train,
+            classifier=classifier,
+            quality=quality_settings(cfg.quality),
+            trainer=trainer,
+            generation=generation,
+            seed=int(cfg.seed),
+            expansion_seed=int(cfg.expansion_seed),
+            progress=bool(cfg.get("progress_bar", False)),
+            labels={
+                "table": cfg.get("table"),
+                "method": cfg.method.name,
+                "paper_method": cfg.method.get("paper_name"),
+                "classifier": classifier.name,
+                "train_per_class": cfg.dataset.get("train_per_class"),
+                "extra_real_per_class": cfg.dataset.get("extra_real_per_class"),
+                "prompt_prefix": cfg.dataset.get("prompt_prefix"),
+                "recipe": cfg.dataset.recipe.augment,
+                "tensor_dir": cfg.paths.get("tensor_dir"),
+            },
+        )
 
     @property
     def device(self) -> str:
@@ -142,21 +164,38 @@ class Job:
 def check_accelerator(trainer: dict[str, Any]) -> None:
     """``trainer=gpu`` (or ddp) on a machine without a CUDA device is an error now, not after generation."""
     if str(trainer.get("accelerator", "cpu")) in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ExpansionError(f"trainer.accelerator={trainer['accelerator']} but no CUDA device is visible here; "
-                             "use trainer=cpu (or run where a GPU is)")
+        raise ExpansionError(
+            f"trainer.accelerator={trainer['accelerator']} but no CUDA device is visible here; "
+            "use trainer=cpu (or run where a GPU is)"
+        )
 
 
 def run_expansion(job: Job, data: DatasetSplits, expander: Expander | None = None) -> ExpansionResult:
     """The job's expansion (``expander``: another expander object than the job's own, e.g. a wrapped one)."""
     expander = expander or job.expander
     gen = job.generation
-    context = ExpansionContext(dataset_name=data.name, class_names=data.class_names, channels=data.channels,
-                               image_size=data.image_size, prompt_prefix=job.labels["prompt_prefix"],
-                               auxiliary=data.unused_train)
-    return expand_dataset(expander, data.train, data.identity, context=context, store_dir=gen.store_dir,
-                          fit_dir=gen.fit_dir, seed=job.expansion_seed, batch_size=gen.batch_size,
-                          num_workers=gen.num_workers, trainer_kwargs=gen.trainer, lock_timeout=gen.lock_timeout,
-                          callbacks=[StopOnPreemption()])
+    context = ExpansionContext(
+        dataset_name=data.name,
+        class_names=data.class_names,
+        channels=data.channels,
+        image_size=data.image_size,
+        prompt_prefix=job.labels["prompt_prefix"],
+        auxiliary=data.unused_train,
+    )
+    return expand_dataset(
+        expander,
+        data.train,
+        data.identity,
+        context=context,
+        store_dir=gen.store_dir,
+        fit_dir=gen.fit_dir,
+        seed=job.expansion_seed,
+        batch_size=gen.batch_size,
+        num_workers=gen.num_workers,
+        trainer_kwargs=gen.trainer,
+        lock_timeout=gen.lock_timeout,
+        callbacks=[StopOnPreemption()],
+    )
 
 
 def classifier_input_size(job: Job, data: DatasetSplits) -> int:
@@ -166,63 +205,111 @@ def classifier_input_size(job: Job, data: DatasetSplits) -> int:
     return input_size
 
 
-def build_datamodule(job: Job, data: DatasetSplits, expanded_images, expanded_labels,
-                     include_original: bool = True) -> ExpansionDataModule:
+def build_datamodule(
+    job: Job, data: DatasetSplits, expanded_images, expanded_labels, include_original: bool = True
+) -> ExpansionDataModule:
     t = job.train
-    return ExpansionDataModule(data, expanded_images, expanded_labels, recipe=job.labels["recipe"],
-                               input_size=classifier_input_size(job, data), batch_size=t.batch_size,
-                               eval_batch_size=t.eval_batch_size, num_workers=t.num_workers,
-                               include_original=include_original)
+    return ExpansionDataModule(
+        data,
+        expanded_images,
+        expanded_labels,
+        recipe=job.labels["recipe"],
+        input_size=classifier_input_size(job, data),
+        batch_size=t.batch_size,
+        eval_batch_size=t.eval_batch_size,
+        num_workers=t.num_workers,
+        include_original=include_original,
+    )
 
 
 def build_classifier(job: Job, data: DatasetSplits) -> ImageClassifier:
     t, c = job.train, job.classifier
-    return ImageClassifier(c.arch, data.num_classes, data.channels, classifier_input_size(job, data), lr=t.lr,
-                           momentum=t.momentum, weight_decay=t.weight_decay, epochs=t.epochs,
-                           warmup_epochs=t.warmup_epochs, label_smoothing=t.label_smoothing,
-                           channels_last=c.channels_last, net_kwargs=dict(c.kwargs), compile=t.compile)
+    return ImageClassifier(
+        c.arch,
+        data.num_classes,
+        data.channels,
+        classifier_input_size(job, data),
+        lr=t.lr,
+        momentum=t.momentum,
+        weight_decay=t.weight_decay,
+        epochs=t.epochs,
+        warmup_epochs=t.warmup_epochs,
+        label_smoothing=t.label_smoothing,
+        channels_last=c.channels_last,
+        net_kwargs=dict(c.kwargs),
+        compile=t.compile,
+    )
 
 
-def train_and_evaluate(job: Job, data: DatasetSplits, expanded_images, expanded_labels, run_dir: Path,
-                       logger: Any, include_original: bool = True, store_key: str | None = None) -> dict[str, Any]:
+def train_and_evaluate(
+    job: Job,
+    data: DatasetSplits,
+    expanded_images,
+    expanded_labels,
+    run_dir: Path,
+    logger: Any,
+    include_original: bool = True,
+    store_key: str | None = None,
+) -> dict[str, Any]:
     """Train on original (+ expanded) images, or on the expanded images alone; report final-epoch
     test accuracy and test accuracy at the best validation epoch (never selecting on test)."""
     datamodule = build_datamodule(job, data, expanded_images, expanded_labels, include_original)
     model = build_classifier(job, data)
     checkpoints = run_dir / "checkpoints"
     # best.ckpt only serves the test at the best val epoch: weights only, half the bytes of a full checkpoint
-    checkpoint = ModelCheckpoint(dirpath=checkpoints, filename="best", monitor="val/acc", mode="max", save_top_k=1,
-                                 save_weights_only=True)
+    checkpoint = ModelCheckpoint(
+        dirpath=checkpoints, filename="best", monitor="val/acc", mode="max", save_top_k=1, save_weights_only=True
+    )
     # last.ckpt after every epoch (Lightning >= 2.6's save_last only refreshes it with a new best)
-    latest = ModelCheckpoint(dirpath=checkpoints, filename=LAST_CHECKPOINT.removesuffix(".ckpt"), save_top_k=1,
-                             enable_version_counter=False)
+    latest = ModelCheckpoint(
+        dirpath=checkpoints, filename=LAST_CHECKPOINT.removesuffix(".ckpt"), save_top_k=1, enable_version_counter=False
+    )
     # a requeued or rerun job with the same run dir resumes from its newest checkpoint
-    signature = training_signature(dataset_identity=data.identity, store_key=store_key,
-                                   include_original=include_original, classifier=job.classifier, train=job.train,
-                                   seed=job.seed)
+    signature = training_signature(
+        dataset_identity=data.identity,
+        store_key=store_key,
+        include_original=include_original,
+        classifier=job.classifier,
+        train=job.train,
+        seed=job.seed,
+    )
     resume = resume_point(checkpoints, signature)
     kwargs = dict(job.trainer)
     kwargs.setdefault("enable_progress_bar", job.progress)
     epoch_timer = EpochTimer()
-    callbacks = [checkpoint, latest, StampRunSignature(signature),
-                 StopOnPreemption(checkpoint_path=str(checkpoints / PREEMPTED_CHECKPOINT)), epoch_timer]
+    callbacks = [
+        checkpoint,
+        latest,
+        StampRunSignature(signature),
+        StopOnPreemption(checkpoint_path=str(checkpoints / PREEMPTED_CHECKPOINT)),
+        epoch_timer,
+    ]
     epochs = job.train.epochs
-    trainer = L.Trainer(max_epochs=epochs, logger=logger, callbacks=callbacks,
-                        # checkpoints are written by a background thread from a copy of the state (atomic as
-                        # before; fit waits for the last one), so the epochs do not wait for the disk
-                        plugins=[AsyncCheckpointIO(AtomicCheckpointIO())], default_root_dir=str(run_dir),
-                        num_sanity_val_steps=0, enable_model_summary=False, **kwargs)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        logger=logger,
+        callbacks=callbacks,
+        # checkpoints are written by a background thread from a copy of the state (atomic as
+        # before; fit waits for the last one), so the epochs do not wait for the disk
+        plugins=[AsyncCheckpointIO(AtomicCheckpointIO())],
+        default_root_dir=str(run_dir),
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
+        **kwargs,
+    )
     if resume:
-        log.info("resuming training from %s (epoch %d, step %d)", resume[0], resume[1]["epoch"],
-                 resume[1]["global_step"])
+        log.info(
+            "resuming training from %s (epoch %d, step %d)", resume[0], resume[1]["epoch"], resume[1]["global_step"]
+        )
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume[0] if resume else None, weights_only=True)
     train_seconds = time.perf_counter() - start
     (checkpoints / PREEMPTED_CHECKPOINT).unlink(missing_ok=True)  # superseded by last.ckpt
     history = list(model.val_history)
     final = trainer.test(model, datamodule=datamodule, verbose=False)[0]["test/acc"]
-    best = trainer.test(model, datamodule=datamodule, ckpt_path=checkpoint.best_model_path, verbose=False,
-                        weights_only=True)[0]["test/acc"]
+    best = trainer.test(
+        model, datamodule=datamodule, ckpt_path=checkpoint.best_model_path, verbose=False, weights_only=True
+    )[0]["test/acc"]
     best_epoch = int(np.argmax(history)) if history else -1
     steps_now = trainer.global_step - (resume[1]["global_step"] if resume else 0)
     epochs_now = epochs * steps_now / max(trainer.global_step, 1)
@@ -292,32 +379,67 @@ def _run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict[str, Any]:
     if expander is not None:
         result = run_expansion(job, data)
         store_key = result.store.key
-        expanded_images = load_expanded_images(result.expanded, data.channels, data.image_size,
-                                               tensor_dir=job.labels["tensor_dir"])
+        expanded_images = load_expanded_images(
+            result.expanded, data.channels, data.image_size, tensor_dir=job.labels["tensor_dir"]
+        )
         expanded_labels = result.expanded.labels
         metrics["expansion"] = {
-            "store": str(result.store.root), "key": result.store.key, "num_images": len(result.expanded),
-            "generated_images": result.generated_images, "reused": result.reused,
-            "seconds": round(result.seconds, 3), "fit_seconds": round(result.fit_seconds, 3),
+            "store": str(result.store.root),
+            "key": result.store.key,
+            "num_images": len(result.expanded),
+            "generated_images": result.generated_images,
+            "reused": result.reused,
+            "seconds": round(result.seconds, 3),
+            "fit_seconds": round(result.fit_seconds, 3),
         }
-        log.info("expansion: %d images (%d generated now) in %.1fs", len(result.expanded),
-                 result.generated_images, result.seconds)
+        log.info(
+            "expansion: %d images (%d generated now) in %.1fs",
+            len(result.expanded),
+            result.generated_images,
+            result.seconds,
+        )
         if job.quality.enabled:
             from experiments.analysis.quality import evaluate_expansion
 
             title = f"{data.name} | {job.labels['method']} x{expander.ratio} | expansion seed {job.expansion_seed}"
-            q = evaluate_expansion(job.quality, data, result.expanded, expanded_images, run_dir,
-                                   seed=job.expansion_seed, device=job.device, title=title, progress=job.progress)
+            q = evaluate_expansion(
+                job.quality,
+                data,
+                result.expanded,
+                expanded_images,
+                run_dir,
+                seed=job.expansion_seed,
+                device=job.device,
+                title=title,
+                progress=job.progress,
+            )
             metrics["quality"] = q
-            log.info("quality (%s): FID %.3f, label agreement %s, Vendi %.2f (original %.2f), near-duplicates %d, "
-                     "in %.1fs", q["feature_extractor"], q["fid"], q["label_agreement"], q["vendi_expanded"],
-                     q["vendi_original"], q["near_duplicates"], q["seconds"])
+            log.info(
+                "quality (%s): FID %.3f, label agreement %s, Vendi %.2f (original %.2f), near-duplicates %d, in %.1fs",
+                q["feature_extractor"],
+                q["fid"],
+                q["label_agreement"],
+                q["vendi_expanded"],
+                q["vendi_original"],
+                q["near_duplicates"],
+                q["seconds"],
+            )
         if isinstance(logger, WandbLogger):
             wandb_logging.log_expansion(logger, cfg, metrics, data, result.expanded, expanded_images, run_dir)
     PREEMPTION.stop_if_requested()  # a signal during expansion or quality: stop before training
     L.seed_everything(job.seed, workers=True, verbose=False)
-    metrics.update(train_and_evaluate(job, data, expanded_images, expanded_labels, run_dir / "train",
-                                      logger, include_original, store_key=store_key))
+    metrics.update(
+        train_and_evaluate(
+            job,
+            data,
+            expanded_images,
+            expanded_labels,
+            run_dir / "train",
+            logger,
+            include_original,
+            store_key=store_key,
+        )
+    )
     if expander is not None and compare_original(job.train.compare_original):
         PREEMPTION.stop_if_requested()
         L.seed_everything(job.seed, workers=True, verbose=False)
@@ -332,13 +454,17 @@ def _run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict[str, Any]:
 
 def summary_line(m: dict[str, Any]) -> str:
     data = "" if m.get("train_data", "original+generated") == "original+generated" else f" ({m['train_data']})"
-    line = (f"[{m['dataset']} | {m['method']} x{m['ratio']}{data} | {m['classifier']} | seed {m['seed']}] "
-            f"test acc: final {m['test_acc_final']:.2f}%, at best val epoch {m['test_acc_best_val']:.2f}%")
+    line = (
+        f"[{m['dataset']} | {m['method']} x{m['ratio']}{data} | {m['classifier']} | seed {m['seed']}] "
+        f"test acc: final {m['test_acc_final']:.2f}%, at best val epoch {m['test_acc_best_val']:.2f}%"
+    )
     if "original" in m:
         o = m["original"]
-        line += (f"\n[{m['dataset']} | original (no expansion) | {m['classifier']} | seed {m['seed']}] "
-                 f"test acc: final {o['test_acc_final']:.2f}%, at best val epoch {o['test_acc_best_val']:.2f}%"
-                 f"\nexpanded - original: {m['test_acc_final'] - o['test_acc_final']:+.2f} points (final epoch)")
+        line += (
+            f"\n[{m['dataset']} | original (no expansion) | {m['classifier']} | seed {m['seed']}] "
+            f"test acc: final {o['test_acc_final']:.2f}%, at best val epoch {o['test_acc_best_val']:.2f}%"
+            f"\nexpanded - original: {m['test_acc_final'] - o['test_acc_final']:+.2f} points (final epoch)"
+        )
     return line
 
 

@@ -121,8 +121,12 @@ def preemptible(flag: PreemptionFlag = PREEMPTION) -> Iterator[PreemptionFlag]:
         if not flag.requested:
             raise  # a SIGTERMException without our signal: not ours to handle
         name = signal.Signals(flag.signum).name
-        log.warning("preempted (%s): checkpoint and store are on disk; exiting with %d so the job can be "
-                    "requeued (the same command and run dir resume it)", name, EXIT_PREEMPTED)
+        log.warning(
+            "preempted (%s): checkpoint and store are on disk; exiting with %d so the job can be "
+            "requeued (the same command and run dir resume it)",
+            name,
+            EXIT_PREEMPTED,
+        )
         flag.run_previous_handler()
         raise SystemExit(EXIT_PREEMPTED) from exc
     finally:
@@ -154,8 +158,9 @@ class StopOnPreemption(Callback):
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.flag.reclaim()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         # not after an epoch's last batch: a checkpoint from there resumes into the next epoch and
         # that epoch's validation never runs; the stop comes one batch later, after validation
         if batch_idx + 1 >= trainer.num_training_batches:
@@ -166,9 +171,11 @@ class StopOnPreemption(Callback):
         self._stop_if_requested(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if (self.checkpoint_path and isinstance(exception, (Preempted, SIGTERMException))
-                and trainer.state.fn == "fit"):
+        if self.checkpoint_path and isinstance(exception, (Preempted, SIGTERMException)) and trainer.state.fn == "fit":
             trainer.save_checkpoint(self.checkpoint_path)
-            log.info("training stopped at epoch %d, step %d: checkpoint %s", trainer.current_epoch,
-                     trainer.global_step, self.checkpoint_path)
-
+            log.info(
+                "training stopped at epoch %d, step %d: checkpoint %s",
+                trainer.current_epoch,
+                trainer.global_step,
+                self.checkpoint_path,
+            )

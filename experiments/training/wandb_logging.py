@@ -47,8 +47,11 @@ def sweep_group(cfg: DictConfig) -> str:
 def make_wandb_logger(cfg: DictConfig, run_dir: Path) -> Any:
     from lightning.pytorch.loggers import WandbLogger
 
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.logger, resolve=True).items()
-              if k not in ("_target_", *FRAMEWORK_KEYS)}
+    kwargs = {
+        k: v
+        for k, v in OmegaConf.to_container(cfg.logger, resolve=True).items()
+        if k not in ("_target_", *FRAMEWORK_KEYS)
+    }
     kwargs["group"] = kwargs.get("group") or sweep_group(cfg)
     kwargs["job_type"] = kwargs.get("job_type") or ("train" if cfg.method.get("_target_") is None else "expand")
     kwargs["tags"] = [str(t) for t in (kwargs.get("tags") or []) if t is not None]
@@ -58,8 +61,9 @@ def make_wandb_logger(cfg: DictConfig, run_dir: Path) -> Any:
     return logger
 
 
-def log_expansion(logger: Any, cfg: DictConfig, metrics: dict[str, Any], data: Any, expanded: Any,
-                  expanded_images: Any, run_dir: Path) -> None:
+def log_expansion(
+    logger: Any, cfg: DictConfig, metrics: dict[str, Any], data: Any, expanded: Any, expanded_images: Any, run_dir: Path
+) -> None:
     """Expansion and quality figures, the expansion grid (seed images, then their expansions; drawn
     here when the quality step is off), and a table of manifest rows with their images."""
     import wandb
@@ -71,22 +75,41 @@ def log_expansion(logger: Any, cfg: DictConfig, metrics: dict[str, Any], data: A
     logger.experiment.summary.update(figures)
     grid = run_dir / str(metrics.get("quality", {}).get("grid", "expansion_grid.png"))
     if not grid.is_file():
-        grid = save_expansion_grid(grid, data.train.to_tensor(), data.train.labels, expanded_images,
-                                   [r["parent"] for r in expanded.rows], [r["copy"] for r in expanded.rows],
-                                   rows=int((cfg.get("quality") or {}).get("grid_seeds", 8)),
-                                   class_names=data.class_names)
-    logger.log_image("expansion/grid", [str(grid)],
-                     caption=[f"{cfg.dataset.name} | {cfg.method.name}: each seed image, then its expansions"])
+        grid = save_expansion_grid(
+            grid,
+            data.train.to_tensor(),
+            data.train.labels,
+            expanded_images,
+            [r["parent"] for r in expanded.rows],
+            [r["copy"] for r in expanded.rows],
+            rows=int((cfg.get("quality") or {}).get("grid_seeds", 8)),
+            class_names=data.class_names,
+        )
+    logger.log_image(
+        "expansion/grid",
+        [str(grid)],
+        caption=[f"{cfg.dataset.name} | {cfg.method.name}: each seed image, then its expansions"],
+    )
     # an evenly spaced selection of at most logger.table_rows rows; 63-bit seeds as text (a float column rounds them)
     rows = expanded.rows
     limit = int(cfg.logger.get("table_rows", 64))
     picked = np.unique(np.linspace(0, len(rows) - 1, num=min(limit, len(rows))).round().astype(int)) if rows else []
     fields = sorted({k for i in picked for k in rows[i]} - {"file", "parent", "copy", "label", "seed"})
-    table = [[wandb.Image(str(expanded.root / "images" / rows[i]["file"])), rows[i]["parent"], rows[i]["copy"],
-              rows[i]["label"], data.class_names[rows[i]["label"]], str(rows[i]["seed"]),
-              *[rows[i].get(f) for f in fields]] for i in picked]
-    logger.log_table("expansion/manifest", columns=["image", "parent", "copy", "label", "class", "seed", *fields],
-                     data=table)
+    table = [
+        [
+            wandb.Image(str(expanded.root / "images" / rows[i]["file"])),
+            rows[i]["parent"],
+            rows[i]["copy"],
+            rows[i]["label"],
+            data.class_names[rows[i]["label"]],
+            str(rows[i]["seed"]),
+            *[rows[i].get(f) for f in fields],
+        ]
+        for i in picked
+    ]
+    logger.log_table(
+        "expansion/manifest", columns=["image", "parent", "copy", "label", "class", "seed", *fields], data=table
+    )
 
 
 def log_results(logger: Any, metrics: dict[str, Any]) -> None:

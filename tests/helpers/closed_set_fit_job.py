@@ -13,27 +13,43 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+import torch
+from omegaconf import OmegaConf
 
-import expansion.closed_set_diffusion as csd  # noqa: E402
-from expansion.base import ExpansionContext  # noqa: E402
-from expansion.engine import fit_expander  # noqa: E402
-from experiments.data.datasets import build_dataset  # noqa: E402
+import expansion.closed_set_diffusion as csd
+from expansion.base import ExpansionContext
+from expansion.engine import fit_expander
+from experiments.data.datasets import build_dataset
 
-TINY_UNET = {"block_out_channels": [16, 32], "attention": [False, True], "layers_per_block": 1,
-             "norm_num_groups": 8, "attention_head_dim": 8}
+TINY_UNET = {
+    "block_out_channels": [16, 32],
+    "attention": [False, True],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "attention_head_dim": 8,
+}
 
 
 def tiny_expander(steps: int) -> csd.ClosedSetDiffusion:
-    return csd.ClosedSetDiffusion(ratio=2, resolution=16, unet=TINY_UNET, num_inference_steps=2,
-                                  fit={"steps": steps, "batch_size": 4, "lr": 2e-3, "warmup_steps": 2,
-                                       "checkpoint_every": 2})
+    return csd.ClosedSetDiffusion(
+        ratio=2,
+        resolution=16,
+        unet=TINY_UNET,
+        num_inference_steps=2,
+        fit={"steps": steps, "batch_size": 4, "lr": 2e-3, "warmup_steps": 2, "checkpoint_every": 2},
+    )
 
 
 def breast_few_shot(shared: str, per_class: int = 4):
-    cfg = OmegaConf.create({"name": "breastmnist", "loader": "medmnist", "root": f"{shared}/medmnist",
-                            "image_size": 28, "train_per_class": per_class})
+    cfg = OmegaConf.create(
+        {
+            "name": "breastmnist",
+            "loader": "medmnist",
+            "root": f"{shared}/medmnist",
+            "image_size": 28,
+            "train_per_class": per_class,
+        }
+    )
     return build_dataset(cfg).in_memory()
 
 
@@ -50,8 +66,11 @@ def main(shared: str, cache: str, delay: float, steps: int) -> None:
         csd.build_unet = slow_unet
     data = breast_few_shot(shared)
     expander = tiny_expander(steps)
-    expander.prepare(ExpansionContext(dataset_name=data.name, class_names=data.class_names, channels=data.channels,
-                                      image_size=data.image_size))
+    expander.prepare(
+        ExpansionContext(
+            dataset_name=data.name, class_names=data.class_names, channels=data.channels, image_size=data.image_size
+        )
+    )
     fit_expander(expander, data.train, data.identity, f"{cache}/fits")
     artifact = next(Path(cache, "fits").iterdir())
     print("DONE", artifact, flush=True)

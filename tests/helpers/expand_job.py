@@ -7,19 +7,33 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from omegaconf import OmegaConf  # noqa: E402
+from omegaconf import OmegaConf
 
-from expansion.engine import expand_dataset  # noqa: E402
-from experiments.data.datasets import build_dataset  # noqa: E402
-from tests.helpers.expanders import NoiseShift  # noqa: E402
+from expansion.engine import expand_dataset
+from experiments.data.datasets import build_dataset
+from tests.helpers.expanders import NoiseShift
 
 
 def main(shared: str, cache: str, delay: float, batch_size: int, limit: int) -> None:
-    cfg = OmegaConf.create({"name": "breastmnist", "loader": "medmnist", "root": f"{shared}/medmnist",
-                            "image_size": 28, "train_per_class": limit})
+    cfg = OmegaConf.create(
+        {
+            "name": "breastmnist",
+            "loader": "medmnist",
+            "root": f"{shared}/medmnist",
+            "image_size": 28,
+            "train_per_class": limit,
+        }
+    )
     data = build_dataset(cfg)
-    result = expand_dataset(NoiseShift(3, delay=delay), data.train, data.identity, store_dir=f"{cache}/stores",
-                            fit_dir=f"{cache}/fits", seed=5, batch_size=batch_size)
+    result = expand_dataset(
+        NoiseShift(3, delay=delay),
+        data.train,
+        data.identity,
+        store_dir=f"{cache}/stores",
+        fit_dir=f"{cache}/fits",
+        seed=5,
+        batch_size=batch_size,
+    )
     print("DONE", result.store.root, result.generated_images, flush=True)
 
 

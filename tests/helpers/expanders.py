@@ -27,8 +27,7 @@ class NoiseShift(Expander):
     def expand(self, images, labels, seeds):
         if self.settings.delay:
             time.sleep(self.settings.delay)
-        b, c, h, w = images.shape
+        _, c, h, w = images.shape
         noise = per_image_rand(seeds, (c, h, w), device=images.device) * 2 - 1
         out = images[:, None].float() + self.settings.amplitude * noise
-        return ExpansionOutput(out.round().clamp(0, 255).to(torch.uint8),
-                               {"noise_mean": noise.mean(dim=(2, 3, 4))})
+        return ExpansionOutput(out.round().clamp(0, 255).to(torch.uint8), {"noise_mean": noise.mean(dim=(2, 3, 4))})

@@ -27,6 +27,7 @@ from .core import (
 )
 
 __all__ = [
+    "LOADERS",
     "DatasetError",
     "DatasetNotFoundError",
     "DatasetSplits",
@@ -36,7 +37,6 @@ __all__ = [
     "TensorImageSet",
     "build_dataset",
     "register_loader",
-    "LOADERS",
 ]
 
 
@@ -116,9 +116,11 @@ def build_dataset(cfg: Mapping[str, Any]) -> DatasetSplits:
         if pool is None:
             raise DatasetError(
                 f"dataset {cfg['name']!r}: extra_real_per_class={n_extra} needs a few-shot train_per_class "
-                "(the extra real images come from the training images it leaves out)")
-        extra_idx, rest = per_class_choice(pool.labels, int(n_extra), split_seed + 2, class_names,
-                                           what="extra_real_per_class")
+                "(the extra real images come from the training images it leaves out)"
+            )
+        extra_idx, rest = per_class_choice(
+            pool.labels, int(n_extra), split_seed + 2, class_names, what="extra_real_per_class"
+        )
         extra, pool = pool.subset(extra_idx), pool.subset(rest)
     if len(train) == 0:
         raise DatasetError(f"dataset {cfg['name']!r}: the training split is empty")

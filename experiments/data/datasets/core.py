@@ -72,7 +72,7 @@ class ImageSet(Dataset):
         image = resize_square(match_channels(image, self.channels), self.image_size)
         return image, int(self.labels[index])
 
-    def subset(self, indices: Sequence[int] | np.ndarray) -> "ImageSet":
+    def subset(self, indices: Sequence[int] | np.ndarray) -> ImageSet:
         return SubsetImageSet(self, np.asarray(indices, dtype=np.int64))
 
     def fingerprint(self) -> str:  # pragma: no cover - abstract
@@ -91,7 +91,7 @@ class ImageSet(Dataset):
             raise DatasetError("images of different sizes in one split; set dataset.image_size")
         return torch.stack(images)
 
-    def in_memory(self) -> "TensorImageSet":
+    def in_memory(self) -> TensorImageSet:
         """The split decoded once into memory (an unreadable file fails here, named)."""
         return TensorImageSet(self.to_tensor(), self.labels, image_size=self.image_size)
 
@@ -120,7 +120,7 @@ class TensorImageSet(ImageSet):
     def to_tensor(self) -> torch.Tensor:
         return resize_square(self.images, self.image_size)
 
-    def in_memory(self) -> "TensorImageSet":
+    def in_memory(self) -> TensorImageSet:
         return self
 
     def fingerprint(self) -> str:
@@ -134,8 +134,14 @@ class TensorImageSet(ImageSet):
 class FileImageSet(ImageSet):
     """Images decoded from files on access; an unreadable file is named in the error."""
 
-    def __init__(self, paths: Sequence[Path | str], labels: Sequence[int] | np.ndarray, *, channels: int = 3,
-                 image_size: int | None = None):
+    def __init__(
+        self,
+        paths: Sequence[Path | str],
+        labels: Sequence[int] | np.ndarray,
+        *,
+        channels: int = 3,
+        image_size: int | None = None,
+    ):
         self.paths = [Path(p) for p in paths]
         self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
         if len(self.paths) != len(self.labels):
@@ -168,8 +174,10 @@ def read_image(path: Path, channels: int) -> torch.Tensor:
         with Image.open(path) as img:
             img.load()
             if img.mode in WIDE_MODES:  # PIL's convert would clip every value above 255 to white
-                raise DatasetError(f"image {path} has {img.mode} pixels (more than 8 bits per channel); convert "
-                                   "the dataset to 8-bit images first (e.g. scale 16-bit scans to 0..255)")
+                raise DatasetError(
+                    f"image {path} has {img.mode} pixels (more than 8 bits per channel); convert "
+                    "the dataset to 8-bit images first (e.g. scale 16-bit scans to 0..255)"
+                )
             img = img.convert("L" if channels == 1 else "RGB")
             array = np.asarray(img, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
@@ -217,18 +225,15 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         idx = idx[rng.permutation(len(idx))]
-        n_out = int(round(fraction * len(idx)))
-        if len(idx) > 1:
-            n_out = min(max(n_out, 1), len(idx) - 1)
-        else:
-            n_out = 0
+        n_out = min(max(round(fraction * len(idx)), 1), len(idx) - 1) if len(idx) > 1 else 0
         held.append(idx[:n_out])
         kept.append(idx[n_out:])
     return np.sort(np.concatenate(kept)), np.sort(np.concatenate(held))
 
 
-def per_class_choice(labels: np.ndarray, n_per_class: int, seed: int, class_names: Sequence[str],
-                     what: str = "train_per_class") -> tuple[np.ndarray, np.ndarray]:
+def per_class_choice(
+    labels: np.ndarray, n_per_class: int, seed: int, class_names: Sequence[str], what: str = "train_per_class"
+) -> tuple[np.ndarray, np.ndarray]:
     """Seeded choice of exactly ``n_per_class`` indices of every class; returns sorted
     ``(chosen, rest)``. Fails when a class has fewer images."""
     if n_per_class < 1:
@@ -279,7 +284,7 @@ class DatasetSplits:
             sizes["extra_real"] = len(self.extra_train)
         return sizes
 
-    def in_memory(self, tensor_dir: Path | str | None = None) -> "DatasetSplits":
+    def in_memory(self, tensor_dir: Path | str | None = None) -> DatasetSplits:
         """Every split decoded into memory once; identity and fingerprints are unchanged. The
         unused pool is decoded when it is first used (it can be much larger than the rest).
         With ``tensor_dir``, splits read from image files are decoded once into a keyed cache
@@ -293,13 +298,19 @@ class DatasetSplits:
             from ..tensor_cache import TensorCache, split_source
 
             source = split_source(self.name, split_name, split.fingerprint(), files)
-            images = TensorCache(tensor_dir).get_or_decode(source, split.image_size, split.channels, split.labels,
-                                                           split.to_tensor)
+            images = TensorCache(tensor_dir).get_or_decode(
+                source, split.image_size, split.channels, split.labels, split.to_tensor
+            )
             return TensorImageSet(images, split.labels, image_size=split.image_size)
 
         extra = load(self.extra_train, "extra_train") if self.extra_train is not None else None
-        return replace(self, train=load(self.train, "train"), val=load(self.val, "val"),
-                       test=load(self.test, "test"), extra_train=extra)
+        return replace(
+            self,
+            train=load(self.train, "train"),
+            val=load(self.val, "val"),
+            test=load(self.test, "test"),
+            extra_train=extra,
+        )
 
     def check_labels(self) -> None:
         for split_name in ("train", "val", "test", "extra_train"):

@@ -33,7 +33,9 @@ def load_digits(cfg: Mapping[str, Any]) -> RawSplits:
     data = sk_digits()
     images = torch.from_numpy(np.round(data.images * (255.0 / 16.0)).astype(np.uint8))[:, None]
     labels = data.target.astype(np.int64)
-    train_idx, test_idx = stratified_holdout(labels, float(cfg.get("test_fraction", 0.5)), int(cfg.get("split_seed", 0)) + 7)
+    train_idx, test_idx = stratified_holdout(
+        labels, float(cfg.get("test_fraction", 0.5)), int(cfg.get("split_seed", 0)) + 7
+    )
     size = cfg.get("image_size")
     full = TensorImageSet(images, labels, image_size=size)
     return RawSplits(
@@ -61,7 +63,8 @@ def load_medmnist(cfg: Mapping[str, Any]) -> RawSplits:
     download = bool(cfg.get("download", False))
     if not (root / filename).is_file() and not download:
         raise missing_dataset(
-            cfg["name"], root / filename,
+            cfg["name"],
+            root / filename,
             f"Set dataset.download=true to fetch it (from {info.get('url', 'zenodo.org/records/10519652')}), "
             f"or point dataset.root at a folder holding {filename}.",
         )
@@ -80,8 +83,7 @@ def load_medmnist(cfg: Mapping[str, Any]) -> RawSplits:
             raise DatasetError(f"{flag} is multi-label ({info['task']}); only single-label MedMNIST sets are supported")
         splits[split] = TensorImageSet(imgs, labels[:, 0], image_size=cfg.get("image_size"))
     class_names = [info["label"][str(i)] for i in range(len(info["label"]))]
-    return RawSplits(class_names, splits["train"], splits["test"], splits["val"],
-                     source={"flag": flag, "size": size})
+    return RawSplits(class_names, splits["train"], splits["test"], splits["val"], source={"flag": flag, "size": size})
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -124,8 +126,10 @@ def load_mnist(cfg: Mapping[str, Any]) -> RawSplits:
 
         for train in (True, False):
             MNIST(str(root), train=train, download=True)
-    how = ("Set dataset.download=true to fetch MNIST with torchvision, or put the IDX files "
-           "(from https://ossci-datasets.s3.amazonaws.com/mnist/) in dataset.root.")
+    how = (
+        "Set dataset.download=true to fetch MNIST with torchvision, or put the IDX files "
+        "(from https://ossci-datasets.s3.amazonaws.com/mnist/) in dataset.root."
+    )
     test_images, test_labels = _find_idx(root, "t10k-images-idx3-ubyte"), _find_idx(root, "t10k-labels-idx1-ubyte")
     if test_images is None or test_labels is None:
         raise missing_dataset(cfg["name"], root / "t10k-images-idx3-ubyte.gz", how)
@@ -134,14 +138,20 @@ def load_mnist(cfg: Mapping[str, Any]) -> RawSplits:
     classes = [str(i) for i in range(10)]
     if cfg.get("split_test_into_train", False):
         full = TensorImageSet(torch.from_numpy(x_test.copy())[:, None], y_test, image_size=size)
-        train_idx, test_idx = stratified_holdout(y_test, float(cfg.get("test_holdout_fraction", 0.5)),
-                                                 int(cfg.get("split_seed", 0)) + 11)
-        return RawSplits(classes, full.subset(train_idx), full.subset(test_idx),
-                         source={"split_test_into_train": True, "test_holdout_fraction": cfg.get("test_holdout_fraction", 0.5)})
+        train_idx, test_idx = stratified_holdout(
+            y_test, float(cfg.get("test_holdout_fraction", 0.5)), int(cfg.get("split_seed", 0)) + 11
+        )
+        return RawSplits(
+            classes,
+            full.subset(train_idx),
+            full.subset(test_idx),
+            source={"split_test_into_train": True, "test_holdout_fraction": cfg.get("test_holdout_fraction", 0.5)},
+        )
     train_images, train_labels = _find_idx(root, "train-images-idx3-ubyte"), _find_idx(root, "train-labels-idx1-ubyte")
     if train_images is None or train_labels is None:
         raise missing_dataset(
-            cfg["name"], root / "train-images-idx3-ubyte.gz",
+            cfg["name"],
+            root / "train-images-idx3-ubyte.gz",
             how + " Or set dataset.split_test_into_train=true to split the test images.",
         )
     x_train, y_train = _read_idx(train_images), _read_idx(train_labels).astype(np.int64)
@@ -153,7 +163,9 @@ def load_mnist(cfg: Mapping[str, Any]) -> RawSplits:
     )
 
 
-def scan_class_folders(split_dir: Path, class_names: list[str] | None = None) -> tuple[list[str], list[Path], list[int]]:
+def scan_class_folders(
+    split_dir: Path, class_names: list[str] | None = None
+) -> tuple[list[str], list[Path], list[int]]:
     """List ``split_dir/<class>/<image>``; fails on an empty class folder.
     Hidden files are ignored; files with non-image extensions are ignored."""
     if not split_dir.is_dir():
@@ -171,10 +183,15 @@ def scan_class_folders(split_dir: Path, class_names: list[str] | None = None) ->
     labels: list[int] = []
     for label, name in enumerate(class_names):
         folder = split_dir / name
-        files = sorted(
-            p for p in folder.iterdir()
-            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
-        ) if folder.is_dir() else []
+        files = (
+            sorted(
+                p
+                for p in folder.iterdir()
+                if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+            )
+            if folder.is_dir()
+            else []
+        )
         if not files and folder.is_dir():
             raise DatasetError(f"class folder {folder} holds no images")
         paths.extend(files)
@@ -188,8 +205,11 @@ def load_imagefolder(cfg: Mapping[str, Any]) -> RawSplits:
     (sorted). Without ``val/`` a val split is carved from train."""
     root = Path(str(cfg["path"])).expanduser()
     if not (root / "train").is_dir():
-        raise missing_dataset(cfg["name"], root / "train",
-                              "Point dataset.path at a folder with train/<class>/*.jpg and test/<class>/*.jpg.")
+        raise missing_dataset(
+            cfg["name"],
+            root / "train",
+            "Point dataset.path at a folder with train/<class>/*.jpg and test/<class>/*.jpg.",
+        )
     if not (root / "test").is_dir():
         raise missing_dataset(cfg["name"], root / "test", "An imagefolder dataset needs a test/<class>/ folder.")
     channels = int(cfg.get("channels", 3))
@@ -200,5 +220,4 @@ def load_imagefolder(cfg: Mapping[str, Any]) -> RawSplits:
         if (root / split).is_dir():
             _, p, y = scan_class_folders(root / split, class_names)
             splits[split] = FileImageSet(p, y, channels=channels, image_size=size)
-    return RawSplits(class_names, splits["train"], splits["test"], splits.get("val"),
-                     source={"layout": "imagefolder"})
+    return RawSplits(class_names, splits["train"], splits["test"], splits.get("val"), source={"layout": "imagefolder"})

@@ -35,27 +35,108 @@ from .simple import scan_class_folders
 # usual public list (also recent torchvision's Flowers102.classes) without the stray "?" it has
 # on "pink-yellow dahlia" (label 60).
 FLOWERS102_CLASSES: list[str] = [
-    "pink primrose", "hard-leaved pocket orchid", "canterbury bells", "sweet pea", "english marigold",
-    "tiger lily", "moon orchid", "bird of paradise", "monkshood", "globe thistle",
-    "snapdragon", "colt's foot", "king protea", "spear thistle", "yellow iris",
-    "globe-flower", "purple coneflower", "peruvian lily", "balloon flower", "giant white arum lily",
-    "fire lily", "pincushion flower", "fritillary", "red ginger", "grape hyacinth",
-    "corn poppy", "prince of wales feathers", "stemless gentian", "artichoke", "sweet william",
-    "carnation", "garden phlox", "love in the mist", "mexican aster", "alpine sea holly",
-    "ruby-lipped cattleya", "cape flower", "great masterwort", "siam tulip", "lenten rose",
-    "barbeton daisy", "daffodil", "sword lily", "poinsettia", "bolero deep blue",
-    "wallflower", "marigold", "buttercup", "oxeye daisy", "common dandelion",
-    "petunia", "wild pansy", "primula", "sunflower", "pelargonium",
-    "bishop of llandaff", "gaura", "geranium", "orange dahlia", "pink-yellow dahlia",
-    "cautleya spicata", "japanese anemone", "black-eyed susan", "silverbush", "californian poppy",
-    "osteospermum", "spring crocus", "bearded iris", "windflower", "tree poppy",
-    "gazania", "azalea", "water lily", "rose", "thorn apple",
-    "morning glory", "passion flower", "lotus", "toad lily", "anthurium",
-    "frangipani", "clematis", "hibiscus", "columbine", "desert-rose",
-    "tree mallow", "magnolia", "cyclamen", "watercress", "canna lily",
-    "hippeastrum", "bee balm", "ball moss", "foxglove", "bougainvillea",
-    "camellia", "mallow", "mexican petunia", "bromelia", "blanket flower",
-    "trumpet creeper", "blackberry lily",
+    "pink primrose",
+    "hard-leaved pocket orchid",
+    "canterbury bells",
+    "sweet pea",
+    "english marigold",
+    "tiger lily",
+    "moon orchid",
+    "bird of paradise",
+    "monkshood",
+    "globe thistle",
+    "snapdragon",
+    "colt's foot",
+    "king protea",
+    "spear thistle",
+    "yellow iris",
+    "globe-flower",
+    "purple coneflower",
+    "peruvian lily",
+    "balloon flower",
+    "giant white arum lily",
+    "fire lily",
+    "pincushion flower",
+    "fritillary",
+    "red ginger",
+    "grape hyacinth",
+    "corn poppy",
+    "prince of wales feathers",
+    "stemless gentian",
+    "artichoke",
+    "sweet william",
+    "carnation",
+    "garden phlox",
+    "love in the mist",
+    "mexican aster",
+    "alpine sea holly",
+    "ruby-lipped cattleya",
+    "cape flower",
+    "great masterwort",
+    "siam tulip",
+    "lenten rose",
+    "barbeton daisy",
+    "daffodil",
+    "sword lily",
+    "poinsettia",
+    "bolero deep blue",
+    "wallflower",
+    "marigold",
+    "buttercup",
+    "oxeye daisy",
+    "common dandelion",
+    "petunia",
+    "wild pansy",
+    "primula",
+    "sunflower",
+    "pelargonium",
+    "bishop of llandaff",
+    "gaura",
+    "geranium",
+    "orange dahlia",
+    "pink-yellow dahlia",
+    "cautleya spicata",
+    "japanese anemone",
+    "black-eyed susan",
+    "silverbush",
+    "californian poppy",
+    "osteospermum",
+    "spring crocus",
+    "bearded iris",
+    "windflower",
+    "tree poppy",
+    "gazania",
+    "azalea",
+    "water lily",
+    "rose",
+    "thorn apple",
+    "morning glory",
+    "passion flower",
+    "lotus",
+    "toad lily",
+    "anthurium",
+    "frangipani",
+    "clematis",
+    "hibiscus",
+    "columbine",
+    "desert-rose",
+    "tree mallow",
+    "magnolia",
+    "cyclamen",
+    "watercress",
+    "canna lily",
+    "hippeastrum",
+    "bee balm",
+    "ball moss",
+    "foxglove",
+    "bougainvillea",
+    "camellia",
+    "mallow",
+    "mexican petunia",
+    "bromelia",
+    "blanket flower",
+    "trumpet creeper",
+    "blackberry lily",
 ]
 assert len(FLOWERS102_CLASSES) == 102 and len(set(FLOWERS102_CLASSES)) == 102
 
@@ -101,8 +182,9 @@ def _torchvision_call(name: str, what: str, fn: Callable[[], Any], how: str) -> 
         raise DatasetError(f"dataset {name!r}: {what} failed ({type(exc).__name__}: {exc}). {how}") from exc
 
 
-def _ensure_files(name: str, required: Sequence[Path], how: str, *, download: bool,
-                  fetch: Callable[[], Any] | None) -> None:
+def _ensure_files(
+    name: str, required: Sequence[Path], how: str, *, download: bool, fetch: Callable[[], Any] | None
+) -> None:
     """Fail with the expected path(s) and the fix unless every required path exists;
     with ``download`` and a ``fetch`` callable, fetch first (only when something is missing)."""
     missing = _missing(required)
@@ -129,8 +211,9 @@ def _private(obj: Any, attr: str, name: str) -> Any:
 
 
 def _file_set(paths: Sequence[Any], labels: Sequence[int], cfg: Mapping[str, Any]) -> FileImageSet:
-    return FileImageSet([Path(str(p)) for p in paths], np.asarray(labels, dtype=np.int64), channels=3,
-                        image_size=cfg.get("image_size"))
+    return FileImageSet(
+        [Path(str(p)) for p in paths], np.asarray(labels, dtype=np.int64), channels=3, image_size=cfg.get("image_size")
+    )
 
 
 def _check_same_classes(name: str, split: str, classes: Sequence[str], reference: Sequence[str]) -> None:
@@ -141,8 +224,9 @@ def _check_same_classes(name: str, split: str, classes: Sequence[str], reference
         )
 
 
-def _labels_by_name(name: str, split: str, labels: Sequence[int], split_classes: Sequence[str],
-                     reference: Sequence[str]) -> list[int]:
+def _labels_by_name(
+    name: str, split: str, labels: Sequence[int], split_classes: Sequence[str], reference: Sequence[str]
+) -> list[int]:
     """Labels indexing ``split_classes`` (a split's own class list) re-indexed into ``reference``."""
     index = {c: i for i, c in enumerate(reference)}
     unknown = sorted(set(split_classes) - set(index))
@@ -164,9 +248,11 @@ def load_caltech101(cfg: Mapping[str, Any]) -> RawSplits:
     name = _name(cfg, "caltech101")
     root = _root(cfg, name)
     folder = root / "caltech101" / "101_ObjectCategories"
-    how = (f"Set dataset.download=true to fetch it with torchvision, or download caltech-101.zip from "
-           f"https://data.caltech.edu/records/mzrjq-6wc02 and unpack its 101_ObjectCategories.tar.gz into "
-           f"{root / 'caltech101'} (giving 101_ObjectCategories/<class>/image_XXXX.jpg).")
+    how = (
+        f"Set dataset.download=true to fetch it with torchvision, or download caltech-101.zip from "
+        f"https://data.caltech.edu/records/mzrjq-6wc02 and unpack its 101_ObjectCategories.tar.gz into "
+        f"{root / 'caltech101'} (giving 101_ObjectCategories/<class>/image_XXXX.jpg)."
+    )
 
     def fetch() -> Any:
         from torchvision.datasets import Caltech101
@@ -190,9 +276,16 @@ def load_caltech101(cfg: Mapping[str, Any]) -> RawSplits:
     train = _file_set([paths[i] for i in train_idx], labels[train_idx], cfg)
     test = _file_set([paths[i] for i in test_idx], labels[test_idx], cfg)
     return RawSplits(
-        class_names, train, test, None,
-        source={"split": "per_class_choice", "train_per_class_official": n, "split_seed": seed,
-                "include_background": include_background},
+        class_names,
+        train,
+        test,
+        None,
+        source={
+            "split": "per_class_choice",
+            "train_per_class_official": n,
+            "split_seed": seed,
+            "include_background": include_background,
+        },
     )
 
 
@@ -227,8 +320,12 @@ def load_cars(cfg: Mapping[str, Any]) -> RawSplits:
     splits = {}
     classes: list[str] = []
     for split in ("train", "test"):
-        ds = _torchvision_call(name, f"reading the {split} annotations",
-                               lambda split=split: StanfordCars(str(root), split=split, download=False), how)
+        ds = _torchvision_call(
+            name,
+            f"reading the {split} annotations",
+            lambda split=split: StanfordCars(str(root), split=split, download=False),
+            how,
+        )
         samples = _private(ds, "_samples", name)
         if split == "train":
             classes = [str(c) for c in ds.classes]
@@ -249,21 +346,28 @@ def load_flowers102(cfg: Mapping[str, Any]) -> RawSplits:
     root = _root(cfg, name)
     base = root / "flowers-102"
     required = [base / "jpg", base / "imagelabels.mat", base / "setid.mat"]
-    how = (f"Set dataset.download=true to fetch it with torchvision, or download 102flowers.tgz, imagelabels.mat "
-           f"and setid.mat from https://www.robots.ox.ac.uk/~vgg/data/flowers/102/ into {base} (unpacking the "
-           f"tgz gives jpg/).")
+    how = (
+        f"Set dataset.download=true to fetch it with torchvision, or download 102flowers.tgz, imagelabels.mat "
+        f"and setid.mat from https://www.robots.ox.ac.uk/~vgg/data/flowers/102/ into {base} (unpacking the "
+        f"tgz gives jpg/)."
+    )
     from torchvision.datasets import Flowers102
 
-    _ensure_files(name, required, how, download=_download(cfg),
-                  fetch=lambda: Flowers102(str(root), split="train", download=True))
+    _ensure_files(
+        name, required, how, download=_download(cfg), fetch=lambda: Flowers102(str(root), split="train", download=True)
+    )
     splits = {}
     for split in ("train", "val", "test"):
-        ds = _torchvision_call(name, f"reading the {split} split",
-                               lambda split=split: Flowers102(str(root), split=split, download=False),
-                               how + " (torchvision also checks the .mat files' md5: a corrupt file fails here.)")
+        ds = _torchvision_call(
+            name,
+            f"reading the {split} split",
+            lambda split=split: Flowers102(str(root), split=split, download=False),
+            how + " (torchvision also checks the .mat files' md5: a corrupt file fails here.)",
+        )
         splits[split] = _file_set(_private(ds, "_image_files", name), _private(ds, "_labels", name), cfg)
-    return RawSplits(list(FLOWERS102_CLASSES), splits["train"], splits["test"], splits["val"],
-                     source={"split": "official"})
+    return RawSplits(
+        list(FLOWERS102_CLASSES), splits["train"], splits["test"], splits["val"], source={"split": "official"}
+    )
 
 
 # --------------------------------------------------------------------------- DTD
@@ -280,27 +384,38 @@ def load_dtd(cfg: Mapping[str, Any]) -> RawSplits:
         raise DatasetError(f"dataset {name!r}: partition must be in 1..10, got {partition}")
     data = root / "dtd" / "dtd"
     required = [data / "images"] + [data / "labels" / f"{s}{partition}.txt" for s in ("train", "val", "test")]
-    how = (f"Set dataset.download=true to fetch it with torchvision, or unpack "
-           f"https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz into {root / 'dtd'} "
-           f"(giving dtd/images and dtd/labels).")
+    how = (
+        f"Set dataset.download=true to fetch it with torchvision, or unpack "
+        f"https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz into {root / 'dtd'} "
+        f"(giving dtd/images and dtd/labels)."
+    )
     from torchvision.datasets import DTD
 
-    _ensure_files(name, required, how, download=_download(cfg),
-                  fetch=lambda: DTD(str(root), split="train", partition=partition, download=True))
+    _ensure_files(
+        name,
+        required,
+        how,
+        download=_download(cfg),
+        fetch=lambda: DTD(str(root), split="train", partition=partition, download=True),
+    )
     splits = {}
     classes: list[str] = []
     for split in ("train", "val", "test"):
         ds = _torchvision_call(
-            name, f"reading the {split}{partition} split",
-            lambda split=split: DTD(str(root), split=split, partition=partition, download=False), how)
+            name,
+            f"reading the {split}{partition} split",
+            lambda split=split: DTD(str(root), split=split, partition=partition, download=False),
+            how,
+        )
         # torchvision indexes each split's labels into that split's own sorted class list
         split_classes = [str(c) for c in ds.classes]
         if split == "train":
             classes = split_classes
         labels = _labels_by_name(name, split, _private(ds, "_labels", name), split_classes, classes)
         splits[split] = _file_set(_private(ds, "_image_files", name), labels, cfg)
-    return RawSplits(classes, splits["train"], splits["test"], splits["val"],
-                     source={"split": "official", "partition": partition})
+    return RawSplits(
+        classes, splits["train"], splits["test"], splits["val"], source={"split": "official", "partition": partition}
+    )
 
 
 # --------------------------------------------------------------------------- Oxford-IIIT Pets
@@ -315,28 +430,42 @@ def load_pets(cfg: Mapping[str, Any]) -> RawSplits:
     root = _root(cfg, name)
     base = root / "oxford-iiit-pet"
     required = [base / "images", base / "annotations" / "trainval.txt", base / "annotations" / "test.txt"]
-    how = (f"Set dataset.download=true to fetch it with torchvision, or unpack images.tar.gz and "
-           f"annotations.tar.gz from https://www.robots.ox.ac.uk/~vgg/data/pets/ into {base}.")
+    how = (
+        f"Set dataset.download=true to fetch it with torchvision, or unpack images.tar.gz and "
+        f"annotations.tar.gz from https://www.robots.ox.ac.uk/~vgg/data/pets/ into {base}."
+    )
     from torchvision.datasets import OxfordIIITPet
 
-    _ensure_files(name, required, how, download=_download(cfg),
-                  fetch=lambda: OxfordIIITPet(str(root), split="trainval", download=True))
+    _ensure_files(
+        name,
+        required,
+        how,
+        download=_download(cfg),
+        fetch=lambda: OxfordIIITPet(str(root), split="trainval", download=True),
+    )
     splits = {}
     classes: list[str] = []
     for split in ("trainval", "test"):
-        ds = _torchvision_call(name, f"reading the {split} split",
-                               lambda split=split: OxfordIIITPet(str(root), split=split, download=False), how)
+        ds = _torchvision_call(
+            name,
+            f"reading the {split} split",
+            lambda split=split: OxfordIIITPet(str(root), split=split, download=False),
+            how,
+        )
         # labels are the annotation files' global breed ids (1..37, minus 1); classes are
         # derived from the split's own rows, so compare the test split's as a subset
         labels = [int(y) for y in _private(ds, "_labels", name)]
         if split == "trainval":
             classes = [str(c) for c in ds.classes]
         elif not set(map(str, ds.classes)) <= set(classes) or (labels and max(labels) >= len(classes)):
-            raise DatasetError(f"dataset {name!r}: the test split has breeds or labels not in trainval; "
-                               f"the annotation files under {base / 'annotations'} look inconsistent")
+            raise DatasetError(
+                f"dataset {name!r}: the test split has breeds or labels not in trainval; "
+                f"the annotation files under {base / 'annotations'} look inconsistent"
+            )
         splits[split] = _file_set(_private(ds, "_images", name), labels, cfg)
-    return RawSplits(classes, splits["trainval"], splits["test"], None,
-                     source={"split": "official", "train": "trainval"})
+    return RawSplits(
+        classes, splits["trainval"], splits["test"], None, source={"split": "official", "train": "trainval"}
+    )
 
 
 # --------------------------------------------------------------------------- CIFAR
@@ -344,16 +473,24 @@ def load_pets(cfg: Mapping[str, Any]) -> RawSplits:
 
 _CIFAR = {
     # loader -> (torchvision class name, folder, files, url)
-    "cifar10": ("CIFAR10", "cifar-10-batches-py",
-                [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"],
-                "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
-    "cifar100": ("CIFAR100", "cifar-100-python", ["train", "test", "meta"],
-                 "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
+    "cifar10": (
+        "CIFAR10",
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"],
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    ),
+    "cifar100": (
+        "CIFAR100",
+        "cifar-100-python",
+        ["train", "test", "meta"],
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+    ),
 }
 
 
-def _load_cifar(cfg: Mapping[str, Any], name: str, which: str) -> tuple[list[str], torch.Tensor, np.ndarray,
-                                                                         torch.Tensor, np.ndarray]:
+def _load_cifar(
+    cfg: Mapping[str, Any], name: str, which: str
+) -> tuple[list[str], torch.Tensor, np.ndarray, torch.Tensor, np.ndarray]:
     """Official CIFAR train and test as uint8 ``[N, 3, 32, 32]`` tensors and labels."""
     import torchvision.datasets as tvd
 
@@ -361,18 +498,27 @@ def _load_cifar(cfg: Mapping[str, Any], name: str, which: str) -> tuple[list[str
     cls = getattr(tvd, cls_name)
     root = _root(cfg, name)
     base = root / folder
-    how = (f"Set dataset.download=true to fetch it with torchvision, or unpack {url} into {root} "
-           f"(giving {folder}/{', '.join(files)}).")
-    _ensure_files(name, [base / f for f in files], how, download=_download(cfg),
-                  fetch=lambda: cls(str(root), train=True, download=True))
+    how = (
+        f"Set dataset.download=true to fetch it with torchvision, or unpack {url} into {root} "
+        f"(giving {folder}/{', '.join(files)})."
+    )
+    _ensure_files(
+        name,
+        [base / f for f in files],
+        how,
+        download=_download(cfg),
+        fetch=lambda: cls(str(root), train=True, download=True),
+    )
     out: list[Any] = []
     classes: list[str] = []
     for train in (True, False):
         ds = _torchvision_call(
-            name, f"reading the {'train' if train else 'test'} pickles",
+            name,
+            f"reading the {'train' if train else 'test'} pickles",
             lambda train=train: cls(str(root), train=train, download=False),
             f"The files under {base} failed torchvision's md5 check or could not be read: delete {base} and set "
-            f"dataset.download=true (or unpack {url} again).")
+            f"dataset.download=true (or unpack {url} again).",
+        )
         data = np.asarray(ds.data, dtype=np.uint8)
         if data.ndim != 4 or data.shape[-1] != 3:
             raise DatasetError(f"dataset {name!r}: expected CIFAR images [N, 32, 32, 3], got {data.shape}")
@@ -389,8 +535,13 @@ def load_cifar10(cfg: Mapping[str, Any]) -> RawSplits:
     name = _name(cfg, "cifar10")
     classes, x_train, y_train, x_test, y_test = _load_cifar(cfg, name, "cifar10")
     size = cfg.get("image_size")
-    return RawSplits(classes, TensorImageSet(x_train, y_train, image_size=size),
-                     TensorImageSet(x_test, y_test, image_size=size), None, source={"split": "official"})
+    return RawSplits(
+        classes,
+        TensorImageSet(x_train, y_train, image_size=size),
+        TensorImageSet(x_test, y_test, image_size=size),
+        None,
+        source={"split": "official"},
+    )
 
 
 @register_loader("cifar100_subset")
@@ -406,5 +557,10 @@ def load_cifar100_subset(cfg: Mapping[str, Any]) -> RawSplits:
     chosen, _ = per_class_choice(y_train, n, seed, classes, what="subset_per_class")
     size = cfg.get("image_size")
     train = TensorImageSet(x_train[torch.from_numpy(chosen)].contiguous(), y_train[chosen], image_size=size)
-    return RawSplits(classes, train, TensorImageSet(x_test, y_test, image_size=size), None,
-                     source={"split": "per_class_choice", "subset_per_class": n, "split_seed": seed})
+    return RawSplits(
+        classes,
+        train,
+        TensorImageSet(x_test, y_test, image_size=size),
+        None,
+        source={"split": "per_class_choice", "subset_per_class": n, "split_seed": seed},
+    )
