@@ -42,6 +42,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import ExpansionError
@@ -54,6 +55,7 @@ __all__ = [
     "ExpansionOutput",
     "ImageSet",
     "NoSettings",
+    "resize",
     "to_uint8",
     "train_tensors",
 ]
@@ -192,6 +194,14 @@ class Expander(nn.Module, abc.ABC):
 
     def extra_repr(self) -> str:
         return f"ratio={self.ratio}, settings={self.settings}"
+
+
+def resize(images: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
+    """Float images ``[N, C, H, W]`` to ``size x size`` (differentiable; antialiased when shrinking);
+    unchanged when already that size."""
+    if images.shape[-2:] == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode=mode, align_corners=False, antialias=images.shape[-1] > size)
 
 
 def to_uint8(images: torch.Tensor, *, value_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import resize
 from .files import atomic_file
 
 #: what the probe's training and network are; part of every key that caches a trained probe
@@ -66,9 +67,7 @@ class Probe(nn.Module):
         x = images01.float()
         if x.shape[1] != self.channels:
             x = x.expand(-1, 3, -1, -1) if self.channels == 3 else (x * LUMA.to(x.device)).sum(1, keepdim=True)
-        if x.shape[-2:] != (self.size, self.size):
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
-        return x * 2 - 1
+        return resize(x, self.size) * 2 - 1
 
     def embed(self, images01: torch.Tensor) -> torch.Tensor:
         return self.net.embed(self.prepare(images01))

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING, Field, field, fields, is_dataclass
 from typing import Any
 
-from .errors import ExpansionError
+from .errors import ExpansionError, SettingsError
 
 _SPEED_ONLY = "speed_only"
 
@@ -29,6 +29,14 @@ def speed_only(default: Any = None) -> Any:
 
 def is_speed_only(f: Field) -> bool:
     return bool(f.metadata.get(_SPEED_ONLY))
+
+
+def check_ranges(settings: Any, checks: list[tuple[bool, str, str]]) -> None:
+    """``checks``: ``(holds, key, allowed)``; the first that does not hold is one
+    :class:`~expansion.errors.SettingsError` line naming the key, what is allowed and the value."""
+    for holds, key, allowed in checks:
+        if not holds:
+            raise SettingsError(f"{key} must be {allowed}, got {getattr(settings, key)!r}")
 
 
 def from_mapping(cls: type, values: Mapping[str, Any] | Any | None, what: str) -> Any:

@@ -240,8 +240,11 @@ def test_readme_metric_example_reaches_the_quality_metrics(monkeypatch):
     from experiments.analysis import quality
 
     monkeypatch.setattr(quality, "METRICS", dict(quality.METRICS))
-    _readme_example("Adding a metric", monkeypatch, {name: getattr(quality, name)
-                                                    for name in ("register_metric", "Column", "QualityInputs")})
+    _readme_example(
+        "Adding a metric",
+        monkeypatch,
+        {name: getattr(quality, name) for name in ("register_metric", "Column", "QualityInputs")},
+    )
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 200, (40, 1, 8, 8), dtype=torch.uint8, generator=g)
     labels = torch.arange(40) % 2

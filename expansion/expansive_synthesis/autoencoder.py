@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import ExpansionError
+from ..base import ExpansionError, resize
 
 
 @dataclass(frozen=True)
@@ -145,14 +145,7 @@ def to_unit(images: torch.Tensor, spec: AutoencoderSpec) -> torch.Tensor:
             x = x.expand(-1, 3, -1, -1)
         else:
             x = (x * torch.tensor((0.299, 0.587, 0.114), device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
-    if x.shape[-1] != spec.image_size or x.shape[-2] != spec.image_size:
-        x = F.interpolate(
-            x,
-            size=(spec.image_size, spec.image_size),
-            mode="bilinear",
-            align_corners=False,
-            antialias=x.shape[-1] > spec.image_size,
-        )
+    x = resize(x, spec.image_size)
     return x
 
 

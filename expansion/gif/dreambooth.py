@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..files import atomic_directory, atomic_write_text
+from ..settings import check_ranges
 
 DONE_MARKER = "DONE"
 
@@ -55,20 +56,18 @@ class DreamBoothSettings:
     max_grad_norm: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.steps < 0:
-            raise ValueError(f"DreamBoothSettings.steps must be >= 0, got {self.steps}")
-        if self.batch_size < 1:
-            raise ValueError(f"DreamBoothSettings.batch_size must be >= 1, got {self.batch_size}")
-        if self.lr <= 0:
-            raise ValueError(f"DreamBoothSettings.lr must be > 0, got {self.lr}")
-        if self.resolution < 8 or self.resolution % 8:
-            raise ValueError(f"DreamBoothSettings.resolution must be a positive multiple of 8, got {self.resolution}")
-        if self.prior_loss_weight < 0:
-            raise ValueError(f"DreamBoothSettings.prior_loss_weight must be >= 0, got {self.prior_loss_weight}")
-        if self.num_class_images < 0:
-            raise ValueError(f"DreamBoothSettings.num_class_images must be >= 0, got {self.num_class_images}")
-        if self.max_grad_norm <= 0:
-            raise ValueError(f"DreamBoothSettings.max_grad_norm must be > 0, got {self.max_grad_norm}")
+        check_ranges(
+            self,
+            [
+                (self.steps >= 0, "steps", ">= 0"),
+                (self.batch_size >= 1, "batch_size", ">= 1"),
+                (self.lr > 0, "lr", "> 0"),
+                (self.resolution >= 8 and self.resolution % 8 == 0, "resolution", "a positive multiple of 8"),
+                (self.prior_loss_weight >= 0, "prior_loss_weight", ">= 0"),
+                (self.num_class_images >= 0, "num_class_images", ">= 0"),
+                (self.max_grad_norm > 0, "max_grad_norm", "> 0"),
+            ],
+        )
 
 
 # --------------------------------------------------------------------------- inputs
@@ -358,32 +357,18 @@ def generate_class_images(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if num_images == 0:
         return torch.zeros(0, 3, resolution, resolution, dtype=torch.uint8)
+    components = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
     pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
     pipe.to(device)
     pipe.set_progress_bar_config(disable=not progress)
+    sampling = dict(height=resolution, width=resolution, num_inference_steps=num_inference_steps, output_type="pt")
     chunks = []
     for b, start in enumerate(range(0, num_images, batch_size)):
         n = min(batch_size, num_images - start)
         gen = torch.Generator().manual_seed(seed + b)
-        out = pipe(
-            prompt,
-            num_images_per_prompt=n,
-            height=resolution,
-            width=resolution,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=gen,
-            output_type="pt",
-        ).images
+        out = pipe(prompt, num_images_per_prompt=n, guidance_scale=guidance_scale, generator=gen, **sampling).images
         chunks.append((out.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu())
     return torch.cat(chunks)
 

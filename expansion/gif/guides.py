@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..base import resize
 from ..errors import ExpansionError
 from ..probe import PROBE_RECIPE, Probe, train_probe
 from ..settings import speed_only
@@ -82,11 +83,7 @@ def rgb_at(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 (or [0, 1] float) ``[B, C, H, W]`` -> RGB in [0, 1] at ``size`` px (bicubic, antialiased
     when shrinking), as a prior's image encoder takes it."""
     x = to_rgb(images.float() / 255.0 if images.dtype == torch.uint8 else images.float())
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(
-            x, size=(size, size), mode="bicubic", align_corners=False, antialias=x.shape[-1] > size
-        ).clamp(0, 1)
-    return x
+    return resize(x, size, "bicubic").clamp(0, 1)
 
 
 class Guide(nn.Module):
@@ -173,14 +170,7 @@ class ClipGuide(Guide):
 
     def forward(self, images: torch.Tensor) -> GuideOutput:
         x = to_rgb(images.float())
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(
-                x,
-                size=(self.image_size, self.image_size),
-                mode="bicubic",
-                align_corners=False,
-                antialias=x.shape[-1] > self.image_size,
-            )
+        x = resize(x, self.image_size, "bicubic")
         x = (x - self.mean) / self.std
         features = F.normalize(self.model.encode_image(x).float(), dim=-1)
         logits = self.logit_scale * features @ self.text_features.T

@@ -20,9 +20,17 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 
-from ..base import Expander, ExpansionContext, ExpansionError, ExpansionOutput, ImageSet, to_uint8, train_tensors
+from ..base import (
+    Expander,
+    ExpansionContext,
+    ExpansionError,
+    ExpansionOutput,
+    ImageSet,
+    resize,
+    to_uint8,
+    train_tensors,
+)
 from ..guidance import (
     GuidanceSettings,
     channel_shape,
@@ -281,8 +289,8 @@ class GifExpander(Expander):
         """Decoded images in [0, 1] ``[B*k, C, H, W]`` -> uint8 ``[B, k, C', S, S]``: resized to
         ``output_size`` (antialiased bilinear) and, RGB for a 1-channel dataset, turned into luma."""
         size = self.settings.output_size
-        if size and images01.shape[-1] != size:
-            images01 = F.interpolate(images01, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        if size:
+            images01 = resize(images01, size)
         if self.context.channels == 1 and images01.shape[1] == 3:
             images01 = (images01 * LUMA.to(images01.device)).sum(1, keepdim=True)
         out = to_uint8(images01)

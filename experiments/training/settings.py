@@ -8,7 +8,7 @@ from dataclasses import MISSING, dataclass
 from typing import Any
 
 from expansion.errors import ExpansionError
-from expansion.settings import field_signature, speed_only
+from expansion.settings import check_ranges, field_signature, speed_only
 
 
 @dataclass(frozen=True)
@@ -34,21 +34,21 @@ class TrainSettings:
     compare_original: bool | str = speed_only(MISSING)
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.epochs >= 1, "epochs", "an integer >= 1"),
-            (self.batch_size >= 1, "batch_size", "an integer >= 1"),
-            (self.eval_batch_size >= 1, "eval_batch_size", "an integer >= 1"),
-            (self.lr > 0, "lr", "> 0"),
-            (0 <= self.momentum < 1, "momentum", "in [0, 1)"),
-            (self.weight_decay >= 0, "weight_decay", ">= 0"),
-            (0 <= self.warmup_epochs < self.epochs, "warmup_epochs", f"in [0, epochs = {self.epochs})"),
-            (0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)"),
-            (self.num_workers >= 0, "num_workers", ">= 0"),
-            (self.compare_original in (True, False, "auto"), "compare_original", "true, false or auto"),
-        ]
-        for ok, key, allowed in checks:
-            if not ok:
-                raise ExpansionError(f"{key} must be {allowed}, got {getattr(self, key)!r}")
+        check_ranges(
+            self,
+            [
+                (self.epochs >= 1, "epochs", "an integer >= 1"),
+                (self.batch_size >= 1, "batch_size", "an integer >= 1"),
+                (self.eval_batch_size >= 1, "eval_batch_size", "an integer >= 1"),
+                (self.lr > 0, "lr", "> 0"),
+                (0 <= self.momentum < 1, "momentum", "in [0, 1)"),
+                (self.weight_decay >= 0, "weight_decay", ">= 0"),
+                (0 <= self.warmup_epochs < self.epochs, "warmup_epochs", f"in [0, epochs = {self.epochs})"),
+                (0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)"),
+                (self.num_workers >= 0, "num_workers", ">= 0"),
+                (self.compare_original in (True, False, "auto"), "compare_original", "true, false or auto"),
+            ],
+        )
 
 
 @dataclass(frozen=True)
