@@ -17,8 +17,12 @@ import experiments.config  # noqa: F401  (registers the ${project_root:} resolve
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     from expansion.base import ExpansionError
     from experiments.data.datasets import DatasetError
+    from experiments.jobs import clear_failure, one_line, record_failure
     from experiments.training.checkpoints import CheckpointError
     from experiments.training.pipeline import run
     from experiments.training.preemption import preemptible
@@ -28,12 +32,25 @@ def main(cfg: DictConfig) -> None:
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).handlers.clear()
 
+    hydra_cfg = HydraConfig.get()
+    job_dir = hydra_cfg.runtime.output_dir
+    clear_failure(job_dir)
     # SIGTERM/SIGUSR1/SIGUSR2 (preemption, time limit): checkpoint, then exit 75 (EXIT_PREEMPTED) for requeue
     with preemptible():
         try:
             run(cfg)
-        except (DatasetError, ExpansionError, CheckpointError) as exc:
-            # a user-facing failure: one clear line, no stack trace
+        except Exception as exc:
+            # a user-facing failure (bad setting, missing data): one clear line, no stack trace
+            user_error = isinstance(exc, DatasetError | ExpansionError | CheckpointError)
+            record_failure(job_dir, exc, user_error=user_error, overrides=list(hydra_cfg.overrides.task))
+            if hydra_cfg.mode == RunMode.MULTIRUN:
+                # the sweep goes on with its other jobs; its results list this one and it exits non-zero
+                logging.getLogger("run").error(
+                    "job %s failed: %s", hydra_cfg.job.num, one_line(exc), exc_info=None if user_error else exc
+                )
+                return
+            if not user_error:
+                raise
             logging.getLogger("run").error("%s", exc)
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)

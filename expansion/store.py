@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import shutil
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -43,6 +44,14 @@ from .files import TMP_MARK, atomic_write_bytes, atomic_write_text, canonical_js
 FORMAT_VERSION = 2
 #: version of the payload that keys fitted artifacts (fit signatures did not change with store version 2)
 FIT_FORMAT_VERSION = 1
+#: chunk-row keys of an image's size and digest (moved into meta.json when the store completes)
+_BYTES, _SHA256 = "_bytes", "_sha256"
+_FILE_NAME = re.compile(r"\d{7,}_\d{3,}\.png")
+REBUILD = "delete the store folder to regenerate it (or use another expansion_seed)"
+
+
+class StoreDamagedError(ExpansionError):
+    """A complete store whose manifest or meta.json is not what was written: refused, never used."""
 
 
 def key_payload(
@@ -69,6 +78,11 @@ def fit_key(dataset_identity: Mapping[str, Any], fit_signature: Mapping[str, Any
     """The key of a method's fitted artifacts (shared by every method with the same fit signature)."""
     payload = key_payload(dataset_identity, fit_signature, 0, FIT_FORMAT_VERSION)
     return content_key(payload), payload
+
+
+def digest_of(data: bytes) -> str:
+    """The sha256 of a file's bytes, as meta.json records it."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def encode_png(image: torch.Tensor) -> bytes:
@@ -157,12 +171,18 @@ class ExpansionStore:
         meta = self.read_meta()
         return bool(meta and meta.get("status") == "complete" and self.manifest_path.is_file())
 
+    @property
+    def lock_path(self) -> Path:
+        """Beside the store, not in it: a start that fails before writing anything removes the store
+        folder while another job may wait on the lock."""
+        return self.root.parent / ".locks" / f"{self.key or self.root.name}.lock"
+
     @contextmanager
     def lock(self, timeout: float = -1) -> Iterator[None]:
         """Exclusive writer lock (flock: released by the OS if the holder dies).
         A second job blocks here until the first finishes, then finds the store complete."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(self.root / ".lock"))
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.lock_path))
         try:
             lock.acquire(timeout=timeout)
         except Timeout as exc:
@@ -172,12 +192,13 @@ class ExpansionStore:
         finally:
             lock.release()
 
-    def open_for_writing(self, ratio: int) -> None:
-        """Create or reopen the store for writing; remove temporaries of a killed run."""
+    def open_for_writing(self, ratio: int, *, writer: bool = True) -> None:
+        """Create or reopen the store for writing; the writer (rank 0) removes temporaries of a killed
+        run (other ranks never do: they would remove files the writer is writing)."""
         self.images_dir.mkdir(parents=True, exist_ok=True)
         self.chunks_dir.mkdir(parents=True, exist_ok=True)
         meta = self.read_meta()
-        if meta is None:
+        if meta is None and writer:
             atomic_write_text(
                 self.meta_path,
                 json.dumps(
@@ -192,10 +213,15 @@ class ExpansionStore:
                     default=str,
                 ),
             )
-        elif meta.get("key") != self.key:
+        elif meta is not None and meta.get("key") != self.key:
             raise ExpansionError(f"store {self.root} holds key {meta.get('key')}, expected {self.key}")
-        for folder in (self.root, self.images_dir, self.chunks_dir):
-            remove_temporaries(folder)
+        if writer:
+            for folder in (self.root, self.images_dir, self.chunks_dir):
+                remove_temporaries(folder)
+
+    def holds_nothing(self) -> bool:
+        """True when no image or manifest chunk was written (a start that failed before generating)."""
+        return not any(self.images_dir.glob("*.png")) and not any(self.chunks_dir.glob("*.jsonl"))
 
     def read_chunks(self) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
@@ -227,8 +253,10 @@ class ExpansionStore:
         try:
             for image, row in zip(images, rows):
                 row["file"] = image_name(row["parent"], row["copy"])
-                atomic_write_bytes(self.images_dir / row["file"], encode_png(image))
+                png = encode_png(image)
+                atomic_write_bytes(self.images_dir / row["file"], png)
                 written.append(self.images_dir / row["file"])
+                row[_BYTES], row[_SHA256] = len(png), digest_of(png)
             text = "".join(canonical_json(r) + "\n" for r in rows)
             parents = [r["parent"] for r in rows]
             digest = hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -259,10 +287,18 @@ class ExpansionStore:
         for row in rows:
             if not (self.images_dir / row["file"]).is_file():
                 raise ExpansionError(f"store {self.root}: manifest names {row['file']} but the image is missing")
-        atomic_write_text(self.manifest_path, "".join(canonical_json(r) + "\n" for r in rows))
+        images = {r["file"]: [r.pop(_BYTES), r.pop(_SHA256)] for r in rows}
+        manifest = "".join(canonical_json(r) + "\n" for r in rows)
+        atomic_write_text(self.manifest_path, manifest)
         meta = self.read_meta() or {}
-        meta.update(status="complete", num_images=len(rows), num_parents=len(expected))
-        atomic_write_text(self.meta_path, json.dumps(meta, indent=2, default=str))
+        meta.update(
+            status="complete",
+            num_images=len(rows),
+            num_parents=len(expected),
+            manifest_sha256=digest_of(manifest.encode()),
+            images=images,
+        )
+        atomic_write_text(self.meta_path, json.dumps(meta, indent=1, default=str))
         self.remove_obsolete_chunks()
 
     def remove_obsolete_chunks(self) -> None:
@@ -274,7 +310,71 @@ class ExpansionStore:
     def read_rows(self) -> list[dict[str, Any]]:
         if not self.manifest_path.is_file():
             raise ExpansionError(f"store {self.root} is not complete (no manifest.jsonl)")
-        return [json.loads(line) for line in self.manifest_path.read_text().splitlines() if line]
+        return self._parse_rows(self.manifest_path.read_text())
+
+    def _parse_rows(self, text: str) -> list[dict[str, Any]]:
+        rows = []
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise StoreDamagedError(
+                    f"store {self.root}: manifest.jsonl line {line_no} is corrupt ({exc.msg}); {REBUILD}"
+                ) from exc
+            if not isinstance(row, dict) or not _FILE_NAME.fullmatch(str(row.get("file", ""))):
+                raise StoreDamagedError(
+                    f"store {self.root}: manifest.jsonl line {line_no} names no image of this "
+                    f"store ({row.get('file') if isinstance(row, dict) else row!r}); {REBUILD}"
+                )
+            rows.append(row)
+        return rows
+
+    def check(self, *, digests: bool = True) -> list[dict[str, Any]]:
+        """Check a complete store before it is reused. The manifest must be the one written (its digest
+        and row count as recorded in meta.json), else :class:`StoreDamagedError` says what is damaged
+        and how to rebuild. Returns the rows whose image is missing, of another size or, with
+        ``digests``, other bytes than were written (empty: sound); those can be regenerated."""
+        meta = self.read_meta() or {}
+        if meta.get("key") != self.key:
+            raise StoreDamagedError(
+                f"store {self.root}: meta.json names key {meta.get('key')}, the folder is "
+                f"{self.key} (a store copied or moved into another's place); {REBUILD}"
+            )
+        if "manifest_sha256" not in meta or "images" not in meta:
+            raise StoreDamagedError(
+                f"store {self.root}: meta.json records no digests (written before they were kept); {REBUILD}"
+            )
+        text = self.manifest_path.read_text() if self.manifest_path.is_file() else ""
+        rows = self._parse_rows(text)
+        if digest_of(text.encode()) != meta["manifest_sha256"] or len(rows) != meta.get("num_images"):
+            raise StoreDamagedError(
+                f"store {self.root}: manifest.jsonl is not the one written (it has {len(rows)} rows, "
+                f"{meta.get('num_images')} were written, and its digest differs): it was cut, edited or corrupted; "
+                f"{REBUILD}"
+            )
+        damaged = []
+        recorded = meta["images"]
+        for row in rows:
+            path = self.images_dir / row["file"]
+            size, digest = recorded.get(row["file"], (None, None))
+            if not path.is_file():
+                damaged.append({**row, "problem": "missing"})
+            elif path.stat().st_size != size:
+                damaged.append({**row, "problem": f"{path.stat().st_size} bytes, {size} written"})
+            elif digests and digest_of(path.read_bytes()) != digest:
+                damaged.append({**row, "problem": "other bytes than written"})
+        return damaged
+
+    def replace_images(self, images: Mapping[str, bytes]) -> None:
+        """Write regenerated images (file name -> PNG bytes) in place of damaged ones and record their
+        digests (the manifest's rows, seeds and fields stay as they were)."""
+        meta = self.read_meta() or {}
+        for name, png in images.items():
+            atomic_write_bytes(self.images_dir / name, png)
+            meta["images"][name] = [len(png), digest_of(png)]
+        atomic_write_text(self.meta_path, json.dumps(meta, indent=1, default=str))
 
     def load(self) -> ExpandedSet:
         if not self.is_complete():

@@ -33,7 +33,7 @@ def _cfg(overrides):
 
 def _stores(tmp_path) -> list[Path]:
     root = tmp_path / "cache" / "stores"
-    return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
 
 
 def assert_nothing_half_written(tmp_path, run_dir):
@@ -282,14 +282,17 @@ def test_corrupt_manifest_chunk_is_named(tmp_path):
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
-def test_damaged_store_image_is_named(tmp_path):
+def test_damaged_store_image_is_named_and_regenerated(tmp_path, caplog):
+    """A truncated image of a finished store is named (verify, and the run's warning) and regenerated
+    from its seed before anything trains on it (issue 17: it used to fail every later run)."""
     store = _complete_store(tmp_path)
+    clean = store.content_hash()
     victim = sorted(store.images_dir.iterdir())[3]
     victim.write_bytes(victim.read_bytes()[:20])
     assert any(victim.name in p for p in store.verify())
-    with pytest.raises(DatasetError, match=f"unreadable image .*{victim.name}"):
-        run(_cfg(["dataset=digits", "method=cutout", "method.ratio=1"]), tmp_path / "run")
-    assert not (tmp_path / "run" / "metrics.json").exists()
+    metrics = run(_cfg(["dataset=digits", "method=cutout", "method.ratio=1"]), tmp_path / "run")
+    assert f"{victim.name} 20 bytes" in caplog.text and "regenerating them from their seeds" in caplog.text
+    assert metrics["expansion"]["generated_images"] == 1 and store.content_hash() == clean and store.verify() == []
 
 
 def test_store_writer_refuses_non_uint8_images(tmp_path):

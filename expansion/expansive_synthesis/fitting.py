@@ -98,11 +98,18 @@ def _save(model: ConvAutoencoder, folder: Path, report: Mapping[str, Any]) -> No
 
 
 def _load(model: ConvAutoencoder, folder: Path) -> dict[str, Any] | None:
+    """The cached weights and report of a stage, or None when there are none or they are damaged (the
+    stage is then trained again and the files replaced)."""
     if not (folder / "report.json").is_file():
         return None
-    model.load_state_dict(load_file(str(folder / "autoencoder.safetensors")))
+    try:
+        model.load_state_dict(load_file(str(folder / "autoencoder.safetensors")))
+        report = json.loads((folder / "report.json").read_text())
+    except Exception as exc:
+        log.warning("autoencoder cache %s is damaged (%s: %s): training again", folder, type(exc).__name__, exc)
+        return None
     model.eval()
-    return json.loads((folder / "report.json").read_text())
+    return report
 
 
 def pretraining_pool(source: str, auxiliary: Any, max_images: int, seed: int) -> torch.Tensor | None:

@@ -16,6 +16,7 @@ import json
 import math
 import re
 import statistics
+import sys
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from experiments.jobs import FAILURE_FILE, find_failures
 
 PAPER_NUMBERS_FILE = Path(__file__).with_name("paper_numbers.yaml")
 METRICS = ("test_acc_final", "test_acc_best_val")
@@ -316,19 +319,35 @@ def _quality_metrics() -> list:
     return list(METRICS.values())
 
 
+def render_failures(failures: list[dict[str, Any]]) -> str:
+    """The failed jobs of a sweep with their one-line error (their traceback, if any, is in error.json)."""
+    if not failures:
+        return ""
+    out = io.StringIO()
+    out.write(f"## Failed jobs ({len(failures)})\n\nEach job folder holds its `{FAILURE_FILE}`.\n\n")
+    out.write("| job | overrides | error |\n|---|---|---|\n")
+    for f in failures:
+        error = f"{f.get('type', '?')}: {f.get('error', '')}".replace("|", "\\|")
+        out.write(f"| {f['job']} | {' '.join(f.get('overrides', [])).replace('|', '/')} | {error} |\n")
+    return out.getvalue() + "\n"
+
+
 def aggregate(root: Path | str) -> tuple[Path, Path]:
-    """Write ``results.csv`` and ``results.md`` into ``root``; returns their paths."""
+    """Write ``results.csv`` and ``results.md`` into ``root`` (results.md also lists the failed jobs);
+    returns their paths."""
     root = Path(root)
-    runs = find_runs(root)
-    if not runs:
+    runs, failures = find_runs(root), find_failures(root)
+    if not runs and not failures:
         raise FileNotFoundError(f"no metrics.json under {root}")
     paper = load_paper_numbers()
     cells = build_cells(runs, paper)
     csv_path, md_path = root / "results.csv", root / "results.md"
     write_csv(cells, csv_path)
+    failed = f", {len(failures)} failed" if failures else ""
     md_path.write_text(
-        f"# Results ({len(runs)} runs under {root})\n\n"
-        + render_markdown(cells, paper)
+        f"# Results ({len(runs)} runs under {root}{failed})\n\n"
+        + render_failures(failures)
+        + (render_markdown(cells, paper) if cells else "")
         + (render_quality_markdown(cells, paper) if has_quality(cells) else "")
     )
     return csv_path, md_path
@@ -338,6 +357,8 @@ try:  # the Hydra callback that aggregates a multirun when it ends
     from hydra.experimental.callback import Callback
 
     class AggregateOnMultirunEnd(Callback):
+        """Writes the sweep's results when it ends; a sweep with failed jobs then exits with status 1."""
+
         def on_multirun_end(self, config, **kwargs: Any) -> None:
             try:
                 _, md_path = aggregate(config.hydra.sweep.dir)
@@ -345,6 +366,10 @@ try:  # the Hydra callback that aggregates a multirun when it ends
                 print(f"aggregate: {exc}")
                 return
             print(f"results: {md_path}\n" + md_path.read_text())
+            failures = find_failures(config.hydra.sweep.dir)
+            if failures:
+                print(f"{len(failures)} job(s) of the sweep failed (listed in {md_path})", file=sys.stderr)
+                raise SystemExit(1)
 except ImportError:  # pragma: no cover
     pass
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -25,12 +28,14 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from expansion.base import Expander, ExpansionContext, ExpansionError
-from expansion.engine import ExpansionResult, expand_dataset
+from expansion.engine import VERIFY_LEVELS, ExpansionResult, expand_dataset
 from expansion.files import atomic_write_text
 from expansion.settings import from_mapping
 from experiments.analysis.quality import QualitySettings, quality_settings
 from experiments.data.datamodule import ExpansionDataModule, load_expanded_images
 from experiments.data.datasets import DatasetSplits, build_dataset
+from experiments.data.datasets import core as datasets_core
+from experiments.data.datasets.core import set_max_image_pixels
 
 from . import wandb_logging
 from .checkpoints import LAST_CHECKPOINT, AtomicCheckpointIO, StampRunSignature, resume_point, training_signature
@@ -78,8 +83,11 @@ class GenerationSettings:
     store_dir: str
     fit_dir: str
     lock_timeout: float
+    verify: str
 
     def __post_init__(self) -> None:
+        if self.verify not in VERIFY_LEVELS:
+            raise ExpansionError(f"store_verify must be one of {VERIFY_LEVELS}, got {self.verify!r}")
         if self.batch_size < 1 or self.num_workers < 0:
             raise ExpansionError(
                 f"method.batch_size must be >= 1 and method.num_workers >= 0, got "
@@ -129,6 +137,7 @@ class Job:
             store_dir=str(cfg.paths.store_dir),
             fit_dir=str(cfg.paths.fit_dir),
             lock_timeout=float(cfg.get("store_lock_timeout", -1)),
+            verify=str(cfg.get("store_verify", "digests")),
         )
         return cls(
             cfg=cfg,
@@ -195,6 +204,7 @@ def run_expansion(job: Job, data: DatasetSplits, expander: Expander | None = Non
         trainer_kwargs=gen.trainer,
         lock_timeout=gen.lock_timeout,
         callbacks=[StopOnPreemption()],
+        verify=gen.verify,
     )
 
 
@@ -353,9 +363,50 @@ def _run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict[str, Any]:
     total_start = time.perf_counter()
     job = Job.from_config(cfg)  # every setting checked before any data work or generation
     run_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive_run_dir(run_dir):
+        return _run_job(cfg, job, run_dir, total_start)
+
+
+@contextmanager
+def exclusive_run_dir(run_dir: Path):
+    """One job at a time in a run dir (two would train into the same checkpoints): a second is refused."""
+    lock = FileLock(str(run_dir / ".run.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ExpansionError(
+            f"run dir {run_dir} is in use by another job; give each job its own hydra.run.dir"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def check_resources(data: DatasetSplits, expander: Expander | None) -> None:
+    """Refuse an expansion whose images would not fit in this machine's memory once decoded for
+    training (e.g. method.ratio=1e9), with the numbers, before anything is generated."""
+    if expander is None:
+        return
+    images = len(data.train) * expander.ratio
+    side = data.image_size or int(data.train[0][0].shape[-1])
+    needed = images * data.channels * side * side
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > memory:
+        raise ExpansionError(
+            f"method.ratio={expander.ratio} would make {images:,} images of {data.channels}x{side}x{side}, "
+            f"{needed / 2**30:,.1f} GiB decoded for training, more than this machine's {memory / 2**30:,.1f} GiB "
+            "of memory; lower method.ratio or dataset.train_per_class"
+        )
+
+
+def _run_job(cfg: DictConfig, job: Job, run_dir: Path, total_start: float) -> dict[str, Any]:
     # decode every split once, before any expansion or training: data that fits in memory stays
     # there, and an unreadable file fails now, with nothing generated
+    set_max_image_pixels(cfg.get("max_image_pixels"))
+    datasets_core.FINGERPRINT_CACHE = Path(cfg.paths.cache_dir) / "fingerprints"
     data = build_dataset(cfg.dataset).in_memory(tensor_dir=job.labels["tensor_dir"])
+    check_resources(data, job.expander)
     L.seed_everything(job.seed, workers=True, verbose=False)
     logger = make_logger(cfg, run_dir)
     expander, include_original = job.expander, job.train.include_original

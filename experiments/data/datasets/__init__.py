@@ -77,6 +77,25 @@ def loaders() -> dict[str, Loader]:
     return dict(LOADERS)
 
 
+def _checked_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The dataset config as a plain mapping; a mandatory value left unset or a bad size is one line."""
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import MissingMandatoryValue
+
+    if isinstance(cfg, DictConfig):
+        try:
+            cfg = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        except MissingMandatoryValue as exc:
+            key = str(exc.full_key or exc.key).removeprefix("dataset.")
+            raise DatasetError(f"dataset.{key} must be set (e.g. dataset.{key}=/data/my_set)") from None
+    cfg = dict(cfg)
+    for key in ("image_size", "train_per_class", "extra_real_per_class"):
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise DatasetError(f"dataset.{key} must be an integer >= 1 or null, got {value!r}")
+    return cfg
+
+
 def build_dataset(cfg: Mapping[str, Any]) -> DatasetSplits:
     """Load a dataset from its config and apply the split rules.
 
@@ -89,11 +108,17 @@ def build_dataset(cfg: Mapping[str, Any]) -> DatasetSplits:
     pretraining pool); val and test are never part of it.
     """
     _ensure_registered()
+    cfg = _checked_config(cfg)
     loader_name = cfg.get("loader", cfg["name"])
     if loader_name not in LOADERS:
         raise DatasetError(f"unknown dataset loader {loader_name!r}; known: {sorted(LOADERS)}")
     raw = LOADERS[loader_name](cfg)
     class_names = [str(c) for c in raw.class_names]
+    if len(class_names) < 2:
+        raise DatasetError(
+            f"dataset {cfg['name']!r} has {len(class_names)} class ({class_names}): a classifier "
+            "needs at least 2 (every prediction would be right)"
+        )
     expected = cfg.get("num_classes")
     if expected is not None and int(expected) != len(class_names):
         raise DatasetError(

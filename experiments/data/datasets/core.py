@@ -9,6 +9,7 @@ batches stack and the expansion store and classifier see one resolution.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,22 +157,77 @@ class FileImageSet(ImageSet):
         return list(self.paths)
 
     def fingerprint(self) -> str:
-        # names relative to the class folder and sizes: independent of where the data root lives
-        h = hashlib.sha256()
-        for path, label in zip(self.paths, self.labels):
-            size = path.stat().st_size if path.exists() else -1
-            h.update(f"{path.parent.name}/{path.name}:{size}:{label};".encode())
-        return h.hexdigest()[:16]
+        """A digest of every file's bytes, its name in its class folder and its label (independent of
+        where the data root lives); cached by the files' paths, sizes and modification times."""
+        return content_fingerprint(self.paths, self.labels)
+
+
+#: where :func:`content_fingerprint` keeps what it computed (None: nowhere; the pipeline sets
+#: ``<paths.cache_dir>/fingerprints``)
+FINGERPRINT_CACHE: Path | None = None
+
+
+def content_fingerprint(paths: Sequence[Path], labels: np.ndarray) -> str:
+    """sha256 over every file's bytes (streamed), its ``class folder/name`` and its label, 16 hex
+    characters. The result is cached under :data:`FINGERPRINT_CACHE` by the files' paths, sizes and
+    modification times: a later run re-reads nothing unless a file changed (a repaint in place at the
+    same size changes its mtime)."""
+    stats = hashlib.sha256(np.asarray(labels, dtype=np.int64).tobytes())
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise DatasetError(f"image {path} cannot be read: {exc}") from exc
+        stats.update(f"{path}:{st.st_size}:{st.st_mtime_ns};".encode())
+    cached = None if FINGERPRINT_CACHE is None else Path(FINGERPRINT_CACHE) / f"{stats.hexdigest()[:32]}.txt"
+    if cached is not None and cached.is_file():
+        return cached.read_text().strip()
+    h = hashlib.sha256()
+    for path, label in zip(paths, labels):
+        h.update(f"{path.parent.name}/{path.name}:{int(label)};".encode())
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+    digest = h.hexdigest()[:16]
+    if cached is not None:
+        from expansion.files import atomic_write_text
+
+        atomic_write_text(cached, digest + "\n")
+    return digest
 
 
 #: PIL modes with more than 8 bits per channel (16/32-bit integer, float)
 WIDE_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 
 
+#: the largest image (in pixels) read; more is refused as a decompression bomb (PIL's own limit;
+#: the config's ``max_image_pixels`` sets it, see :func:`set_max_image_pixels`)
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
+
+
+def set_max_image_pixels(pixels: int | None) -> None:
+    """Raise or lower the decompression-bomb limit (None: PIL's default) for this process."""
+    global MAX_IMAGE_PIXELS
+    if pixels is not None and (isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 1):
+        raise DatasetError(f"max_image_pixels must be an integer >= 1 or null, got {pixels!r}")
+    MAX_IMAGE_PIXELS = int(pixels) if pixels is not None else 89_478_485
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+
+def _bomb(path: Path, detail: str) -> DatasetError:
+    return DatasetError(
+        f"image {path} is larger than the decompression-bomb limit of {MAX_IMAGE_PIXELS:,} pixels ({detail}); if "
+        f"the file is genuine, raise the limit, e.g. max_image_pixels={4 * MAX_IMAGE_PIXELS}"
+    )
+
+
 def read_image(path: Path, channels: int) -> torch.Tensor:
-    """Decode one image file to uint8 ``[channels, H, W]``; any decoding failure names the file."""
+    """Decode one image file to uint8 ``[channels, H, W]``; any decoding failure names the file, and an
+    image larger than :data:`MAX_IMAGE_PIXELS` (a decompression bomb) is refused before it is decoded."""
     try:
         with Image.open(path) as img:
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise _bomb(path, f"{img.width} x {img.height} = {img.width * img.height:,} pixels")
             img.load()
             if img.mode in WIDE_MODES:  # PIL's convert would clip every value above 255 to white
                 raise DatasetError(
@@ -180,6 +236,8 @@ def read_image(path: Path, channels: int) -> torch.Tensor:
                 )
             img = img.convert("L" if channels == 1 else "RGB")
             array = np.asarray(img, dtype=np.uint8)
+    except Image.DecompressionBombError as exc:  # PIL refuses at open (more than twice its limit)
+        raise _bomb(path, str(exc).split(",")[0]) from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise DatasetError(f"unreadable image {path}: {exc}") from exc
     tensor = torch.from_numpy(array.copy())
