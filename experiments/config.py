@@ -14,11 +14,14 @@ CONFIG_DIR = PROJECT_ROOT / "conf"
 
 def register_resolvers() -> None:
     """``${project_root:}``: the checkout's root, wherever the job runs from.
-    ``${mul:a,b}``: the product a * b, rounded to an int (e.g. extra real images = 2 x n_base)."""
+    ``${mul:a,b}``: the product a * b, rounded to an int (e.g. extra real images = 2 x n_base).
+    ``${path_stem:p}``: the last component of a path without its suffix (a dataset named after its file)."""
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
     if not OmegaConf.has_resolver("mul"):
         OmegaConf.register_new_resolver("mul", _int_product)
+    if not OmegaConf.has_resolver("path_stem"):
+        OmegaConf.register_new_resolver("path_stem", lambda path: Path(str(path).rstrip("/")).stem or str(path))
 
 
 def _int_product(a, b) -> int:

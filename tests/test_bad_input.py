@@ -151,7 +151,7 @@ def test_label_out_of_range(shared_data, tmp_path):
     labels = raw["train_labels"].copy()
     labels[5, 0] = 7
     folder = _breastmnist_copy(shared_data, tmp_path, train_labels=labels)
-    with pytest.raises(DatasetError, match=r"train labels span \[0, 7\] but the dataset has 2 classes"):
+    with pytest.raises(DatasetError, match=r"train_labels span \[0, 7\] but the dataset has 2 classes"):
         run(
             _cfg(["dataset=breastmnist", f"dataset.root={folder}", "method=cutout", "method.ratio=1"]), tmp_path / "run"
         )

@@ -21,8 +21,9 @@ def test_every_group_has_options():
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_config_file_composes_and_resolves(group, option):
     overrides = [f"{group}={option}"]
-    if group == "dataset" and option == "imagefolder":
-        overrides.append("dataset.path=/data/example")
+    path = {"imagefolder": "/data/my_set", "npz": "/data/my_scans.npz"}.get(option) if group == "dataset" else None
+    if path:
+        overrides.append(f"dataset.path={path}")
     cfg = compose(overrides)
     # resolve everything a job uses (the hydra node needs a running app for ${hydra:...})
     job = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
@@ -31,7 +32,7 @@ def test_every_config_file_composes_and_resolves(group, option):
         expander = build_expander(cfg.method)
         assert (expander is None) == (option == "original")
     if group == "dataset":
-        assert job["dataset"]["name"] == option
+        assert job["dataset"]["name"] == ({"imagefolder": "my_set", "npz": "my_scans"}.get(option) or option)
         assert job["dataset"]["recipe"]["augment"]
         assert isinstance(job["train"]["lr"], float)
     if group == "logger" and job["logger"]["_target_"]:

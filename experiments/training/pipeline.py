@@ -414,6 +414,7 @@ def _run_job(cfg: DictConfig, job: Job, run_dir: Path, total_start: float) -> di
     metrics: dict[str, Any] = {
         "table": job.labels["table"],
         "dataset": data.name,
+        "dataset_source": data.identity["source"],  # how the splits were made (official, npz file, flat folder ...)
         "method": job.labels["method"],
         "paper_method": job.labels["paper_method"],
         "classifier": job.labels["classifier"],

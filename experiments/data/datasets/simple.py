@@ -1,6 +1,5 @@
 """Loaders that need no torchvision dataset class: scikit-learn digits (the
-offline default), MedMNIST through the medmnist package, MNIST IDX files and
-a generic ImageFolder layout."""
+offline default), MNIST IDX files and a generic image folder (split or flat)."""
 
 from __future__ import annotations
 
@@ -44,46 +43,6 @@ def load_digits(cfg: Mapping[str, Any]) -> RawSplits:
         test=full.subset(test_idx),
         source={"test_fraction": cfg.get("test_fraction", 0.5)},
     )
-
-
-@register_loader("medmnist")
-def load_medmnist(cfg: Mapping[str, Any]) -> RawSplits:
-    """A MedMNIST 2D dataset (official train/val/test) via the medmnist package.
-    ``flag`` is the MedMNIST name (breastmnist, pathmnist, ...), ``size`` the
-    MedMNIST+ resolution (28 default; 64/128/224 files are named ``<flag>_<size>.npz``)."""
-    import medmnist
-
-    flag = str(cfg.get("flag", cfg["name"])).lower()
-    if flag not in medmnist.INFO:
-        raise DatasetError(f"unknown MedMNIST flag {flag!r}; known: {sorted(medmnist.INFO)}")
-    info = medmnist.INFO[flag]
-    size = int(cfg.get("size", 28))
-    root = Path(str(cfg["root"])).expanduser()
-    filename = f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
-    download = bool(cfg.get("download", False))
-    if not (root / filename).is_file() and not download:
-        raise missing_dataset(
-            cfg["name"],
-            root / filename,
-            f"Set dataset.download=true to fetch it (from {info.get('url', 'zenodo.org/records/10519652')}), "
-            f"or point dataset.root at a folder holding {filename}.",
-        )
-    root.mkdir(parents=True, exist_ok=True)
-    cls = getattr(medmnist, info["python_class"])
-    splits = {}
-    for split in ("train", "val", "test"):
-        kwargs: dict[str, Any] = {"split": split, "root": str(root), "download": download}
-        if size != 28:
-            kwargs["size"] = size
-        ds = cls(**kwargs)
-        imgs = torch.from_numpy(np.asarray(ds.imgs, dtype=np.uint8))
-        imgs = imgs[:, None] if imgs.ndim == 3 else imgs.permute(0, 3, 1, 2).contiguous()
-        labels = np.asarray(ds.labels).reshape(len(imgs), -1)
-        if labels.shape[1] != 1:
-            raise DatasetError(f"{flag} is multi-label ({info['task']}); only single-label MedMNIST sets are supported")
-        splits[split] = TensorImageSet(imgs, labels[:, 0], image_size=cfg.get("image_size"))
-    class_names = [info["label"][str(i)] for i in range(len(info["label"]))]
-    return RawSplits(class_names, splits["train"], splits["test"], splits["val"], source={"flag": flag, "size": size})
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -201,23 +160,45 @@ def scan_class_folders(
 
 @register_loader("imagefolder")
 def load_imagefolder(cfg: Mapping[str, Any]) -> RawSplits:
-    """``path/{train,test}[,val]/<class>/<image>``; class names are the train folder names
-    (sorted). Without ``val/`` a val split is carved from train."""
+    """An image folder: ``path/{train,test}[,val]/<class>/<image>`` (its own splits; without ``val/`` a
+    val split is carved from train), or flat ``path/<class>/<image>`` (or ``path/train/<class>/`` with
+    no ``test/``), whose seeded stratified ``test_fraction`` per class becomes the test split. Class
+    names are the class folders' names, sorted."""
     root = Path(str(cfg["path"])).expanduser()
-    if not (root / "train").is_dir():
+    if not root.is_dir():
         raise missing_dataset(
             cfg["name"],
-            root / "train",
-            "Point dataset.path at a folder with train/<class>/*.jpg and test/<class>/*.jpg.",
+            root,
+            "Point dataset.path at a folder of class folders (<class>/*.jpg), or with train/<class>/ and test/<class>/.",
         )
-    if not (root / "test").is_dir():
-        raise missing_dataset(cfg["name"], root / "test", "An imagefolder dataset needs a test/<class>/ folder.")
     channels = int(cfg.get("channels", 3))
     size = cfg.get("image_size")
-    class_names, paths, labels = scan_class_folders(root / "train")
-    splits = {"train": FileImageSet(paths, labels, channels=channels, image_size=size)}
-    for split in ("val", "test"):
-        if (root / split).is_dir():
-            _, p, y = scan_class_folders(root / split, class_names)
-            splits[split] = FileImageSet(p, y, channels=channels, image_size=size)
-    return RawSplits(class_names, splits["train"], splits["test"], splits.get("val"), source={"layout": "imagefolder"})
+    if (root / "test").is_dir() and not (root / "train").is_dir():
+        raise missing_dataset(cfg["name"], root / "train", "A folder with test/<class>/ needs train/<class>/ beside it.")
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        class_names, paths, labels = scan_class_folders(root / "train")
+        splits = {"train": FileImageSet(paths, labels, channels=channels, image_size=size)}
+        for split in ("val", "test"):
+            if (root / split).is_dir():
+                _, p, y = scan_class_folders(root / split, class_names)
+                splits[split] = FileImageSet(p, y, channels=channels, image_size=size)
+        source = {"layout": "imagefolder"}
+        return RawSplits(class_names, splits["train"], splits["test"], splits.get("val"), source=source)
+    # flat: every image of a class in one folder; the test split is drawn here
+    folder = root / "train" if (root / "train").is_dir() else root
+    class_names, paths, labels = scan_class_folders(folder)
+    fraction = cfg.get("test_fraction")
+    if fraction is None or isinstance(fraction, bool) or not 0.0 < float(fraction) < 1.0:
+        raise DatasetError(
+            f"{root} has no test/ folder, so dataset.test_fraction (of each class) must be in (0, 1), got {fraction!r}"
+        )
+    full = FileImageSet(paths, labels, channels=channels, image_size=size)
+    small = [c for c, n in zip(class_names, np.bincount(full.labels, minlength=len(class_names))) if n < 3]
+    if small:
+        raise DatasetError(
+            f"{folder}: class folders {small[:5]} hold fewer than 3 images; a flat folder needs at least 3 per class "
+            "(train, val and test each get one)"
+        )
+    train_idx, test_idx = stratified_holdout(full.labels, float(fraction), int(cfg.get("split_seed", 0)) + 13)
+    source = {"layout": "flat", "test_fraction": float(fraction), "test_split_seed": int(cfg.get("split_seed", 0)) + 13}
+    return RawSplits(class_names, full.subset(train_idx), full.subset(test_idx), source=source)
