@@ -174,7 +174,9 @@ def load_imagefolder(cfg: Mapping[str, Any]) -> RawSplits:
     channels = int(cfg.get("channels", 3))
     size = cfg.get("image_size")
     if (root / "test").is_dir() and not (root / "train").is_dir():
-        raise missing_dataset(cfg["name"], root / "train", "A folder with test/<class>/ needs train/<class>/ beside it.")
+        raise missing_dataset(
+            cfg["name"], root / "train", "A folder with test/<class>/ needs train/<class>/ beside it."
+        )
     if (root / "train").is_dir() and (root / "test").is_dir():
         class_names, paths, labels = scan_class_folders(root / "train")
         splits = {"train": FileImageSet(paths, labels, channels=channels, image_size=size)}
