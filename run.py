@@ -22,7 +22,8 @@ def main(cfg: DictConfig) -> None:
 
     from expansion.base import ExpansionError
     from experiments.data.datasets import DatasetError
-    from experiments.jobs import clear_failure, one_line, record_failure
+    from experiments.jobs import clear_failure, one_line, record_failure, remove_if_bookkeeping_only
+    from experiments.training import preflight
     from experiments.training.checkpoints import CheckpointError
     from experiments.training.pipeline import run
     from experiments.training.preemption import preemptible
@@ -34,6 +35,11 @@ def main(cfg: DictConfig) -> None:
 
     hydra_cfg = HydraConfig.get()
     job_dir = hydra_cfg.runtime.output_dir
+    log_file = f"{hydra_cfg.job.name}.log"
+    if hydra_cfg.mode == RunMode.RUN and preflight.mode(cfg) == "only":  # a sweep's jobs are checked before they start
+        report = preflight.check_jobs([cfg], ["this job"])
+        remove_if_bookkeeping_only(job_dir, log_file)  # a check leaves no run folder
+        preflight.finish(report, "only")
     clear_failure(job_dir)
     # SIGTERM/SIGUSR1/SIGUSR2 (preemption, time limit): checkpoint, then exit 75 (EXIT_PREEMPTED) for requeue
     with preemptible():
@@ -51,8 +57,13 @@ def main(cfg: DictConfig) -> None:
                 return
             if not user_error:
                 raise
-            logging.getLogger("run").error("%s", exc)
+            # printed once (on stderr) and filed in the job's log; a run that failed before any work leaves no folder
+            record = logging.LogRecord("run", logging.ERROR, __file__, 0, "%s", (exc,), None)
+            for handler in logging.getLogger().handlers:
+                if isinstance(handler, logging.FileHandler):
+                    handler.handle(record)
             print(f"error: {exc}", file=sys.stderr)
+            remove_if_bookkeeping_only(job_dir, log_file)
             sys.exit(2)
 
 

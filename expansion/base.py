@@ -47,6 +47,7 @@ from torch import nn
 
 from .errors import ExpansionError
 from .settings import from_mapping, signature_of
+from .weights import Weights
 
 __all__ = [
     "Expander",
@@ -183,6 +184,11 @@ class Expander(nn.Module, abc.ABC):
     @abc.abstractmethod
     def expand(self, images: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor) -> ExpansionOutput:
         """Map B seeds to ``[B, k]`` new images; see the module docstring."""
+
+    def pretrained_weights(self) -> list[Weights]:
+        """The pretrained weights ``prepare`` or ``fit`` will load (checked before any work, so that a
+        missing one is named with the others); none by default."""
+        return []
 
     def signature(self) -> dict[str, Any]:
         """Settings that determine the output (hashed into the store key)."""

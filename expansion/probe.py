@@ -82,7 +82,12 @@ class Probe(nn.Module):
             save_file(
                 {k: v.contiguous() for k, v in self.net.state_dict().items()},
                 str(tmp),
-                metadata={"num_classes": str(self.num_classes), "size": str(self.size), "channels": str(self.channels)},
+                metadata={
+                    "num_classes": str(self.num_classes),
+                    "size": str(self.size),
+                    "channels": str(self.channels),
+                    "trained_epochs": str(self.trained_epochs),
+                },
             )
 
     @classmethod
@@ -94,7 +99,10 @@ class Probe(nn.Module):
             meta = fh.metadata() or {}
         net = SmallConvNet(int(meta["num_classes"]), int(meta["channels"]), input_size=int(meta["size"]))
         net.load_state_dict(load_file(str(path)))
-        return cls(net, int(meta["size"]))
+        probe = cls(net, int(meta["size"]))
+        epochs = meta.get("trained_epochs", "None")
+        probe.trained_epochs = None if epochs == "None" else int(epochs)
+        return probe
 
 
 def train_probe(

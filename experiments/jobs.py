@@ -35,6 +35,22 @@ def record_failure(job_dir: Path | str, exc: BaseException, *, user_error: bool,
     return path
 
 
+#: what Hydra and a failed start leave in a run folder (nothing a user made or a job produced)
+BOOKKEEPING = frozenset({".hydra", FAILURE_FILE, ".run.lock"})
+
+
+def remove_if_bookkeeping_only(job_dir: Path | str, log_file: str) -> bool:
+    """Remove ``job_dir`` when it holds only Hydra's record, the job's log and its failure record (a
+    single run that failed before any work); returns whether it was removed."""
+    import shutil
+
+    job_dir = Path(job_dir)
+    if not job_dir.is_dir() or any(p.name not in BOOKKEEPING | {log_file} for p in job_dir.iterdir()):
+        return False
+    shutil.rmtree(job_dir, ignore_errors=True)
+    return True
+
+
 def clear_failure(job_dir: Path | str) -> None:
     """A job that starts again in its folder (a rerun, a requeue) forgets an earlier failure."""
     (Path(job_dir) / FAILURE_FILE).unlink(missing_ok=True)

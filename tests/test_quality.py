@@ -190,3 +190,28 @@ def test_a_registered_metric_reaches_metrics_json_results_and_the_report(digits,
     assert float(row["brightness_gap"]) == pytest.approx(metrics["brightness_gap"], rel=1e-5)
     md = md_path.read_text()
     assert "brightness gap" in md and "brightness: Mean grey level" in md
+
+
+def test_the_probe_is_trained_once_per_training_set_and_a_damaged_one_again(tmp_path, monkeypatch):
+    from experiments.analysis import quality as quality_mod
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8, generator=g)
+    labels = np.arange(40) % 4
+    first = quality_mod.train_probe(images, labels, 4, epochs=1, min_steps=4, cache_dir=tmp_path)
+    (cached,) = tmp_path.glob("*.safetensors")
+    real_fit = quality_mod.fit_probe
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached probe should have been reused")
+
+    monkeypatch.setattr(quality_mod, "fit_probe", no_training)
+    again = quality_mod.train_probe(images, labels, 4, epochs=1, min_steps=4, cache_dir=tmp_path)
+    assert torch.equal(first(images), again(images)) and again.description == first.description
+    with pytest.raises(AssertionError, match="reused"):  # another training set is another probe
+        quality_mod.train_probe(images.flip(0), labels, 4, epochs=1, min_steps=4, cache_dir=tmp_path)
+    monkeypatch.setattr(quality_mod, "fit_probe", real_fit)
+    cached.write_bytes(cached.read_bytes()[:100])  # damaged: trained again, never used
+    with pytest.warns(UserWarning, match="cannot be read"):
+        repaired = quality_mod.train_probe(images, labels, 4, epochs=1, min_steps=4, cache_dir=tmp_path)
+    assert torch.equal(first(images), repaired(images))

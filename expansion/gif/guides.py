@@ -24,6 +24,7 @@ from ..base import resize
 from ..errors import ExpansionError
 from ..probe import PROBE_RECIPE, Probe, train_probe
 from ..settings import speed_only
+from ..weights import Weights, is_local_path
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -67,6 +68,21 @@ class GuideSpec:
             "template": self.template,
             "logit_scale": self.logit_scale,
         }
+
+
+def clip_weights(arch: str, pretrained: str, setting: str) -> Weights:
+    """The open_clip weights ``arch``/``pretrained`` loads: a local file, or the hub repo open_clip's
+    pretrained table names for the tag."""
+    what = f"CLIP weights (open_clip {arch}, {pretrained})"
+    if is_local_path(pretrained):
+        return Weights(what, pretrained, setting)
+    import open_clip
+
+    hub = (open_clip.get_pretrained_cfg(arch, pretrained) or {}).get("hf_hub", "")
+    parts = hub.strip("/").split("/")  # "org/repo/" or "org/repo/file"
+    repo, file = "/".join(parts[:2]), "/".join(parts[2:])
+    files = (file,) if file else ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+    return Weights(what, repo or f"{arch}/{pretrained}", setting, hub_files=files)
 
 
 @dataclass

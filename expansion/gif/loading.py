@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import ExpansionError
+from ..weights import hub_reachable
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -34,14 +34,15 @@ def pretrained_source(
     what: str, model_id: str, revision: str | None, local_files_only: bool | None, missing_folder_hint: str
 ) -> tuple[str, dict[str, Any]]:
     """Where ``from_pretrained`` should read a model: ``(source, kwargs)``. A path-like id must
-    be an existing folder (else an error with ``missing_folder_hint``); HF_HUB_OFFLINE is read
-    at call time (huggingface_hub reads it only at import), so offline runs fail at once."""
+    be an existing folder (else an error with ``missing_folder_hint``). Under HF_HUB_OFFLINE=1 (read
+    now) or when the hub cannot be reached, only the local cache is read, so an offline run fails at
+    once instead of after the hub client's retries."""
     path = Path(model_id).expanduser()
     looks_local = model_id.startswith(("/", ".", "~")) or path.exists()
     if looks_local and not path.is_dir():
         raise ExpansionError(f"{what} folder {path} does not exist; {missing_folder_hint}")
     kwargs: dict[str, Any] = {"revision": revision} if revision and not looks_local else {}
-    if local_files_only is None and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    if local_files_only is None and not looks_local and not hub_reachable():
         local_files_only = True
     if local_files_only is not None:
         kwargs["local_files_only"] = local_files_only

@@ -30,6 +30,7 @@ import torch
 from ..base import ExpansionError
 from ..seeding import derive, per_image_rand
 from ..settings import speed_only
+from ..weights import Weights, unavailable_error
 from .guides import rgb_at
 from .loading import check_dtype, pretrained_source, resolve_dtype
 from .sd import rotate_flip
@@ -62,6 +63,10 @@ class MAESettings(GifSettings):
         check_dtype("dtype", self.dtype)
 
 
+def mae_weights(model_id: str, revision: str | None = None) -> Weights:
+    return Weights("MAE", model_id, "method.model_id", revision)
+
+
 def load_mae(model_id: str, revision: str | None = None, local_files_only: bool | None = None):
     """``ViTMAEForPreTraining`` (encoder + decoder) from a hub id or a local folder
     (``save_pretrained`` layout). A missing model is an error that says how to get it."""
@@ -81,11 +86,8 @@ def load_mae(model_id: str, revision: str | None = None, local_files_only: bool 
     try:
         model = ViTMAEForPreTraining.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
-        raise ExpansionError(
-            f"MAE weights {model_id!r} are not available here ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}). Provide them: download once on a machine with "
-            f"network (`huggingface-cli download {model_id}`, cached under HF_HOME), or set method.model_id to a "
-            "local folder saved with ViTMAEForPreTraining.save_pretrained."
+        raise unavailable_error(
+            mae_weights(model_id, revision), exc, "saved with ViTMAEForPreTraining.save_pretrained"
         ) from exc
     return model
 
@@ -100,6 +102,9 @@ class GifMAE(GifExpander):
         self.mae = None
 
     # -- the prior's loader -----------------------------------------------------------------
+    def prior_weights(self) -> list[Weights]:
+        return [mae_weights(self.settings.model_id, self.settings.revision)]
+
     def load_prior(self) -> None:
         s = self.settings
         self.set_components(load_mae(s.model_id, s.revision, s.local_files_only))

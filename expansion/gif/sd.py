@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from ..base import ExpansionError, ImageSet, train_tensors
 from ..seeding import derive, per_image_rand
 from ..settings import signature_of, speed_only
+from ..weights import Weights, unavailable_error
 from .dreambooth import DreamBoothSettings
 from .guides import to_rgb
 from .loading import check_dtype, pretrained_source, resolve_dtype
@@ -98,6 +99,10 @@ class SDSettings(GifSettings):
         check_dtype("vae_dtype", self.vae_dtype)
 
 
+def sd_weights(model_id: str, revision: str | None = None) -> Weights:
+    return Weights("Stable Diffusion", model_id, "method.model_id", revision, hub_files=("model_index.json",))
+
+
 def load_sd_components(
     model_id: str, revision: str | None = None, local_files_only: bool | None = None
 ) -> dict[str, Any]:
@@ -122,12 +127,7 @@ def load_sd_components(
             "scheduler": DDIMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs),
         }
     except (OSError, ValueError) as exc:
-        raise ExpansionError(
-            f"Stable Diffusion weights {model_id!r} are not available here ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}). Provide them: download once on a machine with "
-            f"network (`huggingface-cli download {model_id}`, cached under HF_HOME), or set method.model_id to a "
-            "local diffusers folder."
-        ) from exc
+        raise unavailable_error(sd_weights(model_id, revision), exc, "in diffusers layout") from exc
 
 
 def rotate_flip(x: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
@@ -157,6 +157,12 @@ class GifSD(GifExpander):
         return super().needs_fit or self.settings.dreambooth is not None
 
     # -- the prior's loader -----------------------------------------------------------------
+    def prior_weights(self) -> list[Weights]:
+        weights = sd_weights(self.settings.model_id, self.settings.revision)
+        if self.settings.dreambooth is not None:  # DreamBooth fine-tunes this model first
+            weights = replace(weights, what="Stable Diffusion (the base of this dataset's DreamBooth fine-tune)")
+        return [weights]
+
     def load_prior(self) -> None:
         s = self.settings
         self.set_components(load_sd_components(s.model_id, s.revision, s.local_files_only))

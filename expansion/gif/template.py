@@ -43,7 +43,8 @@ from ..guidance import (
 from ..probe import LUMA
 from ..seeding import derive, per_image_rand
 from ..settings import field_signature, speed_only
-from .guides import ClipGuide, Guide, GuideSpec, ProbeGuide
+from ..weights import Weights
+from .guides import ClipGuide, Guide, GuideSpec, ProbeGuide, clip_weights
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,20 @@ class GifExpander(Expander):
         if self.radius_is_relative:
             return z0.flatten(1).std(dim=1).view(shape)
         return torch.ones(z0.shape[0], device=z0.device, dtype=z0.dtype).view(shape)
+
+    def prior_weights(self) -> list[Weights]:
+        """The prior's pretrained weights (none for a prior fitted on the seeds)."""
+        return []
+
+    def pretrained_weights(self) -> list[Weights]:
+        """The prior's weights and, guided by CLIP, the guide's."""
+        guide = self.settings.guide
+        weights = self.prior_weights()
+        if self.settings.guided and guide.kind == "clip":
+            weights.append(clip_weights(guide.arch, guide.pretrained, "method.guide.pretrained"))
+            if guide.model_config:
+                weights.append(Weights("open_clip model config", guide.model_config, "method.guide.model_config"))
+        return weights
 
     def prior_fit_signature(self) -> dict[str, Any]:
         """What the prior's fitted artifacts (if any) depend on."""

@@ -76,6 +76,7 @@ import torch.nn.functional as F
 from ..base import ExpansionError
 from ..seeding import derive, generator, per_image_rand
 from ..settings import speed_only
+from ..weights import Weights, unavailable_error
 from .guides import rgb_at
 from .loading import check_dtype, pretrained_source, resolve_dtype
 from .template import Encoding, GifExpander, GifSettings
@@ -166,6 +167,11 @@ def _load_karlo(source: str, kwargs: dict[str, Any]):
     return cls(**parts) if cls is not None else KarloComponents(**parts)
 
 
+def unclip_weights(backend: str, model_id: str | None = None, revision: str | None = None) -> Weights:
+    what = f"unCLIP ({backend})"
+    return Weights(what, model_id or BACKENDS[backend], "method.model_id", revision, hub_files=("model_index.json",))
+
+
 def load_unclip(
     backend: str, model_id: str | None = None, revision: str | None = None, local_files_only: bool | None = None
 ):
@@ -194,11 +200,8 @@ def load_unclip(
     try:
         pipe = _load_karlo(source, kwargs) if backend == "karlo" else cls.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
-        raise ExpansionError(
-            f"unCLIP weights {model_id!r} ({cls.__name__}, backend {backend}) are not available here "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Provide them: download once "
-            f"on a machine with network (`huggingface-cli download {model_id}`, cached under HF_HOME), or set "
-            f"method.model_id to a local folder saved with {cls.__name__}.save_pretrained ({layout})."
+        raise unavailable_error(
+            unclip_weights(backend, model_id, revision), exc, f"saved with {cls.__name__}.save_pretrained ({layout})"
         ) from exc
     return pipe
 
@@ -273,6 +276,9 @@ class GifUnCLIP(GifExpander):
         self.pipe = None
 
     # -- the prior's loader -----------------------------------------------------------------
+    def prior_weights(self) -> list[Weights]:
+        return [unclip_weights(self.settings.backend, self.settings.model_id, self.settings.revision)]
+
     def load_prior(self) -> None:
         s = self.settings
         self.set_components(load_unclip(s.backend, s.model_id, s.revision, s.local_files_only))

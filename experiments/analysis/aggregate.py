@@ -71,6 +71,7 @@ class Cell:
     paper: float | None
     quality: dict[str, list[float]] = field(default_factory=dict)  # results.csv quality column -> one value per run
     extractors: list[str] = field(default_factory=list)  # the quality feature extractors named by the runs
+    environment: dict[str, str] = field(default_factory=dict)  # each metrics.json environment field -> its value(s)
 
     def stats(self, metric: str) -> tuple[float, float, int]:
         vals = self.values[metric]
@@ -89,7 +90,7 @@ def _column_key(table_spec: dict[str, Any] | None, runs: list[dict[str, Any]]) -
 def _row_label(run: dict[str, Any], with_ratio: bool) -> str:
     method = run.get("paper_method") or run["method"]
     label = f"{method}@{run['ratio']}" if with_ratio and run["method"] != "original" else method
-    if run.get("train_data", "original+generated") != "original+generated":
+    if run.get("train_data") == "generated only":
         label += f" ({run['train_data']})"
     if run.get("extra_real_per_class"):  # the exchange-rate sweep's real arm (experiments/analysis/equivalence.py)
         label += f" +{run['extra_real_per_class']} real/class"
@@ -156,9 +157,31 @@ def build_cells(runs: Iterable[dict[str, Any]], paper: dict[str, Any]) -> list[C
                             if isinstance(r.get("quality"), dict)
                         }
                     ),
+                    environment=environment_values(group),
                 )
             )
     return cells
+
+
+def environment_values(runs: list[dict[str, Any]]) -> dict[str, str]:
+    """Each field of the runs' ``environment`` (metrics.json) -> its value, or its distinct values joined by
+    " | " (runs recorded before environments were: no fields)."""
+    values: dict[str, list[str]] = defaultdict(list)
+    for run in runs:
+        for key, value in (run.get("environment") or {}).items():
+            if str(value) not in values[key]:
+                values[key].append(str(value))
+    return {key: " | ".join(v) for key, v in values.items()}
+
+
+def varying_environment(cells: list[Cell]) -> list[str]:
+    """The environment fields whose value differs within the sweep (shown as ``env_<field>`` columns)."""
+    keys = dict.fromkeys(k for c in cells for k in c.environment)
+    return [
+        k
+        for k in keys
+        if len({c.environment.get(k) for c in cells}) > 1 or any(" | " in c.environment.get(k, "") for c in cells)
+    ]
 
 
 def _fmt(mean: float, std: float, n: int) -> str:
@@ -189,7 +212,10 @@ def render_markdown(cells: list[Cell], paper: dict[str, Any]) -> str:
             ("test_acc_final", "final-epoch test accuracy"),
             ("test_acc_best_val", "test accuracy at the best validation epoch"),
         ):
-            out.write(f"**{label}** (ours mean ± std over seeds [n]; paper; ours − paper)\n\n")
+            legend = (
+                "paper; ours − paper" if any(c.paper is not None for c in tcells) else "no paper numbers in this table"
+            )
+            out.write(f"**{label}** (ours mean ± std over seeds [n]; {legend})\n\n")
             out.write("| method | " + " | ".join(columns) + " | avg |\n")
             out.write("|---" * (len(columns) + 2) + "|\n")
             index = {(c.row, c.column): c for c in tcells}
@@ -257,7 +283,10 @@ def render_quality_markdown(cells: list[Cell], paper: dict[str, Any]) -> str:
 
 
 def write_csv(cells: list[Cell], path: Path) -> None:
+    """One line per cell; the quality columns when the runs computed them, an ``env_<field>`` column for
+    every environment field that differs within the sweep (e.g. CPU threads, a dirty tree, the device)."""
     quality = has_quality(cells)
+    env = varying_environment(cells)
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(
@@ -278,6 +307,7 @@ def write_csv(cells: list[Cell], path: Path) -> None:
                 "final_minus_paper",
             ]
             + (list(quality_columns()) if quality else [])
+            + [f"env_{key}" for key in env]
         )
         for c in cells:
             fm, fs, n = c.stats("test_acc_final")
@@ -300,6 +330,7 @@ def write_csv(cells: list[Cell], path: Path) -> None:
                     "" if c.paper is None else f"{fm - c.paper:.3f}",
                 ]
                 + ([_fmt_quality(quality_mean(c, col)) for col in quality_columns()] if quality else [])
+                + [c.environment.get(key, "") for key in env]
             )
 
 

@@ -76,7 +76,7 @@ def load_runs(root: Path | str, metric: str = "test_acc_final") -> tuple[list[Ru
         if m.get("train_per_class") is None:
             skipped["no few-shot n_base (train_per_class)"] += 1
             continue
-        if m.get("train_data", "original+generated") != "original+generated":
+        if m.get("train_data") == "generated only":
             skipped["trained on generated images only"] += 1
             continue
         n_base, extra = int(m["train_per_class"]), int(m.get("extra_real_per_class") or 0)

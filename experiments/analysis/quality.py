@@ -37,6 +37,7 @@ batched (``torch.cdist`` in chunks).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import sys
 import time
@@ -52,8 +53,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from expansion.base import ExpansionError
-from expansion.probe import Probe
+from expansion.files import content_key
+from expansion.probe import PROBE_RECIPE, Probe
 from expansion.probe import train_probe as fit_probe
+from expansion.weights import Weights
 from experiments.data.augment import resize_to
 
 DUP_RULE = (
@@ -121,15 +124,44 @@ def train_probe(
     seed: int = 0,
     min_steps: int = 200,
     progress: bool = False,
+    cache_dir: Path | str | None = None,
 ) -> ProbeExtractor:
-    """The probe trained on uint8 ``images`` (:func:`expansion.probe.train_probe`), as a feature extractor."""
+    """The probe trained on uint8 ``images`` (:func:`expansion.probe.train_probe`), as a feature extractor.
+    With ``cache_dir`` it is trained once per training set and setting and reused by every later run (a
+    sweep's jobs on the same data); a cached file that cannot be read is trained again, never used."""
 
     def bars(iterable, desc):
         return _tqdm(iterable, progress=progress, desc=f"quality: {desc}", unit="epoch")
 
-    probe = fit_probe(
-        images, labels, num_classes, epochs=epochs, size=size, seed=seed, min_steps=min_steps, progress=bars
+    y = np.asarray(labels, dtype=np.int64)
+    key = content_key(
+        {
+            "images": hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest(),
+            "shape": list(images.shape),
+            "labels": hashlib.sha256(y.tobytes()).hexdigest(),
+            "num_classes": num_classes,
+            "epochs": epochs,
+            "size": size,
+            "seed": seed,
+            "min_steps": min_steps,
+            "recipe": PROBE_RECIPE,
+        }
     )
+    path = Path(cache_dir) / f"{key}.safetensors" if cache_dir is not None else None
+    probe = None
+    if path is not None and path.is_file():
+        try:
+            probe = Probe.load(path)
+        except Exception as exc:  # a damaged file: train again
+            warnings.warn(
+                f"quality probe {path} cannot be read ({type(exc).__name__}: {exc}); training it again", stacklevel=2
+            )
+    if probe is None:
+        probe = fit_probe(
+            images, y, num_classes, epochs=epochs, size=size, seed=seed, min_steps=min_steps, progress=bars
+        )
+        if path is not None:
+            probe.save(path)
     description = (
         f"classifier(small_cnn, trained on {len(images)} original images, {probe.trained_epochs} epochs, "
         f"{probe.size} px, {probe.num_features}-d penultimate features)"
@@ -199,10 +231,18 @@ def build_extractor(
     progress: bool = False,
     clip_arch: str = "ViT-B-32",
     clip_pretrained: str = "openai",
+    cache_dir: Path | str | None = None,
 ) -> FeatureExtractor:
     if kind == "classifier":
         return train_probe(
-            original, original_labels, num_classes, epochs=epochs, size=probe_size, seed=seed, progress=progress
+            original,
+            original_labels,
+            num_classes,
+            epochs=epochs,
+            size=probe_size,
+            seed=seed,
+            progress=progress,
+            cache_dir=cache_dir,
         )
     if kind == "inception":
         return InceptionExtractor()
@@ -487,6 +527,7 @@ def quality_metrics(
     progress: bool = False,
     clip_arch: str = "ViT-B-32",
     clip_pretrained: str = "openai",
+    cache_dir: Path | str | None = None,
 ) -> dict[str, Any]:
     """Every registered quality metric of ``expanded`` (uint8 ``[M, C, H, W]``) against ``original``
     (uint8 ``[N, C, H, W]``, the training images), in one flat dict; see the module docstring."""
@@ -517,6 +558,7 @@ def quality_metrics(
             progress=progress,
             clip_arch=clip_arch,
             clip_pretrained=clip_pretrained,
+            cache_dir=cache_dir,
         )
     else:
         model = extractor
@@ -669,6 +711,16 @@ def save_expansion_grid(
 # -- the pipeline's entry point ------------------------------------------------------------------------
 
 
+def extractor_weights(settings: QualitySettings) -> list[Weights]:
+    """The pretrained weights the quality step loads (``clip``: open_clip's; ``classifier``: none, the
+    probe is trained here; ``inception``: torch-fidelity fetches its own file, not checked beforehand)."""
+    if settings.extractor != "clip":
+        return []
+    from expansion.gif.guides import clip_weights
+
+    return [clip_weights(settings.clip_arch, settings.clip_pretrained, "quality.clip_pretrained")]
+
+
 @dataclass(frozen=True)
 class QualitySettings:
     """The quality step of a run (values: the ``quality:`` section of conf/config.yaml): ``extractor``
@@ -728,8 +780,10 @@ def evaluate_expansion(
     device: str,
     title: str,
     progress: bool = False,
+    cache_dir: Path | str | None = None,
 ) -> dict[str, Any]:
-    """Quality metrics of one run's expansion + ``<run_dir>/expansion_grid.png`` (the pipeline's step)."""
+    """Quality metrics of one run's expansion + ``<run_dir>/expansion_grid.png`` (the pipeline's step);
+    ``cache_dir`` keeps the probe for later runs on the same training set."""
     start = time.perf_counter()
     original = data.train.to_tensor()
     labels = np.asarray(data.train.labels)
@@ -743,6 +797,7 @@ def evaluate_expansion(
         seed=seed,
         device=device,
         progress=progress,
+        cache_dir=cache_dir,
         **settings.options(),
     )
     grid = save_expansion_grid(

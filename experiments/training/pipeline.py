@@ -37,9 +37,10 @@ from experiments.data.datasets import DatasetSplits, build_dataset
 from experiments.data.datasets import core as datasets_core
 from experiments.data.datasets.core import set_max_image_pixels
 
-from . import wandb_logging
+from . import preflight, wandb_logging
 from .checkpoints import LAST_CHECKPOINT, AtomicCheckpointIO, StampRunSignature, resume_point, training_signature
 from .classifier import ImageClassifier
+from .environment import environment
 from .preemption import PREEMPTED_CHECKPOINT, PREEMPTION, StopOnPreemption
 from .settings import ClassifierSettings, TrainSettings
 from .timing import EpochTimer
@@ -115,6 +116,11 @@ class Job:
     def from_config(cls, cfg: DictConfig) -> Job:
         """Every setting of the job, checked: a bad value is one :class:`ExpansionError` naming its key."""
         expander = build_expander(cfg.method)  # the method's settings and ratio
+        if expander is None and cfg.method.get("ratio") not in (0, None):
+            raise ExpansionError(
+                f"method.ratio={cfg.method.ratio!r} but method={cfg.method.name} generates no images; leave ratio at 0 "
+                "or pick an expansion method"
+            )
         section = {name: OmegaConf.to_container(cfg[name], resolve=True) for name in ("train", "classifier", "trainer")}
         train = from_mapping(TrainSettings, section["train"], "train")
         classifier = from_mapping(ClassifierSettings, section["classifier"], "classifier")
@@ -346,9 +352,32 @@ def make_logger(cfg: DictConfig, run_dir: Path) -> Any:
     return instantiate(logger_cfg, save_dir=str(run_dir))
 
 
+#: third-party messages that say nothing about the run: Lightning's advertisement for its cloud logger
+#: (once per Trainer) and a deprecation inside Lightning's own code (once per fit)
+KNOWN_NOISE_LOGS = ("💡 Tip:",)
+KNOWN_NOISE_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
+
+
+class _DropKnownNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(KNOWN_NOISE_LOGS)
+
+
+def silence_known_noise() -> None:
+    """Filter :data:`KNOWN_NOISE_LOGS` and :data:`KNOWN_NOISE_WARNINGS` (nothing else) from the job's output."""
+    import warnings
+
+    for message in KNOWN_NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropKnownNoise) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropKnownNoise())
+
+
 def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict[str, Any]:
     """Run one experiment; returns (and writes to ``run_dir/metrics.json``) its metrics.
     Its W&B run (if any) is finished however the job ends, marked failed unless it succeeded."""
+    silence_known_noise()
     try:
         metrics = _run(cfg, run_dir)
     except BaseException as exc:
@@ -362,6 +391,8 @@ def _run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict[str, Any]:
     run_dir = Path(run_dir) if run_dir is not None else _hydra_run_dir()
     total_start = time.perf_counter()
     job = Job.from_config(cfg)  # every setting checked before any data work or generation
+    if preflight.mode(cfg) != "off":
+        preflight.check_weights(job)  # every missing pretrained weight named at once, before any work
     run_dir.mkdir(parents=True, exist_ok=True)
     with exclusive_run_dir(run_dir):
         return _run_job(cfg, job, run_dir, total_start)
@@ -400,11 +431,17 @@ def check_resources(data: DatasetSplits, expander: Expander | None) -> None:
         )
 
 
+def configure_data_reading(cfg: DictConfig) -> None:
+    """The process-wide settings of reading a dataset: the decompression-bomb limit, where content
+    fingerprints are cached."""
+    set_max_image_pixels(cfg.get("max_image_pixels"))
+    datasets_core.FINGERPRINT_CACHE = Path(cfg.paths.cache_dir) / "fingerprints"
+
+
 def _run_job(cfg: DictConfig, job: Job, run_dir: Path, total_start: float) -> dict[str, Any]:
     # decode every split once, before any expansion or training: data that fits in memory stays
     # there, and an unreadable file fails now, with nothing generated
-    set_max_image_pixels(cfg.get("max_image_pixels"))
-    datasets_core.FINGERPRINT_CACHE = Path(cfg.paths.cache_dir) / "fingerprints"
+    configure_data_reading(cfg)
     data = build_dataset(cfg.dataset).in_memory(tensor_dir=job.labels["tensor_dir"])
     check_resources(data, job.expander)
     L.seed_everything(job.seed, workers=True, verbose=False)
@@ -419,7 +456,11 @@ def _run_job(cfg: DictConfig, job: Job, run_dir: Path, total_start: float) -> di
         "paper_method": job.labels["paper_method"],
         "classifier": job.labels["classifier"],
         "ratio": expander.ratio if expander else 0,
-        "train_data": "original+generated" if include_original else "generated only",
+        "train_data": "original"
+        if expander is None
+        else "original+generated"
+        if include_original
+        else "generated only",
         "train_per_class": job.labels["train_per_class"],
         "extra_real_per_class": job.labels["extra_real_per_class"],
         "seed": job.seed,
@@ -464,6 +505,7 @@ def _run_job(cfg: DictConfig, job: Job, run_dir: Path, total_start: float) -> di
                 device=job.device,
                 title=title,
                 progress=job.progress,
+                cache_dir=Path(job.generation.fit_dir) / "quality_probes",
             )
             metrics["quality"] = q
             log.info(
@@ -497,6 +539,7 @@ def _run_job(cfg: DictConfig, job: Job, run_dir: Path, total_start: float) -> di
         L.seed_everything(job.seed, workers=True, verbose=False)
         metrics["original"] = train_and_evaluate(job, data, None, None, run_dir / "train_original", False)
     metrics["total_seconds"] = round(time.perf_counter() - total_start, 3)
+    metrics["environment"] = environment(job.device)
     if isinstance(logger, WandbLogger):
         wandb_logging.log_results(logger, metrics)
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
@@ -504,16 +547,20 @@ def _run_job(cfg: DictConfig, job: Job, run_dir: Path, total_start: float) -> di
     return metrics
 
 
+ORIGINAL_LABEL = "original (no expansion)"
+
+
 def summary_line(m: dict[str, Any]) -> str:
-    data = "" if m.get("train_data", "original+generated") == "original+generated" else f" ({m['train_data']})"
+    data = " (generated only)" if m.get("train_data") == "generated only" else ""
+    what = ORIGINAL_LABEL if m.get("train_data") == "original" else f"{m['method']} x{m['ratio']}{data}"
     line = (
-        f"[{m['dataset']} | {m['method']} x{m['ratio']}{data} | {m['classifier']} | seed {m['seed']}] "
+        f"[{m['dataset']} | {what} | {m['classifier']} | seed {m['seed']}] "
         f"test acc: final {m['test_acc_final']:.2f}%, at best val epoch {m['test_acc_best_val']:.2f}%"
     )
     if "original" in m:
         o = m["original"]
         line += (
-            f"\n[{m['dataset']} | original (no expansion) | {m['classifier']} | seed {m['seed']}] "
+            f"\n[{m['dataset']} | {ORIGINAL_LABEL} | {m['classifier']} | seed {m['seed']}] "
             f"test acc: final {o['test_acc_final']:.2f}%, at best val epoch {o['test_acc_best_val']:.2f}%"
             f"\nexpanded - original: {m['test_acc_final'] - o['test_acc_final']:+.2f} points (final epoch)"
         )
