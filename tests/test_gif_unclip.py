@@ -193,8 +193,8 @@ def test_missing_weights_and_folders_are_clear(tmp_path, monkeypatch):
     exp = GifUnCLIP(ratio=2, backend="karlo")  # the constructor never loads weights; prepare() does
     with pytest.raises(
         ExpansionError,
-        match="kakaobrain/karlo-v1-alpha-image-variations.*UnCLIPImageVariationPipeline"
-        ".*huggingface-cli download.*save_pretrained",
+        match="kakaobrain/karlo-v1-alpha-image-variations.*huggingface-cli download"
+        ".*UnCLIPImageVariationPipeline.save_pretrained",
     ):
         exp.prepare(ExpansionContext("breastmnist", CLASSES, channels=1))
 

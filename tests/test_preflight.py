@@ -113,7 +113,7 @@ def test_an_offline_loader_says_no_network_at_once():
 def test_a_failed_start_prints_its_error_once_and_leaves_no_run_folder(tmp_path):
     proc = _run_py("method=original", "method.ratio=-3", f"hydra.run.dir={tmp_path}/run")
     assert proc.returncode == 2
-    line = "method.ratio=-3 but method=original generates no images"
+    line = "method.ratio=-3 is not a ratio (an integer >= 1; method=original generates no images and ignores it)"
     assert (proc.stdout + proc.stderr).count(line) == 1
     assert not (tmp_path / "run").exists()
 

@@ -141,3 +141,17 @@ def test_ratio_sweep_gets_accuracy_vs_ratio_curves(tmp_path):
     text = report.read_text()
     assert "accuracy vs expansion ratio" in text and "](fig_efficiency_ratio.png)" in text
     assert "No run has an expansion grid" in text
+
+
+def test_the_accuracy_axis_is_zoomed_to_the_data():
+    from experiments.analysis.aggregate import Cell
+    from experiments.analysis.report import accuracy_limits
+
+    def cell(values, paper=None):
+        return Cell("adhoc", "m", "c", "m", "d", "k", 1, {"test_acc_final": values, "test_acc_best_val": []}, paper)
+
+    lo, hi = accuracy_limits([cell([90.0, 90.8]), cell([89.2])])
+    assert 85 < lo < 89 and 91 < hi < 96  # a 0.8-point gap is visible
+    lo, hi = accuracy_limits([cell([99.5]), cell([60.0], paper=99.9)])
+    assert 50 < lo < 60 and hi == 100.0
+    assert accuracy_limits([]) == (0.0, 100.0)

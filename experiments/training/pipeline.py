@@ -116,10 +116,16 @@ class Job:
     def from_config(cls, cfg: DictConfig) -> Job:
         """Every setting of the job, checked: a bad value is one :class:`ExpansionError` naming its key."""
         expander = build_expander(cfg.method)  # the method's settings and ratio
-        if expander is None and cfg.method.get("ratio") not in (0, None):
+        ratio = cfg.method.get("ratio")
+        if (
+            expander is None
+            and ratio not in (0, None)
+            and (isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1)
+        ):
+            # a valid ratio is ignored (one sweep sets it for original and the methods alike); a bad one is an error
             raise ExpansionError(
-                f"method.ratio={cfg.method.ratio!r} but method={cfg.method.name} generates no images; leave ratio at 0 "
-                "or pick an expansion method"
+                f"method.ratio={ratio!r} is not a ratio (an integer >= 1; method={cfg.method.name} generates no "
+                "images and ignores it)"
             )
         section = {name: OmegaConf.to_container(cfg[name], resolve=True) for name in ("train", "classifier", "trainer")}
         train = from_mapping(TrainSettings, section["train"], "train")
