@@ -167,3 +167,10 @@ def test_results_csv_shows_environment_fields_that_differ(tmp_path):
     assert header.endswith(",env_cpu_threads") and "env_torch" not in header
     assert rows[0].endswith(",2") or rows[0].endswith(",1")
     assert "no paper numbers in this table" in md_path.read_text()
+
+
+def test_the_report_names_few_jobs_and_ranges_of_many():
+    report = preflight.Report(jobs=[f"seed={i}" for i in range(10)])
+    assert report.which([2, 5]) == "#2 seed=2, #5 seed=5"
+    assert report.which([0, 1, 2, 3, 7, 9]) == "6 of 10 jobs: #0-3, #7, #9; the first is seed=0"
+    assert report.which(list(range(10))) == "every job"

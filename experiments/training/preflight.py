@@ -57,6 +57,19 @@ class Report:
     def ok(self) -> bool:
         return not self.problems
 
+    def which(self, jobs: list[int]) -> str:
+        """The jobs a problem stops: each with its overrides when few, else as numbered ranges."""
+        if len(jobs) == len(self.jobs):
+            return "every job"
+        if len(jobs) <= 3:
+            return ", ".join(f"#{j} {self.jobs[j]}" for j in jobs)
+        ranges, start = [], jobs[0]
+        for prev, j in zip(jobs, [*jobs[1:], None]):
+            if j != prev + 1:
+                ranges.append(f"#{start}" if start == prev else f"#{start}-{prev}")
+                start = j
+        return f"{len(jobs)} of {len(self.jobs)} jobs: {', '.join(ranges)}; the first is {self.jobs[jobs[0]]}"
+
     def render(self) -> str:
         n = len(self.jobs)
         if self.ok:
@@ -68,8 +81,7 @@ class Report:
         for problem, jobs in self.problems.items():
             lines.append(f"  - {problem}")
             if n > 1:
-                which = "every job" if len(jobs) == n else ", ".join(f"#{j} {self.jobs[j]}" for j in jobs)
-                lines.append(f"    (stops {which})")
+                lines.append(f"    (stops {self.which(jobs)})")
         return "\n".join(lines)
 
 
