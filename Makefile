@@ -5,7 +5,7 @@ EXTRAS ?= dev,slurm,joblib
 BENCH_OUT ?= benchmarks/results
 
 .PHONY: help install run list test test-slow test-gpu test-all lint sweep-digits benchmark-cpu benchmark-training \
-        benchmark-generation-cpu benchmark-gpu benchmark-cost report clean-cache
+        benchmark-generation-cpu benchmark-gpu benchmark-cost report export clean-cache
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-25s %s\n", $$1, $$2}'
@@ -66,6 +66,9 @@ benchmark-gpu:  ## every GPU benchmark in one command (training + 4 generation m
 
 benchmark-cost:  ## docs/cost.md: each paper table's sweep in device-hours from the measurements in $(BENCH_OUT)
 	$(PYTHON) benchmarks/cost_table.py --measurements $(BENCH_OUT) --out docs/cost.md
+
+export:  ## an expanded set as a Hugging Face dataset: make export SRC=<store, run or sweep folder> OUT=<folder>
+	$(PYTHON) -m experiments.data.sharing export $(SRC) $(OUT)
 
 report:  ## tables, figures, expansion grids and settings of a sweep: make report DIR=multirun/<date>/<time>
 	@test -n "$(DIR)" || { echo "usage: make report DIR=<sweep folder>"; exit 2; }

@@ -25,6 +25,7 @@ class Weights:
     setting: str
     revision: str | None = None
     hub_files: tuple[str, ...] = ("config.json",)
+    repo_type: str = "model"
 
     @property
     def is_local(self) -> bool:
@@ -60,13 +61,15 @@ def hub_cache_dir() -> str:
     return str(constants.HF_HUB_CACHE)
 
 
-def in_hub_cache(repo_id: str, filenames: tuple[str, ...], revision: str | None = None) -> bool:
+def in_hub_cache(
+    repo_id: str, filenames: tuple[str, ...], revision: str | None = None, repo_type: str = "model"
+) -> bool:
     """Whether the local hub cache holds one of ``filenames`` of ``repo_id`` (an invalid id: no)."""
     from huggingface_hub import try_to_load_from_cache
 
     for filename in filenames:
         try:
-            if isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), str):
+            if isinstance(try_to_load_from_cache(repo_id, filename, revision=revision, repo_type=repo_type), str):
                 return True
         except ValueError:  # not a valid repo id (huggingface_hub's HFValidationError)
             return False
@@ -87,13 +90,14 @@ def missing(weights: Weights) -> str | None:
         if path.exists():
             return None
         return f"{weights.what}: {path} does not exist; set {weights.setting} to an existing folder or a hub id"
-    if in_hub_cache(weights.source, weights.hub_files, weights.revision):
+    if in_hub_cache(weights.source, weights.hub_files, weights.revision, weights.repo_type):
         return None
     if hub_reachable():
         return None  # fetched into the cache when the job loads it
     return (
         f"{weights.what} {weights.source!r} is not in the Hugging Face cache ({hub_cache_dir()}) and "
-        f"{no_network_reason()}. Fix: on a machine with network run `huggingface-cli download {weights.source}` "
+        f"{no_network_reason()}. Fix: on a machine with network run `huggingface-cli download "
+        f"{'--repo-type dataset ' if weights.repo_type == 'dataset' else ''}{weights.source}` "
         f"and copy the cache here (HF_HOME), or set {weights.setting} to a local copy"
     )
 

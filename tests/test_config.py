@@ -30,7 +30,7 @@ def test_every_config_file_composes_and_resolves(group, option):
     assert job["dataset"]["name"] and job["method"]["name"] and job["classifier"]["arch"]
     if group == "method":
         expander = build_expander(cfg.method)
-        assert (expander is None) == (option == "original")
+        assert (expander is None) == (option in ("original", "imported"))
     if group == "dataset":
         assert job["dataset"]["name"] == ({"imagefolder": "my_set", "npz": "my_scans"}.get(option) or option)
         assert job["dataset"]["recipe"]["augment"]

@@ -111,6 +111,7 @@ class Job:
     expansion_seed: int
     progress: bool
     labels: dict[str, Any] = field(default_factory=dict)  # names and table ids for metrics.json
+    imported: str | None = None  # method=imported: the shared set's folder or hub id
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> Job:
@@ -130,7 +131,13 @@ class Job:
         section = {name: OmegaConf.to_container(cfg[name], resolve=True) for name in ("train", "classifier", "trainer")}
         train = from_mapping(TrainSettings, section["train"], "train")
         classifier = from_mapping(ClassifierSettings, section["classifier"], "classifier")
-        if expander is None and not train.include_original:
+        imported = None
+        if cfg.method.name == "imported":
+            imported = cfg.method.get("path") if not OmegaConf.is_missing(cfg.method, "path") else None
+            if not imported:
+                raise ExpansionError("method=imported needs method.path: an exported folder or a hub dataset id")
+            imported = str(imported)
+        if expander is None and imported is None and not train.include_original:
             raise ExpansionError(
                 "train.include_original=false trains on generated images only, but method=original "
                 "generates none; pick an expansion method"
@@ -162,6 +169,7 @@ class Job:
             seed=int(cfg.seed),
             expansion_seed=int(cfg.expansion_seed),
             progress=bool(cfg.get("progress_bar", False)),
+            imported=imported,
             labels={
                 "table": cfg.get("table"),
                 "method": cfg.method.name,
@@ -453,6 +461,14 @@ def _run_job(cfg: DictConfig, job: Job, run_dir: Path, total_start: float) -> di
     L.seed_everything(job.seed, workers=True, verbose=False)
     logger = make_logger(cfg, run_dir)
     expander, include_original = job.expander, job.train.include_original
+    imported = ratio = None
+    if job.imported is not None:  # a shared set stands in for the expansion
+        from experiments.data.sharing import import_set
+
+        imported, ratio, made_by = import_set(job.imported, Path(job.generation.store_dir), data.identity)
+        job.labels["method"] = f"imported({made_by})"
+    elif expander is not None:
+        ratio = expander.ratio
 
     metrics: dict[str, Any] = {
         "table": job.labels["table"],
@@ -461,12 +477,8 @@ def _run_job(cfg: DictConfig, job: Job, run_dir: Path, total_start: float) -> di
         "method": job.labels["method"],
         "paper_method": job.labels["paper_method"],
         "classifier": job.labels["classifier"],
-        "ratio": expander.ratio if expander else 0,
-        "train_data": "original"
-        if expander is None
-        else "original+generated"
-        if include_original
-        else "generated only",
+        "ratio": ratio or 0,
+        "train_data": "original" if ratio is None else "original+generated" if include_original else "generated only",
         "train_per_class": job.labels["train_per_class"],
         "extra_real_per_class": job.labels["extra_real_per_class"],
         "seed": job.seed,
@@ -475,8 +487,8 @@ def _run_job(cfg: DictConfig, job: Job, run_dir: Path, total_start: float) -> di
         "sizes": data.sizes(),
     }
     expanded_images = expanded_labels = store_key = None
-    if expander is not None:
-        result = run_expansion(job, data)
+    if ratio is not None:
+        result = imported or run_expansion(job, data)
         store_key = result.store.key
         expanded_images = load_expanded_images(
             result.expanded, data.channels, data.image_size, tensor_dir=job.labels["tensor_dir"]
@@ -500,7 +512,7 @@ def _run_job(cfg: DictConfig, job: Job, run_dir: Path, total_start: float) -> di
         if job.quality.enabled:
             from experiments.analysis.quality import evaluate_expansion
 
-            title = f"{data.name} | {job.labels['method']} x{expander.ratio} | expansion seed {job.expansion_seed}"
+            title = f"{data.name} | {job.labels['method']} x{ratio} | expansion seed {job.expansion_seed}"
             q = evaluate_expansion(
                 job.quality,
                 data,
@@ -540,7 +552,7 @@ def _run_job(cfg: DictConfig, job: Job, run_dir: Path, total_start: float) -> di
             store_key=store_key,
         )
     )
-    if expander is not None and compare_original(job.train.compare_original):
+    if ratio is not None and compare_original(job.train.compare_original):
         PREEMPTION.stop_if_requested()
         L.seed_everything(job.seed, workers=True, verbose=False)
         metrics["original"] = train_and_evaluate(job, data, None, None, run_dir / "train_original", False)

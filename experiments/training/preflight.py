@@ -143,6 +143,11 @@ def check_jobs(configs: Sequence[DictConfig], labels: Sequence[str]) -> Report:
                 data_seen[key] = check_data(cfg)
             if data_seen[key]:
                 report.add(index, data_seen[key])
+        if job is not None and job.imported is not None:
+            from experiments.data.sharing import missing_import
+
+            if problem := missing_import(job.imported):
+                report.add(index, problem)
         for weights in method_weights(cfg, job):
             if weights not in weights_seen:
                 weights_seen[weights] = missing(weights)
