@@ -81,6 +81,8 @@ def test_export_import_train_round_trip(tmp_path, expanded):
     assert imported["expansion"]["num_images"] == 1000 and imported["train_data"] == "original+generated"
     for key in ("test_acc_final", "test_acc_best_val"):
         assert scores_close(imported[key], again[key]), (imported[key], again[key])
+    with pytest.raises(SharingError, match="no finished expansion store"):  # an imported copy is not exported again
+        sharing.export(tmp_path / "imported", tmp_path / "again_shared")
     copy = Path(imported["expansion"]["store"])
     assert [json.loads(line) for line in (copy / "manifest.jsonl").read_text().splitlines()] == rows
     for row in rows:

@@ -66,7 +66,7 @@ def find_stores(src: Path) -> list[tuple[Path, Path | None]]:
     found: dict[Path, Path] = {}
     for metrics_path in sorted(src.rglob("metrics.json")):
         store = (json.loads(metrics_path.read_text()).get("expansion") or {}).get("store")
-        if store:
+        if store and not (Path(store) / IMPORTED_MARKER).is_file():  # an imported copy is already shared
             found.setdefault(Path(store), metrics_path.parent)
     if not found:
         raise SharingError(f"no finished expansion store in or under {src}: give a store folder or a run/sweep folder")
