@@ -4,6 +4,7 @@ Examples:
     python run.py                                     # offline default (digits, CPU)
     python run.py -m dataset=digits method=original,cutout,gridmask,randaugment
     python run.py -m experiment=table2_medical trainer=gpu
+    python run.py method=gif_sd dataset=flowers102 method.fidelity=official --cfg job   # the resolved settings
 """
 
 import logging
@@ -67,5 +68,13 @@ def main(cfg: DictConfig) -> None:
             sys.exit(2)
 
 
+def resolve_printed_config(argv: list[str]) -> None:
+    """``--cfg job|hydra|all`` prints the config with every interpolation resolved (Hydra's
+    ``--resolve``): the per-dataset paper settings and the fidelity quirks as the run will see them."""
+    if any(a in ("--cfg", "-c") or a.startswith("--cfg=") for a in argv) and "--resolve" not in argv:
+        argv.append("--resolve")
+
+
 if __name__ == "__main__":
+    resolve_printed_config(sys.argv)
     main()

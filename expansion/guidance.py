@@ -23,17 +23,19 @@ probe classifier), GIF
    around ``z0`` and decodes.
 
 As in the official code the score is taken on the unprojected perturbation and
-the projection is applied to the final code. Departures from the official code
-(``GIF_SD/*/dataset_expansion_stable_diffusion_CLIP_batch_optimization.py``):
+the projection is applied to the final code. Two settings (set by ``method.fidelity``) choose
+between the paper's criteria and the official code's
+(``GIF_SD/*/dataset_expansion_stable_diffusion_CLIP_batch_optimization.py``, e.g. Caltech l.573-579):
 
-* consistency: the official ``gather(p' [B, K], 1, j.unsqueeze(1))`` with a ``[1, 1]`` index
-  gives the term to the first image of each pass only; here every sample gets it (the paper's
-  criterion);
-* diversity: the official ``KLDivLoss(log_softmax(f_i), log_softmax(mean f))`` is
-  ``mean_i KL(softmax(mean f) || softmax(f_i))``; here it is the reverse direction, as the paper
-  writes it (the two agree to second order and the term is < 1 % of the gradient in both);
-* the guides apply CLIP's own input normalisation to seeds and samples (the official code
-  normalises seeds with CIFAR statistics and feeds samples unnormalised).
+* ``consistency``: ``every_sample`` (the paper) or ``first_of_group``: the official
+  ``gather(p' [B, K], 1, j.unsqueeze(1))`` with a ``[1, 1]`` index gives the term, at the weight of
+  the whole pass, to the first image of each pass only;
+* ``diversity``: ``kl_sample_to_mean`` = ``KL(softmax(f_i) || softmax(mean f))`` as the paper
+  writes it, or ``kl_mean_to_sample``: the official ``KLDivLoss(log_softmax(f_i),
+  log_softmax(mean f), log_target=True)`` = ``mean_i KL(softmax(mean f) || softmax(f_i))`` (both
+  depend on every sample; they agree to second order and the term is < 1 % of the gradient).
+
+docs/fidelity.md lists every departure, with the official file and line.
 """
 
 from __future__ import annotations
@@ -44,14 +46,18 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ExpansionError
+from .settings import check_ranges, fidelity_quirk
 
 EPS = 1e-12
+CONSISTENCY_FORMS = ("every_sample", "first_of_group")
+DIVERSITY_FORMS = ("kl_sample_to_mean", "kl_mean_to_sample")
 
 
 @dataclass(frozen=True)
 class GuidanceSettings:
     """The ascent on (e, b): ``n_steps`` signed-gradient steps of ``step_size`` on the weighted
-    criteria (official: one step of 0.1, all weights 1). The radius belongs to the prior's
+    criteria (official: one step of 0.1, all weights 1); ``consistency`` and ``diversity`` say
+    which form of those two criteria (the module doc). The radius belongs to the prior's
     latent (``GifSettings.radius``) and is given to :func:`guided_perturbation`."""
 
     n_steps: int = 1
@@ -59,10 +65,19 @@ class GuidanceSettings:
     entropy_weight: float = 1.0
     consistency_weight: float = 1.0
     diversity_weight: float = 1.0
+    consistency: str = fidelity_quirk("every_sample", "first_of_group")
+    diversity: str = fidelity_quirk("kl_sample_to_mean", "kl_mean_to_sample")
 
     def __post_init__(self) -> None:
         if self.n_steps < 0 or self.step_size < 0:
             raise ExpansionError(f"guidance.n_steps and guidance.step_size must be >= 0: {self}")
+        check_ranges(
+            self,
+            [
+                (self.consistency in CONSISTENCY_FORMS, "consistency", f"one of {CONSISTENCY_FORMS}"),
+                (self.diversity in DIVERSITY_FORMS, "diversity", f"one of {DIVERSITY_FORMS}"),
+            ],
+        )
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -96,6 +111,19 @@ def group_mean(values: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     return sums / counts.view(-1, *([1] * (values.ndim - 1)))
 
 
+def first_of_group(groups: torch.Tensor) -> torch.Tensor:
+    """``[N]`` bool: the first row of each group (lowest index)."""
+    rows = torch.arange(groups.shape[0], device=groups.device)
+    n_groups = int(groups.max()) + 1
+    first = torch.full((n_groups,), groups.shape[0], device=groups.device).scatter_reduce(0, groups, rows, "amin")
+    return rows == first[groups]
+
+
+def group_sizes(groups: torch.Tensor) -> torch.Tensor:
+    """``[N]``: the size of each row's group."""
+    return torch.bincount(groups)[groups]
+
+
 def criteria(
     seed_probs: torch.Tensor,
     sample_probs: torch.Tensor,
@@ -119,9 +147,14 @@ def criteria(
     entropy_gain = entropy(sample_probs) - entropy(seed_probs)
     top1 = seed_probs.argmax(dim=-1, keepdim=True)  # the guide's own prediction on the seed
     consistency = torch.gather(sample_probs, 1, top1)[:, 0]
+    if settings.consistency == "first_of_group":  # the official [1, 1] gather: the pass's first image, whole weight
+        consistency = consistency * first_of_group(groups).to(consistency) * group_sizes(groups).to(consistency)
     log_q = torch.log_softmax(sample_embeddings, dim=-1)
     log_mean = torch.log_softmax(group_mean(sample_embeddings, groups)[groups], dim=-1)
-    diversity = (log_q.exp() * (log_q - log_mean)).sum(-1)  # KL(softmax(f_i) || softmax(mean f))
+    if settings.diversity == "kl_sample_to_mean":
+        diversity = (log_q.exp() * (log_q - log_mean)).sum(-1)  # KL(softmax(f_i) || softmax(mean f))
+    else:
+        diversity = (log_mean.exp() * (log_mean - log_q)).sum(-1)  # KL(softmax(mean f) || softmax(f_i))
     score = (
         settings.entropy_weight * entropy_gain
         + settings.consistency_weight * consistency

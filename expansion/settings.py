@@ -5,6 +5,12 @@ a (Hydra) mapping, nested settings from nested mappings, and turns every bad val
 :class:`~expansion.base.ExpansionError` line naming the key; :func:`signature_of` is what the
 store key hashes (fields marked :func:`speed_only` left out); :func:`config_node` is the defaults
 as a plain mapping, which ``experiments.config`` registers for the method configs to compose.
+
+A field made with :func:`fidelity_quirk` is one way the official code departs from the paper: its
+value under ``fidelity: paper`` and under ``fidelity: official``. A settings class with a
+``fidelity`` field fills every quirk its mapping does not give (nested settings included) from that
+preset (:func:`apply_fidelity`), and its config node interpolates the same choice
+(``${fidelity_pick:...}``), so a user can switch the whole preset or one quirk at a time.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ from typing import Any
 from .errors import ExpansionError, SettingsError
 
 _SPEED_ONLY = "speed_only"
+_QUIRK = "fidelity_quirk"
+_KEYED_WHEN_SET = "keyed_when_set"
+FIDELITIES = ("paper", "official")
 
 
 def speed_only(default: Any = None) -> Any:
@@ -29,6 +38,52 @@ def speed_only(default: Any = None) -> Any:
 
 def is_speed_only(f: Field) -> bool:
     return bool(f.metadata.get(_SPEED_ONLY))
+
+
+def keyed_when_set(default: Any = None) -> Any:
+    """A setting added after stores were keyed: left out of the store key at its ``default`` (which
+    reproduces the output from before it existed), so those stores are still found."""
+    return field(default=default, metadata={_KEYED_WHEN_SET: True})
+
+
+def fidelity_quirk(paper: Any, official: Any, *, keyed_at_paper: bool = False) -> Any:
+    """A setting where the official code departs from the paper: ``paper`` is the default,
+    ``official`` what ``fidelity: official`` sets (both plain values); in the store key only when
+    not ``paper`` (unless ``keyed_at_paper``: a setting older than the fidelity switch)."""
+    metadata = {_QUIRK: {"paper": paper, "official": official}, _KEYED_WHEN_SET: not keyed_at_paper}
+    return field(default=paper, metadata=metadata)
+
+
+def quirk_values(f: Field) -> dict[str, Any] | None:
+    """``{"paper": ..., "official": ...}`` of a :func:`fidelity_quirk` field, else None."""
+    return f.metadata.get(_QUIRK)
+
+
+def check_fidelity(fidelity: Any, key: str = "method.fidelity") -> str:
+    if fidelity not in FIDELITIES:
+        raise SettingsError(f"{key} must be one of {FIDELITIES}, got {fidelity!r}")
+    return fidelity
+
+
+def apply_fidelity(cls: type, values: Mapping[str, Any], fidelity: str) -> dict[str, Any]:
+    """``values`` with every :func:`fidelity_quirk` field of ``cls`` it does not give set to the
+    ``fidelity`` preset, nested settings (a mapping, or absent) included."""
+    check_fidelity(fidelity)
+    out = dict(values)
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        quirk = quirk_values(f)
+        if quirk is not None and f.name not in out:
+            out[f.name] = quirk[fidelity]
+            continue
+        nested = next((o for o in _options(hints[f.name]) if is_dataclass(o)), None)
+        if nested is not None and any(quirk_values(g) for g in fields(nested)):
+            given = out.get(f.name)
+            if given is None and f.name in out:
+                continue  # explicitly null
+            if given is None or isinstance(given, Mapping):
+                out[f.name] = apply_fidelity(nested, given or {}, fidelity)
+    return out
 
 
 def check_ranges(settings: Any, checks: list[tuple[bool, str, str]]) -> None:
@@ -52,6 +107,9 @@ def from_mapping(cls: type, values: Mapping[str, Any] | Any | None, what: str) -
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ExpansionError(f"{what}: unknown setting(s) {unknown}; known: {sorted(known)}")
+    if "fidelity" in known:
+        fidelity = values.get("fidelity", known["fidelity"].default)
+        values = apply_fidelity(cls, values, check_fidelity(fidelity, f"{what}: fidelity"))
     hints = typing.get_type_hints(cls)
     kwargs = {name: _coerce(hints[name], value, f"{what}.{name}") for name, value in values.items()}
     try:
@@ -116,8 +174,13 @@ def _jsonable(value: Any) -> Any:
 
 
 def field_signature(settings: Any) -> dict[str, Any]:
-    """Every field that is not speed-only, nested settings by their own signature."""
-    return {f.name: _jsonable(getattr(settings, f.name)) for f in fields(settings) if not is_speed_only(f)}
+    """Every field that is not speed-only (nor a :func:`keyed_when_set` field at its default),
+    nested settings by their own signature."""
+    return {
+        f.name: _jsonable(getattr(settings, f.name))
+        for f in fields(settings)
+        if not is_speed_only(f) and not (f.metadata.get(_KEYED_WHEN_SET) and getattr(settings, f.name) == f.default)
+    }
 
 
 def signature_of(settings: Any) -> dict[str, Any]:
@@ -129,19 +192,58 @@ def signature_of(settings: Any) -> dict[str, Any]:
 
 def config_node(cls: type) -> dict[str, Any]:
     """The defaults of settings class ``cls`` as a plain mapping (nested settings as mappings,
-    tuples as lists), every field included: what a method config composes."""
+    tuples as lists), every field included: what a method config composes. With a ``fidelity``
+    field, every quirk is the interpolation ``${fidelity_pick:<fidelity>,<paper>,<official>}``."""
+    with_fidelity = any(f.name == "fidelity" for f in fields(cls))
+    return _node(cls, None, depth=0 if with_fidelity else None)
+
+
+def _node(cls: type, value: Any, depth: int | None) -> dict[str, Any]:
     node: dict[str, Any] = {}
     for f in fields(cls):
         if not f.init:
             continue
-        if f.default is not MISSING:
-            value = f.default
+        if value is not None:
+            v = getattr(value, f.name)
+        elif f.default is not MISSING:
+            v = f.default
         elif f.default_factory is not MISSING:
-            value = f.default_factory()
+            v = f.default_factory()
         else:
             continue  # required: the method config must give it
-        node[f.name] = _plain(value)
+        quirk = quirk_values(f)
+        if quirk is not None and depth is not None:
+            node[f.name] = quirk_interpolation(quirk, "." * (depth + 1) + "fidelity")
+        elif is_dataclass(v):
+            node[f.name] = _node(type(v), v, None if depth is None else depth + 1)
+        else:
+            node[f.name] = _plain(v)
     return node
+
+
+def quirk_interpolation(quirk: Mapping[str, Any], fidelity_key: str) -> str:
+    """``${fidelity_pick:${<fidelity_key>},<paper>,<official>}`` (null for None)."""
+    paper, official = (_literal(quirk[name]) for name in FIDELITIES)
+    return f"${{fidelity_pick:${{{fidelity_key}}},{paper},{official}}}"
+
+
+def _literal(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def fidelity_pick(fidelity: str, paper: Any, official: Any) -> Any:
+    """The ``fidelity_pick`` resolver: ``paper`` or ``official`` by ``fidelity`` (a list as an
+    OmegaConf list, so that ``OmegaConf.resolve`` can store it)."""
+    value = {"paper": paper, "official": official}[check_fidelity(fidelity)]
+    if isinstance(value, list):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.create(value)
+    return value
 
 
 def _plain(value: Any) -> Any:

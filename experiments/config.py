@@ -15,13 +15,23 @@ CONFIG_DIR = PROJECT_ROOT / "conf"
 def register_resolvers() -> None:
     """``${project_root:}``: the checkout's root, wherever the job runs from.
     ``${mul:a,b}``: the product a * b, rounded to an int (e.g. extra real images = 2 x n_base).
-    ``${path_stem:p}``: the last component of a path without its suffix (a dataset named after its file)."""
+    ``${path_stem:p}``: the last component of a path without its suffix (a dataset named after its file).
+    ``${fidelity_pick:f,a,b}``: ``a`` when ``f`` is paper, ``b`` when official (a GIF quirk's value).
+    ``${label_numbers:n}``: ["1", ..., "n"] (the official Flowers script's folder numbers as class names)."""
+    from expansion.settings import fidelity_pick
+
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
     if not OmegaConf.has_resolver("mul"):
         OmegaConf.register_new_resolver("mul", _int_product)
     if not OmegaConf.has_resolver("path_stem"):
         OmegaConf.register_new_resolver("path_stem", lambda path: Path(str(path).rstrip("/")).stem or str(path))
+    if not OmegaConf.has_resolver("fidelity_pick"):
+        OmegaConf.register_new_resolver("fidelity_pick", fidelity_pick)
+    if not OmegaConf.has_resolver("label_numbers"):
+        OmegaConf.register_new_resolver(
+            "label_numbers", lambda n: OmegaConf.create([str(i) for i in range(1, int(n) + 1)])
+        )
 
 
 def _int_product(a, b) -> int:

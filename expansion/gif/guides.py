@@ -1,9 +1,10 @@
 """Guides: anything that maps images in [0, 1] to class probabilities and embeddings.
 
 * :class:`ClipGuide` -- GIF's zero-shot CLIP (open_clip ViT-B/32 by default, prompt
-  "This is a photo of a {class}", logit scale 100, CLIP's own input normalisation for seeds and
-  samples: the official code normalises seeds with CIFAR statistics and feeds samples
-  unnormalised).
+  "This is a photo of a {class}", logit scale 100). Input normalisation, seeds and generated samples
+  apart: ``clip`` (CLIP's own statistics, the paper's setting) for both; the official scripts
+  normalise seeds with CIFAR statistics (``cifar``; DTD: ``dtd``) and feed samples unnormalised
+  (``none``), e.g. Caltech l.310-314 and l.564-566.
 * :class:`ProbeGuide` -- offline: the probe CNN (:mod:`expansion.probe`) trained on the seed set;
   probabilities from its head, embeddings from its penultimate layer.
 """
@@ -23,12 +24,22 @@ from torch import nn
 from ..base import resize
 from ..errors import ExpansionError
 from ..probe import PROBE_RECIPE, Probe, train_probe
-from ..settings import speed_only
+from ..settings import fidelity_quirk, speed_only
 from ..weights import Weights, is_local_path
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 GUIDE_KINDS = ("clip", "probe")
+#: input statistics (mean, std) by name; ``clip``: the model's own, ``none``: no normalisation
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
+    "clip": None,
+    "cifar": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),  # every official script but DTD's
+    "dtd": (  # GIF_SD/dtd/dataset_expansion_stable_diffusion_CLIP_batch_optimization.py l.307-308
+        (0.5329876098715876, 0.474260843249454, 0.42627281899380676),
+        (0.26549755708788914, 0.25473554309855373, 0.2631728035662832),
+    ),
+    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+}
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,9 @@ class GuideSpec:
     kind: ``clip`` (zero-shot open_clip: ``arch``, ``pretrained`` tag or local weights file,
     ``model_config`` a JSON to register for a custom architecture, prompt ``template``,
     ``logit_scale``) or ``probe`` (the probe CNN trained ``epochs`` epochs on the seeds);
+    seed_normalization / sample_normalization: CLIP's input statistics for the seed images and for
+    the generated samples, one of :data:`NORMALIZATIONS` (paper: ``clip`` for both; the official
+    code: ``cifar`` (DTD: ``dtd``) for seeds, ``none`` for samples);
     cache_dir: where open_clip keeps downloaded weights (location only).
     """
 
@@ -48,6 +62,8 @@ class GuideSpec:
     template: str = "This is a photo of a {}"
     logit_scale: float = 100.0
     epochs: int = 30
+    seed_normalization: str = fidelity_quirk("clip", "cifar")
+    sample_normalization: str = fidelity_quirk("clip", "none")
     cache_dir: str | None = speed_only()
 
     def __post_init__(self) -> None:
@@ -55,12 +71,15 @@ class GuideSpec:
             raise ExpansionError(f"guide.kind must be one of {GUIDE_KINDS}, got {self.kind!r}")
         if self.epochs < 1:
             raise ExpansionError(f"guide.epochs must be >= 1, got {self.epochs}")
+        for key in ("seed_normalization", "sample_normalization"):
+            if getattr(self, key) not in NORMALIZATIONS:
+                raise ExpansionError(f"guide.{key} must be one of {tuple(NORMALIZATIONS)}, got {getattr(self, key)!r}")
 
     def signature(self) -> dict[str, Any]:
         """Only the settings of the chosen kind change the output."""
         if self.kind == "probe":
             return {"kind": "probe", "epochs": self.epochs, "network": PROBE_RECIPE}
-        return {
+        out = {
             "kind": "clip",
             "arch": self.arch,
             "pretrained": self.pretrained,
@@ -68,6 +87,10 @@ class GuideSpec:
             "template": self.template,
             "logit_scale": self.logit_scale,
         }
+        for key in ("seed_normalization", "sample_normalization"):  # keyed when not CLIP's own (older keys hold)
+            if getattr(self, key) != "clip":
+                out[key] = getattr(self, key)
+        return out
 
 
 def clip_weights(arch: str, pretrained: str, setting: str) -> Weights:
@@ -103,16 +126,19 @@ def rgb_at(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class Guide(nn.Module):
-    """``forward(images in [0, 1], [N, C, H, W]) -> GuideOutput``; differentiable in the images."""
+    """``forward(images in [0, 1], [N, C, H, W], seed=...) -> GuideOutput``; differentiable in the
+    images; ``seed``: the images are seed images (true) or generated samples (false)."""
 
     num_classes: int
 
-    def forward(self, images: torch.Tensor) -> GuideOutput:  # pragma: no cover - abstract
+    def forward(self, images: torch.Tensor, seed: bool = False) -> GuideOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
 class ClipGuide(Guide):
-    """Zero-shot CLIP: ``p = softmax(logit_scale * <f(x)/|f(x)|, t_c/|t_c|>)`` over the class prompts."""
+    """Zero-shot CLIP: ``p = softmax(logit_scale * <f(x)/|f(x)|, t_c/|t_c|>)`` over the class prompts,
+    ``x`` resized to ``image_size`` (bicubic, antialiased) and normalised with ``mean``/``std`` (the
+    model's statistics) or, for seeds and samples apart, the named :data:`NORMALIZATIONS`."""
 
     def __init__(
         self,
@@ -124,14 +150,20 @@ class ClipGuide(Guide):
         image_size: int = 224,
         mean: Sequence[float] = OPENAI_CLIP_MEAN,
         std: Sequence[float] = OPENAI_CLIP_STD,
+        seed_normalization: str = "clip",
+        sample_normalization: str = "clip",
     ):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.num_classes = len(class_names)
         self.logit_scale = float(logit_scale)
         self.image_size = int(image_size)
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        for role, name in (("seed", seed_normalization), ("sample", sample_normalization)):
+            if name not in NORMALIZATIONS:
+                raise ExpansionError(f"guide.{role}_normalization must be one of {tuple(NORMALIZATIONS)}, got {name!r}")
+            stats = NORMALIZATIONS[name] or (mean, std)
+            self.register_buffer(f"{role}_mean", torch.tensor(stats[0]).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer(f"{role}_std", torch.tensor(stats[1]).view(1, 3, 1, 1), persistent=False)
         prompts = [template.format(name) for name in class_names]
         with torch.no_grad():
             text = model.encode_text(tokenizer(prompts)).float()
@@ -152,6 +184,8 @@ class ClipGuide(Guide):
             cache_dir=spec.cache_dir,
             template=spec.template,
             logit_scale=spec.logit_scale,
+            seed_normalization=spec.seed_normalization,
+            sample_normalization=spec.sample_normalization,
         )
 
     @classmethod
@@ -184,11 +218,13 @@ class ClipGuide(Guide):
         std = tuple(norm.std) if norm is not None else OPENAI_CLIP_STD
         return cls(model, open_clip.get_tokenizer(arch), class_names, image_size=size, mean=mean, std=std, **kwargs)
 
-    def forward(self, images: torch.Tensor) -> GuideOutput:
-        x = to_rgb(images.float())
+    def forward(self, images: torch.Tensor, seed: bool = False) -> GuideOutput:
+        role = "seed" if seed else "sample"
+        x = to_rgb(images.to(self.text_features.dtype))  # float32 (float64 when the guide is .double())
         x = resize(x, self.image_size, "bicubic")
-        x = (x - self.mean) / self.std
-        features = F.normalize(self.model.encode_image(x).float(), dim=-1)
+        x = (x - getattr(self, f"{role}_mean")) / getattr(self, f"{role}_std")
+        features = self.model.encode_image(x)
+        features = F.normalize(features.to(torch.promote_types(features.dtype, torch.float32)), dim=-1)
         logits = self.logit_scale * features @ self.text_features.T
         return GuideOutput(logits.softmax(dim=-1), features)
 
@@ -212,7 +248,7 @@ class ProbeGuide(Guide):
         probe.save(path)
         return cls(probe)
 
-    def forward(self, images: torch.Tensor) -> GuideOutput:
+    def forward(self, images: torch.Tensor, seed: bool = False) -> GuideOutput:
         embeddings = self.probe.embed(images)
         return GuideOutput(self.probe.net.head(embeddings).softmax(dim=-1), embeddings)
 

@@ -14,13 +14,28 @@ image's own seed):
 3. decode with the VAE.
 
 The official per-dataset settings (guidance scale, strength, radius, ratio) are in
-``conf/method/gif_sd.yaml``. Departures from the official scripts: the UNet and text encoder run
-in float16 on a GPU (``dtype: float32`` is the official precision); seeds are augmented per output
-image, not per pass of two, with a bilinear rotation; several seeds go through one pass and a
-seed's k samples are scored together (``group_size: 2`` and ``method.batch_size=1`` give the
-official passes); the official sampler noises to ``ddim_timesteps[t_enc]`` but denoises from
-``t_enc - 1`` (strength 0.9: noised to t=901, denoised from t=881), here both are t=881; outputs
-are stored at ``output_size`` 256, in luma for 1-channel datasets.
+``conf/method/gif_sd.yaml``. ``fidelity: official`` (docs/fidelity.md) sets every quirk of the
+official run; each is also a setting of its own:
+
+* ``img2img_start``: ``first_step`` noises the seed latent to the first denoising timestep
+  (strength 0.9: t=881); ``compvis``: one DDIM step higher (t=901) while denoising still starts at
+  t=881, as the CompVis sampler (``ldm/models/diffusion/ddim.py`` ``stochastic_encode`` /
+  ``decode``) the official code calls;
+* ``seed_augmentation``: ``per_image`` rotation/flip, or ``per_pass`` (one draw per pass of
+  ``group_size`` images, as the official DataLoader yields one augmented seed per pass);
+* ``rotation_interpolation``: ``bilinear`` or ``nearest`` (torchvision's ``RandomRotation``);
+* ``unguided_noise`` (unguided only): ``per_image`` noise, or ``reseeded_per_pass``: the official
+  ``*_wo_optimization`` scripts call ``fix_seed(888)`` before every pass, so the i-th image of
+  every pass gets the same VAE and DDIM noise;
+* per dataset, in the config: Flowers' SD prompts use the folder numbers as class names
+  (``prompt_class_names``), the medical sets decode with ``vae_id`` stabilityai/sd-vae-ft-mse,
+  and the DreamBooth settings of :mod:`expansion.gif.dreambooth`.
+
+The DDIM scheduler is always set to the CompVis sampler's behaviour (:func:`compvis_ddim`),
+whatever the checkpoint's scheduler config says. Our own choices: the UNet and text encoder run
+in float16 on a GPU (``dtype: float32`` is the official precision); several seeds go through one
+pass and by default a seed's k samples are scored together; outputs are stored at
+``output_size`` 256, in luma for 1-channel datasets.
 """
 
 from __future__ import annotations
@@ -36,8 +51,8 @@ import torch
 import torch.nn.functional as F
 
 from ..base import ExpansionError, ImageSet, train_tensors
-from ..seeding import derive, per_image_rand
-from ..settings import signature_of, speed_only
+from ..seeding import derive, image_seeds, per_image_rand
+from ..settings import check_ranges, fidelity_quirk, keyed_when_set, signature_of, speed_only
 from ..weights import Weights, unavailable_error
 from .dreambooth import DreamBoothSettings
 from .guides import to_rgb
@@ -62,9 +77,18 @@ ADJECTIVES = (
 @dataclass(frozen=True)
 class SDDreamBooth(DreamBoothSettings):
     """DreamBooth before expanding (the paper's medical sets): its settings and the instance prompt
-    template (``{prefix}``: the dataset's prompt prefix, ``{class}``: the class name)."""
+    template (``{prefix}``: the dataset's prompt prefix, ``{class}``: the class name, from
+    ``class_names`` when given, else the dataset's)."""
 
     instance_prompt: str = "{prefix} {class}"
+    class_names: tuple[str, ...] | None = keyed_when_set()
+
+
+IMG2IMG_STARTS = ("first_step", "compvis")
+SEED_AUGMENTATIONS = ("per_image", "per_pass")
+ROTATION_INTERPOLATIONS = ("bilinear", "nearest")
+UNGUIDED_NOISES = ("per_image", "reseeded_per_pass")
+OFFICIAL_PASS_SEED = 888  # fix_seed(888) in the official *_wo_optimization scripts
 
 
 @dataclass(frozen=True)
@@ -72,8 +96,10 @@ class SDSettings(GifSettings):
     """GIF-SD's settings: GIF's (:class:`GifSettings`; ``radius`` absolute on the scaled latent)
     and the prior's: the SD model (hub id or diffusers folder), img2img's ``guidance_scale``,
     ``strength``, ``num_inference_steps`` and ``resolution``, the prompt's random domain and
-    adjective, DreamBooth, the UNet/text encoder ``dtype`` (auto: float16 on GPU, float32 on CPU)
-    and the VAE's."""
+    adjective, ``prompt_class_names`` (the class names in SD's prompt; None = the dataset's),
+    DreamBooth, the UNet/text encoder ``dtype`` (auto: float16 on GPU, float32 on CPU), the VAE's
+    dtype and ``vae_id`` (a VAE to use instead of the model's own), and the official run's quirks
+    (module doc)."""
 
     model_id: str = "CompVis/stable-diffusion-v1-4"
     revision: str | None = None
@@ -84,9 +110,15 @@ class SDSettings(GifSettings):
     prompt_randomization: bool = True
     domains: tuple[str, ...] = DOMAINS
     adjectives: tuple[str, ...] = ADJECTIVES
+    prompt_class_names: tuple[str, ...] | None = keyed_when_set()
     dreambooth: SDDreamBooth | None = None
     dtype: str = "auto"
     vae_dtype: str = "float32"
+    vae_id: str | None = keyed_when_set()
+    img2img_start: str = fidelity_quirk("first_step", "compvis")
+    seed_augmentation: str = fidelity_quirk("per_image", "per_pass")
+    rotation_interpolation: str = fidelity_quirk("bilinear", "nearest")
+    unguided_noise: str = fidelity_quirk("per_image", "reseeded_per_pass")
     local_files_only: bool | None = speed_only()
 
     def __post_init__(self) -> None:
@@ -97,10 +129,66 @@ class SDSettings(GifSettings):
             raise ExpansionError("need num_inference_steps >= 1 and a resolution divisible by 8")
         check_dtype("dtype", self.dtype)
         check_dtype("vae_dtype", self.vae_dtype)
+        check_ranges(
+            self,
+            [
+                (self.img2img_start in IMG2IMG_STARTS, "img2img_start", f"one of {IMG2IMG_STARTS}"),
+                (self.seed_augmentation in SEED_AUGMENTATIONS, "seed_augmentation", f"one of {SEED_AUGMENTATIONS}"),
+                (
+                    self.rotation_interpolation in ROTATION_INTERPOLATIONS,
+                    "rotation_interpolation",
+                    f"one of {ROTATION_INTERPOLATIONS}",
+                ),
+                (self.unguided_noise in UNGUIDED_NOISES, "unguided_noise", f"one of {UNGUIDED_NOISES}"),
+            ],
+        )
+        if (
+            self.img2img_start == "compvis"
+            and int(self.num_inference_steps * self.strength) >= self.num_inference_steps
+        ):
+            raise ExpansionError(
+                "img2img_start=compvis needs strength < 1: the CompVis sampler noises one step above its "
+                "first denoising step, and there is none above the last (set method.img2img_start=first_step)"
+            )
+
+    @property
+    def uses_passes(self) -> bool:
+        """Whether the passes of ``group_size`` shape the output beyond guidance."""
+        return self.seed_augmentation == "per_pass" or (not self.guided and self.unguided_noise == "reseeded_per_pass")
+
+    def signature(self) -> dict[str, Any]:
+        """GIF's; ``unguided_noise`` only counts unguided, and the passes count whenever they are used."""
+        out = super().signature()
+        if self.guided:
+            out.pop("unguided_noise", None)
+        elif self.uses_passes:
+            out["group_size"] = self.group_size
+        return out
 
 
 def sd_weights(model_id: str, revision: str | None = None) -> Weights:
     return Weights("Stable Diffusion", model_id, "method.model_id", revision, hub_files=("model_index.json",))
+
+
+def vae_weights(vae_id: str) -> Weights:
+    return Weights("the VAE", vae_id, "method.vae_id", hub_files=("config.json",))
+
+
+def compvis_ddim(config: Mapping[str, Any]):
+    """A DDIM scheduler with the CompVis sampler's behaviour (``ldm/models/diffusion/ddim.py``), the
+    model's noise schedule kept: no x0 clipping or thresholding, timesteps ``range(0, T, T // S) + 1``
+    (``leading`` spacing, offset 1), the last step's previous alpha ``alphas_cumprod[0]``. eta 0 is
+    passed at each step."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(
+        dict(config),
+        clip_sample=False,
+        thresholding=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
 
 
 def load_sd_components(
@@ -130,9 +218,10 @@ def load_sd_components(
         raise unavailable_error(sd_weights(model_id, revision), exc, "in diffusers layout") from exc
 
 
-def rotate_flip(x: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+def rotate_flip(x: torch.Tensor, seeds: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
     """GIF-SD's seed augmentation on ``x [N, C, H, W]``: a rotation in [-15, 15] degrees and a
-    horizontal flip with p = 0.5 per image, drawn from ``seeds [N]`` (one batched grid_sample, zero fill)."""
+    horizontal flip with p = 0.5 per image, drawn from ``seeds [N]`` (one batched grid_sample with
+    interpolation ``mode``, zero fill)."""
     draws = per_image_rand(derive(seeds, "augment"), (2,), device=x.device).reshape(-1, 2)
     angle = (draws[:, 0] * 30 - 15) * (math.pi / 180)
     flip = torch.where(draws[:, 1] < 0.5, -1.0, 1.0)
@@ -145,7 +234,23 @@ def rotate_flip(x: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
         1,
     ).to(x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
+
+
+def pass_first_seeds(seeds: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """``seeds [B, k]`` -> ``[B, k]``: each image's seed replaced by the seed of the first image of
+    its pass (passes of ``group_size`` consecutive copies; None = all k)."""
+    k = seeds.shape[1]
+    size = group_size or k
+    return seeds[:, (torch.arange(k) // size) * size]
+
+
+def official_pass_noise_seeds(shape: tuple[int, int], group_size: int | None) -> torch.Tensor:
+    """``[B, k]`` seeds that depend only on each copy's position in its pass: what reseeding with 888
+    before every pass gives (every pass of every seed draws the same noise)."""
+    b, k = shape
+    position = torch.arange(k) % (group_size or k)
+    return image_seeds(OFFICIAL_PASS_SEED, [0], k)[0][position].expand(b, k)
 
 
 class GifSD(GifExpander):
@@ -161,11 +266,14 @@ class GifSD(GifExpander):
         weights = sd_weights(self.settings.model_id, self.settings.revision)
         if self.settings.dreambooth is not None:  # DreamBooth fine-tunes this model first
             weights = replace(weights, what="Stable Diffusion (the base of this dataset's DreamBooth fine-tune)")
-        return [weights]
+        return [weights] + ([vae_weights(self.settings.vae_id)] if self.settings.vae_id else [])
 
     def load_prior(self) -> None:
         s = self.settings
-        self.set_components(load_sd_components(s.model_id, s.revision, s.local_files_only))
+        components = load_sd_components(s.model_id, s.revision, s.local_files_only)
+        if s.vae_id:
+            components["vae"] = load_vae(s.vae_id, s.local_files_only)
+        self.set_components(components)
 
     def set_components(self, comps: Mapping[str, Any]) -> None:
         """Use already-built SD components (vae, unet, text_encoder, tokenizer, scheduler); e.g.
@@ -174,8 +282,11 @@ class GifSD(GifExpander):
             comps[key].eval().requires_grad_(False)
             self.add_module(key, comps[key])
         self.tokenizer, self.scheduler_config = comps["tokenizer"], comps["scheduler"].config
-        self.scheduler_cls = type(comps["scheduler"])
         self._placed_on = None
+
+    def scheduler(self):
+        """A fresh DDIM sampler (:func:`compvis_ddim`) on the model's noise schedule."""
+        return compvis_ddim(self.scheduler_config)
 
     def place(self, device: torch.device) -> None:
         if getattr(self, "unet", None) is None:
@@ -202,6 +313,7 @@ class GifSD(GifExpander):
         """DreamBooth (400 steps, lr 2e-6, text encoder trained, one instance prompt per class);
         with prior preservation, class images are the base model's own samples of each class prompt."""
         from .dreambooth import (
+            check_optimizer,
             dreambooth_finetune,
             finetuned_available,
             generate_class_images,
@@ -212,21 +324,27 @@ class GifSD(GifExpander):
         out = artifact_dir / "dreambooth"
         spec = self.settings.dreambooth
         if not finetuned_available(out):
-            prompts = [self._instance_prompt(spec.instance_prompt, int(y)) for y in labels]
+            prompts = [self._instance_prompt(spec, int(y)) for y in labels]
             device = "cuda" if torch.cuda.is_available() else "cpu"
+            try:
+                check_optimizer(spec, device)
+            except ValueError as exc:
+                raise ExpansionError(str(exc)) from exc
             class_images = class_prompts = None
-            if spec.prior_preservation:
+            if spec.prior_preservation and spec.class_images == "real":  # the official PathMNIST run
+                class_images, class_prompts = images, prompts
+            elif spec.prior_preservation:
                 per_class = max(1, spec.num_class_images)
                 class_prompts, chunks = [], []
                 for c in range(len(self.context.class_names)):
-                    prompt = self._instance_prompt(spec.instance_prompt, c)
+                    prompt = self._instance_prompt(spec, c)
                     chunks.append(
                         generate_class_images(
                             self.unet,
                             self.text_encoder,
                             self.vae,
                             self.tokenizer,
-                            self.scheduler_cls.from_config(self.scheduler_config),
+                            self.scheduler(),
                             prompt,
                             per_class,
                             resolution=spec.resolution,
@@ -257,9 +375,20 @@ class GifSD(GifExpander):
             self.add_module("text_encoder", text_encoder)
         self._placed_on = None
 
-    def _instance_prompt(self, template: str, label: int) -> str:
+    def _instance_prompt(self, spec: SDDreamBooth, label: int) -> str:
         prefix = self.context.prompt_prefix or "a photo of"
-        return " ".join(template.format(prefix=prefix, **{"class": self.context.class_names[label]}).split())
+        name = self.class_name(label, spec.class_names, "method.dreambooth.class_names")
+        return " ".join(spec.instance_prompt.format(prefix=prefix, **{"class": name}).split())
+
+    def class_name(self, label: int, names: tuple[str, ...] | None, key: str) -> str:
+        """Class ``label``'s name from ``names`` (checked against the dataset's classes) or the dataset's."""
+        if names is None:
+            return self.context.class_names[label]
+        if len(names) != len(self.context.class_names):
+            raise ExpansionError(
+                f"{key} has {len(names)} names for the dataset's {len(self.context.class_names)} classes"
+            )
+        return names[label]
 
     # -- encode: img2img ----------------------------------------------------------------------
     def prompts(self, labels: torch.Tensor, seeds: torch.Tensor) -> list[str]:
@@ -270,7 +399,7 @@ class GifSD(GifExpander):
         prompt_seeds = derive(seeds, "prompt").tolist()
         out = []
         for label, row in zip(labels.tolist(), prompt_seeds):
-            name = self.context.class_names[label]
+            name = self.class_name(label, s.prompt_class_names, "method.prompt_class_names")
             for seed in row:
                 if s.prompt_randomization:
                     rng = random.Random(seed)
@@ -282,12 +411,15 @@ class GifSD(GifExpander):
 
     def preprocess(self, images: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
         """uint8 ``[B, C, H, W]`` -> ``[-1, 1]`` ``[B*k, 3, R, R]``: bicubic resize, then
-        :func:`rotate_flip` per output image."""
-        r = self.settings.resolution
+        :func:`rotate_flip` per output image (``per_pass``: drawn with the pass's first seed)."""
+        s = self.settings
+        r = s.resolution
         x = to_rgb(images.float() / 255.0)
         x = F.interpolate(x, size=(r, r), mode="bicubic", align_corners=False).clamp(0, 1)
         x = x.repeat_interleave(seeds.shape[1], dim=0)
-        return rotate_flip(x, seeds.reshape(-1)) * 2 - 1
+        if s.seed_augmentation == "per_pass":
+            seeds = pass_first_seeds(seeds, s.group_size)
+        return rotate_flip(x, seeds.reshape(-1), s.rotation_interpolation) * 2 - 1
 
     def encode(self, images: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor) -> Encoding:
         s = self.settings
@@ -309,26 +441,36 @@ class GifSD(GifExpander):
         return self.text_encoder(ids)[0]
 
     def img2img(self, x: torch.Tensor, prompts: list[str], seeds: torch.Tensor) -> torch.Tensor:
-        """Encode, noise to ``strength * T``, DDIM back with classifier-free guidance; returns z0 (fp32)."""
+        """Encode, noise (:meth:`noised_start`), DDIM back with classifier-free guidance; returns z0 (fp32).
+        Unguided with ``unguided_noise: reseeded_per_pass`` the noise depends on the position in the pass only."""
         s = self.settings
         device = x.device
-        flat_seeds = seeds.reshape(-1)
+        noise_seeds = seeds
+        if not s.guided and s.unguided_noise == "reseeded_per_pass":
+            noise_seeds = official_pass_noise_seeds(tuple(seeds.shape), s.group_size)
+        flat_seeds = noise_seeds.reshape(-1)
         posterior = self.vae.encode(x.to(self.vae_dtype)).latent_dist
         eps_vae = per_image_rand(derive(flat_seeds, "vae"), posterior.mean.shape[1:], normal=True, device=device)
         z = (posterior.mean.float() + posterior.std.float() * eps_vae) * self.vae.config.scaling_factor
-        scheduler = self.scheduler_cls.from_config(self.scheduler_config)
-        scheduler.set_timesteps(s.num_inference_steps, device=device)
-        n_steps = min(int(s.num_inference_steps * s.strength), s.num_inference_steps)
-        timesteps = scheduler.timesteps[s.num_inference_steps - n_steps :]
+        noise = per_image_rand(derive(flat_seeds, "noise"), z.shape[1:], normal=True, device=device)
+        scheduler, latents, timesteps = self.noised_start(z, noise)
         if len(timesteps) == 0:
             return z
-        noise = per_image_rand(derive(flat_seeds, "noise"), z.shape[1:], normal=True, device=device)
-        latents = scheduler.add_noise(z, noise, timesteps[:1].repeat(z.shape[0]))
+        return self.denoise(scheduler, latents, timesteps, self.conditioning(prompts, device))
+
+    def conditioning(self, prompts: list[str], device: torch.device) -> torch.Tensor:
+        """The prompts' text states, after those of the empty prompt when ``guidance_scale != 1``."""
         cond = self._encode_text(prompts, device)
-        use_cfg = s.guidance_scale != 1.0
-        if use_cfg:
+        if self.settings.guidance_scale != 1.0:
             uncond = self._encode_text([""], device).expand(len(prompts), -1, -1)
             cond = torch.cat([uncond, cond])
+        return cond
+
+    def denoise(self, scheduler, latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """DDIM (eta 0) from ``latents`` over ``timesteps`` under classifier-free guidance
+        ``eps = eps_u + s (eps_c - eps_u)``; returns z0 (fp32)."""
+        s = self.settings
+        use_cfg = s.guidance_scale != 1.0
         for t in timesteps:
             model_in = torch.cat([latents, latents]) if use_cfg else latents
             eps = self.unet(model_in.to(self.unet_dtype), t, encoder_hidden_states=cond).sample.float()
@@ -338,12 +480,42 @@ class GifSD(GifExpander):
             latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample
         return latents.float()
 
+    def noised_start(self, z: torch.Tensor, noise: torch.Tensor):
+        """img2img's start: the DDIM sampler, the noised latent and the denoising timesteps
+        (``int(strength x steps)`` of them, from the ``strength`` point down). ``img2img_start``:
+        ``first_step`` noises to the first denoising timestep, ``compvis`` one DDIM step higher."""
+        s = self.settings
+        scheduler = self.scheduler()
+        scheduler.set_timesteps(s.num_inference_steps, device=z.device)
+        n_steps = min(int(s.num_inference_steps * s.strength), s.num_inference_steps)
+        first = s.num_inference_steps - n_steps
+        timesteps = scheduler.timesteps[first:]
+        if len(timesteps) == 0:
+            return scheduler, z, timesteps
+        noise_index = first - 1 if s.img2img_start == "compvis" else first
+        noise_t = scheduler.timesteps[noise_index : noise_index + 1].repeat(z.shape[0])
+        return scheduler, scheduler.add_noise(z, noise, noise_t), timesteps
+
     # -- decode -------------------------------------------------------------------------------
     def decode(self, z: torch.Tensor, inputs: Mapping[str, torch.Tensor], *, final: bool) -> torch.Tensor:
         """SD latent -> images in [0, 1] (the VAE decoder)."""
         scale = self.vae.config.scaling_factor
         x = self.vae.decode((z / scale).to(self.vae_dtype)).sample.float()
         return ((x + 1) / 2).clamp(0, 1)
+
+
+def load_vae(vae_id: str, local_files_only: bool | None = None):
+    """An ``AutoencoderKL`` by hub id or local folder (e.g. the official medical runs'
+    stabilityai/sd-vae-ft-mse); a missing one is an error that says how to get it."""
+    from diffusers import AutoencoderKL
+
+    source, kwargs = pretrained_source(
+        "the VAE", vae_id, None, local_files_only, "set method.vae_id to a diffusers AutoencoderKL folder or a hub id"
+    )
+    try:
+        return AutoencoderKL.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise unavailable_error(vae_weights(vae_id), exc, "in diffusers layout") from exc
 
 
 def _training_scheduler(config):

@@ -42,7 +42,7 @@ from ..guidance import (
 )
 from ..probe import LUMA
 from ..seeding import derive, per_image_rand
-from ..settings import field_signature, speed_only
+from ..settings import check_fidelity, fidelity_quirk, field_signature, speed_only
 from ..weights import Weights
 from .guides import ClipGuide, Guide, GuideSpec, ProbeGuide, clip_weights
 
@@ -51,26 +51,32 @@ from .guides import ClipGuide, Guide, GuideSpec, ProbeGuide, clip_weights
 class GifSettings:
     """GIF's settings, shared by every prior; a prior's settings class extends this one.
 
+    fidelity: ``paper`` (the method as published) or ``official`` (as the official scripts ran it):
+        the preset of every quirk setting (:func:`~expansion.settings.fidelity_quirk`: here
+        ``group_size``, the guidance's ``consistency`` and ``diversity``, the guide's
+        normalisations, and the prior's own); a quirk given explicitly wins (docs/fidelity.md);
     radius: the L-inf radius ``c`` of the projection around ``z0``, in the prior's unit
         (:meth:`GifExpander.radius_unit`: absolute for SD's scaled latent, a multiple of each
         image's latent std for the others);
     guided: false = the unguided ablation (same perturbation draws and projection, no guidance);
     guide: the guide that scores decoded samples (:class:`~expansion.gif.guides.GuideSpec`);
     guidance: criteria weights and ascent steps (official: one signed step of 0.1, weights 1);
-    group_size: samples scored together (None = a seed's k samples; 2 = the official passes of two);
+    group_size: samples scored together, a "pass" (None = a seed's k samples; official: passes of 2);
     output_size: stored side in pixels (None = the decoder's);
     guidance_chunk: seeds per guided backward pass (None = the whole batch; lower to save memory).
     """
 
+    fidelity: str = "paper"
     radius: float = 0.8
     guided: bool = True
     guide: GuideSpec = field(default_factory=GuideSpec)
     guidance: GuidanceSettings = field(default_factory=GuidanceSettings)
-    group_size: int | None = None
+    group_size: int | None = fidelity_quirk(None, 2, keyed_at_paper=True)
     output_size: int | None = None
     guidance_chunk: int | None = speed_only()
 
     def __post_init__(self) -> None:
+        check_fidelity(self.fidelity, "fidelity")
         if self.radius < 0:
             raise ExpansionError(f"radius must be >= 0, got {self.radius}")
         for name in ("group_size", "output_size", "guidance_chunk"):
@@ -79,8 +85,10 @@ class GifSettings:
                 raise ExpansionError(f"{name} must be >= 1 or null, got {value}")
 
     def signature(self) -> dict[str, Any]:
-        """Unguided, the guide, its criteria and the groups do not change the output: left out."""
+        """``fidelity`` is only a preset (its quirks are in the key); unguided, the guide, its
+        criteria and the groups do not change the output: left out."""
         out = field_signature(self)
+        del out["fidelity"]
         if not self.guided:
             out.update(guide=None, guidance=None, group_size=None)
         return out
@@ -246,9 +254,9 @@ class GifExpander(Expander):
         # 5. guidance (or the unguided projection)
         if s.guided:
             with torch.no_grad():
-                seed_probs = self.guide(images.float() / 255.0).probs.repeat_interleave(k, 0)
+                seed_probs = self.guide(images.float() / 255.0, seed=True).probs.repeat_interleave(k, 0)
             groups = sample_groups(b, k, s.group_size).to(z0.device)
-            latents, score_before = self._guided_latents(encoding, e, bias, radius, seed_probs, groups, b, k)
+            latents, score_before = self.guided_latents(encoding, e, bias, radius, seed_probs, groups, b, k)
         else:
             latents = project_linf(perturb(z0, e, bias), z0, radius)
         # 6. decode and score
@@ -265,7 +273,7 @@ class GifExpander(Expander):
         # 7. stored images
         return ExpansionOutput(self.stored_images(decoded, b, k), fields)
 
-    def _guided_latents(
+    def guided_latents(
         self,
         encoding: Encoding,
         e: torch.Tensor,
@@ -276,7 +284,8 @@ class GifExpander(Expander):
         b: int,
         k: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step 5, chunk by chunk (each chunk's groups renumbered from 0: a group never spans chunks)."""
+        """Step 5, chunk by chunk (each chunk's groups renumbered from 0: a group never spans chunks):
+        the projected latents and the score before the ascent."""
         chunk = int(self.settings.guidance_chunk or b) * k
         latents, before = [], []
         for start in range(0, b * k, chunk):
@@ -285,8 +294,7 @@ class GifExpander(Expander):
             inputs = encoding.inputs_for(rows)
 
             def score_fn(z: torch.Tensor, rows: slice = rows, g: torch.Tensor = g, inputs: dict = inputs):
-                out = self.guide(self.decode(z, inputs, final=False))
-                return criteria(seed_probs[rows], out.probs, out.embeddings, g, self.settings.guidance)
+                return self.score(z, inputs, seed_probs[rows], g)
 
             result = guided_perturbation(
                 encoding.z0[rows], e[rows], bias[rows], score_fn, self.settings.guidance, radius=radius[rows]
@@ -294,6 +302,13 @@ class GifExpander(Expander):
             latents.append(result.latents)
             before.append(result.score_before)
         return torch.cat(latents), torch.cat(before)
+
+    def score(
+        self, z: torch.Tensor, inputs: Mapping[str, torch.Tensor], seed_probs: torch.Tensor, groups: torch.Tensor
+    ):
+        """The criteria of the guide on the samples ``decode(z)`` (differentiable in ``z``)."""
+        out = self.guide(self.decode(z, inputs, final=False))
+        return criteria(seed_probs, out.probs, out.embeddings, groups, self.settings.guidance)
 
     def _place(self, device: torch.device) -> None:
         if self._placed_on != str(device):
