@@ -162,8 +162,9 @@ class ClipGuide(Guide):
             if name not in NORMALIZATIONS:
                 raise ExpansionError(f"guide.{role}_normalization must be one of {tuple(NORMALIZATIONS)}, got {name!r}")
             stats = NORMALIZATIONS[name] or (mean, std)
-            self.register_buffer(f"{role}_mean", torch.tensor(stats[0]).view(1, 3, 1, 1), persistent=False)
-            self.register_buffer(f"{role}_std", torch.tensor(stats[1]).view(1, 3, 1, 1), persistent=False)
+            # float64 constants (cast to the input's dtype when used), so a float64 guide uses them unrounded
+            self.register_buffer(f"{role}_mean", torch.tensor(stats[0], dtype=torch.float64).view(1, 3, 1, 1), False)
+            self.register_buffer(f"{role}_std", torch.tensor(stats[1], dtype=torch.float64).view(1, 3, 1, 1), False)
         prompts = [template.format(name) for name in class_names]
         with torch.no_grad():
             text = model.encode_text(tokenizer(prompts)).float()
@@ -222,7 +223,7 @@ class ClipGuide(Guide):
         role = "seed" if seed else "sample"
         x = to_rgb(images.to(self.text_features.dtype))  # float32 (float64 when the guide is .double())
         x = resize(x, self.image_size, "bicubic")
-        x = (x - getattr(self, f"{role}_mean")) / getattr(self, f"{role}_std")
+        x = (x - getattr(self, f"{role}_mean").to(x)) / getattr(self, f"{role}_std").to(x)
         features = self.model.encode_image(x)
         features = F.normalize(features.to(torch.promote_types(features.dtype, torch.float32)), dim=-1)
         logits = self.logit_scale * features @ self.text_features.T
