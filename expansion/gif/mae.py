@@ -1,5 +1,5 @@
 """GIF-MAE: GIF with a masked-autoencoder prior (arXiv 2211.13976). No official code exists; every
-setting here is ours (docs/gif_priors.md says why).
+setting here is ours (docs/fidelity.md, "GIF-MAE and GIF-unCLIP").
 
 The prior is transformers' ``ViTMAEForPreTraining`` (default ``facebook/vit-mae-large``: ViT-L/16,
 197 x 1024 tokens at 224 px, with its pixel decoder):
