@@ -68,6 +68,7 @@ benchmark-cost:  ## docs/cost.md: each paper table's sweep in device-hours from 
 	$(PYTHON) benchmarks/cost_table.py --measurements $(BENCH_OUT) --out docs/cost.md
 
 export:  ## an expanded set as a Hugging Face dataset: make export SRC=<store, run or sweep folder> OUT=<folder>
+	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make export SRC=<store, run or sweep folder> OUT=<folder>"; exit 2; }
 	$(PYTHON) -m experiments.data.sharing export $(SRC) $(OUT)
 
 report:  ## tables, figures, expansion grids and settings of a sweep: make report DIR=multirun/<date>/<time>

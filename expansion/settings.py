@@ -67,8 +67,7 @@ def check_fidelity(fidelity: Any, key: str = "method.fidelity") -> str:
 
 def apply_fidelity(cls: type, values: Mapping[str, Any], fidelity: str) -> dict[str, Any]:
     """``values`` with every :func:`fidelity_quirk` field of ``cls`` it does not give set to the
-    ``fidelity`` preset, nested settings (a mapping, or absent) included."""
-    check_fidelity(fidelity)
+    ``fidelity`` preset (one of :data:`FIDELITIES`), nested settings (a mapping, or absent) included."""
     out = dict(values)
     hints = typing.get_type_hints(cls)
     for f in fields(cls):

@@ -374,7 +374,16 @@ def test_flowers_official_prompts_use_folder_numbers_while_clip_uses_names(tiny_
     assert exp.prompts(torch.tensor([1]), image_seeds(0, [0], 1)) == ["an image of 2"]
     bad = _sd(tiny_sd, prompt_class_names=["1"])
     with pytest.raises(ExpansionError, match="method.prompt_class_names has 1 names for the dataset's 2 classes"):
-        bad.prompts(torch.tensor([0]), image_seeds(0, [0], 1))
+        bad.prepare(bad.context)  # checked before the prior is loaded (its model_id is the default hub id here)
+
+
+def test_dreambooth_fit_key_holds_the_vae_and_real_class_images_need_prior_preservation():
+    base = GifSD(ratio=2, dreambooth={"steps": 1}).fit_signature()
+    assert "vae_id" not in base  # fits made before vae_id existed keep their key
+    ft_mse = GifSD(ratio=2, dreambooth={"steps": 1}, vae_id="stabilityai/sd-vae-ft-mse").fit_signature()
+    assert ft_mse != base and ft_mse["vae_id"] == "stabilityai/sd-vae-ft-mse"
+    with pytest.raises(ExpansionError, match="class_images must be 'generated' without prior_preservation"):
+        GifSD(ratio=2, dreambooth={"class_images": "real"})
 
 
 def _compose(overrides):

@@ -75,6 +75,11 @@ class DreamBoothSettings:
             self,
             [
                 (self.class_images in CLASS_IMAGES, "class_images", f"one of {CLASS_IMAGES}"),
+                (
+                    self.class_images == "generated" or self.prior_preservation,
+                    "class_images",
+                    "'generated' without prior_preservation (class images serve only the prior loss)",
+                ),
                 (self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}"),
                 (self.steps >= 0, "steps", ">= 0"),
                 (self.batch_size >= 1, "batch_size", ">= 1"),

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..errors import ExpansionError
-from ..weights import hub_reachable
+from ..weights import hub_reachable, is_local_path
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -38,7 +38,7 @@ def pretrained_source(
     now) or when the hub cannot be reached, only the local cache is read, so an offline run fails at
     once instead of after the hub client's retries."""
     path = Path(model_id).expanduser()
-    looks_local = model_id.startswith(("/", ".", "~")) or path.exists()
+    looks_local = is_local_path(model_id)
     if looks_local and not path.is_dir():
         raise ExpansionError(f"{what} folder {path} does not exist; {missing_folder_hint}")
     kwargs: dict[str, Any] = {"revision": revision} if revision and not looks_local else {}

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..base import ExpansionError, ImageSet, train_tensors
+from ..base import ExpansionContext, ExpansionError, ImageSet, train_tensors
 from ..seeding import derive, image_seeds, per_image_rand
 from ..settings import check_ranges, fidelity_quirk, keyed_when_set, signature_of, speed_only
 from ..weights import Weights, unavailable_error
@@ -261,6 +261,19 @@ class GifSD(GifExpander):
     def needs_fit(self) -> bool:
         return super().needs_fit or self.settings.dreambooth is not None
 
+    def prepare(self, context: ExpansionContext) -> None:
+        """GIF's set-up, after checking the class-name lists against the dataset (before any loading)."""
+        s = self.settings
+        lists = {"method.prompt_class_names": s.prompt_class_names}
+        if s.dreambooth is not None:
+            lists["method.dreambooth.class_names"] = s.dreambooth.class_names
+        for key, names in lists.items():
+            if names is not None and len(names) != len(context.class_names):
+                raise ExpansionError(
+                    f"{key} has {len(names)} names for the dataset's {len(context.class_names)} classes"
+                )
+        super().prepare(context)
+
     # -- the prior's loader -----------------------------------------------------------------
     def prior_weights(self) -> list[Weights]:
         weights = sd_weights(self.settings.model_id, self.settings.revision)
@@ -307,7 +320,10 @@ class GifSD(GifExpander):
     def prior_fit_signature(self) -> dict[str, Any]:
         s = self.settings
         dreambooth = None if s.dreambooth is None else signature_of(s.dreambooth)
-        return {"kind": "stable_diffusion", "model_id": s.model_id, "revision": s.revision, "dreambooth": dreambooth}
+        out = {"kind": "stable_diffusion", "model_id": s.model_id, "revision": s.revision, "dreambooth": dreambooth}
+        if s.vae_id:  # DreamBooth trains on this VAE's latents (keyed only when set: older fits are still found)
+            out["vae_id"] = s.vae_id
+        return out
 
     def _dreambooth(self, images: torch.Tensor, labels: torch.Tensor, artifact_dir: Path) -> None:
         """DreamBooth (400 steps, lr 2e-6, text encoder trained, one instance prompt per class);
@@ -377,18 +393,12 @@ class GifSD(GifExpander):
 
     def _instance_prompt(self, spec: SDDreamBooth, label: int) -> str:
         prefix = self.context.prompt_prefix or "a photo of"
-        name = self.class_name(label, spec.class_names, "method.dreambooth.class_names")
+        name = self.class_name(label, spec.class_names)
         return " ".join(spec.instance_prompt.format(prefix=prefix, **{"class": name}).split())
 
-    def class_name(self, label: int, names: tuple[str, ...] | None, key: str) -> str:
-        """Class ``label``'s name from ``names`` (checked against the dataset's classes) or the dataset's."""
-        if names is None:
-            return self.context.class_names[label]
-        if len(names) != len(self.context.class_names):
-            raise ExpansionError(
-                f"{key} has {len(names)} names for the dataset's {len(self.context.class_names)} classes"
-            )
-        return names[label]
+    def class_name(self, label: int, names: tuple[str, ...] | None) -> str:
+        """Class ``label``'s name from ``names`` (checked against the dataset in :meth:`prepare`) or the dataset's."""
+        return self.context.class_names[label] if names is None else names[label]
 
     # -- encode: img2img ----------------------------------------------------------------------
     def prompts(self, labels: torch.Tensor, seeds: torch.Tensor) -> list[str]:
@@ -399,7 +409,7 @@ class GifSD(GifExpander):
         prompt_seeds = derive(seeds, "prompt").tolist()
         out = []
         for label, row in zip(labels.tolist(), prompt_seeds):
-            name = self.class_name(label, s.prompt_class_names, "method.prompt_class_names")
+            name = self.class_name(label, s.prompt_class_names)
             for seed in row:
                 if s.prompt_randomization:
                     rng = random.Random(seed)

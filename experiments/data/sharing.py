@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from expansion.errors import ExpansionError
-from expansion.files import atomic_directory, atomic_write_text, canonical_json, content_key
+from expansion.files import atomic_directory, canonical_json, content_key
 from expansion.store import ExpandedSet, ExpansionStore
 
 #: the machine-readable record of an exported set (beside the shards and the card)
@@ -316,7 +316,7 @@ def import_set(source: str, store_dir: Path, identity: dict[str, Any]):
             for row, png in zip(rows, images):
                 (tmp / "images" / row["file"]).write_bytes(png)
             (tmp / "manifest.jsonl").write_text("".join(canonical_json(r) + "\n" for r in rows))
-            atomic_write_text(tmp / IMPORTED_MARKER, json.dumps({"source": source, "store_key": meta["store"]["key"]}))
+            (tmp / IMPORTED_MARKER).write_text(json.dumps({"source": source, "store_key": meta["store"]["key"]}))
     rows = [json.loads(line) for line in (target / "manifest.jsonl").read_text().splitlines() if line]
     store = ExpansionStore(target, key, meta["store"]["payload"])
     result = ExpansionResult(

@@ -20,6 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from expansion.base import ExpansionError
+from expansion.files import atomic_write_text
 from expansion.weights import Weights, missing
 from experiments.data.datasets import DatasetError, DatasetNotFoundError, build_dataset
 
@@ -193,7 +194,7 @@ def finish(report: Report, preflight_mode: str, where: Path | None = None) -> No
     print(text, file=sys.stderr if not report.ok else sys.stdout)
     if where is not None and preflight_mode != "only":  # only: no folder is made
         where.mkdir(parents=True, exist_ok=True)
-        (where / "preflight.txt").write_text(text + "\n")
+        atomic_write_text(where / "preflight.txt", text + "\n")
     if preflight_mode == "only":
         raise SystemExit(0 if report.ok else EXIT_MISSING)
 
