@@ -95,3 +95,22 @@ def test_paper_numbers_match_benchmarks_spec():
 def test_empty_folder_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no metrics.json"):
         aggregate(tmp_path)
+
+
+def test_the_papers_selection_is_a_column_of_its_own_only_when_runs_have_it(tmp_path):
+    for i, acc in enumerate([70.0, 72.0]):
+        _write(tmp_path, i, dataset="breastmnist", method="cutout", test_acc_final=acc)
+    csv_path, md_path = aggregate(tmp_path)
+    assert "as the paper selects" not in md_path.read_text()
+    assert next(csv.DictReader(csv_path.open()))["best_test_mean"] == ""
+    for i, acc in enumerate([70.0, 72.0], start=2):
+        _write(tmp_path, i, dataset="pathmnist", method="cutout", test_acc_final=acc, test_acc_best_test=acc + 3)
+    csv_path, md_path = aggregate(tmp_path)
+    rows = {r["column"]: r for r in csv.DictReader(csv_path.open())}
+    assert float(rows["pathmnist"]["best_test_mean"]) == pytest.approx(74.0)
+    assert rows["breastmnist"]["best_test_mean"] == ""
+    md = md_path.read_text()
+    optimistic = md[md.index("**as the paper selects (optimistic)") :]
+    # the like-for-like table compares with the paper's numbers; the final-epoch table comes first
+    assert md.index("**final-epoch test accuracy") < md.index("**as the paper selects (optimistic)")
+    assert "| cutout | – | 74.0 ± 1.4 [2]; 78.8; -4.8 | – |" in optimistic

@@ -250,3 +250,27 @@ def test_readme_metric_example_reaches_the_quality_metrics(monkeypatch):
     labels = torch.arange(40) % 2
     metrics = quality.quality_metrics(images, labels, images + 20, labels, 2, epochs=1)
     assert abs(metrics["brightness_gap"] - 20.0) < 1e-3
+
+
+def test_test_every_epoch_reports_the_papers_selection_without_changing_training(tmp_path, capsys):
+    """``train.test_every_epoch``: the official scripts' selection (best test epoch) beside ours; the
+    training itself (shuffling, augmentation, weights) is the same as without it."""
+    base = ["dataset=digits", "method=cutout", "method.ratio=1", "train.epochs=3", "quality.enabled=false"]
+    plain = run(_cfg(base), tmp_path / "plain")
+    tested = run(_cfg([*base, "train.test_every_epoch=true"]), tmp_path / "tested")
+    assert plain["test_acc_best_test"] is None and plain["test_acc_per_epoch"] is None
+    assert tested["test_acc_final"] == plain["test_acc_final"]
+    assert tested["test_acc_best_val"] == plain["test_acc_best_val"]
+    per_epoch = tested["test_acc_per_epoch"]
+    assert len(per_epoch) == 3
+    assert per_epoch[-1] == pytest.approx(tested["test_acc_final"], abs=1e-3)
+    assert per_epoch[tested["best_val_epoch"]] == pytest.approx(tested["test_acc_best_val"], abs=1e-3)
+    assert tested["test_acc_best_test"] == pytest.approx(max(per_epoch), abs=1e-3)
+    assert "best test epoch" in capsys.readouterr().out
+    # a run whose best val epoch is not the last (no learning: val accuracy ties, the first epoch is kept)
+    # still reports every epoch (testing the best checkpoint restores the histories up to its epoch)
+    frozen = run(_cfg([*base, "train.test_every_epoch=true", "train.lr=1e-9"]), tmp_path / "frozen")
+    assert len(frozen["test_acc_per_epoch"]) == 3
+    assert frozen["test_acc_per_epoch"][frozen["best_val_epoch"]] == pytest.approx(
+        frozen["test_acc_best_val"], abs=1e-3
+    )

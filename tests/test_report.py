@@ -133,6 +133,7 @@ def test_ratio_sweep_gets_accuracy_vs_ratio_curves(tmp_path):
                     "seed": i,
                     "test_acc_final": acc,
                     "test_acc_best_val": acc - 1,
+                    "test_acc_best_test": acc + 2 if method == "randaugment" else None,
                 }
             )
         )
@@ -141,6 +142,8 @@ def test_ratio_sweep_gets_accuracy_vs_ratio_curves(tmp_path):
     text = report.read_text()
     assert "accuracy vs expansion ratio" in text and "](fig_efficiency_ratio.png)" in text
     assert "No run has an expansion grid" in text
+    # the paper's own selection: a table of its own and a column of the run list, for the runs that have it
+    assert "**as the paper selects (optimistic)" in text and "| 40.00 |" in text
 
 
 def test_the_accuracy_axis_is_zoomed_to_the_data():

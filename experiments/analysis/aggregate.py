@@ -28,7 +28,17 @@ import yaml
 from experiments.jobs import FAILURE_FILE, find_failures
 
 PAPER_NUMBERS_FILE = Path(__file__).with_name("paper_numbers.yaml")
-METRICS = ("test_acc_final", "test_acc_best_val")
+METRICS = ("test_acc_final", "test_acc_best_val", "test_acc_best_test")
+#: each accuracy's table heading; the last is the official scripts' selection (runs with
+#: ``train.test_every_epoch=true``), shown only when runs have it and never used for a claim
+METRIC_LABELS = {
+    "test_acc_final": "final-epoch test accuracy",
+    "test_acc_best_val": "test accuracy at the best validation epoch",
+    "test_acc_best_test": (
+        "as the paper selects (optimistic): the best test accuracy over the epochs, the official scripts' "
+        "selection, like for like with the paper's numbers; it selects on the test set, so it is never our claim"
+    ),
+}
 
 
 def quality_columns() -> dict[str, Any]:
@@ -208,10 +218,9 @@ def render_markdown(cells: list[Cell], paper: dict[str, Any]) -> str:
         paper_rows = list(spec.get("values", {}).keys())
         rows = _order({c.row for c in tcells}, paper_rows)
         columns = sorted({c.column for c in tcells}, key=natural_key)
-        for metric, label in (
-            ("test_acc_final", "final-epoch test accuracy"),
-            ("test_acc_best_val", "test accuracy at the best validation epoch"),
-        ):
+        for metric, label in METRIC_LABELS.items():
+            if metric == "test_acc_best_test" and not any(c.values[metric] for c in tcells):
+                continue
             legend = (
                 "paper; ours − paper" if any(c.paper is not None for c in tcells) else "no paper numbers in this table"
             )
@@ -303,6 +312,8 @@ def write_csv(cells: list[Cell], path: Path) -> None:
                 "final_std",
                 "best_val_mean",
                 "best_val_std",
+                "best_test_mean",
+                "best_test_std",
                 "paper",
                 "final_minus_paper",
             ]
@@ -312,6 +323,9 @@ def write_csv(cells: list[Cell], path: Path) -> None:
         for c in cells:
             fm, fs, n = c.stats("test_acc_final")
             bm, bs, _ = c.stats("test_acc_best_val") if c.values["test_acc_best_val"] else (math.nan, math.nan, 0)
+            best_test = ["", ""]  # runs without train.test_every_epoch
+            if c.values["test_acc_best_test"]:
+                best_test = [f"{v:.3f}" for v in c.stats("test_acc_best_test")[:2]]
             writer.writerow(
                 [
                     c.table,
@@ -326,6 +340,7 @@ def write_csv(cells: list[Cell], path: Path) -> None:
                     f"{fs:.3f}",
                     f"{bm:.3f}",
                     f"{bs:.3f}",
+                    *best_test,
                     "" if c.paper is None else c.paper,
                     "" if c.paper is None else f"{fm - c.paper:.3f}",
                 ]

@@ -86,6 +86,7 @@ class ExpansionDataModule(L.LightningDataModule):
         eval_batch_size: int = 512,
         num_workers: int = 0,
         include_original: bool = True,
+        test_every_epoch: bool = False,
     ):
         super().__init__()
         check_recipe(recipe)
@@ -115,12 +116,15 @@ class ExpansionDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
+        self.test_every_epoch = test_every_epoch
 
     @property
     def num_train(self) -> int:
         return len(self.train_set)
 
-    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset, batch_size: int, train: bool, generator: torch.Generator | None = None
+    ) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=min(batch_size, len(dataset)),
@@ -132,13 +136,20 @@ class ExpansionDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             collate_fn=whole_batch,
+            generator=generator,
         )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.batch_size, True)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.eval_batch_size, False)
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The val set; with ``test_every_epoch`` also the test set, whose loader draws its base seed
+        from its own generator (a loader's iterator draws one from the global generator otherwise,
+        which would change the next epoch's shuffling and augmentation)."""
+        val = self._loader(self.val_set, self.eval_batch_size, False)
+        if not self.test_every_epoch:
+            return val
+        return [val, self._loader(self.test_set, self.eval_batch_size, False, generator=torch.Generator())]
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, self.eval_batch_size, False)

@@ -67,7 +67,9 @@ class _ChannelAdapter(nn.Module):
 
 class ImageClassifier(L.LightningModule):
     """Cross-entropy training with SGD + cosine annealing (per epoch) and top-1 accuracy
-    on val and test. ``val_history`` holds the val accuracy of every epoch.
+    on val and test. ``val_history`` holds the val accuracy of every epoch; ``test_history`` the
+    test accuracy of every epoch when the datamodule also gives the test set as a second
+    validation loader (``train.test_every_epoch``).
 
     ``compile``: False, True (``torch.compile`` with inductor) or a torch.compile backend name;
     the network is compiled in place, so checkpoints keep the same keys either way."""
@@ -101,7 +103,9 @@ class ImageClassifier(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.test_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        self.epoch_test_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.val_history: list[float] = []
+        self.test_history: list[float] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
@@ -117,20 +121,30 @@ class ImageClassifier(L.LightningModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
-    def validation_step(self, batch, batch_idx):
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
         x, y = batch
-        self.val_acc(self(x), y)
-        self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
+        if dataloader_idx == 0:
+            self.val_acc(self(x), y)
+            self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True, add_dataloader_idx=False)
+        else:  # the test set, after every epoch (train.test_every_epoch)
+            self.epoch_test_acc(self(x), y)
+            self.log("test/acc_epoch", self.epoch_test_acc, on_step=False, on_epoch=True, add_dataloader_idx=False)
 
     def on_validation_epoch_end(self) -> None:
-        if not self.trainer.sanity_checking:
-            self.val_history.append(float(self.trainer.callback_metrics["val/acc"]))
+        if self.trainer.sanity_checking:
+            return
+        self.val_history.append(float(self.trainer.callback_metrics["val/acc"]))
+        if "test/acc_epoch" in self.trainer.callback_metrics:
+            self.test_history.append(float(self.trainer.callback_metrics["test/acc_epoch"]))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["val_history"] = list(self.val_history)  # a resumed run still knows its best epoch
+        # a resumed run still knows its best epoch (and the test accuracy of the epochs before it)
+        checkpoint["val_history"] = list(self.val_history)
+        checkpoint["test_history"] = list(self.test_history)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.val_history = [float(v) for v in checkpoint.get("val_history", [])]
+        self.test_history = [float(v) for v in checkpoint.get("test_history", [])]
 
     def test_step(self, batch, batch_idx):
         x, y = batch

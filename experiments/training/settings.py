@@ -18,7 +18,9 @@ class TrainSettings:
     cosine schedule, ``batch_size``, ``label_smoothing``; ``include_original: false`` trains on the
     generated images only; ``compare_original`` (true, false or auto = single runs only) also trains
     on the original images in the same job. Speed only: ``eval_batch_size``, ``num_workers``,
-    ``compile`` (false, true or a torch.compile backend)."""
+    ``compile`` (false, true or a torch.compile backend), ``test_every_epoch`` (also test after every
+    epoch, for the official scripts' selection, the best test epoch: a reported column, never a
+    selection rule of ours; it does not change the training)."""
 
     epochs: int
     batch_size: int
@@ -32,6 +34,7 @@ class TrainSettings:
     num_workers: int = speed_only(MISSING)
     compile: bool | str = speed_only(MISSING)
     compare_original: bool | str = speed_only(MISSING)
+    test_every_epoch: bool = speed_only(MISSING)
 
     def __post_init__(self) -> None:
         check_ranges(

@@ -114,7 +114,15 @@ def log_expansion(
 
 def log_results(logger: Any, metrics: dict[str, Any]) -> None:
     """The job's final accuracies into the run summary."""
-    keys = ("test_acc_final", "test_acc_best_val", "best_val_acc", "best_val_epoch", "train_seconds", "total_seconds")
+    keys = (
+        "test_acc_final",
+        "test_acc_best_val",
+        "test_acc_best_test",
+        "best_val_acc",
+        "best_val_epoch",
+        "train_seconds",
+        "total_seconds",
+    )
     logger.experiment.summary.update({f"result/{k}": metrics[k] for k in keys if _is_number(metrics.get(k))})
 
 
