@@ -3,9 +3,13 @@ VENV   ?= .venv
 PYTHON ?= $(VENV)/bin/python
 EXTRAS ?= dev,slurm,joblib
 BENCH_OUT ?= benchmarks/results
+WHEELHOUSE ?= dist/wheelhouse
+PY ?= 3.12
+PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64
 
 .PHONY: help install run list test test-slow test-gpu test-all lint sweep-digits benchmark-cpu benchmark-training \
-        benchmark-generation-cpu benchmark-gpu benchmark-cost report export clean-cache
+        benchmark-generation-cpu benchmark-gpu benchmark-gpu-quick benchmark-cost wheelhouse wheelhouse-check report \
+        export clean-cache
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-25s %s\n", $$1, $$2}'
@@ -63,6 +67,16 @@ benchmark-gpu:  ## every GPU benchmark in one command (training + 4 generation m
 	$(PYTHON) benchmarks/gif_unclip_throughput.py --device cuda --json $(BENCH_OUT)/gif_unclip_cuda.json
 	$(PYTHON) benchmarks/closed_set_throughput.py --device cuda --json $(BENCH_OUT)/closed_set_cuda.json
 	$(PYTHON) benchmarks/cost_table.py --measurements $(BENCH_OUT) --out docs/cost.md
+
+benchmark-gpu-quick:  ## every GPU figure in ~8 min, each part capped: make benchmark-gpu-quick OUT=<folder> [DATA=<bundle>/data] [SMOKE=1]
+	@test -n "$(OUT)" || { echo "usage: make benchmark-gpu-quick OUT=<folder> [DATA=<folder with medmnist/>] [SMOKE=1]"; exit 2; }
+	$(PYTHON) benchmarks/gpu_quick.py --out $(OUT) $(if $(DATA),--data $(DATA)) $(if $(SMOKE),--device cpu --smoke)
+
+wheelhouse:  ## the offline bundle for a GPU node without network: make wheelhouse [WHEELHOUSE=dist/wheelhouse] [PY=3.12]
+	$(PYTHON) benchmarks/wheelhouse.py build --out $(WHEELHOUSE) --python-version $(PY) --platform $(PLATFORMS)
+
+wheelhouse-check:  ## install the bundle into an empty folder on a clean Python and run the quick command's smoke
+	$(PYTHON) benchmarks/wheelhouse.py check $(WHEELHOUSE)
 
 benchmark-cost:  ## docs/cost.md: each paper table's sweep in device-hours from the measurements in $(BENCH_OUT)
 	$(PYTHON) benchmarks/cost_table.py --measurements $(BENCH_OUT) --out docs/cost.md

@@ -353,6 +353,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["auto", "float32", "float16", "bfloat16"],
         help="batched mode's UNet/text-encoder dtype (auto: float16 on cuda, float32 on cpu)",
     )
+    p.add_argument(
+        "--channels-last", action="store_true", help="UNet and VAE in channels_last memory format (both modes)"
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (both modes; compiled in warm-up)")
     add_run_arguments(p)
     p.add_argument("--method", default="gif_sd", choices=["gif_sd", "sd_img2img", "both"])
     p.add_argument("--tiny", action="store_true", help="tiny test components (script check only; default 16 px)")
@@ -423,6 +427,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     params["guide"] = n_params(guide.model)
     for key in ("unet", "vae", "text_encoder"):
         comps[key].to(device)
+    if args.channels_last:
+        for key in ("unet", "vae"):
+            comps[key].to(memory_format=torch.channels_last)
+    if args.compile:
+        comps["unet"].compile()
+    attention = sorted({type(p).__name__ for p in comps["unet"].attn_processors.values()})
     guide.to(device)
     images, labels = images.to(device), labels.to(device)
 
@@ -438,6 +448,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for k, v in params.items()
     ]
     print(f"  parameters: {', '.join(counts)}; built in {build_s:.1f} s")
+    print(f"  UNet attention: {', '.join(attention)}; channels_last {args.channels_last}; torch.compile {args.compile}")
     print(
         f"  seeds: {args.dataset} {tuple(images.shape)} uint8 -> {args.resolution} px, {args.steps} DDIM steps x "
         f"strength {args.strength} = {min(int(args.steps * args.strength), args.steps)} denoising step(s), "
@@ -455,7 +466,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         speedups[method] = rows["batched"]["images_per_s"] / rows["official"]["images_per_s"]
         print(f"  {method}: batched / official = {speedups[method]:.2f}x")
 
-    return write_report(args, device, params, build_s, results, speedups, benchmark="gif_sd")
+    return write_report(
+        args, device, params, build_s, results, speedups, benchmark="gif_sd", extra={"unet_attention": attention}
+    )
 
 
 if __name__ == "__main__":
