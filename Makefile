@@ -9,7 +9,7 @@ PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 m
 
 .PHONY: help install run list test test-slow test-gpu test-all lint sweep-digits benchmark-cpu benchmark-training \
         benchmark-generation-cpu benchmark-gpu benchmark-gpu-quick benchmark-cost wheelhouse wheelhouse-check report \
-        export clean-cache
+        export clean-cache slurm-up slurm-down test-slurm
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-25s %s\n", $$1, $$2}'
@@ -77,6 +77,15 @@ wheelhouse:  ## the offline bundle for a GPU node without network: make wheelhou
 
 wheelhouse-check:  ## install the bundle into an empty folder on a clean Python and run the quick command's smoke
 	$(PYTHON) benchmarks/wheelhouse.py check $(WHEELHOUSE)
+
+slurm-up:  ## root: a one-node SLURM cluster on this machine for the slurm tests (installs Debian's slurm + munge if missing)
+	bash experiments/drills/slurm_cluster.sh up
+
+slurm-down:  ## stop the one-node SLURM cluster's daemons
+	bash experiments/drills/slurm_cluster.sh down
+
+test-slurm:  ## the tests through the real scheduler (after make slurm-up); they fail instead of skipping
+	REQUIRE_SLURM=1 $(PYTHON) -m pytest -q -m slurm
 
 benchmark-cost:  ## docs/cost.md: each paper table's sweep in device-hours from the measurements in $(BENCH_OUT)
 	$(PYTHON) benchmarks/cost_table.py --measurements $(BENCH_OUT) --out docs/cost.md

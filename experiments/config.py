@@ -17,7 +17,9 @@ def register_resolvers() -> None:
     ``${mul:a,b}``: the product a * b, rounded to an int (e.g. extra real images = 2 x n_base).
     ``${path_stem:p}``: the last component of a path without its suffix (a dataset named after its file).
     ``${fidelity_pick:f,a,b}``: ``a`` when ``f`` is paper, ``b`` when official (a GIF quirk's value).
-    ``${label_numbers:n}``: ["1", ..., "n"] (the official Flowers script's folder numbers as class names)."""
+    ``${label_numbers:n}``: ["1", ..., "n"] (the official Flowers script's folder numbers as class names).
+    ``${gpus_per_job:accelerator,devices}``: the GPUs a SLURM job asks for: none for a CPU trainer, else
+    ``devices`` (1 for ``-1``, all of a node: set hydra.launcher.gpus_per_node with trainer=ddp)."""
     from expansion.settings import fidelity_pick
 
     if not OmegaConf.has_resolver("project_root"):
@@ -28,10 +30,18 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("path_stem", lambda path: Path(str(path).rstrip("/")).stem or str(path))
     if not OmegaConf.has_resolver("fidelity_pick"):
         OmegaConf.register_new_resolver("fidelity_pick", fidelity_pick)
+    if not OmegaConf.has_resolver("gpus_per_job"):
+        OmegaConf.register_new_resolver("gpus_per_job", _gpus_per_job)
     if not OmegaConf.has_resolver("label_numbers"):
         OmegaConf.register_new_resolver(
             "label_numbers", lambda n: OmegaConf.create([str(i) for i in range(1, int(n) + 1)])
         )
+
+
+def _gpus_per_job(accelerator, devices) -> int | None:
+    if str(accelerator) not in ("gpu", "cuda"):
+        return None
+    return int(devices) if isinstance(devices, int) and devices > 0 else 1
 
 
 def _int_product(a, b) -> int:

@@ -37,6 +37,7 @@ def test_slurm_launcher_composes_with_its_parameters():
     assert launcher.gpus_per_node == 1 and launcher.tasks_per_node == 1 and launcher.nodes == 1  # one GPU per job
     assert launcher.max_num_timeout >= 1 and launcher.signal_delay_s >= 60
     assert cfg.trainer.accelerator == "gpu" and cfg.trainer.devices == 1
+    assert compose(SLURM + ["trainer=cpu"]).hydra.launcher.gpus_per_node is None  # sbatch asks for no GPU
     multi = compose(SLURM + ["trainer=ddp", "hydra.launcher.gpus_per_node=4", "hydra.launcher.tasks_per_node=4"])
     assert multi.trainer.strategy == "ddp" and multi.hydra.launcher.tasks_per_node == 4
 

@@ -13,15 +13,20 @@ plain ``sbatch --signal=USR1@120`` sends SIGUSR1. :func:`preemptible` catches al
 * between the pipeline's steps (:meth:`PreemptionFlag.stop_if_requested`).
 
 The job then exits with :data:`EXIT_PREEMPTED`; first, the handler that was installed
-before ours runs (under submitit that is its own: it requeues the job and exits). Run again
-with the same run dir (a requeued Hydra/submitit job gets the same one), the job reuses the
-finished store and resumes training from the newest checkpoint.
+before ours runs (under submitit that is its own: it requeues the job and exits), and a job
+that SLURM preempts requeues itself (:func:`requeue_if_preempted_by_slurm`). Run again with the
+same run dir (a requeued Hydra/submitit job gets the same one), the job reuses the finished
+store and resumes training from the newest checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
+import shutil
 import signal
+import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -106,6 +111,31 @@ class PreemptionFlag:
             previous(self.signum, None)
 
 
+def requeue_if_preempted_by_slurm(signum: int) -> bool:
+    """SLURM preemption with a ``GraceTime`` (``PreemptMode=REQUEUE``) sends SIGTERM and waits; a job
+    that checkpoints and exits inside the grace time ends FAILED and is not requeued (submitit only
+    requeues on SIGUSR2). So after SIGTERM a SLURM job whose record has a ``PreemptTime`` while it is
+    still RUNNING requeues itself (``scontrol requeue``); a user's ``scancel``, which also sends
+    SIGTERM, leaves the job CANCELLED/COMPLETING and is respected. True if it was requeued."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if signum != signal.SIGTERM or not job or shutil.which("scontrol") is None:
+        return False
+    try:
+        shown = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30)
+        record = dict(re.findall(r"(\w+)=(\S*)", shown.stdout))
+        if record.get("JobState") != "RUNNING" or record.get("PreemptTime", "None") in ("None", "Unknown", ""):
+            return False
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("preempted by SLURM, but asking it to requeue job %s failed: %s", job, exc)
+        return False
+    if done.returncode != 0:
+        log.warning("preempted by SLURM; scontrol requeue %s failed: %s", job, done.stderr.strip())
+        return False
+    log.warning("preempted by SLURM (PreemptTime %s): job %s requeued itself", record["PreemptTime"], job)
+    return True
+
+
 #: the process-wide flag (signal handlers are per process)
 PREEMPTION = PreemptionFlag()
 
@@ -127,6 +157,7 @@ def preemptible(flag: PreemptionFlag = PREEMPTION) -> Iterator[PreemptionFlag]:
             name,
             EXIT_PREEMPTED,
         )
+        requeue_if_preempted_by_slurm(flag.signum)
         flag.run_previous_handler()
         raise SystemExit(EXIT_PREEMPTED) from exc
     finally:

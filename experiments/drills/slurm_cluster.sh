@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# A one-node SLURM cluster on this machine, for the `slurm` tests (make slurm-up / make slurm-down).
+#
+#   bash experiments/drills/slurm_cluster.sh up     # root: install Debian's slurm + munge if missing, start, wait idle
+#   bash experiments/drills/slurm_cluster.sh down   # stop the daemons by their pidfiles
+#
+# Idempotent. No systemd: munged, slurmctld and slurmd are started by hand. slurm.conf (under
+# $SLURM_LOCAL, default /run/slurm-local) has this host's cores and memory, proctrack/linuxproc,
+# task/none, JobRequeue=1, cred_expire=10 (a requeued job may start again after 10 s, not 121 s),
+# a default partition `debug` whose jobs a higher-priority partition `urgent` preempts by requeue
+# after a GraceTime of $SLURM_GRACE_S (default 20) s, and partition `nograce` (GraceTime=0).
+# Accounting: none (see README, "SLURM in CI"): sacct is answered by experiments/drills/sacct, a
+# stand-in on PATH for the tests that reads slurmctld's own job records.
+set -euo pipefail
+
+STATE=${SLURM_LOCAL:-/run/slurm-local}
+CONF=$STATE/slurm.conf
+GRACE=${SLURM_GRACE_S:-20}
+export SLURM_CONF=$CONF
+
+stop_pidfile() {
+    local file=$1
+    [ -f "$file" ] || return 0
+    local pid
+    pid=$(cat "$file")
+    if kill -0 "$pid" 2>/dev/null; then
+        kill "$pid"
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null || true
+    fi
+    rm -f "$file"
+}
+
+down() {
+    stop_pidfile "$STATE/slurmd.pid"
+    stop_pidfile "$STATE/slurmctld.pid"
+    stop_pidfile "$STATE/munged.pid"
+    echo "slurm-local: stopped"
+}
+
+up() {
+    if [ "$(id -u)" != 0 ]; then
+        echo "slurm-local: must run as root (it installs packages and starts daemons)" >&2
+        exit 2
+    fi
+    if [ -f "$STATE/slurmctld.pid" ] && kill -0 "$(cat "$STATE/slurmctld.pid")" 2>/dev/null \
+        && sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
+        echo "slurm-local: already up ($CONF)"
+        return 0
+    fi
+    down >/dev/null
+    local start=$SECONDS
+    if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null \
+        || ! command -v sbatch >/dev/null; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurmctld slurmd slurm-client munge >/dev/null \
+            || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+                slurmctld slurmd slurm-client munge >/dev/null; }
+    fi
+    local installed=$((SECONDS - start))
+    mkdir -p "$STATE/ctld" "$STATE/d" "$STATE/log" /run/munge /var/log/munge /var/lib/munge /etc/munge
+    [ -s /etc/munge/munge.key ] || dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key status=none
+    chown -R munge:munge /etc/munge /run/munge /var/log/munge /var/lib/munge 2>/dev/null || true
+    chmod 0700 /etc/munge /var/lib/munge /var/log/munge
+    chmod 0400 /etc/munge/munge.key
+    local host cpus mem
+    host=$(hostname -s)
+    cpus=$(nproc)
+    mem=$(($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 9 / 10))
+    cat >"$CONF" <<EOF
+ClusterName=local
+SlurmctldHost=$host
+AuthType=auth/munge
+AuthInfo=cred_expire=10
+SlurmUser=root
+SlurmdUser=root
+StateSaveLocation=$STATE/ctld
+SlurmdSpoolDir=$STATE/d
+SlurmctldPidFile=$STATE/slurmctld.pid
+SlurmdPidFile=$STATE/slurmd.pid
+SlurmctldLogFile=$STATE/log/slurmctld.log
+SlurmdLogFile=$STATE/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobRequeue=1
+ReturnToService=2
+MinJobAge=600
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+SlurmctldTimeout=30
+SlurmdTimeout=30
+InactiveLimit=0
+KillWait=5
+MessageTimeout=20
+NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=$GRACE
+PartitionName=nograce Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=0
+PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
+EOF
+    # the client commands (sbatch, sinfo, scontrol, ...) read /etc/slurm/slurm.conf unless SLURM_CONF is set
+    mkdir -p /etc/slurm
+    if [ ! -e /etc/slurm/slurm.conf ] || [ "$(readlink /etc/slurm/slurm.conf)" = "$CONF" ]; then
+        ln -sfn "$CONF" /etc/slurm/slurm.conf
+    fi
+    local munge_user=munge
+    id munge >/dev/null 2>&1 || munge_user=root
+    su -s /bin/sh "$munge_user" -c "munged --pid-file=/run/munge/munged.pid --force" 2>/dev/null \
+        || munged --pid-file=/run/munge/munged.pid --force
+    cp /run/munge/munged.pid "$STATE/munged.pid"
+    slurmctld -f "$CONF"
+    slurmd -f "$CONF"
+    for _ in $(seq 150); do
+        if sinfo -h -o %T 2>/dev/null | grep -qE '^idle'; then
+            echo "slurm-local: up in $((SECONDS - start)) s (install ${installed} s); SLURM_CONF=$CONF;" \
+                "node $host: $cpus CPUs, $mem MB; partitions debug (default, GraceTime=$GRACE), nograce, urgent"
+            return 0
+        fi
+        sleep 0.2
+    done
+    echo "slurm-local: the node did not become idle in 30 s; logs in $STATE/log" >&2
+    tail -n 20 "$STATE/log/slurmctld.log" "$STATE/log/slurmd.log" >&2 || true
+    exit 1
+}
+
+case "${1:-}" in
+up) up ;;
+down) down ;;
+*)
+    echo "usage: $0 up|down" >&2
+    exit 2
+    ;;
+esac

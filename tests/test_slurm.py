@@ -1,0 +1,174 @@
+"""Through a real SLURM scheduler (``make slurm-up``: a one-node cluster on this machine,
+experiments/drills/slurm_cluster.sh): a CPU sweep with ``launcher=slurm`` and a failing job,
+SIGUSR2 and ``scontrol requeue`` that checkpoint, requeue and resume, and partition preemption
+with a grace time. Skipped where no cluster is up, unless ``REQUIRE_SLURM=1`` (CI) makes that a
+failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from experiments.training.preemption import PREEMPTED_CHECKPOINT
+from tests.conftest import PROJECT_ROOT
+
+pytestmark = pytest.mark.slurm
+STAND_IN_BIN = PROJECT_ROOT / "experiments" / "drills" / "slurm_bin"
+CPU_JOBS = [
+    "launcher=slurm",
+    "trainer=cpu",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=2",
+    "dataset=digits",
+    "quality.enabled=false",
+    "progress_bar=false",
+]
+
+
+def _cluster_problem() -> str | None:
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return "no SLURM client commands (make slurm-up)"
+    try:
+        states = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"sinfo failed: {exc}"
+    if not re.search(r"^(idle|mixed|allocated)", states, re.M):
+        return f"no SLURM node is up (sinfo: {states.strip() or 'nothing'}; make slurm-up)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def slurm_env():
+    problem = _cluster_problem()
+    if problem:
+        if os.environ.get("REQUIRE_SLURM") == "1":
+            pytest.fail(f"REQUIRE_SLURM=1 but {problem}")
+        pytest.skip(problem)
+    env = {**os.environ, "PROGRESS_BAR": "false", "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "disabled"}
+    accounting = subprocess.run(["sacct", "-n", "-j", "1"], capture_output=True, text=True)
+    if "accounting storage is disabled" in accounting.stdout + accounting.stderr:
+        env["PATH"] = f"{STAND_IN_BIN}{os.pathsep}{env['PATH']}"  # the sacct stand-in (tests only)
+    return env
+
+
+def _sweep(args: list[str], env: dict, sweep: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "run.py", "-m", *CPU_JOBS, *args, f"hydra.sweep.dir={sweep}"],
+        cwd=PROJECT_ROOT,
+        env={**env, "EXPANSION_CACHE": str(sweep.parent / "cache")},
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
+def _wait(condition, proc: subprocess.Popen, what: str, timeout: float = 180.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = condition()
+        if found:
+            return found
+        if proc.poll() is not None:
+            raise AssertionError(f"the sweep ended before {what}: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _job_ids(sweep: Path) -> dict[str, str]:
+    """Array task index -> ``<array>_<index>`` of each running task of the sweep's array (from squeue;
+    the bare id of the array's first task would name the whole array to scontrol)."""
+    submitted = [p.name for p in (sweep / ".submitit").iterdir() if p.name.isdigit()] if sweep.exists() else []
+    found = {}
+    for array in submitted:
+        out = subprocess.run(
+            ["squeue", "-h", "-j", array, "-t", "RUNNING", "-o", "%i"], capture_output=True, text=True
+        ).stdout
+        for name in out.split():
+            found[name.split("_")[-1]] = name
+    return found
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 300.0) -> tuple[int, str]:
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
+
+
+def test_a_cpu_sweep_through_slurm_writes_results_and_survives_a_failing_job(slurm_env, tmp_path):
+    """The README's CPU example, no GPU override: sbatch is not asked for GPUs; the bad job
+    (ratio 0) fails in its task and is listed, the others finish and results.md is written."""
+    sweep = tmp_path / "sweep"
+    proc = _sweep(["method=cutout", "method.ratio=0,1", "train.epochs=2"], slurm_env, sweep)
+    code, err = _finish(proc)
+    assert code == 1, err[-3000:]  # one job failed
+    sbatch = next((sweep / ".submitit").rglob("*_submission.sh")).read_text()
+    assert "--gpus-per-node" not in sbatch and "#SBATCH --cpus-per-task=1" in sbatch
+    done = sorted(p.parent.name for p in sweep.glob("*/metrics.json"))
+    failed = sorted(p.parent.name for p in sweep.glob("*/error.json"))
+    assert len(done) == 1 and len(failed) == 1, (done, failed)
+    results = (sweep / "results.md").read_text()
+    assert "## Failed jobs (1)" in results and "ratio must be an integer" in results and "| cutout |" in results
+
+
+def test_usr2_and_scontrol_requeue_checkpoint_requeue_and_resume(slurm_env, tmp_path):
+    """Job 0 gets SIGUSR2 (submitit's time-limit signal, ``scancel --signal=USR2``), job 1 is requeued
+    by ``scontrol requeue``: both stop, are run again by SLURM in the same job folder and resume."""
+    sweep = tmp_path / "sweep"
+    proc = _sweep(["method=original", "seed=0,1", "train.epochs=25"], slurm_env, sweep)
+    dirs = {}
+    for i in ("0", "1"):
+        dirs[i] = _wait(lambda i=i: next(iter(sweep.glob(f"{i}_*/train/checkpoints/last.ckpt")), None), proc, "epoch 1")
+    jobs = _wait(lambda: (j := _job_ids(sweep)) and len(j) == 2 and j, proc, "both tasks running")
+    subprocess.run(["scancel", "--signal=USR2", jobs["0"]], check=True)
+    subprocess.run(["scontrol", "requeue", jobs["1"]], check=True)
+    code, err = _finish(proc)
+    assert code == 0, err[-3000:]
+    for i, ckpt in dirs.items():
+        job_dir = ckpt.parents[2]
+        metrics = json.loads((job_dir / "metrics.json").read_text())
+        assert metrics["resumed_from"] is not None, (i, metrics.get("resumed_from"))
+    usr2 = json.loads((dirs["0"].parents[2] / "metrics.json").read_text())
+    assert usr2["resumed_from"]["checkpoint"] == PREEMPTED_CHECKPOINT  # stopped mid-epoch by the signal
+    restarts = subprocess.run(["scontrol", "show", "job", "-o", jobs["1"]], capture_output=True, text=True).stdout
+    assert re.search(r"Restarts=[1-9]", restarts), restarts
+
+
+def test_preemption_with_a_grace_time_requeues_and_resumes(slurm_env, tmp_path):
+    """Partition ``debug`` has a GraceTime: SLURM sends SIGTERM when a job of ``urgent`` needs the node
+    and waits. The job checkpoints, requeues itself (else SLURM marks it FAILED) and resumes."""
+    sweep = tmp_path / "sweep"
+    cpus = int(subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True).stdout.split()[0])
+    proc = _sweep(
+        [
+            "method=original",
+            "train.epochs=25",
+            "hydra.launcher.partition=debug",
+            f"hydra.launcher.cpus_per_task={cpus}",
+        ],
+        slurm_env,
+        sweep,
+    )
+    ckpt = _wait(lambda: next(iter(sweep.glob("0_*/train/checkpoints/last.ckpt")), None), proc, "epoch 1")
+    (job,) = _wait(lambda: list(_job_ids(sweep).values()), proc, "the task running")
+    urgent = subprocess.run(
+        ["sbatch", "--parsable", "-p", "urgent", "-c", str(cpus), "-o", "/dev/null", "--wrap", "sleep 3"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    code, err = _finish(proc)
+    assert code == 0, err[-3000:]
+    metrics = json.loads((ckpt.parents[2] / "metrics.json").read_text())
+    assert metrics["resumed_from"]["checkpoint"] == PREEMPTED_CHECKPOINT
+    assert "requeued itself" in (ckpt.parents[2] / "run.log").read_text()
+    shown = subprocess.run(["scontrol", "show", "job", "-o", urgent], capture_output=True, text=True).stdout
+    assert "JobState=COMPLETED" in shown, shown
+    assert job
