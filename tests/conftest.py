@@ -31,6 +31,27 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def tiny_sd_models(tmp_path_factory):
+    """A tiny Stable Diffusion folder and a tiny open_clip guide spec, built in code (tests/helpers)."""
+    from tests.helpers.tiny_clip import save_tiny_clip
+    from tests.helpers.tiny_sd import save_tiny_sd
+
+    root = tmp_path_factory.mktemp("tiny_sd_models")
+    return save_tiny_sd(root), save_tiny_clip(root / "clip")
+
+
+@pytest.fixture(scope="session")
+def breast_seeds(shared_data):
+    """The first 4 BreastMNIST training images (uint8 [4, 1, 28, 28]) and their labels."""
+    import numpy as np
+    import torch
+
+    data = np.load(shared_data / "medmnist" / "breastmnist.npz")
+    images = torch.from_numpy(data["train_images"][:4])[:, None]
+    return images, torch.from_numpy(data["train_labels"][:4, 0].astype(np.int64))
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Every test writes stores and run outputs under its own tmp folder."""

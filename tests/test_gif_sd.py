@@ -18,53 +18,21 @@ from expansion.gif.sd import GifSD, load_sd_components
 from expansion.seeding import image_seeds
 from expansion.store import ExpansionStore
 from tests.conftest import PROJECT_ROOT
-from tests.helpers.tiny_clip import save_tiny_clip
-from tests.helpers.tiny_sd import save_tiny_sd
+from tests.helpers.tiny_sd import tiny_gif_sd
 from tests.helpers.tolerances import same_up_to_float_rounding, scores_close
 
 CLASSES = ["malignant", "normal, benign"]
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_models")
-    return save_tiny_sd(root), save_tiny_clip(root / "clip")
-
-
-@pytest.fixture(scope="module")
-def seeds_batch(shared_data):
-    data = np.load(shared_data / "medmnist" / "breastmnist.npz")
-    images = torch.from_numpy(data["train_images"][:4])[:, None]
-    labels = torch.from_numpy(data["train_labels"][:4, 0].astype(np.int64))
-    return images, labels
-
-
 #: sd_img2img as configured (conf/method/sd_img2img.yaml): GIF-SD unguided, no perturbation
 IMG2IMG = {"guided": False, "radius": 0.0}
 
 
-def _expander(tiny_models, **kw):
-    sd_path, clip_spec = tiny_models
-    params = dict(
-        ratio=3,
-        model_id=str(sd_path),
-        guide=clip_spec,
-        guidance_scale=5.0,
-        strength=0.9,
-        radius=0.1,
-        num_inference_steps=4,
-        resolution=16,
-        output_size=None,
-    )
-    params.update(kw)
-    exp = GifSD(**params)
-    exp.prepare(ExpansionContext("breastmnist", CLASSES, channels=1, prompt_prefix="Ultrasound image of"))
-    return exp
+def _expander(tiny_sd_models, **kw):
+    return tiny_gif_sd(*tiny_sd_models, **kw)
 
 
-def test_gif_sd_produces_k_images_with_full_manifest_fields(tiny_models, seeds_batch):
-    exp = _expander(tiny_models)
-    images, labels = seeds_batch
+def test_gif_sd_produces_k_images_with_full_manifest_fields(tiny_sd_models, breast_seeds):
+    exp = _expander(tiny_sd_models)
+    images, labels = breast_seeds
     out = exp.expand(images, labels, image_seeds(7, range(4), 3))
     out.validate(4, 3)
     assert out.images.shape == (4, 3, 1, 16, 16)
@@ -84,8 +52,8 @@ def test_gif_sd_produces_k_images_with_full_manifest_fields(tiny_models, seeds_b
     assert all(0 <= r["guide_confidence"] <= 1 and r["guide_class"] in (0, 1) for r in rows)
 
 
-def test_prompts_are_random_per_image_seed_and_fixed_without_randomisation(tiny_models):
-    exp = _expander(tiny_models)
+def test_prompts_are_random_per_image_seed_and_fixed_without_randomisation(tiny_sd_models):
+    exp = _expander(tiny_sd_models)
     exp.context = ExpansionContext("cars", ["audi a4", "bmw m3"], channels=3)
     seeds = image_seeds(0, range(20), 5)
     prompts = exp.prompts(torch.zeros(20, dtype=torch.long), seeds)
@@ -93,14 +61,14 @@ def test_prompts_are_random_per_image_seed_and_fixed_without_randomisation(tiny_
     assert exp.prompts(torch.zeros(20, dtype=torch.long), seeds) == prompts
     domains = {" ".join(p.split()[:2]) for p in prompts}
     assert domains <= {"an image", "a real-world", "a cartoon", "an oil", "a sketch"}
-    fixed = _expander(tiny_models, prompt_randomization=False)
+    fixed = _expander(tiny_sd_models, prompt_randomization=False)
     fixed.context = exp.context
     assert set(fixed.prompts(torch.zeros(3, dtype=torch.long), seeds[:3])) == {"an image of audi a4"}
 
 
-def test_output_depends_only_on_per_image_seeds(tiny_models, seeds_batch):
-    exp = _expander(tiny_models)
-    images, labels = seeds_batch[0][:3], seeds_batch[1][:3]
+def test_output_depends_only_on_per_image_seeds(tiny_sd_models, breast_seeds):
+    exp = _expander(tiny_sd_models)
+    images, labels = breast_seeds[0][:3], breast_seeds[1][:3]
     seeds = image_seeds(3, range(3), 3)
     full = exp.expand(images, labels, seeds)
     parts = [exp.expand(images[:1], labels[:1], seeds[:1]), exp.expand(images[1:], labels[1:], seeds[1:])]
@@ -109,10 +77,10 @@ def test_output_depends_only_on_per_image_seeds(tiny_models, seeds_batch):
     assert not torch.equal(full.images, other.images)
 
 
-def test_guidance_raises_the_score_of_the_same_inputs(tiny_models, seeds_batch):
+def test_guidance_raises_the_score_of_the_same_inputs(tiny_sd_models, breast_seeds):
     """score_after (projected, decoded) vs score_before (random perturbation) on the same seeds."""
-    exp = _expander(tiny_models, radius=100.0, guidance={"step_size": 0.05})
-    images, labels = seeds_batch
+    exp = _expander(tiny_sd_models, radius=100.0, guidance={"step_size": 0.05})
+    images, labels = breast_seeds
     out = exp.expand(images, labels, image_seeds(11, range(4), 3))
     before = torch.tensor(out.fields["score_before"]).reshape(4, 3).mean(1)
     after = torch.tensor(out.fields["score_after"]).reshape(4, 3).mean(1)
@@ -120,26 +88,26 @@ def test_guidance_raises_the_score_of_the_same_inputs(tiny_models, seeds_batch):
     assert after.mean() > before.mean()
 
 
-def test_unguided_ablation_needs_no_guide_and_differs_from_gif(tiny_models, seeds_batch):
-    images, labels = seeds_batch
+def test_unguided_ablation_needs_no_guide_and_differs_from_gif(tiny_sd_models, breast_seeds):
+    images, labels = breast_seeds
     seeds = image_seeds(3, range(4), 3)
-    sd = _expander(tiny_models, **IMG2IMG)
+    sd = _expander(tiny_sd_models, **IMG2IMG)
     assert sd.guide is None and not sd.needs_grad
     plain = sd.expand(images, labels, seeds)
     assert set(plain.field_rows()[0]) == {"prompt", "strength", "guidance_scale", "radius"}
     assert all(r["radius"] == 0.0 for r in plain.field_rows())
-    gif = _expander(tiny_models).expand(images, labels, seeds)
+    gif = _expander(tiny_sd_models).expand(images, labels, seeds)
     assert not torch.equal(plain.images, gif.images)
-    assert sd.signature() != _expander(tiny_models).signature()
+    assert sd.signature() != _expander(tiny_sd_models).signature()
     # radius 0: the decoded img2img latent itself, whatever the perturbation draws
     with torch.no_grad():
         z0 = sd.encode(images, labels, seeds).z0
         assert torch.equal(plain.images, sd.stored_images(sd.decode(z0, {}, final=True), 4, 3))
 
 
-def test_official_loop_settings_are_reachable(tiny_models, seeds_batch):
-    exp = _expander(tiny_models, group_size=2, dtype="float32")
-    images, labels = seeds_batch
+def test_official_loop_settings_are_reachable(tiny_sd_models, breast_seeds):
+    exp = _expander(tiny_sd_models, group_size=2, dtype="float32")
+    images, labels = breast_seeds
     out = exp.expand(images[:1], labels[:1], image_seeds(1, [0], 3))
     assert out.images.shape == (1, 3, 1, 16, 16)
     assert exp.signature()["group_size"] == 2
@@ -178,8 +146,8 @@ def _run(args, tmp_path):
     )
 
 
-def test_run_py_gif_sd_end_to_end_and_batch_size_independent(tiny_models, tmp_path):
-    sd_path, clip = tiny_models
+def test_run_py_gif_sd_end_to_end_and_batch_size_independent(tiny_sd_models, tmp_path):
+    sd_path, clip = tiny_sd_models
     common = [
         "dataset=breastmnist",
         "dataset.train_per_class=3",
@@ -224,12 +192,12 @@ def test_run_py_gif_sd_end_to_end_and_batch_size_independent(tiny_models, tmp_pa
             assert scores_close(a[key], b[key], stored=True), (key, a[key], b[key])
 
 
-def test_dreambooth_fit_is_cached_and_shared_with_the_ablation(tiny_models, seeds_batch, tmp_path, monkeypatch):
+def test_dreambooth_fit_is_cached_and_shared_with_the_ablation(tiny_sd_models, breast_seeds, tmp_path, monkeypatch):
     from expansion.engine import expand_dataset
     from expansion.gif import dreambooth
     from experiments.data.datasets import TensorImageSet
 
-    images, labels = seeds_batch
+    images, labels = breast_seeds
     train = TensorImageSet(images, labels.numpy())
     identity = {"name": "breastmnist", "class_names": CLASSES, "train_fingerprint": train.fingerprint()}
     context = ExpansionContext("breastmnist", CLASSES, channels=1, prompt_prefix="Ultrasound image of")
@@ -239,7 +207,7 @@ def test_dreambooth_fit_is_cached_and_shared_with_the_ablation(tiny_models, seed
     monkeypatch.setattr(dreambooth, "dreambooth_finetune", lambda *a, **k: calls.append(a[6]) or real(*a, **k))
 
     def run(ratio, **unguided):
-        sd_path, clip = tiny_models
+        sd_path, clip = tiny_sd_models
         kw = dict(
             ratio=ratio,
             model_id=str(sd_path),

@@ -7,22 +7,18 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from expansion.base import ExpansionContext
 from expansion.gif.sd import GifSD
 from expansion.seeding import image_seeds
 from tests.conftest import compose
-from tests.helpers.tiny_clip import save_tiny_clip
-from tests.helpers.tiny_sd import save_tiny_sd
+from tests.helpers.tiny_sd import tiny_gif_sd
 from tests.helpers.tolerances import same_up_to_float_rounding
 
 pytestmark = pytest.mark.gpu
 DEVICE = torch.device(os.environ.get("GPU_TESTS_DEVICE", "cuda"))
-CLASSES = ["malignant", "normal, benign"]
 
 
 @pytest.fixture(autouse=True)
@@ -36,53 +32,27 @@ def _device():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
 
 
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_models")
-    return save_tiny_sd(root), save_tiny_clip(root / "clip")
-
-
-@pytest.fixture(scope="module")
-def seeds_batch(shared_data):
-    data = np.load(shared_data / "medmnist" / "breastmnist.npz")
-    return torch.from_numpy(data["train_images"][:4])[:, None], torch.from_numpy(data["train_labels"][:4, 0]).long()
-
-
-def _gif_sd(tiny_models, device: torch.device, **settings) -> GifSD:
-    sd_path, clip_spec = tiny_models
-    params = dict(
-        ratio=3,
-        model_id=str(sd_path),
-        guide=clip_spec,
-        guidance_scale=5.0,
-        strength=0.9,
-        radius=0.1,
-        num_inference_steps=4,
-        resolution=16,
-        output_size=None,
-        dtype="float32",
-    )
-    exp = GifSD(**{**params, **settings})
-    exp.prepare(ExpansionContext("breastmnist", CLASSES, channels=1, prompt_prefix="Ultrasound image of"))
+def _gif_sd(tiny_sd_models, device: torch.device, **settings) -> GifSD:
+    exp = tiny_gif_sd(*tiny_sd_models, **{"dtype": "float32", **settings})
     exp._place(device)
     return exp
 
 
-def test_img2img_on_the_device_in_float32_is_the_cpu_result(tiny_models, seeds_batch):
-    images, labels = seeds_batch
+def test_img2img_on_the_device_in_float32_is_the_cpu_result(tiny_sd_models, breast_seeds):
+    images, labels = breast_seeds
     seeds = image_seeds(5, range(4), 3)
     unguided = {"guided": False, "radius": 0.0}
-    on_cpu = _gif_sd(tiny_models, torch.device("cpu"), **unguided).expand(images, labels, seeds)
-    on_device = _gif_sd(tiny_models, DEVICE, **unguided).expand(images.to(DEVICE), labels.to(DEVICE), seeds)
+    on_cpu = _gif_sd(tiny_sd_models, torch.device("cpu"), **unguided).expand(images, labels, seeds)
+    on_device = _gif_sd(tiny_sd_models, DEVICE, **unguided).expand(images.to(DEVICE), labels.to(DEVICE), seeds)
     assert same_up_to_float_rounding(on_cpu.images, on_device.images.cpu())
 
 
-def test_guided_expansion_in_half_precision_on_the_device(tiny_models, seeds_batch):
+def test_guided_expansion_in_half_precision_on_the_device(tiny_sd_models, breast_seeds):
     """The batched GPU setting (half-precision UNet, float32 guide): k images per seed, finite scores,
     and guidance raises the class score as in float32 on the CPU."""
-    images, labels = seeds_batch
+    images, labels = breast_seeds
     half = "bfloat16" if DEVICE.type == "cuda" else "float32"
-    exp = _gif_sd(tiny_models, DEVICE, dtype=half, radius=100.0, guidance={"step_size": 0.05})
+    exp = _gif_sd(tiny_sd_models, DEVICE, dtype=half, radius=100.0, guidance={"step_size": 0.05})
     out = exp.expand(images.to(DEVICE), labels.to(DEVICE), image_seeds(11, range(4), 3))
     out.validate(4, 3)
     before = torch.tensor(out.fields["score_before"]).reshape(4, 3).mean(1)

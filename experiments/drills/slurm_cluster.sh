@@ -49,14 +49,17 @@ up() {
         return 0
     fi
     down >/dev/null
-    local start=$SECONDS
+    local t0
+    t0=$(date +%s%N)
     if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null \
         || ! command -v sbatch >/dev/null; then
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurmctld slurmd slurm-client munge >/dev/null \
             || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
                 slurmctld slurmd slurm-client munge >/dev/null; }
     fi
-    local installed=$((SECONDS - start))
+    local installed t1
+    t1=$(date +%s%N)
+    installed=$(awk "BEGIN {printf \"%.1f\", ($t1 - $t0) / 1e9}")
     mkdir -p "$STATE/ctld" "$STATE/d" "$STATE/log" /run/munge /var/log/munge /var/lib/munge /etc/munge
     [ -s /etc/munge/munge.key ] || dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key status=none
     chown -R munge:munge /etc/munge /run/munge /var/log/munge /var/lib/munge 2>/dev/null || true
@@ -115,7 +118,8 @@ EOF
     slurmd -f "$CONF"
     for _ in $(seq 150); do
         if sinfo -h -o %T 2>/dev/null | grep -qE '^idle'; then
-            echo "slurm-local: up in $((SECONDS - start)) s (install ${installed} s); SLURM_CONF=$CONF;" \
+            echo "slurm-local: up in $(awk "BEGIN {printf \"%.1f\", ($(date +%s%N) - $t0) / 1e9}") s" \
+                "(package install ${installed} s); SLURM_CONF=$CONF;" \
                 "node $host: $cpus CPUs, $mem MB; partitions debug (default, GraceTime=$GRACE), nograce, urgent"
             return 0
         fi
