@@ -42,30 +42,31 @@ def main(cfg: DictConfig) -> None:
         remove_if_bookkeeping_only(job_dir, log_file)  # a check leaves no run folder
         preflight.finish(report, "only")
     clear_failure(job_dir)
-    # SIGTERM/SIGUSR1/SIGUSR2 (preemption, time limit): checkpoint, then exit 75 (EXIT_PREEMPTED) for requeue
-    with preemptible():
-        try:
+    # SIGTERM/SIGUSR1/SIGUSR2 (preemption, time limit): checkpoint, then exit 75 (EXIT_PREEMPTED) for requeue;
+    # an error on the way out (submitit refusing a requeue after max_num_timeout) fails the job like any other
+    try:
+        with preemptible():
             run(cfg)
-        except Exception as exc:
-            # a user-facing failure (bad setting, missing data): one clear line, no stack trace
-            user_error = isinstance(exc, DatasetError | ExpansionError | CheckpointError)
-            record_failure(job_dir, exc, user_error=user_error, overrides=list(hydra_cfg.overrides.task))
-            if hydra_cfg.mode == RunMode.MULTIRUN:
-                # the sweep goes on with its other jobs; its results list this one and it exits non-zero
-                logging.getLogger("run").error(
-                    "job %s failed: %s", hydra_cfg.job.num, one_line(exc), exc_info=None if user_error else exc
-                )
-                return
-            if not user_error:
-                raise
-            # printed once (on stderr) and filed in the job's log; a run that failed before any work leaves no folder
-            record = logging.LogRecord("run", logging.ERROR, __file__, 0, "%s", (exc,), None)
-            for handler in logging.getLogger().handlers:
-                if isinstance(handler, logging.FileHandler):
-                    handler.handle(record)
-            print(f"error: {exc}", file=sys.stderr)
-            remove_if_bookkeeping_only(job_dir, log_file)
-            sys.exit(2)
+    except Exception as exc:
+        # a user-facing failure (bad setting, missing data): one clear line, no stack trace
+        user_error = isinstance(exc, DatasetError | ExpansionError | CheckpointError)
+        record_failure(job_dir, exc, user_error=user_error, overrides=list(hydra_cfg.overrides.task))
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            # the sweep goes on with its other jobs; its results list this one and it exits non-zero
+            logging.getLogger("run").error(
+                "job %s failed: %s", hydra_cfg.job.num, one_line(exc), exc_info=None if user_error else exc
+            )
+            return
+        if not user_error:
+            raise
+        # printed once (on stderr) and filed in the job's log; a run that failed before any work leaves no folder
+        record = logging.LogRecord("run", logging.ERROR, __file__, 0, "%s", (exc,), None)
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+        print(f"error: {exc}", file=sys.stderr)
+        remove_if_bookkeeping_only(job_dir, log_file)
+        sys.exit(2)
 
 
 def resolve_printed_config(argv: list[str]) -> None:

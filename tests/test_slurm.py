@@ -172,3 +172,29 @@ def test_preemption_with_a_grace_time_requeues_and_resumes(slurm_env, tmp_path):
     shown = subprocess.run(["scontrol", "show", "job", "-o", urgent], capture_output=True, text=True).stdout
     assert "JobState=COMPLETED" in shown, shown
     assert job
+
+
+def test_max_num_timeout_is_honoured(slurm_env, tmp_path):
+    """With ``timeout_min`` <= 10 submitit counts every SIGUSR2 as a time-out: with
+    ``max_num_timeout=1`` the first is requeued and resumes, the second ends the job as failed,
+    with its checkpoint on disk and the reason in error.json and results.md."""
+    sweep = tmp_path / "sweep"
+    proc = _sweep(
+        ["method=original", "train.epochs=40", "hydra.launcher.timeout_min=5", "hydra.launcher.max_num_timeout=1"],
+        slurm_env,
+        sweep,
+    )
+    ckpt = _wait(lambda: next(iter(sweep.glob("0_*/train/checkpoints/last.ckpt")), None), proc, "epoch 1")
+    job_dir = ckpt.parents[2]
+    (job,) = _wait(lambda: list(_job_ids(sweep).values()), proc, "the task running")
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    _wait(lambda: "resuming training" in (job_dir / "run.log").read_text(), proc, "the requeued run", timeout=240)
+    _wait(lambda: list(_job_ids(sweep).values()), proc, "the requeued task running")
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    code, err = _finish(proc)
+    assert code == 1, err[-3000:]
+    error = json.loads((job_dir / "error.json").read_text())
+    assert "timed-out too many times" in error["error"], error
+    assert "## Failed jobs (1)" in (sweep / "results.md").read_text()
+    assert (job_dir / "train" / "checkpoints" / PREEMPTED_CHECKPOINT).is_file()
+    assert not (job_dir / "metrics.json").exists()
