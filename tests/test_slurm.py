@@ -118,27 +118,37 @@ def test_a_cpu_sweep_through_slurm_writes_results_and_survives_a_failing_job(slu
     assert "## Failed jobs (1)" in results and "ratio must be an integer" in results and "| cutout |" in results
 
 
-def test_usr2_and_scontrol_requeue_checkpoint_requeue_and_resume(slurm_env, tmp_path):
-    """Job 0 gets SIGUSR2 (submitit's time-limit signal, ``scancel --signal=USR2``), job 1 is requeued
-    by ``scontrol requeue``: both stop, are run again by SLURM in the same job folder and resume."""
+def test_usr2_and_scontrol_requeue_resume_and_max_num_timeout_is_honoured(slurm_env, tmp_path):
+    """Job 1 is requeued by ``scontrol requeue``: it stops, SLURM runs it again in the same job folder
+    and it resumes. Job 0 gets SIGUSR2 (submitit's time-limit signal, ``scancel --signal=USR2``);
+    with ``timeout_min`` <= 10 submitit counts every SIGUSR2 as a time-out, so with
+    ``max_num_timeout=1`` the first is requeued and resumes, the second ends the job as failed (its
+    checkpoint on disk, the reason in error.json and results.md)."""
     sweep = tmp_path / "sweep"
-    proc = _sweep(["method=original", "seed=0,1", "train.epochs=25"], slurm_env, sweep)
+    limits = ["hydra.launcher.timeout_min=5", "hydra.launcher.max_num_timeout=1"]
+    proc = _sweep(["method=original", "seed=0,1", "train.epochs=40", *limits], slurm_env, sweep)
     dirs = {}
     for i in ("0", "1"):
-        dirs[i] = _wait(lambda i=i: next(iter(sweep.glob(f"{i}_*/train/checkpoints/last.ckpt")), None), proc, "epoch 1")
+        ckpt = _wait(lambda i=i: next(iter(sweep.glob(f"{i}_*/train/checkpoints/last.ckpt")), None), proc, "epoch 1")
+        dirs[i] = ckpt.parents[2]
     jobs = _wait(lambda: (j := _job_ids(sweep)) and len(j) == 2 and j, proc, "both tasks running")
     subprocess.run(["scancel", "--signal=USR2", jobs["0"]], check=True)
     subprocess.run(["scontrol", "requeue", jobs["1"]], check=True)
+    _wait(lambda: "resuming training" in (dirs["0"] / "run.log").read_text(), proc, "job 0 requeued", timeout=240)
+    _wait(lambda: "0" in _job_ids(sweep), proc, "job 0 running again")
+    subprocess.run(["scancel", "--signal=USR2", jobs["0"]], check=True)
     code, err = _finish(proc)
-    assert code == 0, err[-3000:]
-    for i, ckpt in dirs.items():
-        job_dir = ckpt.parents[2]
-        metrics = json.loads((job_dir / "metrics.json").read_text())
-        assert metrics["resumed_from"] is not None, (i, metrics.get("resumed_from"))
-    usr2 = json.loads((dirs["0"].parents[2] / "metrics.json").read_text())
-    assert usr2["resumed_from"]["checkpoint"] == PREEMPTED_CHECKPOINT  # stopped mid-epoch by the signal
+    assert code == 1, err[-3000:]  # job 0 ran out of requeues
+    requeued = json.loads((dirs["1"] / "metrics.json").read_text())
+    assert requeued["resumed_from"] is not None
     restarts = subprocess.run(["scontrol", "show", "job", "-o", jobs["1"]], capture_output=True, text=True).stdout
     assert re.search(r"Restarts=[1-9]", restarts), restarts
+    assert "preempted (SIGUSR2)" in (dirs["0"] / "run.log").read_text()
+    error = json.loads((dirs["0"] / "error.json").read_text())
+    assert "timed-out too many times" in error["error"], error
+    assert (dirs["0"] / "train" / "checkpoints" / PREEMPTED_CHECKPOINT).is_file()
+    assert not (dirs["0"] / "metrics.json").exists()
+    assert "## Failed jobs (1)" in (sweep / "results.md").read_text()
 
 
 def test_preemption_with_a_grace_time_requeues_and_resumes(slurm_env, tmp_path):
@@ -149,7 +159,7 @@ def test_preemption_with_a_grace_time_requeues_and_resumes(slurm_env, tmp_path):
     proc = _sweep(
         [
             "method=original",
-            "train.epochs=25",
+            "train.epochs=40",
             "hydra.launcher.partition=debug",
             f"hydra.launcher.cpus_per_task={cpus}",
         ],
@@ -172,29 +182,3 @@ def test_preemption_with_a_grace_time_requeues_and_resumes(slurm_env, tmp_path):
     shown = subprocess.run(["scontrol", "show", "job", "-o", urgent], capture_output=True, text=True).stdout
     assert "JobState=COMPLETED" in shown, shown
     assert job
-
-
-def test_max_num_timeout_is_honoured(slurm_env, tmp_path):
-    """With ``timeout_min`` <= 10 submitit counts every SIGUSR2 as a time-out: with
-    ``max_num_timeout=1`` the first is requeued and resumes, the second ends the job as failed,
-    with its checkpoint on disk and the reason in error.json and results.md."""
-    sweep = tmp_path / "sweep"
-    proc = _sweep(
-        ["method=original", "train.epochs=40", "hydra.launcher.timeout_min=5", "hydra.launcher.max_num_timeout=1"],
-        slurm_env,
-        sweep,
-    )
-    ckpt = _wait(lambda: next(iter(sweep.glob("0_*/train/checkpoints/last.ckpt")), None), proc, "epoch 1")
-    job_dir = ckpt.parents[2]
-    (job,) = _wait(lambda: list(_job_ids(sweep).values()), proc, "the task running")
-    subprocess.run(["scancel", "--signal=USR2", job], check=True)
-    _wait(lambda: "resuming training" in (job_dir / "run.log").read_text(), proc, "the requeued run", timeout=240)
-    _wait(lambda: list(_job_ids(sweep).values()), proc, "the requeued task running")
-    subprocess.run(["scancel", "--signal=USR2", job], check=True)
-    code, err = _finish(proc)
-    assert code == 1, err[-3000:]
-    error = json.loads((job_dir / "error.json").read_text())
-    assert "timed-out too many times" in error["error"], error
-    assert "## Failed jobs (1)" in (sweep / "results.md").read_text()
-    assert (job_dir / "train" / "checkpoints" / PREEMPTED_CHECKPOINT).is_file()
-    assert not (job_dir / "metrics.json").exists()

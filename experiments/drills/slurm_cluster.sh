@@ -6,7 +6,7 @@
 #
 # Idempotent. No systemd: munged, slurmctld and slurmd are started by hand. slurm.conf (under
 # $SLURM_LOCAL, default /run/slurm-local) has this host's cores and memory, proctrack/linuxproc,
-# task/none, JobRequeue=1, cred_expire=10 (a requeued job may start again after 10 s, not 121 s),
+# task/none, JobRequeue=1, cred_expire=5 (a requeued job may start again after 5 s, not 121 s),
 # a default partition `debug` whose jobs a higher-priority partition `urgent` preempts by requeue
 # after a GraceTime of $SLURM_GRACE_S (default 20) s, and partition `nograce` (GraceTime=0).
 # Accounting: none (see README, "SLURM in CI"): sacct is answered by experiments/drills/sacct, a
@@ -73,7 +73,7 @@ up() {
 ClusterName=local
 SlurmctldHost=$host
 AuthType=auth/munge
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=5
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation=$STATE/ctld
