@@ -153,13 +153,14 @@ def test_usr2_and_scontrol_requeue_resume_and_max_num_timeout_is_honoured(slurm_
 
 def test_preemption_with_a_grace_time_requeues_and_resumes(slurm_env, tmp_path):
     """Partition ``debug`` has a GraceTime: SLURM sends SIGTERM when a job of ``urgent`` needs the node
-    and waits. The job checkpoints, requeues itself (else SLURM marks it FAILED) and resumes."""
+    and waits. The job checkpoints, requeues itself (else SLURM marks it FAILED) and resumes. (100
+    epochs: the preemption, which comes at slurmctld's next scheduling pass, must find it training.)"""
     sweep = tmp_path / "sweep"
     cpus = int(subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True).stdout.split()[0])
     proc = _sweep(
         [
             "method=original",
-            "train.epochs=40",
+            "train.epochs=100",
             "hydra.launcher.partition=debug",
             f"hydra.launcher.cpus_per_task={cpus}",
         ],

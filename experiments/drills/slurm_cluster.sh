@@ -6,14 +6,17 @@
 #
 # Idempotent. No systemd: munged, slurmctld and slurmd are started by hand. slurm.conf (under
 # $SLURM_LOCAL, default /run/slurm-local) has this host's cores and memory, proctrack/linuxproc,
-# task/none, JobRequeue=1, cred_expire=5 (a requeued job may start again after 5 s, not 121 s),
+# task/none, JobRequeue=1, cred_expire=5 (a requeued job may start again after 5 s, not 121 s), a
+# scheduling pass every 2 s (a requeued job waits for one: 60 s by default),
 # a default partition `debug` whose jobs a higher-priority partition `urgent` preempts by requeue
 # after a GraceTime of $SLURM_GRACE_S (default 20) s, and partition `nograce` (GraceTime=0).
-# Accounting: none (see README, "SLURM in CI"): sacct is answered by experiments/drills/sacct, a
-# stand-in on PATH for the tests that reads slurmctld's own job records.
+# Accounting (what sacct, and submitit through it, reads): SLURM_ACCOUNTING=mariadb (default) starts
+# slurmdbd over Debian's MariaDB, started by hand too; SLURM_ACCOUNTING=none runs without, and the
+# tests put a sacct stand-in on their PATH (experiments/drills/slurm_bin/sacct).
 set -euo pipefail
 
 STATE=${SLURM_LOCAL:-/run/slurm-local}
+ACCOUNTING=${SLURM_ACCOUNTING:-mariadb}
 CONF=$STATE/slurm.conf
 GRACE=${SLURM_GRACE_S:-20}
 export SLURM_CONF=$CONF
@@ -34,8 +37,45 @@ stop_pidfile() {
 down() {
     stop_pidfile "$STATE/slurmd.pid"
     stop_pidfile "$STATE/slurmctld.pid"
+    stop_pidfile "$STATE/slurmdbd.pid"
+    stop_pidfile "$STATE/mariadbd.pid"
     stop_pidfile "$STATE/munged.pid"
     echo "slurm-local: stopped"
+}
+
+# MariaDB (socket only) + slurmdbd (slurmdbd.conf beside slurm.conf), the cluster registered
+start_accounting() {
+    mkdir -p /run/mysqld && chown mysql:mysql /run/mysqld
+    rm -f /run/mysqld/mysqld.sock
+    setsid mariadbd --user=mysql --datadir=/var/lib/mysql --socket=/run/mysqld/mysqld.sock \
+        --pid-file=/run/mysqld/mysqld.pid --skip-networking --log-error=/run/mysqld/mysqld.err \
+        </dev/null >/dev/null 2>&1 &
+    local i
+    for i in $(seq 300); do mariadb -e "select 1" >/dev/null 2>&1 && break; sleep 0.1; done
+    if ! mariadb -e "select 1" >/dev/null 2>&1; then
+        echo "slurm-local: MariaDB did not start" >&2
+        tail -n 20 /run/mysqld/mysqld.err >&2 || true
+        exit 1
+    fi
+    cp /run/mysqld/mysqld.pid "$STATE/mariadbd.pid"
+    mariadb -e "create database if not exists slurm_acct_db; create user if not exists 'slurm'@'localhost' \
+        identified by 'slurm'; grant all on slurm_acct_db.* to 'slurm'@'localhost';"
+    cat >"$STATE/slurmdbd.conf" <<DBD
+AuthType=auth/munge
+DbdHost=localhost
+SlurmUser=root
+PidFile=$STATE/slurmdbd.pid
+LogFile=$STATE/log/slurmdbd.log
+StorageType=accounting_storage/mysql
+StorageHost=localhost
+StorageUser=slurm
+StoragePass=slurm
+StorageLoc=slurm_acct_db
+DBD
+    chmod 600 "$STATE/slurmdbd.conf"
+    slurmdbd
+    for i in $(seq 300); do sacctmgr -n list cluster >/dev/null 2>&1 && break; sleep 0.1; done
+    sacctmgr -n list cluster format=cluster | grep -qw local || sacctmgr -i add cluster local >/dev/null
 }
 
 up() {
@@ -51,11 +91,21 @@ up() {
     down >/dev/null
     local t0
     t0=$(date +%s%N)
-    if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null \
-        || ! command -v sbatch >/dev/null; then
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurmctld slurmd slurm-client munge >/dev/null \
+    local packages=(slurmctld slurmd slurm-client munge) commands=(slurmctld slurmd munged sbatch)
+    case $ACCOUNTING in
+    mariadb) packages+=(slurmdbd mariadb-server) commands+=(slurmdbd mariadbd) ;;
+    none) ;;
+    *)
+        echo "slurm-local: SLURM_ACCOUNTING must be mariadb or none, not $ACCOUNTING" >&2
+        exit 2
+        ;;
+    esac
+    local missing=0 c
+    for c in "${commands[@]}"; do command -v "$c" >/dev/null || missing=1; done
+    if [ $missing = 1 ]; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}" >/dev/null \
             || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-                slurmctld slurmd slurm-client munge >/dev/null; }
+                "${packages[@]}" >/dev/null; }
     fi
     local installed t1
     t1=$(date +%s%N)
@@ -88,11 +138,13 @@ JobRequeue=1
 ReturnToService=2
 MinJobAge=600
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
-AccountingStorageType=accounting_storage/none
+AccountingStorageType=accounting_storage/$([ "$ACCOUNTING" = mariadb ] && echo slurmdbd || echo none)
+AccountingStorageHost=localhost
 JobAcctGatherType=jobacct_gather/none
 SlurmctldTimeout=30
 SlurmdTimeout=30
@@ -114,12 +166,15 @@ EOF
     su -s /bin/sh "$munge_user" -c "munged --pid-file=/run/munge/munged.pid --force" 2>/dev/null \
         || munged --pid-file=/run/munge/munged.pid --force
     cp /run/munge/munged.pid "$STATE/munged.pid"
+    if [ "$ACCOUNTING" = mariadb ]; then
+        start_accounting
+    fi
     slurmctld -f "$CONF"
     slurmd -f "$CONF"
     for _ in $(seq 150); do
         if sinfo -h -o %T 2>/dev/null | grep -qE '^idle'; then
             echo "slurm-local: up in $(awk "BEGIN {printf \"%.1f\", ($(date +%s%N) - $t0) / 1e9}") s" \
-                "(package install ${installed} s); SLURM_CONF=$CONF;" \
+                "(package install ${installed} s); SLURM_CONF=$CONF; accounting $ACCOUNTING;" \
                 "node $host: $cpus CPUs, $mem MB; partitions debug (default, GraceTime=$GRACE), nograce, urgent"
             return 0
         fi
