@@ -37,9 +37,14 @@ import tempfile
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.tags import compatible_tags, cpython_tags
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from expansion.files import atomic_directory
 
 #: the target node's preinstalled Python packages (a CUDA PyTorch image, issue 22)
 NODE_IMAGE = (
@@ -122,22 +127,11 @@ def _pip(*args: str, quiet: bool = False) -> subprocess.CompletedProcess:
 
 
 def _supported(wheel: Path, python_version: str, platforms: tuple[str, ...]) -> bool:
-    """A wheel the target interpreter installs: pure Python, or built for its version and a platform."""
+    """A wheel CPython ``python_version`` on one of ``platforms`` installs (packaging's tag lists, as pip's)."""
+    version = tuple(int(x) for x in python_version.split(".")[:2])
+    accepted = {*cpython_tags(version, platforms=platforms), *compatible_tags(version, platforms=platforms)}
     *_, tags = parse_wheel_filename(wheel.name)
-    major, minor = (int(x) for x in python_version.split(".")[:2])
-    for tag in tags:
-        if (
-            tag.platform == "any"
-            and tag.abi == "none"
-            and tag.interpreter in ("py3", f"py{major}{minor}", f"cp{major}{minor}")
-        ):
-            return True
-        if tag.platform not in platforms or not tag.interpreter.startswith("cp"):
-            continue
-        built_for = int(tag.interpreter[3:] or 0) if tag.interpreter[2:3] == str(major) else -1
-        if (tag.abi == "abi3" and 0 <= built_for <= minor) or (built_for == minor and tag.abi == f"cp{major}{minor}"):
-            return True
-    return False
+    return not accepted.isdisjoint(tags)
 
 
 def download(requirements: dict[str, str], out: Path, python_version: str, platforms: tuple[str, ...]) -> None:
@@ -177,14 +171,19 @@ def _sha256(path: Path) -> str:
 
 
 def build(out: Path, python_version: str, platforms: tuple[str, ...], data: Path) -> dict:
-    """Write the bundle into ``out`` (emptied first); returns its manifest."""
+    """Write the bundle into ``out`` (a folder filled beside it and swapped in whole at the end, so a
+    failed or oversized build leaves nothing; an older bundle there is replaced); returns its manifest."""
     seed = data / SEED_DATA
     if not seed.is_file():
         raise SystemExit(f"{seed} not found: pass --data <the shared data folder>")
+    if out.exists() and any(out.iterdir()) and not (out / "MANIFEST.json").is_file():
+        raise SystemExit(f"{out} is not empty and holds no bundle (no MANIFEST.json): pass another --out")
     requirements = bundle_requirements(python_version)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    with atomic_directory(out) as tmp:
+        return _fill(tmp, out, requirements, python_version, platforms, seed)
+
+
+def _fill(out: Path, final: Path, requirements: dict[str, str], python_version: str, platforms, seed: Path) -> dict:
     download(requirements, out, python_version, platforms)
     project_wheel(out)
     (out / "data" / SEED_DATA.parent).mkdir(parents=True)
@@ -201,20 +200,20 @@ def build(out: Path, python_version: str, platforms: tuple[str, ...], data: Path
     (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=2))
     size_mb = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e6
     manifest["size_mb"] = size_mb
-    print(
-        f"wheelhouse: {len([p for p in files if p.suffix == '.whl'])} wheels + seed data for CPython {python_version} "
-        f"({platforms[0]}), {size_mb:.1f} MB in {out}"
-    )
     if size_mb > SIZE_LIMIT_MB:
         raise SystemExit(f"the bundle is {size_mb:.1f} MB, over the {SIZE_LIMIT_MB:.0f} MB a node's slot allows")
+    print(
+        f"wheelhouse: {len([p for p in files if p.suffix == '.whl'])} wheels + seed data for CPython {python_version} "
+        f"({platforms[0]}), {size_mb:.1f} MB in {final}"
+    )
     return manifest
 
 
 def install(bundle: Path, target: Path) -> None:
     """What the node runs: the bundle's wheels into ``target``, without network or dependency resolution."""
     wheels = sorted(str(p) for p in bundle.glob("*.whl"))
-    if not wheels:
-        raise SystemExit(f"no wheels in {bundle}: build it with `make wheelhouse`")
+    if not wheels or not (bundle / "MANIFEST.json").is_file():
+        raise SystemExit(f"{bundle} is no bundle (no wheels or no MANIFEST.json): build it with `make wheelhouse`")
     _pip("install", "-q", "--no-index", "--no-deps", "--no-compile", "--target", str(target), *wheels)
 
 

@@ -47,7 +47,7 @@ def test_installed_on_a_clean_python_the_bundle_runs_the_quick_command_smoke(bun
     assert done.returncode == 0
     summary = json.loads((tmp_path / "smoke" / "summary.json").read_text())
     assert summary["mode"] == "smoke"
-    assert [p["part"] for p in summary["parts"]] == [p.name for p in gpu_quick.parts(shared_data, False)]
+    assert [p["part"] for p in summary["parts"]] == [p.name for p in gpu_quick.parts(shared_data, False, tmp_path)]
     assert all(p["status"] == "ok" and p["summary"] for p in summary["parts"]), summary["parts"]
     for name in ("gif_sd", "closed_set", "gif_mae", "gif_unclip"):
         assert json.loads((tmp_path / "smoke" / f"{name}.json").read_text())["results"]
@@ -66,7 +66,7 @@ def test_the_quick_command_refuses_what_it_cannot_measure(shared_data, tmp_path,
 def test_a_part_over_its_cap_is_killed_and_the_others_still_run(shared_data, tmp_path, monkeypatch):
     slow = gpu_quick.Part("slow", 2, [], ["-c", "import time; time.sleep(60)"], str, json_output=False)
     fast = gpu_quick.Part("fast", 30, [], ["-c", "print('done')"], lambda r: r["tail"], json_output=False)
-    monkeypatch.setattr(gpu_quick, "parts", lambda data, compile_unet: [slow, fast])
+    monkeypatch.setattr(gpu_quick, "parts", lambda data, compile_unet, out: [slow, fast])
     assert gpu_quick.main(["--out", str(tmp_path), "--device", "cpu", "--smoke", "--data", str(shared_data)]) == 1
     parts = {p["part"]: p for p in json.loads((tmp_path / "summary.json").read_text())["parts"]}
     assert parts["slow"]["status"].startswith("timed out") and parts["slow"]["seconds"] < 30
