@@ -279,3 +279,31 @@ def test_submitit_time_limit_signal_requeues_and_resumes(tmp_path):
     log = "".join(p.read_text() for p in (sweep / ".submitit" / str(controller)).glob("*_log.err"))
     assert "Caught signal SIGUSR2" in log
     assert "preempted (SIGUSR2)" in (job_dir / "run.log").read_text()
+
+
+@pytest.mark.parametrize(
+    ("record", "procid", "requeued"),
+    [
+        ("JobId=7 JobState=RUNNING PreemptTime=2026-12-06T18:27:12", "0", True),  # preempted, in its grace time
+        ("JobId=7 JobState=COMPLETING PreemptTime=None", "0", False),  # a user's scancel: respected
+        ("JobId=7 JobState=COMPLETING PreemptTime=2026-12-06T18:27:12", "0", False),  # cancelled in its grace time
+        ("JobId=7 JobState=RUNNING PreemptTime=None", "0", False),  # a plain SIGTERM, not a preemption
+        ("JobId=7 JobState=RUNNING PreemptTime=2026-12-06T18:27:12", "1", False),  # not the job's first task
+    ],
+)
+def test_a_job_preempted_by_slurm_requeues_itself_once(monkeypatch, record, procid, requeued):
+    from experiments.training import preemption
+
+    calls = []
+
+    def fake_run(command, **kwargs):
+        calls.append(command[:2])
+        return subprocess.CompletedProcess(command, 0, stdout=record if command[1] == "show" else "", stderr="")
+
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_PROCID", procid)
+    monkeypatch.setattr(preemption.shutil, "which", lambda name: "/usr/bin/scontrol")
+    monkeypatch.setattr(preemption.subprocess, "run", fake_run)
+    assert preemption.requeue_if_preempted_by_slurm(signal.SIGTERM) is requeued
+    assert (["scontrol", "requeue"] in calls) is requeued
+    assert preemption.requeue_if_preempted_by_slurm(signal.SIGUSR2) is False  # submitit's own handler requeues

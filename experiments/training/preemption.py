@@ -120,6 +120,8 @@ def requeue_if_preempted_by_slurm(signum: int) -> bool:
     job = os.environ.get("SLURM_JOB_ID")
     if signum != signal.SIGTERM or not job or shutil.which("scontrol") is None:
         return False
+    if os.environ.get("SLURM_PROCID", "0") != "0":  # one requeue per job: its first task asks (as submitit does)
+        return False
     try:
         shown = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30)
         record = dict(re.findall(r"(\w+)=(\S*)", shown.stdout))
