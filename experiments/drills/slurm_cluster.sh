@@ -10,13 +10,11 @@
 # scheduling pass every 2 s (a requeued job waits for one: 60 s by default),
 # a default partition `debug` whose jobs a higher-priority partition `urgent` preempts by requeue
 # after a GraceTime of $SLURM_GRACE_S (default 20) s, and partition `nograce` (GraceTime=0).
-# Accounting (what sacct, and submitit through it, reads): SLURM_ACCOUNTING=mariadb (default) starts
-# slurmdbd over Debian's MariaDB, started by hand too; SLURM_ACCOUNTING=none runs without, and the
-# tests put a sacct stand-in on their PATH (experiments/drills/slurm_bin/sacct).
+# Accounting (sacct, which submitit asks about a job that ended without a result; without it submitit
+# waits forever on such a job): slurmdbd over Debian's MariaDB, both started by hand too.
 set -euo pipefail
 
 STATE=${SLURM_LOCAL:-/run/slurm-local}
-ACCOUNTING=${SLURM_ACCOUNTING:-mariadb}
 CONF=$STATE/slurm.conf
 GRACE=${SLURM_GRACE_S:-20}
 export SLURM_CONF=$CONF
@@ -91,16 +89,8 @@ up() {
     down >/dev/null
     local t0
     t0=$(date +%s%N)
-    local packages=(slurmctld slurmd slurm-client munge) commands=(slurmctld slurmd munged sbatch)
-    case $ACCOUNTING in
-    mariadb) packages+=(slurmdbd mariadb-server) commands+=(slurmdbd mariadbd) ;;
-    none) ;;
-    *)
-        echo "slurm-local: SLURM_ACCOUNTING must be mariadb or none, not $ACCOUNTING" >&2
-        exit 2
-        ;;
-    esac
-    local missing=0 c
+    local packages=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
+    local commands=(slurmctld slurmd munged sbatch slurmdbd mariadbd) missing=0 c
     for c in "${commands[@]}"; do command -v "$c" >/dev/null || missing=1; done
     if [ $missing = 1 ]; then
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}" >/dev/null \
@@ -143,7 +133,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
-AccountingStorageType=accounting_storage/$([ "$ACCOUNTING" = mariadb ] && echo slurmdbd || echo none)
+AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 JobAcctGatherType=jobacct_gather/none
 SlurmctldTimeout=30
@@ -166,15 +156,13 @@ EOF
     su -s /bin/sh "$munge_user" -c "munged --pid-file=/run/munge/munged.pid --force" 2>/dev/null \
         || munged --pid-file=/run/munge/munged.pid --force
     cp /run/munge/munged.pid "$STATE/munged.pid"
-    if [ "$ACCOUNTING" = mariadb ]; then
-        start_accounting
-    fi
+    start_accounting
     slurmctld -f "$CONF"
     slurmd -f "$CONF"
     for _ in $(seq 150); do
         if sinfo -h -o %T 2>/dev/null | grep -qE '^idle'; then
             echo "slurm-local: up in $(awk "BEGIN {printf \"%.1f\", ($(date +%s%N) - $t0) / 1e9}") s" \
-                "(package install ${installed} s); SLURM_CONF=$CONF; accounting $ACCOUNTING;" \
+                "(package install ${installed} s); SLURM_CONF=$CONF; accounting slurmdbd;" \
                 "node $host: $cpus CPUs, $mem MB; partitions debug (default, GraceTime=$GRACE), nograce, urgent"
             return 0
         fi
