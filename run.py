@@ -41,6 +41,24 @@ def main(cfg: DictConfig) -> None:
         report = preflight.check_jobs([cfg], ["this job"])
         remove_if_bookkeeping_only(job_dir, log_file)  # a check leaves no run folder
         preflight.finish(report, "only")
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        from experiments.sweeps import config_hash, find_done, recorded_hash
+
+        identity = config_hash(cfg)
+        done = find_done(hydra_cfg.sweep.dir, identity) if cfg.get("skip_done", True) else None
+        if done is not None:  # an interrupted or extended sweep run again: finished jobs are not redone
+            logging.getLogger("run").info("job %s: done before, skipped (%s)", hydra_cfg.job.num, done)
+            remove_if_bookkeeping_only(job_dir, log_file)
+            return
+        if recorded_hash(job_dir) not in (None, identity):
+            # a sweep run again into its folder with other job numbers: never train into another job's folder
+            logging.getLogger("run").error(
+                "job %s: %s holds another configuration's results; name job folders by their config "
+                "(hydra.sweep.subdir=..._${config_hash:}) or use a new hydra.sweep.dir",
+                hydra_cfg.job.num,
+                job_dir,
+            )
+            return
     clear_failure(job_dir)
     # SIGTERM/SIGUSR1/SIGUSR2 (preemption, time limit): checkpoint, then exit 75 (EXIT_PREEMPTED) for requeue;
     # an error on the way out (submitit refusing a requeue after max_num_timeout) fails the job like any other

@@ -3,6 +3,7 @@ method's settings defaults registered for the method configs to compose."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import yaml
@@ -19,7 +20,8 @@ def register_resolvers() -> None:
     ``${fidelity_pick:f,a,b}``: ``a`` when ``f`` is paper, ``b`` when official (a GIF quirk's value).
     ``${label_numbers:n}``: ["1", ..., "n"] (the official Flowers script's folder numbers as class names).
     ``${gpus_per_job:accelerator,devices}``: the GPUs a SLURM job asks for: none for a CPU trainer, else
-    ``devices`` (1 for ``-1``, all of a node: set hydra.launcher.gpus_per_node with trainer=ddp)."""
+    ``devices`` (1 for ``-1``, all of a node: set hydra.launcher.gpus_per_node with trainer=ddp).
+    ``${config_hash:}``: the job's identity (experiments.sweeps.config_hash), e.g. in hydra.sweep.subdir."""
     from expansion.settings import fidelity_pick
 
     if not OmegaConf.has_resolver("project_root"):
@@ -32,10 +34,18 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("fidelity_pick", fidelity_pick)
     if not OmegaConf.has_resolver("gpus_per_job"):
         OmegaConf.register_new_resolver("gpus_per_job", _gpus_per_job)
+    if not OmegaConf.has_resolver("config_hash"):
+        OmegaConf.register_new_resolver("config_hash", _config_hash)
     if not OmegaConf.has_resolver("label_numbers"):
         OmegaConf.register_new_resolver(
             "label_numbers", lambda n: OmegaConf.create([str(i) for i in range(1, int(n) + 1)])
         )
+
+
+def _config_hash(*, _root_) -> str:
+    from experiments.sweeps import config_hash
+
+    return config_hash(_root_)
 
 
 def _gpus_per_job(accelerator, devices) -> int | None:
@@ -85,3 +95,9 @@ def register_method_defaults(config_dir: Path = CONFIG_DIR) -> None:
 
 register_resolvers()
 register_method_defaults()
+
+#: the folder that holds our ``hydra_plugins`` namespace package (the grids sweeper): Hydra looks for
+#: sweepers there only
+PLUGIN_ROOT = str(PROJECT_ROOT / "experiments" / "plugins")
+if PLUGIN_ROOT not in sys.path:
+    sys.path.append(PLUGIN_ROOT)

@@ -102,13 +102,17 @@ def training_signature(
     classifier: Any,
     train: Any,
     seed: int,
+    extra_real: int = 0,
 ) -> str:
     """The signature of one classifier training of a job: the training images (the dataset identity
     and the expansion store's key, which names the method's settings and the expansion seed), the
     classifier, the training settings and the seed; speed-only settings (workers, eval batch size,
-    compile) are left out, so a requeued job may change them."""
+    compile) are left out, so a requeued job may change them. ``extra_real``: the extra real images
+    (a real-arm point), keyed only when there are some (earlier checkpoints keep their signature)."""
+    extra = {"extra_real": int(extra_real)} if extra_real else {}
     return run_signature(
         {
+            **extra,
             "dataset": dataset_identity,
             "expansion_store": store_key,
             "include_original": include_original,

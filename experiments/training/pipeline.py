@@ -42,7 +42,7 @@ from .checkpoints import LAST_CHECKPOINT, AtomicCheckpointIO, StampRunSignature,
 from .classifier import ImageClassifier
 from .environment import environment
 from .preemption import PREEMPTED_CHECKPOINT, PREEMPTION, StopOnPreemption
-from .settings import ClassifierSettings, TrainSettings
+from .settings import ClassifierSettings, TrainSettings, optimizer_budget
 from .timing import EpochTimer
 
 log = logging.getLogger(__name__)
@@ -253,7 +253,8 @@ def build_datamodule(
     )
 
 
-def build_classifier(job: Job, data: DatasetSplits) -> ImageClassifier:
+def build_classifier(job: Job, data: DatasetSplits, epochs: int | None = None) -> ImageClassifier:
+    """The job's network and optimizer; ``epochs``: the schedule's length (default ``train.epochs``)."""
     t, c = job.train, job.classifier
     return ImageClassifier(
         c.arch,
@@ -263,7 +264,7 @@ def build_classifier(job: Job, data: DatasetSplits) -> ImageClassifier:
         lr=t.lr,
         momentum=t.momentum,
         weight_decay=t.weight_decay,
-        epochs=t.epochs,
+        epochs=epochs or t.epochs,
         warmup_epochs=t.warmup_epochs,
         label_smoothing=t.label_smoothing,
         channels_last=c.channels_last,
@@ -287,7 +288,8 @@ def train_and_evaluate(
     ``train.test_every_epoch`` also the official scripts' selection, the best test accuracy over the
     epochs (``test_acc_best_test``: optimistic, reported beside the others, never used to select)."""
     datamodule = build_datamodule(job, data, expanded_images, expanded_labels, include_original)
-    model = build_classifier(job, data)
+    budget = optimizer_budget(job.train, datamodule.num_train, len(data.train))
+    model = build_classifier(job, data, budget.epochs)
     checkpoints = run_dir / "checkpoints"
     # best.ckpt only serves the test at the best val epoch: weights only, half the bytes of a full checkpoint
     checkpoint = ModelCheckpoint(
@@ -305,6 +307,7 @@ def train_and_evaluate(
         classifier=job.classifier,
         train=job.train,
         seed=job.seed,
+        extra_real=len(data.extra_train) if data.extra_train is not None else 0,
     )
     resume = resume_point(checkpoints, signature)
     kwargs = dict(job.trainer)
@@ -317,9 +320,11 @@ def train_and_evaluate(
         StopOnPreemption(checkpoint_path=str(checkpoints / PREEMPTED_CHECKPOINT)),
         epoch_timer,
     ]
-    epochs = job.train.epochs
+    epochs = budget.epochs
     trainer = L.Trainer(
         max_epochs=epochs,
+        max_steps=budget.max_steps,
+        check_val_every_n_epoch=budget.val_every,
         logger=logger,
         callbacks=callbacks,
         # checkpoints are written by a background thread from a copy of the state (atomic as
@@ -340,13 +345,13 @@ def train_and_evaluate(
     (checkpoints / PREEMPTED_CHECKPOINT).unlink(missing_ok=True)  # superseded by last.ckpt
     history = list(model.val_history)
     # taken before testing the best checkpoint, whose loading restores the histories up to its epoch;
-    # only when every epoch was tested (a run resumed with test_every_epoch switched on was not)
-    test_history = list(model.test_history) if len(model.test_history) == epochs else None
+    # only when every validation also tested (a run resumed with test_every_epoch switched on did not)
+    test_history = list(model.test_history) if model.test_history and len(model.test_history) == len(history) else None
     final = trainer.test(model, datamodule=datamodule, verbose=False)[0]["test/acc"]
     best = trainer.test(
         model, datamodule=datamodule, ckpt_path=checkpoint.best_model_path, verbose=False, weights_only=True
     )[0]["test/acc"]
-    best_epoch = int(np.argmax(history)) if history else -1
+    best_epoch = (int(np.argmax(history)) + 1) * budget.val_every - 1 if history else -1
     steps_now = trainer.global_step - (resume[1]["global_step"] if resume else 0)
     epochs_now = epochs * steps_now / max(trainer.global_step, 1)
     return {
@@ -357,6 +362,8 @@ def train_and_evaluate(
         "test_acc_best_test": 100.0 * max(test_history) if test_history else None,
         "test_acc_per_epoch": [round(100.0 * a, 4) for a in test_history] if test_history else None,
         "epochs": epochs,
+        "optimizer_steps": trainer.global_step,
+        "optimizer_budget": budget.as_dict(),
         "num_train_images": datamodule.num_train,
         "train_seconds": round(train_seconds, 3),
         "epoch_seconds": [round(t, 4) for t in epoch_timer.epoch_seconds],
@@ -478,7 +485,10 @@ def _run_job(cfg: DictConfig, job: Job, run_dir: Path, total_start: float) -> di
     elif expander is not None:
         ratio = expander.ratio
 
+    from experiments.sweeps import config_hash
+
     metrics: dict[str, Any] = {
+        "config_hash": config_hash(cfg),  # the job's identity: a sweep run again skips a job with a finished twin
         "table": job.labels["table"],
         "dataset": data.name,
         "dataset_source": data.identity["source"],  # how the splits were made (official, npz file, flat folder ...)

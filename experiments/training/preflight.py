@@ -168,18 +168,14 @@ def check_weights(job: Any) -> None:
 
 
 def sweep_job_configs(config: DictConfig) -> tuple[list[DictConfig], list[str]]:
-    """The composed config and the overrides of every job a multirun launches (the basic sweeper's
-    expansion of the sweep's parameters and command-line overrides)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    """The composed config and the overrides of every job a multirun launches (the sweeper's
+    expansion of the sweep's parameters, grids and command-line overrides)."""
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from experiments.sweeps import sweep_overrides
 
     loader = GlobalHydra.instance().config_loader()
-    params = config.hydra.sweeper.get("params") or {}
-    arguments = [f"{k}={v}" for k, v in params.items()]
-    arguments += list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
-    overrides = OverridesParser.create(config_loader=loader).parse_overrides(arguments)
-    jobs = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+    jobs = sweep_overrides(config, loader)
     configs = []
     for job in jobs:
         composed = loader.load_sweep_config(config, list(job))

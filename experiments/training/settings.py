@@ -8,7 +8,7 @@ from dataclasses import MISSING, dataclass
 from typing import Any
 
 from expansion.errors import ExpansionError
-from expansion.settings import check_ranges, field_signature, speed_only
+from expansion.settings import check_ranges, field_signature, keyed_when_set, speed_only
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,10 @@ class TrainSettings:
     (``momentum``, ``weight_decay``) at ``lr`` with a linear warm-up of ``warmup_epochs`` then a
     cosine schedule, ``batch_size``, ``label_smoothing``; ``include_original: false`` trains on the
     generated images only; ``compare_original`` (true, false or auto = single runs only) also trains
-    on the original images in the same job. Speed only: ``eval_batch_size``, ``num_workers``,
+    on the original images in the same job. ``steps`` (an optimizer-step budget) or
+    ``steps_matched_to_ratio`` R (the steps the same job takes on the original plus R x generated
+    images in ``epochs`` epochs: the compute-matched partner of ``method.ratio=R``) override
+    ``epochs``: the job trains exactly that many optimizer steps (see :func:`optimizer_budget`). Speed only: ``eval_batch_size``, ``num_workers``,
     ``compile`` (false, true or a torch.compile backend), ``test_every_epoch`` (also test after every
     epoch, for the official scripts' selection, the best test epoch: a reported column, never a
     selection rule of ours; it does not change the training)."""
@@ -35,6 +38,8 @@ class TrainSettings:
     compile: bool | str = speed_only(MISSING)
     compare_original: bool | str = speed_only(MISSING)
     test_every_epoch: bool = speed_only(MISSING)
+    steps: int | None = keyed_when_set(None)  # keyed only when set: earlier checkpoints still resume
+    steps_matched_to_ratio: int | None = keyed_when_set(None)
 
     def __post_init__(self) -> None:
         check_ranges(
@@ -50,8 +55,68 @@ class TrainSettings:
                 (0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)"),
                 (self.num_workers >= 0, "num_workers", ">= 0"),
                 (self.compare_original in (True, False, "auto"), "compare_original", "true, false or auto"),
+                (self.steps is None or _is_count(self.steps), "steps", "null or an integer >= 1"),
+                (
+                    self.steps_matched_to_ratio is None or _is_count(self.steps_matched_to_ratio),
+                    "steps_matched_to_ratio",
+                    "null or an integer >= 1 (a method.ratio)",
+                ),
+                (
+                    self.steps is None or self.steps_matched_to_ratio is None,
+                    "steps",
+                    "null when train.steps_matched_to_ratio is set (one step budget, not two)",
+                ),
             ],
         )
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def steps_per_epoch(num_train: int, batch_size: int) -> int:
+    """Optimizer steps of one epoch: the last incomplete batch is dropped when there is more than one
+    (experiments.data.datamodule), one step when the set fits in one batch."""
+    return num_train // batch_size if num_train > batch_size else 1
+
+
+@dataclass(frozen=True)
+class OptimizerBudget:
+    """How long a job trains: ``epochs`` (the cosine schedule's length and the Trainer's max_epochs),
+    ``max_steps`` (-1 = the epochs' natural end) and ``val_every`` (validate every n epochs)."""
+
+    epochs: int
+    max_steps: int
+    val_every: int
+    steps: int  # the optimizer steps the job will take
+
+    def as_dict(self) -> dict[str, int]:
+        return {"epochs": self.epochs, "max_steps": self.max_steps, "val_every": self.val_every, "steps": self.steps}
+
+
+def optimizer_budget(train: TrainSettings, num_train: int, num_base: int) -> OptimizerBudget:
+    """The job's training length. By default ``train.epochs`` epochs over its ``num_train`` images. With
+    ``train.steps`` S or ``train.steps_matched_to_ratio`` R (S = epochs x steps_per_epoch((1 + R) x
+    ``num_base``), ``num_base`` = the few-shot original images, so a real-arm job with extra real images
+    matches the generated set of the same ratio): exactly S optimizer steps, over ceil(S / steps per
+    epoch) epochs (the last one cut at S), the per-epoch cosine spanning them; the job validates every
+    ceil(those epochs / train.epochs) epochs so that best-val selection sees about ``train.epochs``
+    candidates in every arm. A job whose S equals its own epochs x steps per epoch is the epoch run, step for
+    step (our departure from a per-step schedule, so that the expanded arm is shared by both protocols)."""
+    per_epoch = steps_per_epoch(num_train, train.batch_size)
+    if train.steps is None and train.steps_matched_to_ratio is None:
+        return OptimizerBudget(train.epochs, -1, 1, train.epochs * per_epoch)
+    if train.steps is not None:
+        steps = train.steps
+    else:
+        steps = train.epochs * steps_per_epoch((1 + train.steps_matched_to_ratio) * num_base, train.batch_size)
+    epochs = -(-steps // per_epoch)
+    if train.warmup_epochs >= epochs:
+        raise ExpansionError(
+            f"train.warmup_epochs={train.warmup_epochs} is not below the {epochs} epochs that {steps} steps "
+            f"take on {num_train} images; lower train.warmup_epochs"
+        )
+    return OptimizerBudget(epochs, steps, max(1, -(-epochs // train.epochs)), steps)
 
 
 @dataclass(frozen=True)

@@ -90,9 +90,9 @@ def _checked_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
             raise DatasetError(f"dataset.{key} must be set (e.g. dataset.{key}=/data/my_set)") from None
     cfg = dict(cfg)
     for key in ("image_size", "train_per_class", "extra_real_per_class"):
-        value = cfg.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise DatasetError(f"dataset.{key} must be an integer >= 1 or null, got {value!r}")
+        value, least = cfg.get(key), 0 if key == "extra_real_per_class" else 1  # 0 extra: the real arm's origin
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise DatasetError(f"dataset.{key} must be an integer >= {least} or null, got {value!r}")
     return cfg
 
 

@@ -1,0 +1,114 @@
+"""Sweeps as a union of grids, and the identity of a job (the hash of its resolved config).
+
+``hydra/sweeper: grids`` (experiments/plugins/hydra_plugins/grids_sweeper: Hydra takes sweepers from
+the ``hydra_plugins`` namespace only; :mod:`experiments.config` puts its folder on the path) extends Hydra's basic sweeper: ``hydra.sweeper.params`` is
+crossed with each entry of ``hydra.sweeper.grids`` (itself a ``params`` mapping), the command line's
+overrides win over both, and a job that two grids both make runs once. So a sweep that is not one
+cartesian product (a real arm at a few sizes, methods at a few ratios) is one command::
+
+    hydra:
+      sweeper:
+        params: {seed: "0,1,2"}
+        grids:
+          - {exchange: "real_0,real_1"}
+          - {method: "cutout,gridmask", method.ratio: "1,2"}
+
+A job's identity is :func:`config_hash`: the hash of its resolved config less what does not change its
+results (where files live, progress bars, pre-flight, loggers, speed-only training settings), as dora
+does. Every ``metrics.json`` records it; a sweep job whose hash is already done under the sweep
+folder is skipped (``skip_done``), so re-running an interrupted sweep finishes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+from collections import OrderedDict
+from dataclasses import fields
+from pathlib import Path
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+#: top-level config keys that say where and how a job runs, not what it computes
+NOT_IN_IDENTITY = ("paths", "progress_bar", "preflight", "store_lock_timeout", "store_verify", "logger", "skip_done")
+
+
+def job_overrides(
+    params: dict[str, str] | None, grids: list[dict[str, str]] | None, arguments: list[str], config_loader
+) -> list[list[str]]:
+    """Every job's override list: ``params`` x each grid (or ``params`` alone without grids), the command
+    line's ``arguments`` last (they win); duplicates (the same overrides in any order) once, first kept."""
+    parser = OverridesParser.create(config_loader=config_loader)
+    base = [f"{k}={v}" for k, v in (params or {}).items()]
+    jobs, seen = [], set()
+    for grid in grids or [{}]:
+        grid_args = [f"{k}={v}" for k, v in grid.items()]
+        choices: OrderedDict[str, list[str]] = OrderedDict()
+        for override in parser.parse_overrides(base + grid_args + list(arguments)):
+            key = override.get_key_element()
+            if override.is_sweep_override():
+                if not override.is_discrete_sweep():
+                    raise HydraException(f"the grids sweeper sweeps lists only, not {override.input_line}")
+                choices[key] = [f"{key}={v}" for v in override.sweep_string_iterator()]
+            else:
+                choices[key] = [f"{key}={override.get_value_element_as_str()}"]
+        for job in itertools.product(*choices.values()):
+            identity = frozenset(job)
+            if identity not in seen:
+                seen.add(identity)
+                jobs.append(list(job))
+    return jobs
+
+
+def sweep_overrides(config: DictConfig, config_loader) -> list[list[str]]:
+    """The override lists of every job a multirun with this (hydra) config launches, whichever sweeper."""
+    sweeper = config.hydra.sweeper
+    grids = OmegaConf.to_container(sweeper.grids) if "grids" in sweeper else None
+    params = OmegaConf.to_container(sweeper.params) if sweeper.get("params") else None
+    arguments = list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
+    return job_overrides(params, grids, arguments, config_loader)
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """A job's identity: sha256 (16 hex digits) of its resolved config without ``hydra``,
+    :data:`NOT_IN_IDENTITY` and the speed-only ``train`` settings; ``paths`` enter by name only
+    (``<paths.shared_data>/mnist``), so the same job on another machine has the same identity."""
+    from expansion.settings import is_speed_only
+    from experiments.training.settings import TrainSettings
+
+    keys = [k for k in cfg if k != "hydra" and (k == "paths" or k not in NOT_IN_IDENTITY)]
+    copy = OmegaConf.masked_copy(cfg, keys)
+    if "paths" in copy:
+        for name in list(copy.paths):
+            copy.paths[name] = f"<paths.{name}>"
+    container = OmegaConf.to_container(copy, resolve=True)
+    container.pop("paths", None)
+    train = container.get("train")
+    if isinstance(train, dict):
+        for f in fields(TrainSettings):
+            if is_speed_only(f):
+                train.pop(f.name, None)
+    text = json.dumps(container, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def recorded_hash(job_dir: Path | str) -> str | None:
+    """The config hash of the finished job in ``job_dir`` (None: no readable metrics.json)."""
+    try:
+        return json.loads((Path(job_dir) / "metrics.json").read_text()).get("config_hash")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def find_done(sweep_dir: Path | str, identity: str) -> Path | None:
+    """A ``metrics.json`` under ``sweep_dir`` of a finished job with this :func:`config_hash`."""
+    for path in sorted(Path(sweep_dir).rglob("metrics.json")):
+        if recorded_hash(path.parent) == identity:  # a damaged record is not a finished job
+            return path
+    return None
