@@ -506,7 +506,9 @@ def _run_job(cfg: DictConfig, job: Job, run_dir: Path, total_start: float) -> di
     }
     expanded_images = expanded_labels = store_key = None
     if ratio is not None:
+        cpu_start = time.process_time()  # every thread of this process: the generation's CPU cost (not a lock's wait)
         result = imported or run_expansion(job, data)
+        expansion_cpu_seconds = time.process_time() - cpu_start
         store_key = result.store.key
         expanded_images = load_expanded_images(
             result.expanded, data.channels, data.image_size, tensor_dir=job.labels["tensor_dir"]
@@ -520,6 +522,7 @@ def _run_job(cfg: DictConfig, job: Job, run_dir: Path, total_start: float) -> di
             "reused": result.reused,
             "seconds": round(result.seconds, 3),
             "fit_seconds": round(result.fit_seconds, 3),
+            "cpu_seconds": round(expansion_cpu_seconds, 3),
         }
         log.info(
             "expansion: %d images (%d generated now) in %.1fs",
