@@ -9,7 +9,7 @@ PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 m
 
 .PHONY: help install run list test test-slow test-gpu test-all lint sweep-digits benchmark-cpu benchmark-training \
         benchmark-generation-cpu benchmark-gpu benchmark-gpu-quick benchmark-cost wheelhouse wheelhouse-check report \
-        export clean-cache slurm-up slurm-down test-slurm
+        export clean-cache slurm-up slurm-down test-slurm worth
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-25s %s\n", $$1, $$2}'
@@ -97,6 +97,10 @@ export:  ## an expanded set as a Hugging Face dataset: make export SRC=<store, r
 report:  ## tables, figures, expansion grids and settings of a sweep: make report DIR=multirun/<date>/<time>
 	@test -n "$(DIR)" || { echo "usage: make report DIR=<sweep folder>"; exit 2; }
 	$(PYTHON) -m experiments.analysis.report $(DIR)
+
+worth:  ## what a generated image is worth, every method, both protocols, with cost: make worth DIR=<sweep folder>
+	@test -n "$(DIR)" || { echo "usage: make worth DIR=<sweep folder, e.g. multirun/worth_cpu>"; exit 2; }
+	$(PYTHON) -m experiments.analysis.worth $(DIR)
 
 clean-cache:  ## delete expansion stores and fitted generators (.cache/)
 	rm -rf .cache

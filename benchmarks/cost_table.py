@@ -27,7 +27,6 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 import time
@@ -57,6 +56,8 @@ TABLES = (
     "exchange_rate_cpu",
     "expansive_synthesis",
     "gif_ae",
+    "worth",
+    "worth_cpu",
 )
 #: official training split sizes of the datasets that are not in ../shared/data (before any carve-out)
 OFFICIAL_TRAIN = {
@@ -103,10 +104,18 @@ class Job:
     expansion_per_seed: bool  # expansion_seed follows seed: one expansion per seed
     fit: dict[str, Any] | None  # closed-set fit settings (steps, batch)
     sampling: dict[str, Any] | None
+    steps_matched_to_ratio: int | None = None  # train.steps_matched_to_ratio: a step budget, not epochs
 
     @property
     def train_images(self) -> int:
         return (self.n_train if self.include_original else 0) + self.n_extra + self.n_train * self.ratio
+
+    @property
+    def image_epochs(self) -> int:
+        """Images the classifier processes: epochs x its set, or a step budget's (1 + R) x n_train x epochs."""
+        if self.steps_matched_to_ratio:
+            return self.n_train * (1 + self.steps_matched_to_ratio) * self.epochs
+        return self.train_images * self.epochs
 
     @property
     def generated_images(self) -> int:
@@ -123,12 +132,16 @@ def _compose(overrides: list[str]) -> DictConfig:
 
 
 def sweep_cells(experiment: str) -> tuple[list[dict[str, str]], int]:
-    """The grid's cells without the seed, and the number of seeds."""
-    params = dict(_compose([f"experiment={experiment}"]).hydra.sweeper.params)
-    seeds = len(str(params.pop("seed", "0")).split(","))
-    keys = list(params)
-    values = [str(params[k]).split(",") for k in keys]
-    return [dict(zip(keys, combo)) for combo in itertools.product(*values)], seeds
+    """The sweep's cells without the seed (its parameters, crossed with each of its grids if it has
+    some), and the number of seeds."""
+    from experiments.sweeps import job_overrides
+
+    sweeper = _compose([f"experiment={experiment}"]).hydra.sweeper
+    params = {k: str(v) for k, v in sweeper.params.items()}
+    seeds = len(params.pop("seed", "0").split(","))
+    grids = OmegaConf.to_container(sweeper.grids) if "grids" in sweeper else None
+    cells = [dict(o.split("=", 1) for o in job) for job in job_overrides(params, grids, [], None)]
+    return cells, seeds
 
 
 _SIZES: dict[tuple, tuple[int, int, bool, int]] = {}
@@ -185,6 +198,7 @@ def jobs_of(experiment: str) -> list[Job]:
                 arch=str(cfg.classifier.arch),
                 input_size=input_size,
                 epochs=int(cfg.train.epochs),
+                steps_matched_to_ratio=cfg.train.get("steps_matched_to_ratio"),
                 batch_size=int(cfg.train.batch_size),
                 expansion_per_seed=raw_seed == "${seed}",
                 fit={"steps": int(method.fit.steps), "batch_size": int(method.fit.batch_size)} if closed_set else None,
@@ -411,7 +425,7 @@ def table_cost(jobs: list[Job], rates: Rates) -> dict[str, Any]:
     expansions: set[tuple] = set()
     fits: set[tuple] = set()
     for job in jobs:
-        work = job.train_images * job.epochs * job.seeds
+        work = job.image_epochs * job.seeds
         image_epochs += work
         _add(parts["training"], rates.training(job), work)
         copies = job.seeds if job.expansion_per_seed else 1
