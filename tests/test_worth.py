@@ -178,7 +178,7 @@ def _steps(images_per_class: float) -> int:
     return 10 * int(images_per_class * CLASSES // 8)
 
 
-def _toy_sweep(root, *, ratios=(1, 2, 5), method_offset=0.0, seeds=(0, 1, 2), steps_offset=3.0):
+def _toy_sweep(root, *, ratios=(1, 2, 5), method_offset=0.0, seeds=(0, 1, 2), steps_offset=3.0, device="cpu"):
     """Real arm at equal epochs (offset 0) and at each ratio's step budget (offset ``steps_offset``: more
     steps help the original); synthetic points exactly on the relation's equivalents at equal epochs."""
     noise = {0: -0.4, 1: 0.0, 2: 0.4}
@@ -216,6 +216,7 @@ def _toy_sweep(root, *, ratios=(1, 2, 5), method_offset=0.0, seeds=(0, 1, 2), st
                 steps=_steps(N_BASE * (1 + ratio)),
                 expansion=expansion,
                 quality={"fid": 1.5, "label_agreement": 90.0},
+                environment={"device_name": "test device", "device": device, "cpu_threads": 1},
             )
 
 
@@ -243,6 +244,17 @@ def test_worth_recovers_known_equivalents_and_exchange_rate(tmp_path):
     assert not fit["at_bound"] and fit["points_used"] == 3
     text = worth.render_markdown(result)
     assert f"| gen | 5 | {_steps(N_BASE * 6)} | " in text and "c2 = 2.5" in text
+
+
+def test_worth_per_gpu_hour_only_for_images_generated_on_a_gpu(tmp_path):
+    _toy_sweep(tmp_path / "cpu")
+    _toy_sweep(tmp_path / "gpu", device="cuda")
+    on_cpu = worth.analyse(tmp_path / "cpu", replicates=20)["points"][0]["protocols"]["epochs"]
+    on_gpu = worth.analyse(tmp_path / "gpu", replicates=20)["points"][0]["protocols"]["epochs"]
+    assert on_cpu["real_equivalents_per_gpu_hour"] is None and on_cpu["real_equivalents_per_cpu_hour"] > 0
+    wall_per_image = sum(5.0 * r for r in (1, 2, 5)) / sum(40 * r for r in (1, 2, 5))
+    expected = on_gpu["equivalent"] * CLASSES / (wall_per_image * 1 * N_BASE * CLASSES / 3600)
+    assert on_gpu["real_equivalents_per_gpu_hour"] == pytest.approx(expected)
 
 
 def test_worth_no_fit_cases_say_why(tmp_path):

@@ -81,6 +81,7 @@ class Run:
     quality: dict[str, Any] | None
     num_classes: int
     machine: str
+    device: str  # cpu or cuda (where the job ran)
 
 
 def load_runs(root: Path | str, metric: str = "test_acc_final") -> tuple[list[Run], dict[str, int]]:
@@ -122,6 +123,7 @@ def load_runs(root: Path | str, metric: str = "test_acc_final") -> tuple[list[Ru
                 quality=m.get("quality"),
                 num_classes=int(m.get("num_classes") or 0),
                 machine=f"{env.get('device_name') or env.get('device') or '?'} ({env.get('cpu_threads', '?')} thread(s))",
+                device=str(env.get("device") or "cpu"),
             )
         )
     return runs, dict(skipped)
@@ -206,7 +208,15 @@ def generation_cost(runs: Iterable[Run]) -> dict[tuple[str, int, str], dict[str,
     """``(dataset, n_base, method) -> cost``: CPU and wall seconds of the jobs that generated images or
     fitted the generator, over the images they generated (each store counted once: the seeds share it)."""
     totals: dict[tuple, dict[str, Any]] = defaultdict(
-        lambda: {"cpu_seconds": 0.0, "wall_seconds": 0.0, "fit_seconds": 0.0, "images": 0, "jobs": 0, "machines": set()}
+        lambda: {
+            "cpu_seconds": 0.0,
+            "wall_seconds": 0.0,
+            "fit_seconds": 0.0,
+            "images": 0,
+            "jobs": 0,
+            "machines": set(),
+            "devices": set(),
+        }
     )
     for r in runs:
         e = r.expansion
@@ -219,12 +229,14 @@ def generation_cost(runs: Iterable[Run]) -> dict[tuple[str, int, str], dict[str,
         t["images"] += int(e.get("generated_images") or 0)
         t["jobs"] += 1
         t["machines"].add(r.machine)
+        t["devices"].add(r.device)
     out = {}
     for key, t in totals.items():
         images = max(t["images"], 1)
         out[key] = {
-            **{k: v for k, v in t.items() if k != "machines"},
+            **{k: v for k, v in t.items() if k not in ("machines", "devices")},
             "machines": sorted(t["machines"]),
+            "on_gpu": t["devices"] == {"cuda"},
             "cpu_seconds_per_image": t["cpu_seconds"] / images if t["images"] else None,
             "wall_seconds_per_image": t["wall_seconds"] / images if t["images"] else None,
         }
@@ -318,17 +330,29 @@ def analyse(
                 ),
                 "cpu_seconds_per_image": cost.get("cpu_seconds_per_image"),
                 "wall_seconds_per_image": cost.get("wall_seconds_per_image"),
+                "generated_on_gpu": bool(cost.get("on_gpu")),
                 "protocols": {},  # epochs / steps -> gain, equivalent, status, interval
             }
             for protocol in PROTOCOLS:
                 curve = epoch_curve if protocol == "epochs" else real_curve(group, "steps", steps)
                 point = read_point(accuracies, curve)
                 boot = bootstrap_point(accuracies, curve, replicates, rng) if point["gain"] is not None else {}
-                per_cpu_hour = None
-                if point["equivalent"] is not None and row["cpu_seconds_per_image"]:
-                    cpu_hours = row["cpu_seconds_per_image"] * ratio * n_base * classes / 3600
-                    per_cpu_hour = point["equivalent"] * classes / cpu_hours if cpu_hours > 0 else None
-                row["protocols"][protocol] = {**point, "interval": boot, "real_equivalents_per_cpu_hour": per_cpu_hour}
+                per_hour = {"cpu": None, "gpu": None}
+                images = ratio * n_base * classes
+                if point["equivalent"] is not None:
+                    # per GPU-hour: the generation's wall time where it ran on a GPU (CPU seconds never are GPU time)
+                    for unit, seconds in (
+                        ("cpu", row["cpu_seconds_per_image"]),
+                        ("gpu", row["wall_seconds_per_image"] if row["generated_on_gpu"] else None),
+                    ):
+                        if seconds:
+                            per_hour[unit] = point["equivalent"] * classes / (seconds * images / 3600)
+                row["protocols"][protocol] = {
+                    **point,
+                    "interval": boot,
+                    "real_equivalents_per_cpu_hour": per_hour["cpu"],
+                    "real_equivalents_per_gpu_hour": per_hour["gpu"],
+                }
             points.append(row)
         for method in sorted({m for m, _ in synthetic}):
             for protocol in PROTOCOLS:
