@@ -239,9 +239,12 @@ def test_worth_recovers_known_equivalents_and_exchange_rate(tmp_path):
             sum(4.0 * r for r in (1, 2, 5)) / sum(40 * r for r in (1, 2, 5))
         )
         assert p["fid"] == 1.5 and p["n"] == 3
+        assert p["protocols"]["epochs"]["real_per_generated"] == pytest.approx(
+            _true_equivalent(ratio) / (ratio * N_BASE)
+        )
     fit = result["fits"]["toy|20|gen|epochs"]
     assert fit["c2"] == pytest.approx(C2, rel=1e-3) and fit["factor"] == pytest.approx(C1 ** (N_BASE / K), rel=1e-3)
-    assert not fit["at_bound"] and fit["points_used"] == 3
+    assert not fit["at_bound"] and not fit["degenerate"] and fit["points_used"] == 3
     text = worth.render_markdown(result)
     assert f"| gen | 5 | {_steps(N_BASE * 6)} | " in text and "c2 = 2.5" in text
 
@@ -255,6 +258,7 @@ def test_worth_per_gpu_hour_only_for_images_generated_on_a_gpu(tmp_path):
     wall_per_image = sum(5.0 * r for r in (1, 2, 5)) / sum(40 * r for r in (1, 2, 5))
     expected = on_gpu["equivalent"] * CLASSES / (wall_per_image * 1 * N_BASE * CLASSES / 3600)
     assert on_gpu["real_equivalents_per_gpu_hour"] == pytest.approx(expected)
+    assert "per GPU-hour" in worth.render_markdown(worth.analyse(tmp_path / "gpu", replicates=20))
 
 
 def test_worth_no_fit_cases_say_why(tmp_path):
@@ -269,6 +273,18 @@ def test_worth_no_fit_cases_say_why(tmp_path):
     assert {p["protocols"]["epochs"]["status"] for p in result["points"]} == {"beyond_real_range"}
     assert "no synthetic point inside" in result["fits"]["toy|20|gen|epochs"]["error"]
     assert "> every real point" in worth.render_markdown(result)
+    proportional = tmp_path / "proportional"  # equivalent = 0.2 x n_syn: the slope is all the points say
+    _toy_sweep(proportional)
+    for seed in (0, 1, 2):
+        for ratio in (1, 2, 5):
+            path = proportional / f"gen_r{ratio}_s{seed}" / "metrics.json"
+            m = json.loads(path.read_text())
+            m["test_acc_final"] = _real_accuracy(0.2 * ratio * N_BASE, 0.0) + {0: -0.4, 1: 0.0, 2: 0.4}[seed]
+            path.write_text(json.dumps(m))
+    result = worth.analyse(proportional, replicates=50)
+    assert result["fits"]["toy|20|gen|epochs"]["degenerate"]
+    assert "degenerate" in worth.render_markdown(result)
+    assert {round(p["protocols"]["epochs"]["real_per_generated"], 6) for p in result["points"]} == {0.2}
     one = tmp_path / "one"
     _toy_sweep(one, ratios=(2,))
     assert "one point" in worth.analyse(one, replicates=50)["fits"]["toy|20|gen|epochs"]["error"]

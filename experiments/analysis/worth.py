@@ -61,6 +61,10 @@ PROTOCOL_LABELS = {
 }
 
 
+#: a fitted c2 outside this range says the points fix the relation's slope only (see _fit)
+DEGENERATE_C2 = (1.01, 1e5)
+
+
 class WorthError(ValueError):
     """A sweep that gives no worth table (no runs, no real arm ...)."""
 
@@ -273,6 +277,9 @@ def _fit(points: list[dict[str, Any]], n_base: int, k: float) -> dict[str, Any]:
         "factor": fit.factor(n_base),
         "rmse": fit.rmse,
         "at_bound": fit.at_bound,
+        # c2 -> 1 with c1 -> infinity (or the reverse) fits points that are proportional: only their slope
+        # is determined, not c1 and c2 apart
+        "degenerate": fit.at_bound or not DEGENERATE_C2[0] < fit.c2 < DEGENERATE_C2[1],
         "points_used": len(usable),
     }
 
@@ -349,6 +356,10 @@ def analyse(
                             per_hour[unit] = point["equivalent"] * classes / (seconds * images / 3600)
                 row["protocols"][protocol] = {
                     **point,
+                    # the plain exchange rate: real images one generated image is worth
+                    "real_per_generated": (
+                        point["equivalent"] / (ratio * n_base) if point["equivalent"] is not None else None
+                    ),
                     "interval": boot,
                     "real_equivalents_per_cpu_hour": per_hour["cpu"],
                     "real_equivalents_per_gpu_hour": per_hour["gpu"],
@@ -467,17 +478,21 @@ def render_markdown(result: dict[str, Any]) -> str:
         lines += [
             "",
             "| method | ratio | steps | accuracy | equal epochs: gain | equal epochs: equivalent | "
-            "equal steps: gain | equal steps: equivalent | CPU s / image | real equivalents per CPU-hour "
-            "(epochs / steps) | FID | label agreement |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "equal steps: gain | equal steps: equivalent | real per generated image (epochs / steps) | "
+            "CPU s / image | real equivalents per CPU-hour (epochs / steps) | FID | label agreement |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for p in result["points"]:
             if (p["dataset"], p["n_base"]) != (dataset, n_base):
                 continue
             per_hour = " / ".join(_fmt(p["protocols"][proto]["real_equivalents_per_cpu_hour"]) for proto in PROTOCOLS)
+            if p["generated_on_gpu"]:
+                per_gpu_hour = (_fmt(p["protocols"][proto]["real_equivalents_per_gpu_hour"]) for proto in PROTOCOLS)
+                per_hour += " (per GPU-hour: " + " / ".join(per_gpu_hour) + ")"
+            per_generated = " / ".join(_fmt(p["protocols"][proto]["real_per_generated"]) for proto in PROTOCOLS)
             lines.append(
                 f"| {p['method']} | {p['ratio']} | {p['steps']} | {_acc(p)} | {_gain(p['protocols']['epochs'])} | "
-                f"{_equivalent(p['protocols']['epochs'])} | {_gain(p['protocols']['steps'])} | {_equivalent(p['protocols']['steps'])} | "
+                f"{_equivalent(p['protocols']['epochs'])} | {_gain(p['protocols']['steps'])} | {_equivalent(p['protocols']['steps'])} | {per_generated} | "
                 f"{_fmt(p['cpu_seconds_per_image'])} | {per_hour} | {_fmt(p['fid'])} | "
                 f"{_fmt(p['label_agreement'])} |"
             )
@@ -493,6 +508,8 @@ def render_markdown(result: dict[str, Any]) -> str:
                     cells.append(f"no fit: {fit['error']}")
                 else:
                     bound = f", c2 at a search bound {LOG_C2_BOUNDS_TEXT}" if fit["at_bound"] else ""
+                    if fit["degenerate"]:
+                        bound += "; degenerate: c1 and c2 are not determined apart, read the equivalents"
                     cells.append(
                         f"c2 = {_fmt(fit['c2'])}, c1^(n_base/k) = {_fmt(fit['factor'])} "
                         f"({fit['points_used']} points, rmse {fit['rmse']:.3f}{bound})"
