@@ -22,7 +22,10 @@ same seeds drawn for both arms). Per method and protocol, the closed-set paper's
 n_syn / n_base = c1^(n_base / k) (c2^(n_real_plus / n_base) - 1) is fitted where it can be, with the
 reason where it cannot. Cost: CPU and wall seconds of generation per image, the fits included and
 amortised over every image they served (the jobs that generated or fitted; a job that waited for another
-job's store costs nothing), and real-image equivalents per CPU-hour of generation.
+job's store costs nothing), and real-image equivalents per CPU-hour of generation. CPU seconds are the
+cost; wall seconds include a job's wait for a fit that another job was making beside it. A fit that several
+methods share (gif_ae and gif_ae_unguided reuse expansive_synthesis's autoencoder) is charged to the
+method whose job made it.
 
 Writes ``worth.md``, ``worth.json``, ``worth.csv``, ``worth.png`` (equivalent real images per class vs
 ratio per method, one panel per dataset, both protocols) and ``worth_cost.png`` (accuracy vs generation
@@ -436,7 +439,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         "Equivalent: extra real images per class (n_real_plus) that give the same accuracy on the monotone real "
         "curve of the same protocol, with a 95 % bootstrap interval over seeds; gain: points over the original "
         "(n_real_plus = 0) of the same protocol. Equal steps: the real arm trained exactly the optimizer steps of "
-        "the expanded set (train.steps_matched_to_ratio). Cost: generation CPU seconds per image, fits amortised. "
+        "the expanded set (train.steps_matched_to_ratio). Cost: generation CPU seconds per image, fits amortised "
+        "(a fit shared by several methods is charged to the one whose job made it; wall seconds include waits "
+        "for a fit another job was making). "
         f"Machine(s): {', '.join(result['machines'])}.",
         "",
     ]
