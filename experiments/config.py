@@ -3,7 +3,6 @@ method's settings defaults registered for the method configs to compose."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import yaml
@@ -95,9 +94,3 @@ def register_method_defaults(config_dir: Path = CONFIG_DIR) -> None:
 
 register_resolvers()
 register_method_defaults()
-
-#: the folder that holds our ``hydra_plugins`` namespace package (the grids sweeper): Hydra looks for
-#: sweepers there only
-PLUGIN_ROOT = str(PROJECT_ROOT / "experiments" / "plugins")
-if PLUGIN_ROOT not in sys.path:
-    sys.path.append(PLUGIN_ROOT)

@@ -1,7 +1,7 @@
 """Sweeps as a union of grids, and the identity of a job (the hash of its resolved config).
 
-``hydra/sweeper: grids`` (experiments/plugins/hydra_plugins/grids_sweeper: Hydra takes sweepers from
-the ``hydra_plugins`` namespace only; :mod:`experiments.config` puts its folder on the path) extends Hydra's basic sweeper: ``hydra.sweeper.params`` is
+``hydra/sweeper: grids`` (the package ``hydra_plugins.grids_sweeper``, installed from experiments/plugins:
+Hydra takes sweepers from the ``hydra_plugins`` namespace only) extends Hydra's basic sweeper: ``hydra.sweeper.params`` is
 crossed with each entry of ``hydra.sweeper.grids`` (itself a ``params`` mapping), the command line's
 overrides win over both, and a job that two grids both make runs once. So a sweep that is not one
 cartesian product (a real arm at a few sizes, methods at a few ratios) is one command::

@@ -1,6 +1,7 @@
 """The ``grids`` sweeper (``override /hydra/sweeper: grids``): Hydra's basic sweeper over a union of
-grids, :func:`experiments.sweeps.job_overrides`. It lives here because Hydra takes sweepers from the
-``hydra_plugins`` namespace only."""
+grids, :func:`experiments.sweeps.job_overrides`. Hydra takes sweepers from the ``hydra_plugins``
+namespace only: pyproject.toml installs this folder as ``hydra_plugins.grids_sweeper`` (importable in every
+process, a SLURM job's included, before any of our code runs)."""
 
 from dataclasses import dataclass, field
 from pathlib import Path
