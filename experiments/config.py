@@ -3,6 +3,7 @@ method's settings defaults registered for the method configs to compose."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import yaml
@@ -94,3 +95,10 @@ def register_method_defaults(config_dir: Path = CONFIG_DIR) -> None:
 
 register_resolvers()
 register_method_defaults()
+
+#: our hydra_plugins folder (the grids sweeper). The install makes ``hydra_plugins.grids_sweeper`` importable
+#: in any process (a SLURM job unpickles Hydra's plugin registry before our code runs), but an editable
+#: install maps it outside the folders that Hydra's plugin scan walks; on the path, the scan finds it
+PLUGIN_ROOT = str(PROJECT_ROOT / "experiments" / "plugins")
+if PLUGIN_ROOT not in sys.path:
+    sys.path.append(PLUGIN_ROOT)
