@@ -171,8 +171,6 @@ def read_point(
 ) -> dict[str, Any]:
     """Gain over the original and the equivalent n_real_plus of one synthetic point (``seed -> accuracy``) on
     one real curve; ``seeds``: a bootstrap draw (repeats allowed)."""
-    if 0 not in curve:
-        return {"status": "no_real_origin", "equivalent": None, "gain": None}
     xs, ys = _mean_curve(curve, seeds)
     values = _seed_values(synthetic, seeds)
     if not values or not xs or xs[0] != 0.0:
@@ -447,20 +445,6 @@ def render_markdown(result: dict[str, Any]) -> str:
     ]
     for dataset, n_base in sorted({(p["dataset"], p["n_base"]) for p in result["real_arm"] + result["points"]}):
         lines += [f"## {dataset}, n_base = {n_base} per class", "", "Real arm:", ""]
-        lines += [
-            "| extra real per class | equal epochs | "
-            + " | ".join(
-                f"{s} steps"
-                for s in sorted(
-                    {
-                        c["steps"]
-                        for c in result["real_arm"]
-                        if c["arm"] == "steps" and (c["dataset"], c["n_base"]) == (dataset, n_base)
-                    }
-                )
-            )
-            + " |"
-        ]
         step_budgets = sorted(
             {
                 c["steps"]
@@ -468,6 +452,7 @@ def render_markdown(result: dict[str, Any]) -> str:
                 if c["arm"] == "steps" and (c["dataset"], c["n_base"]) == (dataset, n_base)
             }
         )
+        lines.append("| extra real per class | equal epochs | " + " | ".join(f"{s} steps" for s in step_budgets) + " |")
         lines.append("|---|---|" + "---|" * len(step_budgets))
         for x in sorted(
             {c["added_per_class"] for c in result["real_arm"] if (c["dataset"], c["n_base"]) == (dataset, n_base)}

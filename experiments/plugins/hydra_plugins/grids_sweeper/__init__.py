@@ -4,12 +4,10 @@ namespace only: pyproject.toml installs this folder as ``hydra_plugins.grids_swe
 process, a SLURM job's included, before any of our code runs)."""
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Optional  # noqa: UP035  (OmegaConf reads these at runtime)
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
 
 from experiments.sweeps import job_overrides
 
@@ -30,23 +28,14 @@ class GridsSweeper(BasicSweeper):
         self.grids = [dict(g) for g in grids or []]
 
     def sweep(self, arguments: list[str]) -> Any:
-        jobs = job_overrides(self.params, self.grids, arguments, self.hydra_context.config_loader)
-        batch = self.max_batch_size or len(jobs)
-        self.overrides = [jobs[i : i + batch] for i in range(0, len(jobs), batch)]
-        # the basic sweeper's loop, over these batches
-        sweep_dir = Path(self.config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        returns, start = [], 0
-        while not self.is_done():
-            batch_jobs = self.get_job_batch()
-            self.validate_batch_is_legal(batch_jobs)
-            results = self.launcher.launch(batch_jobs, initial_job_idx=start)
-            for r in results:
-                _ = r.return_value
-            start += len(batch_jobs)
-            returns.append(results)
-        return returns
+        self._arguments = list(arguments)  # the command line's overrides, for split_arguments
+        return super().sweep(arguments)
+
+    def split_arguments(self, overrides: Any, max_batch_size: int | None) -> list[list[list[str]]]:
+        """The basic sweeper's job list (it calls this with params + command line parsed), as grids."""
+        jobs = job_overrides(self.params, self.grids, self._arguments, self.hydra_context.config_loader)
+        batch = max_batch_size or len(jobs)
+        return [jobs[i : i + batch] for i in range(0, len(jobs), batch)]
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="grids", node=GridsSweeperConf, provider="experiments")
