@@ -46,7 +46,7 @@ FORMAT_VERSION = 2
 FIT_FORMAT_VERSION = 1
 #: chunk-row keys of an image's size and digest (moved into meta.json when the store completes)
 _BYTES, _SHA256 = "_bytes", "_sha256"
-_FILE_NAME = re.compile(r"\d{7,}_\d{3,}\.png")
+FILE_NAME = re.compile(r"\d{7,}_\d{3,}\.png")
 REBUILD = "delete the store folder to regenerate it (or use another expansion_seed)"
 
 
@@ -323,7 +323,7 @@ class ExpansionStore:
                 raise StoreDamagedError(
                     f"store {self.root}: manifest.jsonl line {line_no} is corrupt ({exc.msg}); {REBUILD}"
                 ) from exc
-            if not isinstance(row, dict) or not _FILE_NAME.fullmatch(str(row.get("file", ""))):
+            if not isinstance(row, dict) or not FILE_NAME.fullmatch(str(row.get("file", ""))):
                 raise StoreDamagedError(
                     f"store {self.root}: manifest.jsonl line {line_no} names no image of this "
                     f"store ({row.get('file') if isinstance(row, dict) else row!r}); {REBUILD}"

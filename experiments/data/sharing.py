@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 
 from expansion.errors import ExpansionError
 from expansion.files import atomic_directory, canonical_json, content_key
-from expansion.store import ExpandedSet, ExpansionStore
+from expansion.store import FILE_NAME, ExpandedSet, ExpansionStore, image_name
 
 #: the machine-readable record of an exported set (beside the shards and the card)
 META_FILE = "expansion.json"
@@ -260,74 +261,348 @@ def missing_import(source: str) -> str | None:
     return missing(Weights("shared expanded set", source, "method.path", hub_files=(META_FILE,), repo_type="dataset"))
 
 
-def read_export(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[bytes]]:
-    """``(meta, manifest rows, PNG bytes)`` of an exported folder, every shard checked against its sha256."""
+#: the files an export writes: a shard's name in expansion.json must be one of these
+SHARD_NAME = re.compile(r"data/train-\d{5}-of-\d{5}\.parquet")
+_HEX = re.compile(r"[0-9a-f]+")
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass(frozen=True)
+class ShareMeta:
+    """``expansion.json`` of a shared set, every field checked (see :func:`read_share_meta`)."""
+
+    path: Path
+    store_key: str
+    payload: dict[str, Any]
+    ratio: int
+    num_images: int
+    shards: dict[str, str]
+    license: str | None
+
+    @property
+    def made_from(self) -> dict[str, Any]:
+        return self.payload["dataset"]
+
+    @property
+    def method(self) -> str:
+        return str(self.payload["method"]["method"])
+
+
+def _field(meta: Any, dotted: str, kind: type | tuple[type, ...], path: Path) -> Any:
+    """``meta[a][b]...`` for ``dotted = "a.b"``, of type ``kind``, else one line naming the field."""
+    value = meta
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise SharingError(
+            f"{path}: field {dotted} is {'missing' if value is None else f'{value!r:.60}'}, expected {names}; "
+            "the share is damaged or was not written by `make export`: fetch it again"
+        )
+    return value
+
+
+def share_root(folder: Path) -> Path:
+    """The folder a share's files must resolve inside: the share itself, or for a hub download (whose
+    files link into the repo cache's ``blobs/``) its repo cache folder."""
+    folder = Path(folder).resolve()
+    if folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir():
+        return folder.parent.parent
+    return folder
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """``folder/name`` for a file of the share, refused unless it resolves (symlinks followed) inside
+    :func:`share_root`."""
+    path = Path(folder) / name
+    resolved, root = path.resolve(), share_root(folder)
+    if not resolved.is_relative_to(root):
+        raise SharingError(
+            f"{path} resolves to {resolved}, outside the shared folder {root}: a share's files must lie inside it"
+        )
+    return path
+
+
+def read_share_meta(folder: Path) -> ShareMeta:
+    """``expansion.json`` parsed and checked field by field: every problem is one line naming the field."""
+    path = _inside(folder, META_FILE)
+    if not path.is_file():
+        raise SharingError(f"{folder} holds no {META_FILE}: not a set exported by `make export`")
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SharingError(f"{path} is not valid JSON ({exc}); fetch the share again") from None
+    if not isinstance(meta, dict):
+        raise SharingError(f"{path} holds {type(meta).__name__}, not an object; fetch the share again")
+    if meta.get("format") != EXPORT_FORMAT:
+        raise SharingError(f"{path}: export format {meta.get('format')!r}, this framework reads {EXPORT_FORMAT}")
+    key = _field(meta, "store.key", str, path)
+    if not _HEX.fullmatch(key):
+        raise SharingError(f"{path}: field store.key is {key!r:.60}, expected a hex content key")
+    payload = _field(meta, "store.payload", dict, path)
+    for name, kind in (
+        ("store.payload.dataset.name", str),
+        ("store.payload.dataset.train_fingerprint", str),
+        ("store.payload.dataset.class_names", list),
+        ("store.payload.method.method", str),
+        ("store.payload.seed", int),
+        ("store.payload.format_version", int),
+    ):
+        _field(meta, name, kind, path)
+    ratio, num_images = _field(meta, "store.ratio", int, path), _field(meta, "num_images", int, path)
+    if ratio < 1 or num_images < 1:
+        raise SharingError(f"{path}: store.ratio {ratio} and num_images {num_images} must be >= 1")
+    shards = _field(meta, "shards", dict, path)
+    if not shards:
+        raise SharingError(f"{path}: field shards is empty; the share holds no images")
+    for name, digest in shards.items():
+        if not SHARD_NAME.fullmatch(name):
+            raise SharingError(
+                f"{path}: shard name {name!r:.80} is not an exported shard's (data/train-NNNNN-of-NNNNN.parquet)"
+            )
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise SharingError(f"{path}: field shards.{name} is {digest!r:.60}, expected a sha256 hex digest")
+    license_ = meta.get("license")
+    if license_ is not None and not isinstance(license_, str):
+        raise SharingError(f"{path}: field license is {license_!r:.60}, expected a string or null")
+    return ShareMeta(path, key, payload, ratio, num_images, dict(shards), license_)
+
+
+def read_card(folder: Path, meta: ShareMeta) -> dict[str, Any]:
+    """The dataset card's YAML header (README.md), which must parse and agree with ``expansion.json`` on
+    the licence and the method (a card edited to say other than the data is refused)."""
+    import yaml
+
+    path = _inside(folder, "README.md")
+    if not path.is_file():
+        raise SharingError(f"{folder} holds no README.md (the dataset card): not a complete exported set")
+    text = path.read_text(errors="replace")
+    match = re.match(r"---\n(.*?)\n---\n", text, re.DOTALL)
+    if not match:
+        raise SharingError(f"{path}: no YAML header between --- lines; the dataset card is damaged")
+    try:
+        header = yaml.safe_load(match.group(1))
+    except yaml.YAMLError as exc:
+        raise SharingError(f"{path}: the YAML header does not parse ({str(exc).splitlines()[0]})") from None
+    if not isinstance(header, dict):
+        raise SharingError(f"{path}: the YAML header is {type(header).__name__}, not a mapping")
+    if header.get("license") != (meta.license or "other"):
+        raise SharingError(
+            f"{path}: license {header.get('license')!r} differs from {META_FILE}'s {meta.license!r}; "
+            "the card and the data disagree"
+        )
+    if meta.method not in (header.get("tags") or []):
+        raise SharingError(f"{path}: tags {header.get('tags')!r} do not name the method {meta.method!r} of {META_FILE}")
+    return header
+
+
+def check_png(data: Any, where: str) -> None:
+    """Bytes that decode as a PNG (L or RGB, within the decompression-bomb limit), else one line."""
+    import io
+
+    from PIL import Image
+
+    from experiments.data.datasets.core import MAX_IMAGE_PIXELS
+
+    if not isinstance(data, bytes) or not data.startswith(_PNG_MAGIC):
+        raise SharingError(f"{where}: the image bytes are not a PNG")
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise SharingError(
+                    f"{where}: a {image.width} x {image.height} image, more than max_image_pixels={MAX_IMAGE_PIXELS:,}"
+                )
+            if image.mode not in ("L", "RGB"):
+                raise SharingError(f"{where}: image mode {image.mode}, a store holds L or RGB images")
+            image.load()
+    except SharingError:
+        raise
+    except Exception as exc:
+        raise SharingError(f"{where}: the PNG does not decode ({type(exc).__name__}: {exc})") from None
+
+
+def check_rows(rows: list[dict[str, Any]], ratio: int, train_labels: Any, num_classes: int, where: str) -> None:
+    """Rows of a shared or imported set against the training split it claims to expand: every row names
+    its image by the store's own pattern (``PPPPPPP_CCC.png`` of its parent and copy), each (parent,
+    copy) of the split's parents x ``ratio`` copies exactly once, and a label equal to its parent's (every
+    method keeps its seed image's label)."""
+    import numpy as np
+
+    labels = np.asarray(train_labels, dtype=np.int64).reshape(-1)
+    seen: set[str] = set()
+    for i, row in enumerate(rows):
+        at = f"{where} row {i}"
+        if not isinstance(row, dict):
+            raise SharingError(f"{at}: a manifest row must be an object, got {type(row).__name__}")
+        parent, copy, label, name = row.get("parent"), row.get("copy"), row.get("label"), row.get("file")
+        for field_name, value in (("parent", parent), ("copy", copy), ("label", label)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise SharingError(f"{at}: field {field_name} is {value!r:.60}, expected an integer")
+        if not (0 <= parent < len(labels)) or not (0 <= copy < ratio):
+            raise SharingError(
+                f"{at}: parent {parent} / copy {copy} outside the training split's {len(labels)} images x ratio {ratio}"
+            )
+        if not isinstance(name, str) or not FILE_NAME.fullmatch(name) or name != image_name(parent, copy):
+            raise SharingError(f"{at}: file {name!r:.80} is not {image_name(parent, copy)} (the store's name for it)")
+        if name in seen:
+            raise SharingError(f"{at}: file {name} appears twice")
+        seen.add(name)
+        if not 0 <= label < num_classes:
+            raise SharingError(f"{at}: label {label} outside the {num_classes} classes 0..{num_classes - 1}")
+        if label != labels[parent]:
+            raise SharingError(
+                f"{at}: label {label} but its parent (training image {parent}) has label {labels[parent]}: "
+                "the set was relabelled"
+            )
+    if len(seen) != len(labels) * ratio:
+        raise SharingError(
+            f"{where}: {len(seen)} images, the training split's {len(labels)} images x {ratio} need {len(labels) * ratio}"
+        )
+
+
+def read_export(
+    folder: Path, data: Any | None = None, meta: ShareMeta | None = None
+) -> tuple[ShareMeta, list[dict[str, Any]], list[bytes]]:
+    """``(meta, manifest rows, PNG bytes)`` of an exported folder: every shard inside the folder and equal
+    to its sha256, every row's label column equal to its manifest row's, every image a PNG; with
+    ``data`` (the run's dataset) the rows are checked against its training split (:func:`check_rows`)."""
     import pyarrow.parquet as pq
 
-    meta_path = folder / META_FILE
-    if not meta_path.is_file():
-        raise SharingError(f"{folder} holds no {META_FILE}: not a set exported by `make export`")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != EXPORT_FORMAT:
-        raise SharingError(f"{meta_path}: export format {meta.get('format')!r}, this framework reads {EXPORT_FORMAT}")
+    meta = meta or read_share_meta(folder)
     rows: list[dict[str, Any]] = []
     images: list[bytes] = []
-    for name, digest in meta["shards"].items():
-        shard = folder / name
+    for name, digest in meta.shards.items():
+        shard = _inside(folder, name)
         if not shard.is_file() or _sha256(shard) != digest:
             raise SharingError(
                 f"shard {shard} is missing or damaged (its sha256 differs from {META_FILE}); fetch it again"
             )
-        table = pq.read_table(shard, columns=["image", "manifest_row"]).to_pydict()
-        rows += [json.loads(r) for r in table["manifest_row"]]
-        images += [image["bytes"] for image in table["image"]]
-    if len(rows) != meta["num_images"]:
-        raise SharingError(f"{folder}: {len(rows)} images in the shards, {META_FILE} says {meta['num_images']}")
+        try:
+            table = pq.read_table(shard, columns=["image", "label", "manifest_row"]).to_pydict()
+        except Exception as exc:
+            raise SharingError(
+                f"shard {shard} cannot be read as Parquet with columns image, label, manifest_row ({exc})".splitlines()[
+                    0
+                ]
+            ) from None
+        for i, (image, label, text) in enumerate(zip(table["image"], table["label"], table["manifest_row"])):
+            where = f"shard {shard} row {i}"
+            try:
+                row = json.loads(text)
+            except (TypeError, json.JSONDecodeError):
+                raise SharingError(f"{where}: manifest_row is not JSON") from None
+            if not isinstance(row, dict) or row.get("label") != label:
+                raise SharingError(f"{where}: the label column ({label}) and manifest_row disagree")
+            png = image.get("bytes") if isinstance(image, dict) else None
+            check_png(png, where)
+            rows.append(row)
+            images.append(png)
+    if len(rows) != meta.num_images:
+        raise SharingError(f"{folder}: {len(rows)} images in the shards, {META_FILE} says {meta.num_images}")
+    if data is not None:
+        check_rows(rows, meta.ratio, data.train.labels, data.num_classes, str(folder))
     return meta, rows, images
 
 
-def import_set(source: str, store_dir: Path, identity: dict[str, Any]):
-    """An exported set as a store folder under ``store_dir`` (written once per set, then reused); its
-    source must be the training split in use (same fingerprint and classes). Returns the engine's
-    :class:`~expansion.engine.ExpansionResult` and the set's ratio."""
-    from expansion.engine import ExpansionResult
-
-    start = time.perf_counter()
-    folder = fetch(source)
-    meta = json.loads((folder / META_FILE).read_text()) if (folder / META_FILE).is_file() else None
-    if meta is None:
-        read_export(folder)  # raises the clear error
-    made_from = meta["store"]["payload"]["dataset"]
-    if made_from["train_fingerprint"] != identity["train_fingerprint"] or list(made_from["class_names"]) != list(
-        identity["class_names"]
-    ):
+def _check_source(source: str, meta: ShareMeta, identity: dict[str, Any]) -> None:
+    made_from = meta.made_from
+    if made_from["train_fingerprint"] != identity["train_fingerprint"] or [
+        str(c) for c in made_from["class_names"]
+    ] != [str(c) for c in identity["class_names"]]:
         raise SharingError(
             f"method.path={source} was expanded from another training set: its source fingerprint is "
             f"{made_from['train_fingerprint']} ({made_from['name']}), this run's training split is "
             f"{identity['train_fingerprint']} ({identity['name']}); use the dataset settings it was made with"
         )
-    key = "imported-" + content_key({"store": meta["store"]["key"], "shards": meta["shards"]})
+
+
+def check_share(source: str, data: Any) -> ShareMeta:
+    """Everything :func:`import_set` checks before it writes anything (for the pre-flight too): the
+    share's record, card, shards, rows and images against the run's training split ``data``."""
+    folder = fetch(source)
+    meta = read_share_meta(folder)
+    read_card(folder, meta)
+    _check_source(source, meta, data.identity)
+    read_export(folder, data, meta)
+    return meta
+
+
+def import_set(source: str, store_dir: Path, data: Any, *, verify_digests: bool = True):
+    """An exported set as a store folder under ``store_dir`` (written once per set, then reused); its
+    source must be the training split in use (same fingerprint and classes). The copy is a complete store
+    with its digests: on reuse it is checked like one (a damaged copy is rebuilt from the share, with a
+    warning) and its rows against the split again. Returns the engine's
+    :class:`~expansion.engine.ExpansionResult`, the set's ratio and the method that made it."""
+    import logging
+
+    from expansion.engine import ExpansionResult
+
+    start = time.perf_counter()
+    folder = fetch(source)
+    meta = read_share_meta(folder)
+    read_card(folder, meta)
+    _check_source(source, meta, data.identity)
+    key = "imported-" + content_key({"store": meta.store_key, "shards": meta.shards})
     target = Path(store_dir) / key
+    store = ExpansionStore(target, key, meta.payload)
     reused = (target / IMPORTED_MARKER).is_file()
+    if reused:
+        try:
+            damaged = store.check(digests=verify_digests)
+            rows = store.read_rows()
+            check_rows(rows, meta.ratio, data.train.labels, data.num_classes, str(target / "manifest.jsonl"))
+        except (ExpansionError, OSError) as exc:
+            damaged = [{"file": "manifest.jsonl", "problem": str(exc).splitlines()[0]}]
+        if damaged:
+            logging.getLogger(__name__).warning(
+                "imported copy %s is damaged (%s: %s); rebuilding it from %s",
+                target,
+                damaged[0]["file"],
+                damaged[0].get("problem"),
+                source,
+            )
+            reused = False
     if not reused:
-        _, rows, images = read_export(folder)
-        with atomic_directory(target) as tmp:
-            (tmp / "images").mkdir()
-            for row, png in zip(rows, images):
-                (tmp / "images" / row["file"]).write_bytes(png)
-            (tmp / "manifest.jsonl").write_text("".join(canonical_json(r) + "\n" for r in rows))
-            (tmp / IMPORTED_MARKER).write_text(json.dumps({"source": source, "store_key": meta["store"]["key"]}))
-    rows = [json.loads(line) for line in (target / "manifest.jsonl").read_text().splitlines() if line]
-    store = ExpansionStore(target, key, meta["store"]["payload"])
+        _, rows, images = read_export(folder, data, meta)
+        write_imported_copy(target, meta, rows, images, source)
+    rows = store.read_rows()
     result = ExpansionResult(
         expanded=ExpandedSet(target, rows),
         store=store,
         generated_images=0,
         reused=reused,
         seconds=time.perf_counter() - start,
-        info={"imported_from": source, "original_store_key": meta["store"]["key"]},
+        info={"imported_from": source, "original_store_key": meta.store_key, "license": meta.license},
     )
-    return result, int(meta["store"]["ratio"]), meta["store"]["payload"]["method"]["method"]
+    return result, meta.ratio, meta.method
+
+
+def write_imported_copy(
+    target: Path, meta: ShareMeta, rows: list[dict[str, Any]], images: list[bytes], source: str
+) -> None:
+    """The checked rows and images as a complete store in ``target`` (built beside it, moved in whole):
+    file names come from :func:`check_rows`' pattern only, so nothing is written outside ``target``."""
+    from expansion.store import FORMAT_VERSION, digest_of
+
+    manifest = "".join(canonical_json(r) + "\n" for r in rows)
+    with atomic_directory(target) as tmp:
+        (tmp / "images").mkdir()
+        for row, png in zip(rows, images):
+            (tmp / "images" / image_name(row["parent"], row["copy"])).write_bytes(png)
+        (tmp / "manifest.jsonl").write_text(manifest)
+        store_meta = {
+            "key": target.name,
+            "format_version": FORMAT_VERSION,
+            "status": "complete",
+            "ratio": meta.ratio,
+            "payload": meta.payload,
+            "num_images": len(rows),
+            "num_parents": len({r["parent"] for r in rows}),
+            "manifest_sha256": digest_of(manifest.encode()),
+            "images": {image_name(r["parent"], r["copy"]): [len(p), digest_of(p)] for r, p in zip(rows, images)},
+        }
+        (tmp / "meta.json").write_text(json.dumps(store_meta, indent=1))
+        (tmp / IMPORTED_MARKER).write_text(json.dumps({"source": source, "store_key": meta.store_key}))
 
 
 def main(argv: list[str] | None = None) -> None:

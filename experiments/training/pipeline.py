@@ -480,7 +480,9 @@ def _run_job(cfg: DictConfig, job: Job, run_dir: Path, total_start: float) -> di
     if job.imported is not None:  # a shared set stands in for the expansion
         from experiments.data.sharing import import_set
 
-        imported, ratio, made_by = import_set(job.imported, Path(job.generation.store_dir), data.identity)
+        imported, ratio, made_by = import_set(
+            job.imported, Path(job.generation.store_dir), data, verify_digests=job.generation.verify == "digests"
+        )
         job.labels["method"] = f"imported({made_by})"
     elif expander is not None:
         ratio = expander.ratio

@@ -102,9 +102,9 @@ def method_weights(cfg: DictConfig, job: Any | None) -> list[Weights]:
     return [*expander.pretrained_weights(), *(extractor_weights(quality) if quality.enabled else [])]
 
 
-def check_data(cfg: DictConfig) -> str | None:
-    """One line when the dataset cannot be loaded (files missing or malformed, split impossible); a dataset
-    set to download its files is not missing."""
+def load_data(cfg: DictConfig) -> tuple[Any, str | None]:
+    """``(dataset, None)``, or ``(None, one line)`` when the dataset cannot be loaded (files missing or
+    malformed, split impossible); a dataset set to download its files is not missing."""
     from experiments.training.pipeline import configure_data_reading
 
     configure_data_reading(cfg)
@@ -113,12 +113,38 @@ def check_data(cfg: DictConfig) -> str | None:
     if downloads:
         dataset = OmegaConf.merge(dataset, {"download": False})
     try:
-        build_dataset(dataset)
+        return build_dataset(dataset), None
     except DatasetNotFoundError as exc:
-        return None if downloads else str(exc)
+        return None, None if downloads else str(exc)
     except (DatasetError, ExpansionError, ValueError) as exc:
-        return str(exc)
-    return None
+        return None, str(exc)
+
+
+def check_data(cfg: DictConfig) -> str | None:
+    """One line when the dataset cannot be loaded (see :func:`load_data`)."""
+    return load_data(cfg)[1]
+
+
+def check_job_data(job: Any, data: Any) -> list[str]:
+    """What the run itself checks once its dataset is loaded, checked here already: a shared set's
+    integrity and source (``method=imported``), and whether the expansion fits in memory."""
+    from experiments.training.pipeline import check_resources
+
+    problems = []
+    try:
+        check_resources(data, job.expander)
+    except (ExpansionError, DatasetError) as exc:
+        problems.append(str(exc).splitlines()[0])
+    if job.imported is not None:
+        from experiments.data.sharing import check_share, missing_import
+
+        if problem := missing_import(job.imported):
+            return [*problems, problem]
+        try:
+            check_share(job.imported, data)
+        except (ExpansionError, DatasetError, OSError) as exc:
+            problems.append(str(exc).splitlines()[0])
+    return problems
 
 
 def check_jobs(configs: Sequence[DictConfig], labels: Sequence[str]) -> Report:
@@ -127,7 +153,7 @@ def check_jobs(configs: Sequence[DictConfig], labels: Sequence[str]) -> Report:
     from experiments.training.pipeline import Job
 
     report = Report(jobs=list(labels))
-    data_seen: dict[str, str | None] = {}
+    data_seen: dict[str, tuple[Any, str | None]] = {}
     weights_seen: dict[Weights, str | None] = {}
     for index, cfg in enumerate(configs):
         try:
@@ -141,9 +167,13 @@ def check_jobs(configs: Sequence[DictConfig], labels: Sequence[str]) -> Report:
             report.add(index, f"dataset: {exc}".splitlines()[0])
         else:
             if key not in data_seen:
-                data_seen[key] = check_data(cfg)
-            if data_seen[key]:
-                report.add(index, data_seen[key])
+                data_seen[key] = load_data(cfg)
+            data, problem = data_seen[key]
+            if problem:
+                report.add(index, problem)
+            elif job is not None and data is not None:
+                for problem in check_job_data(job, data):
+                    report.add(index, problem)
         if job is not None and job.imported is not None:
             from experiments.data.sharing import missing_import
 
