@@ -40,10 +40,16 @@ def content_key(payload: Any) -> str:
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:KEY_LENGTH]
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    """The process's umask (reading it means setting it: done once, at import, before any thread runs;
+    a thread that read it later would give every file another thread creates meanwhile mode 0666)."""
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+#: the umask the files and folders written here follow (read once, at import)
+UMASK = _read_umask()
 
 
 def _fsync(path: Path) -> None:
@@ -63,7 +69,7 @@ def atomic_file(path: Path | str) -> Iterator[Path]:
     try:
         yield Path(tmp)
         _fsync(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -91,7 +97,7 @@ def atomic_directory(path: Path | str) -> Iterator[Path]:
     old = None
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~UMASK)
         if path.exists():  # os.replace cannot overwrite a non-empty folder: move it aside first
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + TMP_MARK + "old-"))
             os.replace(path, old / path.name)

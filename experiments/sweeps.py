@@ -13,7 +13,8 @@ cartesian product (a real arm at a few sizes, methods at a few ratios) is one co
           - {exchange: "real_0,real_1"}
           - {method: "cutout,gridmask", method.ratio: "1,2"}
 
-A job's identity is :func:`config_hash`: the hash of its resolved config less what does not change its
+A job's identity is :func:`config_hash` with the fingerprint of its data (:func:`data_fingerprint_of`):
+the hash of its resolved config less what does not change its
 results (where files live, progress bars, pre-flight, loggers, speed-only training settings), as dora
 does. Every ``metrics.json`` records it; a sweep job whose hash is already done under the sweep
 folder is skipped (``skip_done``), so re-running an interrupted sweep finishes where it stopped.
@@ -26,6 +27,7 @@ import itertools
 import json
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
@@ -98,17 +100,53 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def recorded_hash(job_dir: Path | str) -> str | None:
-    """The config hash of the finished job in ``job_dir`` (None: no readable metrics.json)."""
-    try:
-        return json.loads((Path(job_dir) / "metrics.json").read_text()).get("config_hash")
-    except (OSError, json.JSONDecodeError):
-        return None
+def data_fingerprint_of(cfg: DictConfig) -> Callable[[], str]:
+    """The fingerprint of the data a job trains and is tested on (every split's content; see
+    ``DatasetSplits.fingerprint``), computed on the first call only: a job's identity is its config hash
+    and this (a relabelled dataset is another job)."""
+    cached: list[str] = []
+
+    def fingerprint() -> str:
+        if not cached:
+            from experiments.data.datasets import build_dataset
+            from experiments.training.pipeline import configure_data_reading
+
+            configure_data_reading(cfg)
+            cached.append(build_dataset(cfg.dataset).fingerprint())
+        return cached[0]
+
+    return fingerprint
 
 
-def find_done(sweep_dir: Path | str, identity: str) -> Path | None:
-    """A ``metrics.json`` under ``sweep_dir`` of a finished job with this :func:`config_hash`."""
+def finished_record(
+    job_dir: Path | str, identity: str, data_fingerprint: Callable[[], str]
+) -> tuple[dict | None, str | None]:
+    """``(record, None)`` when ``job_dir`` holds this job's finished record (same config hash and data),
+    ``(record, what differs)`` when it holds another job's, ``(None, None)`` when it holds none (a cut
+    or damaged metrics.json is no record: the job runs again)."""
+    from experiments.jobs import read_record
+
+    record, _ = read_record(job_dir)
+    if record is None:
+        return None, None
+    if record["config_hash"] != identity:
+        return (
+            record,
+            f"holds another configuration's results (config hash {record['config_hash']}, this job's {identity})",
+        )
+    if record["data_fingerprint"] != data_fingerprint():
+        return record, (
+            f"holds results for other data (data fingerprint {record['data_fingerprint']}, the data now "
+            f"{data_fingerprint()}: the dataset's files or labels changed)"
+        )
+    return record, None
+
+
+def find_done(sweep_dir: Path | str, identity: str, data_fingerprint: Callable[[], str]) -> Path | None:
+    """A ``metrics.json`` under ``sweep_dir`` of a finished job with this :func:`config_hash` and data
+    (a cut or damaged record is not a finished job)."""
     for path in sorted(Path(sweep_dir).rglob("metrics.json")):
-        if recorded_hash(path.parent) == identity:  # a damaged record is not a finished job
+        record, problem = finished_record(path.parent, identity, data_fingerprint)
+        if record is not None and problem is None:
             return path
     return None

@@ -13,6 +13,7 @@ import argparse
 import csv
 import io
 import json
+import logging
 import math
 import re
 import statistics
@@ -26,6 +27,8 @@ from typing import Any
 import yaml
 
 from experiments.jobs import FAILURE_FILE, find_failures
+
+log = logging.getLogger(__name__)
 
 PAPER_NUMBERS_FILE = Path(__file__).with_name("paper_numbers.yaml")
 METRICS = ("test_acc_final", "test_acc_best_val", "test_acc_best_test")
@@ -56,16 +59,52 @@ def load_paper_numbers(path: Path = PAPER_NUMBERS_FILE) -> dict[str, Any]:
     return tables
 
 
-def find_runs(root: Path) -> list[dict[str, Any]]:
-    runs = []
+#: the fields a table needs of a run's record (a record without them is listed as damaged, not averaged)
+TABLE_FIELDS = {
+    "dataset": str,
+    "method": str,
+    "seed": int,
+    "test_acc_final": (int, float),
+    "test_acc_best_val": (int, float),
+}
+
+
+def scan_runs(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(runs, damaged)`` under ``root``: every readable ``metrics.json`` with the fields a table needs,
+    each job once (a copied job folder, i.e. the same config hash and data fingerprint found twice,
+    counts once: the first in folder order); and, shaped as failures, the records that are unreadable or
+    lack a field (named with what is wrong)."""
+    runs, damaged, seen = [], [], set()
     for path in sorted(Path(root).rglob("metrics.json")):
+        job = str(path.parent.relative_to(root))
         try:
             run = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"corrupt metrics file {path}: {exc}") from exc
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            damaged.append({"job": job, "type": "DamagedRecord", "error": f"metrics.json is unreadable ({exc})"})
+            continue
+        problem = None if isinstance(run, dict) else f"holds {type(run).__name__}, not an object"
+        for name, kind in TABLE_FIELDS.items() if problem is None else ():
+            value = run.get(name)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                problem = f"field {name} is {'missing' if value is None else repr(value)[:40]}"
+                break
+        if problem:
+            damaged.append({"job": job, "type": "DamagedRecord", "error": f"metrics.json: {problem}; rerun the job"})
+            continue
+        identity = (run.get("config_hash"), run.get("data_fingerprint"))
+        if run.get("config_hash") is not None:
+            if identity in seen:
+                log.warning("%s repeats a job already counted (config hash %s): counted once", path, identity[0])
+                continue
+            seen.add(identity)
         run["_path"] = str(path)
         runs.append(run)
-    return runs
+    return runs, damaged
+
+
+def find_runs(root: Path) -> list[dict[str, Any]]:
+    """The runs of :func:`scan_runs` (the damaged records left out)."""
+    return scan_runs(root)[0]
 
 
 @dataclass
@@ -381,8 +420,11 @@ def render_failures(failures: list[dict[str, Any]]) -> str:
 def aggregate(root: Path | str) -> tuple[Path, Path]:
     """Write ``results.csv`` and ``results.md`` into ``root`` (results.md also lists the failed jobs);
     returns their paths."""
+    from expansion.files import atomic_write_text
+
     root = Path(root)
-    runs, failures = find_runs(root), find_failures(root)
+    runs, damaged = scan_runs(root)
+    failures = find_failures(root) + damaged
     if not runs and not failures:
         raise FileNotFoundError(f"no metrics.json under {root}")
     paper = load_paper_numbers()
@@ -390,11 +432,12 @@ def aggregate(root: Path | str) -> tuple[Path, Path]:
     csv_path, md_path = root / "results.csv", root / "results.md"
     write_csv(cells, csv_path)
     failed = f", {len(failures)} failed" if failures else ""
-    md_path.write_text(
+    atomic_write_text(
+        md_path,
         f"# Results ({len(runs)} runs under {root}{failed})\n\n"
         + render_failures(failures)
         + (render_markdown(cells, paper) if cells else "")
-        + (render_quality_markdown(cells, paper) if has_quality(cells) else "")
+        + (render_quality_markdown(cells, paper) if has_quality(cells) else ""),
     )
     return csv_path, md_path
 
@@ -406,13 +449,19 @@ try:  # the Hydra callback that aggregates a multirun when it ends
         """Writes the sweep's results when it ends; a sweep with failed jobs then exits with status 1."""
 
         def on_multirun_end(self, config, **kwargs: Any) -> None:
+            # Hydra turns a callback's exception into a warning: a failed aggregation exits here, non-zero
             try:
                 _, md_path = aggregate(config.hydra.sweep.dir)
             except FileNotFoundError as exc:
                 print(f"aggregate: {exc}")
                 return
+            except Exception as exc:
+                print(
+                    f"error: the sweep's results could not be aggregated: {type(exc).__name__}: {exc}", file=sys.stderr
+                )
+                raise SystemExit(1) from None
             print(f"results: {md_path}\n" + md_path.read_text())
-            failures = find_failures(config.hydra.sweep.dir)
+            failures = find_failures(config.hydra.sweep.dir) + scan_runs(Path(config.hydra.sweep.dir))[1]
             if failures:
                 print(f"{len(failures)} job(s) of the sweep failed (listed in {md_path})", file=sys.stderr)
                 raise SystemExit(1)

@@ -19,7 +19,6 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from filelock import FileLock, Timeout
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -429,18 +428,15 @@ def _run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict[str, Any]:
 
 @contextmanager
 def exclusive_run_dir(run_dir: Path):
-    """One job at a time in a run dir (two would train into the same checkpoints): a second is refused."""
-    lock = FileLock(str(run_dir / ".run.lock"))
+    """One job at a time in a run dir (two would train into the same checkpoints): a second is refused
+    (run.py owns the folder already; ownership is re-entrant within a process)."""
+    from experiments.jobs import RunFolderBusy, own_run_folder
+
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise ExpansionError(
-            f"run dir {run_dir} is in use by another job; give each job its own hydra.run.dir"
-        ) from None
-    try:
-        yield
-    finally:
-        lock.release()
+        with own_run_folder(run_dir, wait=False):
+            yield
+    except RunFolderBusy as exc:
+        raise ExpansionError(str(exc)) from None
 
 
 def check_resources(data: DatasetSplits, expander: Expander | None) -> None:
@@ -471,7 +467,9 @@ def _run_job(cfg: DictConfig, job: Job, run_dir: Path, total_start: float) -> di
     # decode every split once, before any expansion or training: data that fits in memory stays
     # there, and an unreadable file fails now, with nothing generated
     configure_data_reading(cfg)
-    data = build_dataset(cfg.dataset).in_memory(tensor_dir=job.labels["tensor_dir"])
+    data = build_dataset(cfg.dataset)
+    data_fingerprint = data.fingerprint()  # with the config hash, the job's identity
+    data = data.in_memory(tensor_dir=job.labels["tensor_dir"])
     check_resources(data, job.expander)
     L.seed_everything(job.seed, workers=True, verbose=False)
     logger = make_logger(cfg, run_dir)
@@ -490,7 +488,8 @@ def _run_job(cfg: DictConfig, job: Job, run_dir: Path, total_start: float) -> di
     from experiments.sweeps import config_hash
 
     metrics: dict[str, Any] = {
-        "config_hash": config_hash(cfg),  # the job's identity: a sweep run again skips a job with a finished twin
+        "config_hash": config_hash(cfg),  # the job's identity, with data_fingerprint: a finished twin is not redone
+        "data_fingerprint": data_fingerprint,
         "table": job.labels["table"],
         "dataset": data.name,
         "dataset_source": data.identity["source"],  # how the splits were made (official, npz file, flat folder ...)

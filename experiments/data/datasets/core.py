@@ -336,6 +336,15 @@ class DatasetSplits:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def fingerprint(self) -> str:
+        """The data a job trains and is tested on: the identity (with the training split's content
+        fingerprint) and the val, test and extra real splits' content fingerprints, 16 hex characters."""
+        from expansion.files import content_key
+
+        extra = self.extra_train.fingerprint() if self.extra_train is not None else None
+        parts = {"identity": self.identity, "val": self.val.fingerprint(), "test": self.test.fingerprint()}
+        return content_key({**parts, "extra_real": extra})[:16]
+
     def sizes(self) -> dict[str, int]:
         sizes = {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
         if self.extra_train is not None:
