@@ -72,9 +72,9 @@ def _try_lock(path: Path, block: bool) -> int | None:
 def lock_holder(job_dir: Path | str) -> str:
     """Who owns a run folder, as its owner wrote it into the lock file (``host pid N``)."""
     try:
-        return (Path(job_dir) / LOCK_FILE).read_text().strip() or "another process"
+        return (Path(job_dir) / LOCK_FILE).read_text().strip() or "holder unknown"
     except OSError:
-        return "another process"
+        return "holder unknown"
 
 
 @contextmanager
@@ -93,7 +93,9 @@ def own_run_folder(job_dir: Path | str, *, wait: bool, on_wait: Callable[[str], 
     if fd is None:
         holder = lock_holder(job_dir)
         if not wait:
-            raise RunFolderBusy(f"run folder {job_dir} is in use by {holder}; give each job its own hydra.run.dir")
+            raise RunFolderBusy(
+                f"run folder {job_dir} is in use by another job ({holder}); give each job its own hydra.run.dir"
+            )
         if on_wait is not None:
             on_wait(holder)
         fd = _try_lock(path, block=True)

@@ -58,7 +58,7 @@ def test_a_job_refused_in_a_live_run_folder_deletes_and_writes_nothing(tmp_path)
         proc = _run_py(tmp_path, *FAST, "seed=7", f"hydra.run.dir={live}")
         after = _snapshot(live)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: run folder {live} is in use by ")
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: run folder {live} is in use by another job")
     assert after == before  # not deleted, no .hydra rewritten, no error.json, no line in its log
 
 
@@ -73,7 +73,9 @@ def test_a_finished_run_folder_is_never_rewritten(tmp_path):
     other = _run_py(tmp_path, *FAST, "method.ratio=1", "seed=7", f"hydra.run.dir={folder}")
     assert other.returncode == 2, other.stderr[-2000:]
     assert "holds another configuration's results" in other.stderr and "give this job its own folder" in other.stderr
-    assert _snapshot(folder, but=(".run.lock",)) == before  # .hydra/config.yaml still says seed 0, as metrics.json; no error.json
+    assert (
+        _snapshot(folder, but=(".run.lock",)) == before
+    )  # .hydra/config.yaml still says seed 0, as metrics.json; no error.json
 
     same = _run_py(tmp_path, *FAST, "method.ratio=1", f"hydra.run.dir={folder}")
     assert same.returncode == 0, same.stderr[-2000:]

@@ -4,8 +4,8 @@ and a smoke run of the training benchmark. No timing is asserted."""
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 
 import lightning as L
 import numpy as np
@@ -81,15 +81,18 @@ def test_store_is_decoded_once_then_loaded_from_the_cache(digits_store, tmp_path
     assert not list(tensors.glob("*.tmp-*"))
 
 
-def test_an_edited_store_image_changes_the_key(digits_store, tmp_path):
+def test_a_regenerated_store_image_changes_the_key(digits_store, tmp_path):
+    """The key follows the image digests the store records (and checks before reuse): a damaged image
+    the store regenerates is recorded anew, so its decode is another entry."""
+    from expansion.store import ExpansionStore, encode_png
+
     expanded, data = digits_store
     tensors = tmp_path / "tensors"
     before = load_expanded_images(expanded, data.channels, data.image_size, tensor_dir=tensors)
     key = cache_key(store_source(expanded), data.image_size, data.channels)[0]
-    victim = expanded.paths[5]
-    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(victim)
-    st = victim.stat()
-    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a rewrite within one clock tick still differs
+    meta = json.loads((expanded.root / "meta.json").read_text())
+    store = ExpansionStore(expanded.root, meta["key"], meta["payload"])
+    store.replace_images({expanded.rows[5]["file"]: encode_png(torch.full((1, 8, 8), 255, dtype=torch.uint8))})
     assert cache_key(store_source(expanded), data.image_size, data.channels)[0] != key
     after = load_expanded_images(expanded, data.channels, data.image_size, tensor_dir=tensors)
     assert (after[5] == 255).all() and not torch.equal(after[5], before[5])

@@ -8,16 +8,18 @@ cache off). The next run, or another classifier seed, loads that file instead.
 
 The key hashes what the tensor was decoded from and how:
 
-* a dataset split: the dataset name, the split name, the split's fingerprint (file names,
-  sizes and labels; subset indices) and every file's path, size and mtime;
+* a dataset split: the dataset name, the split name, the split's content fingerprint (every
+  file's bytes and label; subset indices) and every file's path, size, mtime, inode and ctime;
 * an expansion store: its key (dataset identity + method settings + seed), a digest of its
-  manifest rows and every image's name, size and mtime (a regenerated or edited store has
-  other files, so another key);
+  manifest rows and every image's sha256 as the store recorded it (the store checks its images
+  against those before it is reused, so the key follows the bytes: a regenerated image is
+  another key);
 * the target resolution, the channel count and :data:`FORMAT_VERSION`.
 
-Writes are atomic (a temporary file in the same folder, fsync, ``os.replace``); a reader
-sees no file or a whole one. Files are read with safetensors (never pickle). A cache file
-that cannot be read, or holds other shapes or labels than its key promises, is
+A cache file also carries the sha256 of the tensors it holds, checked on every load. Writes are
+atomic (a temporary file in the same folder, fsync, ``os.replace``); a reader sees no file or a
+whole one. Files are read with safetensors (never pickle). A cache file that cannot be read,
+holds other shapes or labels than its key promises, or other pixels than were written, is
 **rebuilt**: a warning names it, the images are decoded again and the file is replaced.
 """
 
@@ -40,7 +42,8 @@ from expansion.store import ExpandedSet
 log = logging.getLogger(__name__)
 
 #: bump when the layout of a cache file or the decoding it stands for changes
-FORMAT_VERSION = 1
+#: (2: store sources keyed by image digests; the file carries its tensors' digest)
+FORMAT_VERSION = 2
 
 
 def cache_key(source: Mapping[str, Any], resolution: int | None, channels: int) -> tuple[str, dict[str, Any]]:
@@ -55,11 +58,20 @@ def cache_key(source: Mapping[str, Any], resolution: int | None, channels: int) 
 
 
 def file_stats_digest(paths: Iterable[Path]) -> str:
-    """Digest of every file's path, size and modification time (a rewritten file changes it)."""
+    """Digest of every file's path, size, modification time, inode and change time: a rewritten or
+    replaced file changes it even when its size and mtime are put back (a user cannot set ctime)."""
     h = hashlib.sha256()
     for path in paths:
         st = os.stat(path)
-        h.update(f"{path}:{st.st_size}:{st.st_mtime_ns};".encode())
+        h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns};".encode())
+    return h.hexdigest()
+
+
+def tensors_digest(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """sha256 of the images' and labels' bytes (what a cache file promises to hold)."""
+    h = hashlib.sha256(str(tuple(images.shape)).encode())
+    h.update(images.contiguous().numpy().data)
+    h.update(labels.contiguous().numpy().data)
     return h.hexdigest()
 
 
@@ -76,14 +88,23 @@ def split_source(dataset_name: str, split_name: str, fingerprint: str, files: Se
 
 
 def store_source(expanded: ExpandedSet) -> dict[str, Any]:
-    """What a finished expansion store is keyed on (its folder name is the store key)."""
-    rows = content_key(expanded.rows)
+    """What a finished expansion store is keyed on (its folder name is the store key): its rows and its
+    images' sha256 as recorded in its meta.json (checked against the bytes before the store is reused;
+    a store without them has its images hashed here)."""
+    try:
+        recorded = json.loads((expanded.root / "meta.json").read_text()).get("images") or {}
+    except (OSError, json.JSONDecodeError):
+        recorded = {}
+    digests = []
+    for row, path in zip(expanded.rows, expanded.paths):
+        entry = recorded.get(row["file"])
+        digests.append(entry[1] if entry else hashlib.sha256(path.read_bytes()).hexdigest())
     return {
         "kind": "expansion_store",
         "store_key": expanded.root.name,
-        "manifest_rows": rows,
+        "manifest_rows": content_key(expanded.rows),
         "num_images": len(expanded),
-        "files": file_stats_digest(expanded.paths),
+        "image_digests": content_key(digests),
     }
 
 
@@ -126,7 +147,8 @@ class TensorCache:
             return None
         try:
             with safe_open(str(path), framework="pt") as fh:
-                stored_payload = json.loads((fh.metadata() or {}).get("payload", "null"))
+                metadata = fh.metadata() or {}
+                stored_payload = json.loads(metadata.get("payload", "null"))
                 images, stored_labels = fh.get_tensor("images"), fh.get_tensor("labels")
         except Exception as exc:
             log.warning(
@@ -143,6 +165,8 @@ class TensorCache:
             problem = "its labels differ from the source's"
         else:
             problem = _mismatch(images, labels, payload["resolution"], payload["channels"])
+        if problem is None and metadata.get("sha256") != tensors_digest(images, stored_labels):
+            problem = "its pixels are not the ones written (damaged or edited)"
         if problem:
             log.warning("decoded-image cache %s is stale (%s); decoding the images again", path, problem)
             return None
@@ -157,7 +181,7 @@ class TensorCache:
             save_file(
                 {"images": images.contiguous(), "labels": labels.contiguous()},
                 str(tmp),
-                metadata={"payload": canonical_json(payload)},
+                metadata={"payload": canonical_json(payload), "sha256": tensors_digest(images, labels)},
             )
         return path
 

@@ -9,6 +9,7 @@ batches stack and the expansion store and classifier see one resolution.
 from __future__ import annotations
 
 import hashlib
+import re
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -169,19 +170,21 @@ FINGERPRINT_CACHE: Path | None = None
 
 def content_fingerprint(paths: Sequence[Path], labels: np.ndarray) -> str:
     """sha256 over every file's bytes (streamed), its ``class folder/name`` and its label, 16 hex
-    characters. The result is cached under :data:`FINGERPRINT_CACHE` by the files' paths, sizes and
-    modification times: a later run re-reads nothing unless a file changed (a repaint in place at the
-    same size changes its mtime)."""
+    characters. The result is cached under :data:`FINGERPRINT_CACHE` by the files' paths, sizes,
+    modification times, inodes and change times: a later run re-reads nothing unless a file changed (an
+    edit at the same size with its mtime put back still changes its ctime, which no user can set)."""
     stats = hashlib.sha256(np.asarray(labels, dtype=np.int64).tobytes())
     for path in paths:
         try:
             st = os.stat(path)
         except OSError as exc:
             raise DatasetError(f"image {path} cannot be read: {exc}") from exc
-        stats.update(f"{path}:{st.st_size}:{st.st_mtime_ns};".encode())
+        stats.update(f"{path}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns};".encode())
     cached = None if FINGERPRINT_CACHE is None else Path(FINGERPRINT_CACHE) / f"{stats.hexdigest()[:32]}.txt"
     if cached is not None and cached.is_file():
-        return cached.read_text().strip()
+        text = cached.read_text(errors="replace").strip()
+        if re.fullmatch(r"[0-9a-f]{16}", text):
+            return text  # else damaged: computed again and rewritten
     h = hashlib.sha256()
     for path, label in zip(paths, labels):
         h.update(f"{path.parent.name}/{path.name}:{int(label)};".encode())
