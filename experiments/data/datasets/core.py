@@ -9,8 +9,8 @@ batches stack and the expansion store and classifier see one resolution.
 from __future__ import annotations
 
 import hashlib
-import re
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
