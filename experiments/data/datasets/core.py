@@ -393,3 +393,12 @@ class DatasetSplits:
                     f"dataset {self.name!r}: {split_name} labels span [{labels.min()}, {labels.max()}] "
                     f"but the dataset has {self.num_classes} classes"
                 )
+        counts = np.bincount(self.train.labels, minlength=self.num_classes)
+        absent = [self.class_names[i] for i in np.flatnonzero(counts == 0)]
+        if absent:
+            raise DatasetError(
+                f"dataset {self.name!r}: the training split has no image of {len(absent)} of its "
+                f"{self.num_classes} classes ({', '.join(absent[:5])}{', ...' if len(absent) > 5 else ''}); a "
+                "classifier cannot learn a class it never sees (and one seen class makes every prediction right): "
+                "add training images of them, or name only the classes the data has in dataset.class_names"
+            )
