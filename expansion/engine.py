@@ -77,11 +77,32 @@ class StoreWriter(BasePredictionWriter):
         self.store = store
         self.only = only
         self.replacements: dict[str, bytes] = {}
+        self.started: float | None = None
+        self.batches = 0
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self.started = time.perf_counter()
+
+    def _estimate(self, trainer, images: int) -> None:
+        """After the first batch: a rough time for the whole generation (the first batch's pace)."""
+        self.batches += 1
+        if self.batches != 1 or self.started is None:
+            return
+        seconds = time.perf_counter() - self.started
+        batches = sum(trainer.num_predict_batches) if trainer.num_predict_batches else 1
+        log.info(
+            "generation: the first of %d batches (%d images) took %.1f s; about %s for all",
+            batches,
+            images,
+            seconds,
+            _duration(seconds * batches),
+        )
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         output: ExpansionOutput = prediction["output"]
         images = output.images.detach().cpu()
         b, k = images.shape[:2]
+        self._estimate(trainer, b * k)
         if self.only is not None:
             for i in range(b):
                 for j in range(k):
@@ -103,6 +124,16 @@ class StoreWriter(BasePredictionWriter):
                     }
                 )
         self.store.write_batch(images.reshape(b * k, *images.shape[2:]), rows)
+
+
+def _duration(seconds: float) -> str:
+    return (
+        f"{seconds:.0f} s"
+        if seconds < 120
+        else f"{seconds / 60:.0f} min"
+        if seconds < 7200
+        else f"{seconds / 3600:.1f} h"
+    )
 
 
 def _round_float(value: Any) -> Any:
@@ -286,6 +317,15 @@ def expand_dataset(
 
 
 VERIFY_LEVELS = ("digests", "sizes")
+#: at most this many images per generation batch: a huge ratio gets fewer seeds per batch, so that a
+#: preemption (checked between batches) stops generation within one small batch
+MAX_IMAGES_PER_BATCH = 4096
+
+
+def seeds_per_batch(batch_size: int, ratio: int) -> int:
+    """``batch_size`` seeds, or fewer so that a batch holds at most :data:`MAX_IMAGES_PER_BATCH` images
+    (never fewer than one seed); the images do not depend on the batching (per-image seeds)."""
+    return max(1, min(int(batch_size), MAX_IMAGES_PER_BATCH // max(1, int(ratio))))
 
 
 @dataclass
@@ -323,7 +363,7 @@ class _Generation:
     def predict(self, parents: list[int], writer: StoreWriter, devices: int | None = None) -> L.Trainer:
         loader = DataLoader(
             SeedImages(self.train, parents),
-            batch_size=self.batch_size,
+            batch_size=seeds_per_batch(self.batch_size, self.expander.ratio),
             shuffle=False,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),

@@ -145,6 +145,10 @@ def hostile_cases(tmp: Path) -> dict[str, tuple]:
             lambda f: _edit_rows(f, _set_row(3, file="../../../site-packages/evil.pth", bytes=PTH_PAYLOAD)),
             r"the image bytes are not a PNG",
         ),
+        "damaged shard": (
+            lambda f: _shard(f).write_bytes(_shard(f).read_bytes()[:-100]),  # not re-signed: a transfer error
+            r"shard .* is missing or damaged \(its sha256 differs",
+        ),
         "not a png": (lambda f: _edit_rows(f, _set_row(2, bytes=b"GIF89a" + b"\0" * 40)), r"row 2: the image bytes"),
         "symlinked shard": (_symlinked_shard, r"resolves to .*elsewhere\.parquet, outside the shared folder"),
         "shard name outside": (
@@ -201,6 +205,15 @@ def test_a_hostile_share_is_refused_in_one_line_and_writes_nothing_outside_the_c
 
     report = preflight.check_jobs([_job(["dataset=digits", "method=imported", f"method.path={folder}"])], ["j"])
     assert any(caught.value.args[0] in p for p in report.problems), list(report.problems)
+
+
+def test_the_preflight_names_a_share_made_from_another_training_split(share):
+    exported, _ = share
+    from experiments.training import preflight
+
+    job = _job(["dataset=digits", "dataset.train_per_class=10", "method=imported", f"method.path={exported}"])
+    (problem,) = preflight.check_jobs([job], ["j"]).problems
+    assert "was expanded from another training set: its source fingerprint is" in problem
 
 
 def test_a_sound_share_passes_the_same_checks(share, tmp_path):

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from expansion.errors import ExpansionError
-from expansion.files import atomic_directory, canonical_json, content_key
+from expansion.files import TMP_MARK, atomic_directory, canonical_json, content_key
 from expansion.store import FILE_NAME, ExpandedSet, ExpansionStore, image_name
 
 #: the machine-readable record of an exported set (beside the shards and the card)
@@ -182,26 +182,54 @@ def export_store(store_root: Path, out: Path, run_dir: Path | None = None) -> Ex
     metrics = (
         json.loads((run_dir / "metrics.json").read_text()) if run_dir and (run_dir / "metrics.json").is_file() else {}
     )
-    with atomic_directory(out) as tmp:
-        (tmp / "data").mkdir()
-        shards = {}
-        for i in range(n_shards):
-            name = f"data/train-{i:05d}-of-{n_shards:05d}.parquet"
-            table.shard(n_shards, i, contiguous=True).to_parquet(str(tmp / name))
-            shards[name] = _sha256(tmp / name)
-        meta = {
-            "format": EXPORT_FORMAT,
-            "store": {"key": raw["key"], "payload": raw["payload"], "ratio": raw["ratio"]},
-            "num_images": len(rows),
-            "shards": shards,
-            "license": _licence(raw["payload"]["dataset"]["name"]),
-            "framework": {"version": version("dataset-expansion"), **git_state()},
-            "command": _command(run_dir),
-            "quality": metrics.get("quality"),
-        }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        (tmp / "README.md").write_text(dataset_card(meta))
+    remove_stale_temporaries(out)
+    try:
+        with atomic_directory(out) as tmp:
+            (tmp / "data").mkdir()
+            shards = {}
+            for i in range(n_shards):
+                name = f"data/train-{i:05d}-of-{n_shards:05d}.parquet"
+                table.shard(n_shards, i, contiguous=True).to_parquet(str(tmp / name))
+                shards[name] = _sha256(tmp / name)
+            meta = {
+                "format": EXPORT_FORMAT,
+                "store": {"key": raw["key"], "payload": raw["payload"], "ratio": raw["ratio"]},
+                "num_images": len(rows),
+                "shards": shards,
+                "license": _licence(raw["payload"]["dataset"]["name"]),
+                "framework": {"version": version("dataset-expansion"), **git_state()},
+                "command": _command(run_dir),
+                "quality": metrics.get("quality"),
+            }
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+            (tmp / "README.md").write_text(dataset_card(meta))
+    except OSError as exc:  # e.g. ENOSPC: the half-built folder is gone (atomic_directory), nothing is kept
+        raise SharingError(
+            f"writing the export to {out} failed ({exc.strerror or exc}); nothing was kept: free space "
+            f"on {out.parent} (or export elsewhere) and run it again"
+        ) from None
     return Exported(out, len(rows), n_shards, time.perf_counter() - start)
+
+
+#: a temporary export folder older than this was left by a killed export and is removed by the next one
+STALE_SECONDS = 3600
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove the ``<out>.tmp-*`` folders a killed export left beside ``out`` more than an hour ago (a
+    younger one may be another export at work); returns what was removed."""
+    import shutil
+
+    removed = []
+    for tmp in Path(out).parent.glob(f"{Path(out).name}{TMP_MARK}*"):
+        try:
+            old = time.time() - tmp.lstat().st_mtime > STALE_SECONDS
+        except FileNotFoundError:
+            continue
+        if old and tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
 
 
 def export(src: Path, out: Path) -> list[Exported]:

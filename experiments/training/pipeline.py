@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from expansion.base import Expander, ExpansionContext, ExpansionError
 from expansion.engine import VERIFY_LEVELS, ExpansionResult, expand_dataset
 from expansion.files import atomic_write_text
 from expansion.settings import from_mapping
+from expansion.store import ExpansionStore
 from experiments.analysis.quality import QualitySettings, quality_settings
 from experiments.data.datamodule import ExpansionDataModule, load_expanded_images
 from experiments.data.datasets import DatasetSplits, build_dataset
@@ -439,9 +441,11 @@ def exclusive_run_dir(run_dir: Path):
         raise ExpansionError(str(exc)) from None
 
 
-def check_resources(data: DatasetSplits, expander: Expander | None) -> None:
-    """Refuse an expansion whose images would not fit in this machine's memory once decoded for
-    training (e.g. method.ratio=1e9), with the numbers, before anything is generated."""
+def check_resources(data: DatasetSplits, job: Job) -> None:
+    """Refuse an expansion that would not fit, with the numbers, before anything is generated: its
+    images decoded for training in this machine's memory (e.g. method.ratio=1e9), and the store's files
+    on the disk of ``generation.store_dir`` (a complete store is reused and needs no room)."""
+    expander = job.expander
     if expander is None:
         return
     images = len(data.train) * expander.ratio
@@ -454,6 +458,38 @@ def check_resources(data: DatasetSplits, expander: Expander | None) -> None:
             f"{needed / 2**30:,.1f} GiB decoded for training, more than this machine's {memory / 2**30:,.1f} GiB "
             "of memory; lower method.ratio or dataset.train_per_class"
         )
+    store = ExpansionStore.at(job.generation.store_dir, data.identity, expander.signature(), job.expansion_seed)
+    if store.is_complete():
+        return
+    disk = store_disk_estimate(images, expander, data.channels, side)
+    folder = Path(job.generation.store_dir)
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if disk > free:
+        raise ExpansionError(
+            f"method.ratio={expander.ratio} would write {images:,} images, about {disk / 2**30:,.1f} GiB in "
+            f"{job.generation.store_dir}, which has {free / 2**30:,.1f} GiB free; lower method.ratio or "
+            "point paths.cache_dir at a larger disk"
+        )
+    log.info(
+        "expansion: %s images to store, about %.2f GiB on disk (%.1f GiB free)",
+        f"{images:,}",
+        disk / 2**30,
+        free / 2**30,
+    )
+
+
+def store_disk_estimate(images: int, expander: Expander, channels: int, side: int) -> int:
+    """Rough bytes a store of ``images`` takes: each PNG at most its raw pixels (+ headers), in whole
+    4 KiB blocks, plus its manifest row and digest (~300 bytes). A generator with its own resolution
+    (e.g. Stable Diffusion's 512 px) writes RGB images of that side."""
+    resolution = getattr(getattr(expander, "settings", None), "resolution", None)
+    if resolution:
+        channels, side = 3, int(resolution)
+    block = 4096
+    per_image = -(-(channels * side * side + 200) // block) * block + 300
+    return images * per_image
 
 
 def configure_data_reading(cfg: DictConfig) -> None:
@@ -470,7 +506,7 @@ def _run_job(cfg: DictConfig, job: Job, run_dir: Path, total_start: float) -> di
     data = build_dataset(cfg.dataset)
     data_fingerprint = data.fingerprint()  # with the config hash, the job's identity
     data = data.in_memory(tensor_dir=job.labels["tensor_dir"])
-    check_resources(data, job.expander)
+    check_resources(data, job)
     L.seed_everything(job.seed, workers=True, verbose=False)
     logger = make_logger(cfg, run_dir)
     expander, include_original = job.expander, job.train.include_original

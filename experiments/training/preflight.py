@@ -125,6 +125,29 @@ def check_data(cfg: DictConfig) -> str | None:
     return load_data(cfg)[1]
 
 
+#: the most unreadable or oversized images named one by one (the rest are counted)
+MAX_IMAGES_NAMED = 20
+
+
+def image_problems(data: Any) -> list[str]:
+    """Every image file of the train, val, test and extra real splits that reading would refuse,
+    from its header alone (unreadable, or over the decompression-bomb limit): all at once, not one per
+    run."""
+    from experiments.data.datasets.core import check_image_header
+
+    problems, seen = [], set()
+    for split in (data.train, data.val, data.test, data.extra_train):
+        for path in (split.source_files() if split is not None else None) or []:
+            if path not in seen:
+                seen.add(path)
+                if problem := check_image_header(path):
+                    problems.append(problem)
+    if len(problems) > MAX_IMAGES_NAMED:
+        more = len(problems) - MAX_IMAGES_NAMED
+        problems = [*problems[:MAX_IMAGES_NAMED], f"... and {more} more unreadable or oversized images"]
+    return problems
+
+
 def check_job_data(job: Any, data: Any) -> list[str]:
     """What the run itself checks once its dataset is loaded, checked here already: a shared set's
     integrity and source (``method=imported``), and whether the expansion fits in memory."""
@@ -132,7 +155,7 @@ def check_job_data(job: Any, data: Any) -> list[str]:
 
     problems = []
     try:
-        check_resources(data, job.expander)
+        check_resources(data, job)
     except (ExpansionError, DatasetError) as exc:
         problems.append(str(exc).splitlines()[0])
     if job.imported is not None:
@@ -153,7 +176,7 @@ def check_jobs(configs: Sequence[DictConfig], labels: Sequence[str]) -> Report:
     from experiments.training.pipeline import Job
 
     report = Report(jobs=list(labels))
-    data_seen: dict[str, tuple[Any, str | None]] = {}
+    data_seen: dict[str, tuple[Any, list[str]]] = {}
     weights_seen: dict[Weights, str | None] = {}
     for index, cfg in enumerate(configs):
         try:
@@ -167,11 +190,12 @@ def check_jobs(configs: Sequence[DictConfig], labels: Sequence[str]) -> Report:
             report.add(index, f"dataset: {exc}".splitlines()[0])
         else:
             if key not in data_seen:
-                data_seen[key] = load_data(cfg)
-            data, problem = data_seen[key]
-            if problem:
+                data, problem = load_data(cfg)
+                data_seen[key] = (data, [problem] if problem else image_problems(data) if data is not None else [])
+            data, problems = data_seen[key]
+            for problem in problems:
                 report.add(index, problem)
-            elif job is not None and data is not None:
+            if not problems and job is not None and data is not None:
                 for problem in check_job_data(job, data):
                     report.add(index, problem)
         if job is not None and job.imported is not None:

@@ -217,11 +217,38 @@ def set_max_image_pixels(pixels: int | None) -> None:
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 
-def _bomb(path: Path, detail: str) -> DatasetError:
+def _bomb(path: Path, pixels: int | None, detail: str) -> DatasetError:
+    """The one line for an image over the limit, with a limit that would admit it (the next million
+    above its size, at least 4x the current limit)."""
+    suggested = max(4 * MAX_IMAGE_PIXELS, -(-(pixels or 0) // 10**6) * 10**6)
     return DatasetError(
         f"image {path} is larger than the decompression-bomb limit of {MAX_IMAGE_PIXELS:,} pixels ({detail}); if "
-        f"the file is genuine, raise the limit, e.g. max_image_pixels={4 * MAX_IMAGE_PIXELS}"
+        f"the file is genuine, raise the limit, e.g. max_image_pixels={suggested}"
     )
+
+
+def _bomb_pixels(exc: Exception) -> int | None:
+    """The pixel count PIL names in its DecompressionBombError ("Image size (N pixels) exceeds ...")."""
+    match = re.search(r"\((\d+) pixels\)", str(exc))
+    return int(match.group(1)) if match else None
+
+
+def check_image_header(path: Path) -> str | None:
+    """What reading ``path`` would refuse, from its header alone (no decoding): None, or one line
+    (unreadable, or a decompression bomb); for the pre-flight."""
+    try:
+        with Image.open(path) as img:
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                return str(
+                    _bomb(
+                        path, img.width * img.height, f"{img.width} x {img.height} = {img.width * img.height:,} pixels"
+                    )
+                )
+    except Image.DecompressionBombError as exc:
+        return str(_bomb(path, _bomb_pixels(exc), str(exc).split(",")[0]))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        return f"unreadable image {path}: {exc}"
+    return None
 
 
 def read_image(path: Path, channels: int) -> torch.Tensor:
@@ -230,7 +257,9 @@ def read_image(path: Path, channels: int) -> torch.Tensor:
     try:
         with Image.open(path) as img:
             if img.width * img.height > MAX_IMAGE_PIXELS:
-                raise _bomb(path, f"{img.width} x {img.height} = {img.width * img.height:,} pixels")
+                raise _bomb(
+                    path, img.width * img.height, f"{img.width} x {img.height} = {img.width * img.height:,} pixels"
+                )
             img.load()
             if img.mode in WIDE_MODES:  # PIL's convert would clip every value above 255 to white
                 raise DatasetError(
@@ -240,7 +269,7 @@ def read_image(path: Path, channels: int) -> torch.Tensor:
             img = img.convert("L" if channels == 1 else "RGB")
             array = np.asarray(img, dtype=np.uint8)
     except Image.DecompressionBombError as exc:  # PIL refuses at open (more than twice its limit)
-        raise _bomb(path, str(exc).split(",")[0]) from exc
+        raise _bomb(path, _bomb_pixels(exc), str(exc).split(",")[0]) from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise DatasetError(f"unreadable image {path}: {exc}") from exc
     tensor = torch.from_numpy(array.copy())
