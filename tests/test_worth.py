@@ -12,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from experiments.analysis import worth
-from experiments.sweeps import config_hash, job_overrides
+from experiments.sweeps import config_hash, data_fingerprint_of, job_overrides
 from experiments.training.checkpoints import CheckpointError
 from experiments.training.pipeline import run
 from experiments.training.settings import TrainSettings, optimizer_budget, steps_per_epoch
@@ -108,14 +108,18 @@ def test_config_hash_is_the_result_identity():
 def test_a_sweep_run_again_skips_finished_jobs_and_finishes_the_rest(tmp_path):
     sweep = tmp_path / "sweep"
     job = ["dataset=digits", "train.epochs=1", "logger=none", "quality.enabled=false"]
-    # a finished job of the interrupted sweep: its metrics.json carries the hash the job computes for itself
+    # a finished job of the interrupted sweep: its metrics.json carries the hash and the data fingerprint the
+    # job computes for itself
     done = sweep / "finished_before" / "metrics.json"
     done.parent.mkdir(parents=True)
+    original = _cfg([*job, "method=original"])
     record = json.dumps(
         {
-            "config_hash": config_hash(_cfg([*job, "method=original"])),
+            "config_hash": config_hash(original),
+            "data_fingerprint": data_fingerprint_of(original)(),
             **{"table": None, "dataset": "digits", "method": "original", "classifier": "small_cnn", "ratio": 0},
             **{"train_data": "original", "seed": 0, "test_acc_final": 50.0, "test_acc_best_val": 50.0},
+            "total_seconds": 1.0,
         }
     )
     done.write_text(record)
