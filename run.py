@@ -43,17 +43,16 @@ def main(cfg: DictConfig) -> None:
     # the folder is this job's before anything is read or written in it: a second job in a live folder
     # is refused (a sweep's job waits for it, then finds its work done); Hydra writes nothing there itself
     # (hydra.output_subdir is null: the owner writes .hydra/)
-    try:
-        owner = own_run_folder(job_dir, wait=multirun, on_wait=lambda who: _waiting(hydra_cfg, job_dir, who))
-        owner.__enter__()
-    except RunFolderBusy as exc:
-        _detach_file_logs()  # not a line into the owner's log
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    try:
+    with contextlib.ExitStack() as owned:
+        try:
+            owned.enter_context(
+                own_run_folder(job_dir, wait=multirun, on_wait=lambda who: _waiting(hydra_cfg, job_dir, who))
+            )
+        except RunFolderBusy as exc:
+            _detach_file_logs()  # not a line into the owner's log
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
         _run_owned(cfg, hydra_cfg, job_dir, log_file, multirun)
-    finally:
-        owner.__exit__(None, None, None)
 
 
 def _run_owned(cfg: DictConfig, hydra_cfg, job_dir: Path, log_file: str, multirun: bool) -> None:

@@ -69,6 +69,16 @@ def _try_lock(path: Path, block: bool) -> int | None:
         path.parent.mkdir(parents=True, exist_ok=True)
 
 
+def process_rank() -> int:
+    """This process's rank in a multi-process job (``RANK``, else ``SLURM_PROCID``, else ``LOCAL_RANK``;
+    0 for a plain process)."""
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        value = os.environ.get(name)
+        if value is not None and value.strip().isdigit():
+            return int(value)
+    return 0
+
+
 def lock_holder(job_dir: Path | str) -> str:
     """Who owns a run folder, as its owner wrote it into the lock file (``host pid N``)."""
     try:
@@ -86,6 +96,13 @@ def own_run_folder(job_dir: Path | str, *, wait: bool, on_wait: Callable[[str], 
     job_dir = Path(job_dir).resolve()
     if job_dir in _OWNED:
         yield
+        return
+    if process_rank() != 0:  # a DDP rank of the job whose rank 0 owns the folder: it shares it
+        _OWNED[job_dir] = -1
+        try:
+            yield
+        finally:
+            del _OWNED[job_dir]
         return
     job_dir.mkdir(parents=True, exist_ok=True)
     path = job_dir / LOCK_FILE

@@ -205,3 +205,20 @@ def test_the_data_fingerprint_is_part_of_a_jobs_identity(tmp_path):
     after = data_fingerprint_of(job)()
     assert after != before and config_hash(job) == config_hash(job)
     assert find_done(tmp_path / "sweep", config_hash(job), data_fingerprint_of(job)) is None  # rerun, not skipped
+
+
+def test_the_other_ranks_of_a_multi_process_job_share_rank_0s_folder(tmp_path, monkeypatch):
+    from experiments.jobs import RunFolderBusy, own_run_folder, owns
+
+    folder = tmp_path / "ddp"
+    # this process owns it; another open of the lock file sees it locked, as another process would
+    with own_run_folder(folder, wait=False), open(folder / ".run.lock", "a+") as other, pytest.raises(BlockingIOError):
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    with open(folder / ".run.lock", "a+") as rank0:
+        fcntl.flock(rank0, fcntl.LOCK_EX | fcntl.LOCK_NB)  # rank 0 of the job, in another process
+        with own_run_folder(folder, wait=False):  # rank 1 joins it instead of being refused
+            assert owns(folder)
+        monkeypatch.setenv("SLURM_PROCID", "0")
+        with pytest.raises(RunFolderBusy, match="is in use by another job"), own_run_folder(folder, wait=False):
+            pass
