@@ -67,3 +67,11 @@ def compose(overrides: list[str] | None = None, config_name: str = "config"):
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=overrides or [], return_hydra_config=True)
+
+
+def job_config(overrides: list[str] | None = None):
+    """A job's config as run.py hands it to the pipeline: composed, without the ``hydra`` node."""
+    from omegaconf import OmegaConf
+
+    cfg = compose(overrides)
+    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])

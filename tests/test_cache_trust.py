@@ -10,7 +10,6 @@ import os
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -18,12 +17,11 @@ from safetensors.torch import save_file
 from experiments.data.datamodule import load_expanded_images
 from experiments.data.datasets import build_dataset, core
 from experiments.training.pipeline import Job, run_expansion
-from tests.conftest import compose
+from tests.conftest import compose, job_config
 
 
 def _cfg(overrides):
-    cfg = compose(overrides)
-    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return job_config(overrides)
 
 
 def test_a_tensor_cache_file_with_edited_pixels_is_rebuilt(tmp_path, caplog):

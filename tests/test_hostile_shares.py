@@ -16,20 +16,18 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from omegaconf import OmegaConf
 
 from experiments.data import sharing
 from experiments.data.datasets import build_dataset
 from experiments.data.sharing import SharingError
 from experiments.training.pipeline import run
-from tests.conftest import compose
+from tests.conftest import compose, job_config
 
 FAST = ["train.epochs=2", "quality.enabled=false", "logger=none", "train.compare_original=false"]
 
 
 def _job(overrides):
-    cfg = compose(overrides + FAST)
-    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return job_config(overrides + FAST)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import PROJECT_ROOT, compose
+from tests.conftest import PROJECT_ROOT, job_config
 
 FAST = ["train.epochs=1", "quality.enabled=false", "logger=none", "train.compare_original=false"]
 
@@ -194,8 +194,7 @@ def test_the_data_fingerprint_is_part_of_a_jobs_identity(tmp_path):
     from experiments.sweeps import config_hash, data_fingerprint_of, find_done
 
     overrides = _npz_dataset(tmp_path / "toy.npz")
-    cfg = compose(overrides + FAST)
-    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    job = job_config(overrides + FAST)
     before = data_fingerprint_of(job)()
     _write(tmp_path / "sweep" / "0_job", _record(config_hash=config_hash(job), data_fingerprint=before))
     assert find_done(tmp_path / "sweep", config_hash(job), data_fingerprint_of(job)) is not None

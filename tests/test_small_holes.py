@@ -27,14 +27,13 @@ from experiments.data.sharing import SharingError
 from experiments.training import preflight
 from experiments.training.pipeline import Job, run, run_expansion
 from experiments.training.preemption import EXIT_PREEMPTED, preemptible
-from tests.conftest import compose
+from tests.conftest import job_config
 
 FAST = ["train.epochs=1", "quality.enabled=false", "logger=none", "train.compare_original=false"]
 
 
 def _cfg(overrides):
-    cfg = compose(FAST + overrides)
-    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return job_config(FAST + overrides)
 
 
 def _png_header(width: int, height: int) -> bytes:
