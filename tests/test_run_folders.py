@@ -102,6 +102,20 @@ def test_two_copies_of_one_sweep_at_once_run_every_job_once_and_both_exit_0(tmp_
     assert "2 runs under" in (sweep / "results.md").read_text()
 
 
+def test_a_sweep_job_whose_folder_holds_another_configuration_is_refused_and_listed(tmp_path):
+    sweep = tmp_path / "sweep"
+    folder = sweep / "0_digits_randaugment_small_cnn_s0"  # where job 0 of the sweep below runs
+    _write(folder, _record(config_hash="f" * 16))
+    before = _snapshot(folder, but=(".run.lock",))  # whoever holds the lock notes itself in it
+    proc = _run_py(tmp_path, "-m", *FAST, "method.ratio=1", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 1, proc.stderr[-2000:]  # a sweep with a refused job exits non-zero
+    assert _snapshot(folder, but=(".run.lock",)) == before  # not a byte written there, no log either
+    (refusal,) = (sweep / "refused").glob("0_*/error.json")
+    error = json.loads(refusal.read_text())
+    assert "holds another configuration's results (config hash ffffffffffffffff" in error["error"]
+    assert "## Failed jobs (1)" in (sweep / "results.md").read_text()
+
+
 # -- sweep bookkeeping from the record ----------------------------------------------------------------------
 
 
