@@ -62,6 +62,12 @@ def test_a_label_outside_the_declared_classes_is_refused(tmp_path):
         _load(path, "dataset.class_names=[a,b,c]")
 
 
+def test_classes_without_training_images_can_be_accepted_explicitly(tmp_path):
+    path = _npz(tmp_path / "three.npz", TRAIN, [0, 1, 2])
+    data = _load(path, "dataset.class_names=[a,b,c,d]", "dataset.allow_classes_without_training_images=true")
+    assert data.num_classes == 4
+
+
 def test_a_sound_set_loads(tmp_path):
     data = _load(_npz(tmp_path / "ok.npz", TRAIN, [0, 1, 2, 2]))
     assert data.num_classes == 3 and sorted(set(data.train.labels.tolist())) == [0, 1, 2]

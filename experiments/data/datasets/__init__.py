@@ -172,5 +172,5 @@ def build_dataset(cfg: Mapping[str, Any]) -> DatasetSplits:
         extra_train=extra,
         unused_train=pool if pool is not None and len(pool) else None,
     )
-    splits.check_labels()
+    splits.check_labels(allow_absent_classes=bool(cfg.get("allow_classes_without_training_images", False)))
     return splits

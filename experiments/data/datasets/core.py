@@ -411,7 +411,9 @@ class DatasetSplits:
             extra_train=extra,
         )
 
-    def check_labels(self) -> None:
+    def check_labels(self, *, allow_absent_classes: bool = False) -> None:
+        """Every split's labels within the classes, and (unless ``allow_absent_classes``) every class
+        with at least one training image."""
         for split_name in ("train", "val", "test", "extra_train"):
             split = getattr(self, split_name)
             if split is None:
@@ -424,10 +426,11 @@ class DatasetSplits:
                 )
         counts = np.bincount(self.train.labels, minlength=self.num_classes)
         absent = [self.class_names[i] for i in np.flatnonzero(counts == 0)]
-        if absent:
+        if absent and not allow_absent_classes:
             raise DatasetError(
                 f"dataset {self.name!r}: the training split has no image of {len(absent)} of its "
                 f"{self.num_classes} classes ({', '.join(absent[:5])}{', ...' if len(absent) > 5 else ''}); a "
                 "classifier cannot learn a class it never sees (and one seen class makes every prediction right): "
-                "add training images of them, or name only the classes the data has in dataset.class_names"
+                "add training images of them, name only the classes the data has in dataset.class_names, or "
+                "accept it with dataset.allow_classes_without_training_images=true"
             )
