@@ -101,6 +101,22 @@ def test_a_store_that_cannot_fit_on_disk_is_refused_before_generating(tmp_path, 
     assert any("would write 20,000,000 images" in p for p in report.problems)
 
 
+def test_the_disk_estimate_follows_the_stored_side():
+    """A generator stores at its output_size (GIF-SD: 256 px), else at its resolution, else the dataset's
+    side; at least one 4 KiB block per image."""
+    from types import SimpleNamespace
+
+    from experiments.training.pipeline import store_disk_estimate
+
+    def gif(output_size, resolution=512):
+        return SimpleNamespace(settings=SimpleNamespace(output_size=output_size, resolution=resolution))
+
+    per_image = 3 * 256 * 256 // 2  # half the raw pixels, in whole blocks, + 300 bytes of manifest and digest
+    assert store_disk_estimate(10, gif(256), 3, 32) == 10 * (-(-per_image // 4096) * 4096 + 300)
+    assert store_disk_estimate(10, gif(None), 3, 32) == 10 * (-(-(3 * 512 * 512 // 2) // 4096) * 4096 + 300)
+    assert store_disk_estimate(10, SimpleNamespace(), 1, 8) == 10 * (4096 + 300)
+
+
 def test_a_huge_ratio_is_generated_in_small_batches():
     assert seeds_per_batch(64, 5) == 64
     assert seeds_per_batch(64, 1000) == MAX_IMAGES_PER_BATCH // 1000

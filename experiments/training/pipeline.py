@@ -481,14 +481,15 @@ def check_resources(data: DatasetSplits, job: Job) -> None:
 
 
 def store_disk_estimate(images: int, expander: Expander, channels: int, side: int) -> int:
-    """Rough bytes a store of ``images`` takes: each PNG at most its raw pixels (+ headers), in whole
-    4 KiB blocks, plus its manifest row and digest (~300 bytes). A generator with its own resolution
-    (e.g. Stable Diffusion's 512 px) writes RGB images of that side."""
-    resolution = getattr(getattr(expander, "settings", None), "resolution", None)
-    if resolution:
-        channels, side = 3, int(resolution)
+    """Rough bytes a store of ``images`` takes, on the low side (a refusal must not stop a store that
+    would fit): each PNG half its raw pixels (generated images rarely compress better at PNG's level 1),
+    in whole 4 KiB blocks, plus its manifest row and digest (~300 bytes). Images are stored with the
+    dataset's channels at the method's ``output_size``, else its generator ``resolution``, else the
+    dataset's side."""
+    settings = getattr(expander, "settings", None)
+    side = getattr(settings, "output_size", None) or getattr(settings, "resolution", None) or side
     block = 4096
-    per_image = -(-(channels * side * side + 200) // block) * block + 300
+    per_image = max(1, -(-(channels * int(side) ** 2 // 2) // block)) * block + 300
     return images * per_image
 
 
