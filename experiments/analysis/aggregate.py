@@ -409,7 +409,10 @@ def render_failures(failures: list[dict[str, Any]]) -> str:
     if not failures:
         return ""
     out = io.StringIO()
-    out.write(f"## Failed jobs ({len(failures)})\n\nEach job folder holds its `{FAILURE_FILE}`.\n\n")
+    out.write(
+        f"## Failed jobs ({len(failures)})\n\nEach job folder holds its `{FAILURE_FILE}` (a DamagedRecord: its "
+        "unusable metrics.json; a job refused in another configuration's folder: under `refused/`).\n\n"
+    )
     out.write("| job | overrides | error |\n|---|---|---|\n")
     for f in failures:
         error = f"{f.get('type', '?')}: {f.get('error', '')}".replace("|", "\\|")
