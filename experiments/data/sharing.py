@@ -425,7 +425,8 @@ def read_card(folder: Path, meta: ShareMeta) -> dict[str, Any]:
 
 
 def check_png(data: Any, where: str) -> None:
-    """Bytes that decode as a PNG (L or RGB, within the decompression-bomb limit), else one line."""
+    """Bytes that are a whole PNG (signature, header, every chunk's CRC; L or RGB; within the
+    decompression-bomb limit), else one line."""
     import io
 
     from PIL import Image
@@ -442,7 +443,7 @@ def check_png(data: Any, where: str) -> None:
                 )
             if image.mode not in ("L", "RGB"):
                 raise SharingError(f"{where}: image mode {image.mode}, a store holds L or RGB images")
-            image.load()
+            image.verify()  # every chunk's CRC, without decoding the pixels (training decodes them later)
     except SharingError:
         raise
     except Exception as exc:
