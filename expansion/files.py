@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,17 @@ def canonical_json(payload: Any) -> str:
 def content_key(payload: Any) -> str:
     """``sha256(canonical_json(payload))``, :data:`KEY_LENGTH` hex characters."""
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:KEY_LENGTH]
+
+
+def file_stats_digest(paths: Iterable[Path | str]) -> str:
+    """sha256 of every file's path, size, modification time, inode and change time: what keys a cache of
+    something computed from the files' bytes. A rewritten or replaced file changes it even when its size
+    and mtime are put back (no user can set ctime). Raises OSError (with ``filename``) for a missing file."""
+    h = hashlib.sha256()
+    for path in paths:
+        st = os.stat(path)
+        h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns};".encode())
+    return h.hexdigest()
 
 
 def _read_umask() -> int:

@@ -98,6 +98,21 @@ def image_name(parent: int, copy: int) -> str:
     return f"{parent:07d}_{copy:03d}.png"
 
 
+def complete_meta(
+    meta: Mapping[str, Any], rows: list[dict[str, Any]], manifest: str, images: Mapping[str, list]
+) -> dict[str, Any]:
+    """``meta`` (key, format version, ratio, payload) marked complete, with what :meth:`ExpansionStore.check`
+    verifies on reuse: the manifest's digest and row count, and every image's ``[size, sha256]``."""
+    return {
+        **meta,
+        "status": "complete",
+        "num_images": len(rows),
+        "num_parents": len({r["parent"] for r in rows}),
+        "manifest_sha256": digest_of(manifest.encode()),
+        "images": dict(images),
+    }
+
+
 @dataclass
 class ExpandedSet:
     """A finished store, read back: the manifest rows and the image folder."""
@@ -290,14 +305,7 @@ class ExpansionStore:
         images = {r["file"]: [r.pop(_BYTES), r.pop(_SHA256)] for r in rows}
         manifest = "".join(canonical_json(r) + "\n" for r in rows)
         atomic_write_text(self.manifest_path, manifest)
-        meta = self.read_meta() or {}
-        meta.update(
-            status="complete",
-            num_images=len(rows),
-            num_parents=len(expected),
-            manifest_sha256=digest_of(manifest.encode()),
-            images=images,
-        )
+        meta = complete_meta(self.read_meta() or {}, rows, manifest, images)
         atomic_write_text(self.meta_path, json.dumps(meta, indent=1, default=str))
         self.remove_obsolete_chunks()
 

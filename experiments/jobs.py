@@ -148,11 +148,12 @@ def save_job_config(job_dir: Path | str, task_cfg: Any) -> None:
         atomic_write_text(folder / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task))
 
 
-def record_problem(record: Any) -> str | None:
-    """Why a parsed ``metrics.json`` is not a finished job's record (None: it is)."""
+def record_problem(record: Any, fields: dict[str, type | tuple[type, ...]] = RECORD_FIELDS) -> str | None:
+    """Why a parsed ``metrics.json`` lacks ``fields`` (by default: is not a finished job's record);
+    None when it has them all, of their types."""
     if not isinstance(record, dict):
         return f"holds {type(record).__name__}, not an object"
-    for name, kind in RECORD_FIELDS.items():
+    for name, kind in fields.items():
         value = record.get(name)
         if value is None:
             return f"field {name} is missing"
@@ -161,18 +162,20 @@ def record_problem(record: Any) -> str | None:
     return None
 
 
-def read_record(job_dir: Path | str) -> tuple[dict[str, Any] | None, str | None]:
-    """``(record, None)`` for a folder with a complete, valid ``metrics.json``; ``(None, why not)``
-    otherwise (``why`` is None when there is no record at all)."""
+def read_record(
+    job_dir: Path | str, fields: dict[str, type | tuple[type, ...]] = RECORD_FIELDS
+) -> tuple[dict[str, Any] | None, str | None]:
+    """``(record, None)`` for a folder whose ``metrics.json`` has ``fields`` (by default: a complete,
+    valid record); ``(None, why not)`` otherwise (``why`` is None when there is no record at all)."""
     path = Path(job_dir) / RECORD_FILE
     try:
         record = json.loads(path.read_text())
     except FileNotFoundError:
         return None, None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return None, f"{path} is unreadable ({type(exc).__name__})"
-    problem = record_problem(record)
-    return (None, f"{path}: {problem}") if problem else (record, None)
+        return None, f"{path.name} is unreadable ({type(exc).__name__})"
+    problem = record_problem(record, fields)
+    return (None, f"{path.name}: {problem}") if problem else (record, None)
 
 
 def one_line(exc: BaseException) -> str:

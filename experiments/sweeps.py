@@ -22,6 +22,7 @@ folder is skipped (``skip_done``), so re-running an interrupted sweep finishes w
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -104,16 +105,14 @@ def data_fingerprint_of(cfg: DictConfig) -> Callable[[], str]:
     """The fingerprint of the data a job trains and is tested on (every split's content; see
     ``DatasetSplits.fingerprint``), computed on the first call only: a job's identity is its config hash
     and this (a relabelled dataset is another job)."""
-    cached: list[str] = []
 
+    @functools.cache
     def fingerprint() -> str:
-        if not cached:
-            from experiments.data.datasets import build_dataset
-            from experiments.training.pipeline import configure_data_reading
+        from experiments.data.datasets import build_dataset
+        from experiments.training.pipeline import configure_data_reading
 
-            configure_data_reading(cfg)
-            cached.append(build_dataset(cfg.dataset).fingerprint())
-        return cached[0]
+        configure_data_reading(cfg)
+        return build_dataset(cfg.dataset).fingerprint()
 
     return fingerprint
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import logging
 import math
 import re
@@ -26,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from experiments.jobs import FAILURE_FILE, find_failures
+from experiments.jobs import FAILURE_FILE, RECORD_FILE, find_failures, read_record
 
 log = logging.getLogger(__name__)
 
@@ -75,24 +74,14 @@ def scan_runs(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     counts once: the first in folder order); and, shaped as failures, the records that are unreadable or
     lack a field (named with what is wrong)."""
     runs, damaged, seen = [], [], set()
-    for path in sorted(Path(root).rglob("metrics.json")):
-        job = str(path.parent.relative_to(root))
-        try:
-            run = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            damaged.append({"job": job, "type": "DamagedRecord", "error": f"metrics.json is unreadable ({exc})"})
-            continue
-        problem = None if isinstance(run, dict) else f"holds {type(run).__name__}, not an object"
-        for name, kind in TABLE_FIELDS.items() if problem is None else ():
-            value = run.get(name)
-            if not isinstance(value, kind) or isinstance(value, bool):
-                problem = f"field {name} is {'missing' if value is None else repr(value)[:40]}"
-                break
-        if problem:
-            damaged.append({"job": job, "type": "DamagedRecord", "error": f"metrics.json: {problem}; rerun the job"})
+    for path in sorted(Path(root).rglob(RECORD_FILE)):
+        run, problem = read_record(path.parent, TABLE_FIELDS)
+        if run is None:
+            job = str(path.parent.relative_to(root))
+            damaged.append({"job": job, "type": "DamagedRecord", "error": f"{problem}; rerun the job"})
             continue
         identity = (run.get("config_hash"), run.get("data_fingerprint"))
-        if run.get("config_hash") is not None:
+        if identity[0] is not None:
             if identity in seen:
                 log.warning("%s repeats a job already counted (config hash %s): counted once", path, identity[0])
                 continue
@@ -100,6 +89,11 @@ def scan_runs(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         run["_path"] = str(path)
         runs.append(run)
     return runs, damaged
+
+
+def sweep_failures(root: Path | str) -> list[dict[str, Any]]:
+    """The failed jobs under ``root``: those that filed an error.json, and the damaged records."""
+    return find_failures(root) + scan_runs(Path(root))[1]
 
 
 def find_runs(root: Path) -> list[dict[str, Any]]:
@@ -427,7 +421,7 @@ def aggregate(root: Path | str) -> tuple[Path, Path]:
 
     root = Path(root)
     runs, damaged = scan_runs(root)
-    failures = find_failures(root) + damaged
+    failures = find_failures(root) + damaged  # sweep_failures, with the runs scanned once
     if not runs and not failures:
         raise FileNotFoundError(f"no metrics.json under {root}")
     paper = load_paper_numbers()
@@ -464,7 +458,7 @@ try:  # the Hydra callback that aggregates a multirun when it ends
                 )
                 raise SystemExit(1) from None
             print(f"results: {md_path}\n" + md_path.read_text())
-            failures = find_failures(config.hydra.sweep.dir) + scan_runs(Path(config.hydra.sweep.dir))[1]
+            failures = sweep_failures(config.hydra.sweep.dir)
             if failures:
                 print(f"{len(failures)} job(s) of the sweep failed (listed in {md_path})", file=sys.stderr)
                 raise SystemExit(1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from typing import Any
 from expansion.errors import ExpansionError
 from expansion.files import TMP_MARK, atomic_directory, canonical_json, content_key
 from expansion.store import FILE_NAME, ExpandedSet, ExpansionStore, image_name
+
+log = logging.getLogger(__name__)
 
 #: the machine-readable record of an exported set (beside the shards and the card)
 META_FILE = "expansion.json"
@@ -509,10 +512,9 @@ def read_export(
         try:
             table = pq.read_table(shard, columns=["image", "label", "manifest_row"]).to_pydict()
         except Exception as exc:
+            cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise SharingError(
-                f"shard {shard} cannot be read as Parquet with columns image, label, manifest_row ({exc})".splitlines()[
-                    0
-                ]
+                f"shard {shard} cannot be read as Parquet with image, label, manifest_row ({cause})"
             ) from None
         for i, (image, label, text) in enumerate(zip(table["image"], table["label"], table["manifest_row"])):
             where = f"shard {shard} row {i}"
@@ -545,13 +547,20 @@ def _check_source(source: str, meta: ShareMeta, identity: dict[str, Any]) -> Non
         )
 
 
-def check_share(source: str, data: Any) -> ShareMeta:
-    """Everything :func:`import_set` checks before it writes anything (for the pre-flight too): the
-    share's record, card, shards, rows and images against the run's training split ``data``."""
+def open_share(source: str, data: Any) -> tuple[Path, ShareMeta]:
+    """The share's folder and its checked record: expansion.json, the card, and its source (the run's
+    training split ``data``: same fingerprint and classes)."""
     folder = fetch(source)
     meta = read_share_meta(folder)
     read_card(folder, meta)
     _check_source(source, meta, data.identity)
+    return folder, meta
+
+
+def check_share(source: str, data: Any) -> ShareMeta:
+    """Everything :func:`import_set` checks before it writes anything (for the pre-flight too): the
+    share's record, card, shards, rows and images against the run's training split ``data``."""
+    folder, meta = open_share(source, data)
     read_export(folder, data, meta)
     return meta
 
@@ -562,15 +571,10 @@ def import_set(source: str, store_dir: Path, data: Any, *, verify_digests: bool 
     with its digests: on reuse it is checked like one (a damaged copy is rebuilt from the share, with a
     warning) and its rows against the split again. Returns the engine's
     :class:`~expansion.engine.ExpansionResult`, the set's ratio and the method that made it."""
-    import logging
-
     from expansion.engine import ExpansionResult
 
     start = time.perf_counter()
-    folder = fetch(source)
-    meta = read_share_meta(folder)
-    read_card(folder, meta)
-    _check_source(source, meta, data.identity)
+    folder, meta = open_share(source, data)
     key = "imported-" + content_key({"store": meta.store_key, "shards": meta.shards})
     target = Path(store_dir) / key
     store = ExpansionStore(target, key, meta.payload)
@@ -583,7 +587,7 @@ def import_set(source: str, store_dir: Path, data: Any, *, verify_digests: bool 
         except (ExpansionError, OSError) as exc:
             damaged = [{"file": "manifest.jsonl", "problem": str(exc).splitlines()[0]}]
         if damaged:
-            logging.getLogger(__name__).warning(
+            log.warning(
                 "imported copy %s is damaged (%s: %s); rebuilding it from %s",
                 target,
                 damaged[0]["file"],
@@ -594,7 +598,6 @@ def import_set(source: str, store_dir: Path, data: Any, *, verify_digests: bool 
     if not reused:
         _, rows, images = read_export(folder, data, meta)
         write_imported_copy(target, meta, rows, images, source)
-    rows = store.read_rows()
     result = ExpansionResult(
         expanded=ExpandedSet(target, rows),
         store=store,
@@ -609,27 +612,20 @@ def import_set(source: str, store_dir: Path, data: Any, *, verify_digests: bool 
 def write_imported_copy(
     target: Path, meta: ShareMeta, rows: list[dict[str, Any]], images: list[bytes], source: str
 ) -> None:
-    """The checked rows and images as a complete store in ``target`` (built beside it, moved in whole):
-    file names come from :func:`check_rows`' pattern only, so nothing is written outside ``target``."""
-    from expansion.store import FORMAT_VERSION, digest_of
+    """The checked rows and images as a complete store in ``target`` (built beside it, moved in whole),
+    with the digests a store's reuse check reads; file names come from :func:`check_rows`' pattern only,
+    so nothing is written outside ``target``."""
+    from expansion.store import FORMAT_VERSION, complete_meta, digest_of
 
+    names = [image_name(r["parent"], r["copy"]) for r in rows]
     manifest = "".join(canonical_json(r) + "\n" for r in rows)
+    head = {"key": target.name, "format_version": FORMAT_VERSION, "ratio": meta.ratio, "payload": meta.payload}
+    store_meta = complete_meta(head, rows, manifest, {n: [len(p), digest_of(p)] for n, p in zip(names, images)})
     with atomic_directory(target) as tmp:
         (tmp / "images").mkdir()
-        for row, png in zip(rows, images):
-            (tmp / "images" / image_name(row["parent"], row["copy"])).write_bytes(png)
+        for name, png in zip(names, images):
+            (tmp / "images" / name).write_bytes(png)
         (tmp / "manifest.jsonl").write_text(manifest)
-        store_meta = {
-            "key": target.name,
-            "format_version": FORMAT_VERSION,
-            "status": "complete",
-            "ratio": meta.ratio,
-            "payload": meta.payload,
-            "num_images": len(rows),
-            "num_parents": len({r["parent"] for r in rows}),
-            "manifest_sha256": digest_of(manifest.encode()),
-            "images": {image_name(r["parent"], r["copy"]): [len(p), digest_of(p)] for r, p in zip(rows, images)},
-        }
         (tmp / "meta.json").write_text(json.dumps(store_meta, indent=1))
         (tmp / IMPORTED_MARKER).write_text(json.dumps({"source": source, "store_key": meta.store_key}))
 

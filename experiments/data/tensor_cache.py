@@ -28,15 +28,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from expansion.files import atomic_file, canonical_json, content_key
+from expansion.files import atomic_file, canonical_json, content_key, file_stats_digest
 from expansion.store import ExpandedSet
 
 log = logging.getLogger(__name__)
@@ -55,16 +54,6 @@ def cache_key(source: Mapping[str, Any], resolution: int | None, channels: int) 
         "channels": int(channels),
     }
     return content_key(payload), payload
-
-
-def file_stats_digest(paths: Iterable[Path]) -> str:
-    """Digest of every file's path, size, modification time, inode and change time: a rewritten or
-    replaced file changes it even when its size and mtime are put back (a user cannot set ctime)."""
-    h = hashlib.sha256()
-    for path in paths:
-        st = os.stat(path)
-        h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns};".encode())
-    return h.hexdigest()
 
 
 def tensors_digest(images: torch.Tensor, labels: torch.Tensor) -> str:

@@ -148,9 +148,10 @@ def image_problems(data: Any) -> list[str]:
     return problems
 
 
-def check_job_data(job: Any, data: Any) -> list[str]:
-    """What the run itself checks once its dataset is loaded, checked here already: a shared set's
-    integrity and source (``method=imported``), and whether the expansion fits in memory."""
+def check_job_data(job: Any, data: Any, *, share_present: bool) -> list[str]:
+    """What the run itself checks once its dataset is loaded, checked here already: whether the
+    expansion fits in memory and on disk, and a shared set's integrity and source (``method=imported``,
+    when ``share_present``)."""
     from experiments.training.pipeline import check_resources
 
     problems = []
@@ -158,11 +159,9 @@ def check_job_data(job: Any, data: Any) -> list[str]:
         check_resources(data, job)
     except (ExpansionError, DatasetError) as exc:
         problems.append(str(exc).splitlines()[0])
-    if job.imported is not None:
-        from experiments.data.sharing import check_share, missing_import
+    if job.imported is not None and share_present:
+        from experiments.data.sharing import check_share
 
-        if problem := missing_import(job.imported):
-            return [*problems, problem]
         try:
             check_share(job.imported, data)
         except (ExpansionError, DatasetError, OSError) as exc:
@@ -184,6 +183,12 @@ def check_jobs(configs: Sequence[DictConfig], labels: Sequence[str]) -> Report:
         except (ExpansionError, DatasetError, ValueError) as exc:
             report.add(index, str(exc).splitlines()[0])
             job = None
+        share_missing = None
+        if job is not None and job.imported is not None:
+            from experiments.data.sharing import missing_import
+
+            if share_missing := missing_import(job.imported):
+                report.add(index, share_missing)
         try:
             key = json.dumps(OmegaConf.to_container(cfg.dataset, resolve=True), sort_keys=True, default=str)
         except Exception as exc:  # an unset mandatory value, a bad interpolation
@@ -196,13 +201,8 @@ def check_jobs(configs: Sequence[DictConfig], labels: Sequence[str]) -> Report:
             for problem in problems:
                 report.add(index, problem)
             if not problems and job is not None and data is not None:
-                for problem in check_job_data(job, data):
+                for problem in check_job_data(job, data, share_present=share_missing is None):
                     report.add(index, problem)
-        if job is not None and job.imported is not None:
-            from experiments.data.sharing import missing_import
-
-            if problem := missing_import(job.imported):
-                report.add(index, problem)
         for weights in method_weights(cfg, job):
             if weights not in weights_seen:
                 weights_seen[weights] = missing(weights)

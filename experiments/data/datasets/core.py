@@ -9,9 +9,9 @@ batches stack and the expansion store and classifier see one resolution.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,13 +173,13 @@ def content_fingerprint(paths: Sequence[Path], labels: np.ndarray) -> str:
     characters. The result is cached under :data:`FINGERPRINT_CACHE` by the files' paths, sizes,
     modification times, inodes and change times: a later run re-reads nothing unless a file changed (an
     edit at the same size with its mtime put back still changes its ctime, which no user can set)."""
+    from expansion.files import file_stats_digest
+
     stats = hashlib.sha256(np.asarray(labels, dtype=np.int64).tobytes())
-    for path in paths:
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            raise DatasetError(f"image {path} cannot be read: {exc}") from exc
-        stats.update(f"{path}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns};".encode())
+    try:
+        stats.update(file_stats_digest(paths).encode())
+    except OSError as exc:
+        raise DatasetError(f"image {exc.filename} cannot be read: {exc}") from exc
     cached = None if FINGERPRINT_CACHE is None else Path(FINGERPRINT_CACHE) / f"{stats.hexdigest()[:32]}.txt"
     if cached is not None and cached.is_file():
         text = cached.read_text(errors="replace").strip()
@@ -233,45 +233,44 @@ def _bomb_pixels(exc: Exception) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def check_image_header(path: Path) -> str | None:
-    """What reading ``path`` would refuse, from its header alone (no decoding): None, or one line
-    (unreadable, or a decompression bomb); for the pre-flight."""
+@contextmanager
+def opened_image(path: Path) -> Iterator[Image.Image]:
+    """``path`` opened (header read, pixels not yet decoded) and refused before decoding when it is larger
+    than :data:`MAX_IMAGE_PIXELS` (a decompression bomb); a failure here or in the block (decoding) is a
+    :class:`DatasetError` naming the file."""
     try:
         with Image.open(path) as img:
-            if img.width * img.height > MAX_IMAGE_PIXELS:
-                return str(
-                    _bomb(
-                        path, img.width * img.height, f"{img.width} x {img.height} = {img.width * img.height:,} pixels"
-                    )
-                )
-    except Image.DecompressionBombError as exc:
-        return str(_bomb(path, _bomb_pixels(exc), str(exc).split(",")[0]))
+            pixels = img.width * img.height
+            if pixels > MAX_IMAGE_PIXELS:
+                raise _bomb(path, pixels, f"{img.width} x {img.height} = {pixels:,} pixels")
+            yield img
+    except Image.DecompressionBombError as exc:  # PIL refuses at open (more than twice its limit)
+        raise _bomb(path, _bomb_pixels(exc), str(exc).split(",")[0]) from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        return f"unreadable image {path}: {exc}"
-    return None
+        raise DatasetError(f"unreadable image {path}: {exc}") from exc
+
+
+def check_image_header(path: Path) -> str | None:
+    """What reading ``path`` would refuse, from its header alone (no decoding): None, or the one line
+    (unreadable, or a decompression bomb); for the pre-flight."""
+    try:
+        with opened_image(path):
+            return None
+    except DatasetError as exc:
+        return str(exc)
 
 
 def read_image(path: Path, channels: int) -> torch.Tensor:
     """Decode one image file to uint8 ``[channels, H, W]``; any decoding failure names the file, and an
     image larger than :data:`MAX_IMAGE_PIXELS` (a decompression bomb) is refused before it is decoded."""
-    try:
-        with Image.open(path) as img:
-            if img.width * img.height > MAX_IMAGE_PIXELS:
-                raise _bomb(
-                    path, img.width * img.height, f"{img.width} x {img.height} = {img.width * img.height:,} pixels"
-                )
-            img.load()
-            if img.mode in WIDE_MODES:  # PIL's convert would clip every value above 255 to white
-                raise DatasetError(
-                    f"image {path} has {img.mode} pixels (more than 8 bits per channel); convert "
-                    "the dataset to 8-bit images first (e.g. scale 16-bit scans to 0..255)"
-                )
-            img = img.convert("L" if channels == 1 else "RGB")
-            array = np.asarray(img, dtype=np.uint8)
-    except Image.DecompressionBombError as exc:  # PIL refuses at open (more than twice its limit)
-        raise _bomb(path, _bomb_pixels(exc), str(exc).split(",")[0]) from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise DatasetError(f"unreadable image {path}: {exc}") from exc
+    with opened_image(path) as img:
+        img.load()
+        if img.mode in WIDE_MODES:  # PIL's convert would clip every value above 255 to white
+            raise DatasetError(
+                f"image {path} has {img.mode} pixels (more than 8 bits per channel); convert "
+                "the dataset to 8-bit images first (e.g. scale 16-bit scans to 0..255)"
+            )
+        array = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
     tensor = torch.from_numpy(array.copy())
     return tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()
 
@@ -373,9 +372,14 @@ class DatasetSplits:
         fingerprint) and the val, test and extra real splits' content fingerprints, 16 hex characters."""
         from expansion.files import content_key
 
-        extra = self.extra_train.fingerprint() if self.extra_train is not None else None
-        parts = {"identity": self.identity, "val": self.val.fingerprint(), "test": self.test.fingerprint()}
-        return content_key({**parts, "extra_real": extra})[:16]
+        return content_key(
+            {
+                "identity": self.identity,
+                "val": self.val.fingerprint(),
+                "test": self.test.fingerprint(),
+                "extra_real": self.extra_train.fingerprint() if self.extra_train is not None else None,
+            }
+        )[:16]
 
     def sizes(self) -> dict[str, int]:
         sizes = {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
