@@ -472,12 +472,8 @@ def check_resources(data: DatasetSplits, job: Job) -> None:
             f"{job.generation.store_dir}, which has {free / 2**30:,.1f} GiB free; lower method.ratio or "
             "point paths.cache_dir at a larger disk"
         )
-    log.info(
-        "expansion: %s images to store, about %.2f GiB on disk (%.1f GiB free)",
-        f"{images:,}",
-        disk / 2**30,
-        free / 2**30,
-    )
+    size = f"{disk / 2**30:,.1f} GiB" if disk >= 2**30 else f"{disk / 2**20:,.1f} MiB"
+    log.info("expansion: %s images to store, about %s on disk (%.1f GiB free)", f"{images:,}", size, free / 2**30)
 
 
 def store_disk_estimate(images: int, expander: Expander, channels: int, side: int) -> int:
