@@ -8,7 +8,6 @@ Python, the expansion and the quality step (its share), on a fresh cache (first)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -18,14 +17,19 @@ import tempfile
 import time
 from pathlib import Path
 
+from experiments.record import RunRecord, read_record
 
-def time_job(tree: Path, cache: Path, run_dir: Path) -> tuple[float, dict]:
+
+def time_job(tree: Path, cache: Path, run_dir: Path) -> tuple[float, RunRecord]:
     env = {**os.environ, "EXPANSION_CACHE": str(cache), "PROGRESS_BAR": "false"}
     start = time.perf_counter()
     subprocess.run(
         [sys.executable, str(tree / "run.py"), f"hydra.run.dir={run_dir}"], env=env, capture_output=True, check=True
     )
-    return time.perf_counter() - start, json.loads((run_dir / "metrics.json").read_text())
+    record, problem = read_record(run_dir)
+    if record is None:
+        raise SystemExit(f"{run_dir}: {problem}")
+    return time.perf_counter() - start, record
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     trees = {name: Path(path).resolve() for name, path in (t.split("=", 1) for t in args.trees)}
-    rows: dict[tuple[str, str], list[tuple[float, dict]]] = {}
+    rows: dict[tuple[str, str], list[tuple[float, RunRecord]]] = {}
     with tempfile.TemporaryDirectory() as scratch:
         for rep in range(args.repeats):
             for name, tree in trees.items():
@@ -46,10 +50,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; medians of {args.repeats}")
     for (name, phase), runs in rows.items():
         wall = statistics.median(w for w, _ in runs)
-        job = statistics.median(m["total_seconds"] for _, m in runs)
-        expansion = statistics.median(m["expansion"]["seconds"] for _, m in runs)
-        quality = statistics.median(m["quality"]["seconds"] for _, m in runs)
-        accuracy = sorted({(m["test_acc_final"], m["original"]["test_acc_final"]) for _, m in runs})
+        job = statistics.median(m.total_seconds for _, m in runs)
+        expansion = statistics.median(m.expansion.seconds for _, m in runs)
+        quality = statistics.median(m.quality_value("seconds") for _, m in runs)
+        accuracy = sorted({(m.training.test_acc_final, m.original.test_acc_final) for _, m in runs})
         print(
             f"{name:10s} {phase:6s} wall {wall:6.2f} s | job {job:6.2f} s | expansion {expansion:5.2f} s | "
             f"quality {quality:5.2f} s ({100 * quality / job:4.1f} % of the job) | accuracies {accuracy}"

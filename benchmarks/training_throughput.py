@@ -115,11 +115,11 @@ def framework_run(
         Job.from_config(cfg), data, expanded_images, expanded_labels, run_dir / "train", make_logger(cfg, run_dir)
     )
     return {
-        "epoch_seconds": metrics["epoch_seconds"],
-        "fit_seconds": metrics["train_seconds"],
-        "train_images": metrics["num_train_images"],
+        "epoch_seconds": metrics.epoch_seconds,
+        "fit_seconds": metrics.train_seconds,
+        "train_images": metrics.num_train_images,
         "val_acc_last": None,
-        "test_acc_final": metrics["test_acc_final"],
+        "test_acc_final": metrics.test_acc_final,
     }
 
 

@@ -1,6 +1,6 @@
 """A job's folder and what it leaves there: one owner at a time (:func:`own_run_folder`), the job's own
 copy of its config (:func:`save_job_config`), its record (``metrics.json``, valid only when complete:
-:func:`read_record`), and, when it fails, why (``error.json``), so that a sweep goes on with its other
+:mod:`experiments.record`), and, when it fails, why (``error.json``), so that a sweep goes on with its other
 jobs and its results and report list the failed ones with their error."""
 
 from __future__ import annotations
@@ -17,23 +17,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from experiments.record import read_finished
+
 FAILURE_FILE = "error.json"
-RECORD_FILE = "metrics.json"
 LOCK_FILE = ".run.lock"
-#: a record counts as a finished job only with these fields, of these types (a cut or hand-edited
-#: metrics.json is not a finished job: a sweep reruns it, the results list it as damaged)
-RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "config_hash": str,
-    "data_fingerprint": str,
-    "dataset": str,
-    "method": str,
-    "classifier": str,
-    "seed": int,
-    "ratio": int,
-    "test_acc_final": (int, float),
-    "test_acc_best_val": (int, float),
-    "total_seconds": (int, float),
-}
 
 
 class RunFolderBusy(Exception):
@@ -148,36 +135,6 @@ def save_job_config(job_dir: Path | str, task_cfg: Any) -> None:
         atomic_write_text(folder / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task))
 
 
-def record_problem(record: Any, fields: dict[str, type | tuple[type, ...]] = RECORD_FIELDS) -> str | None:
-    """Why a parsed ``metrics.json`` lacks ``fields`` (by default: is not a finished job's record);
-    None when it has them all, of their types."""
-    if not isinstance(record, dict):
-        return f"holds {type(record).__name__}, not an object"
-    for name, kind in fields.items():
-        value = record.get(name)
-        if value is None:
-            return f"field {name} is missing"
-        if not isinstance(value, kind) or isinstance(value, bool):
-            return f"field {name} is {value!r:.40}, not {getattr(kind, '__name__', 'a number')}"
-    return None
-
-
-def read_record(
-    job_dir: Path | str, fields: dict[str, type | tuple[type, ...]] = RECORD_FIELDS
-) -> tuple[dict[str, Any] | None, str | None]:
-    """``(record, None)`` for a folder whose ``metrics.json`` has ``fields`` (by default: a complete,
-    valid record); ``(None, why not)`` otherwise (``why`` is None when there is no record at all)."""
-    path = Path(job_dir) / RECORD_FILE
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None, None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return None, f"{path.name} is unreadable ({type(exc).__name__})"
-    problem = record_problem(record, fields)
-    return (None, f"{path.name}: {problem}") if problem else (record, None)
-
-
 def one_line(exc: BaseException) -> str:
     """The exception's message on one line (the first line of a multi-line message)."""
     text = str(exc).strip()
@@ -232,7 +189,7 @@ def find_failures(root: Path | str) -> list[dict[str, Any]]:
     folder order; a failure beside a valid record is history (the job succeeded later) and not listed."""
     failures = []
     for path in sorted(Path(root).rglob(FAILURE_FILE)):
-        if read_record(path.parent)[0] is not None:
+        if read_finished(path.parent)[0] is not None:
             continue
         try:
             record = json.loads(path.read_text())

@@ -36,6 +36,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.record import RunRecord, iter_record_folders, read_finished
+
 log = logging.getLogger(__name__)
 
 #: top-level config keys that say where and how a job runs, not what it computes
@@ -119,23 +121,21 @@ def data_fingerprint_of(cfg: DictConfig) -> Callable[[], str]:
 
 def finished_record(
     job_dir: Path | str, identity: str, data_fingerprint: Callable[[], str]
-) -> tuple[dict | None, str | None]:
+) -> tuple[RunRecord | None, str | None]:
     """``(record, None)`` when ``job_dir`` holds this job's finished record (same config hash and data),
     ``(record, what differs)`` when it holds another job's, ``(None, None)`` when it holds none (a cut
     or damaged metrics.json is no record: the job runs again)."""
-    from experiments.jobs import read_record
-
-    record, _ = read_record(job_dir)
+    record, _ = read_finished(job_dir)
     if record is None:
         return None, None
-    if record["config_hash"] != identity:
+    if record.config_hash != identity:
         return (
             record,
-            f"holds another configuration's results (config hash {record['config_hash']}, this job's {identity})",
+            f"holds another configuration's results (config hash {record.config_hash}, this job's {identity})",
         )
-    if record["data_fingerprint"] != data_fingerprint():
+    if record.data_fingerprint != data_fingerprint():
         return record, (
-            f"holds results for other data (data fingerprint {record['data_fingerprint']}, the data now "
+            f"holds results for other data (data fingerprint {record.data_fingerprint}, the data now "
             f"{data_fingerprint()}: the dataset's files or labels changed)"
         )
     return record, None
@@ -144,8 +144,8 @@ def finished_record(
 def find_done(sweep_dir: Path | str, identity: str, data_fingerprint: Callable[[], str]) -> Path | None:
     """A ``metrics.json`` under ``sweep_dir`` of a finished job with this :func:`config_hash` and data
     (a cut or damaged record is not a finished job)."""
-    for path in sorted(Path(sweep_dir).rglob("metrics.json")):
-        record, problem = finished_record(path.parent, identity, data_fingerprint)
+    for folder in iter_record_folders(sweep_dir):
+        record, problem = finished_record(folder, identity, data_fingerprint)
         if record is not None and problem is None:
-            return path
+            return record.path
     return None

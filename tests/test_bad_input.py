@@ -110,8 +110,8 @@ def test_mixed_modes_and_sizes_are_converted_and_run(tmp_path):
     Image.new("P", (16, 16), 3).save(root / "train" / "b" / "palette.png")
     Image.new("RGB", (40, 20), (1, 2, 3)).save(root / "test" / "b" / "wide.jpg")
     metrics = run(_folder_cfg(root), tmp_path / "run")
-    assert metrics["sizes"]["train"] + metrics["sizes"]["val"] == 11
-    store = ExpansionStore(Path(metrics["expansion"]["store"]), "", {})
+    assert metrics.sizes["train"] + metrics.sizes["val"] == 11
+    store = ExpansionStore(Path(metrics.expansion.store), "", {})
     assert store.verify() == []
     shapes = {Image.open(p).size + (Image.open(p).mode,) for p in store.images_dir.iterdir()}
     assert shapes == {(12, 12, "RGB")}
@@ -227,9 +227,9 @@ def test_disk_full_while_writing_the_store(tmp_path, monkeypatch):
 
     monkeypatch.setattr(files_mod.os, "fsync", real_fsync)  # space freed
     resumed = run(_cfg(overrides), tmp_path / "run")
-    assert resumed["expansion"]["generated_images"] == 2 * (resumed["sizes"]["train"] - 50)
+    assert resumed.expansion.generated_images == 2 * (resumed.sizes["train"] - 50)
     reference = _expand_only(overrides + [f"paths.cache_dir={tmp_path / 'ref'}"])
-    assert reference.key == resumed["expansion"]["key"]
+    assert reference.key == resumed.expansion.key
     assert store.verify() == []
     assert store.content_hash() == reference.content_hash()
 
@@ -292,7 +292,7 @@ def test_damaged_store_image_is_named_and_regenerated(tmp_path, caplog):
     assert any(victim.name in p for p in store.verify())
     metrics = run(_cfg(["dataset=digits", "method=cutout", "method.ratio=1"]), tmp_path / "run")
     assert f"{victim.name} 20 bytes" in caplog.text and "regenerating them from their seeds" in caplog.text
-    assert metrics["expansion"]["generated_images"] == 1 and store.content_hash() == clean and store.verify() == []
+    assert metrics.expansion.generated_images == 1 and store.content_hash() == clean and store.verify() == []
 
 
 def test_store_writer_refuses_non_uint8_images(tmp_path):

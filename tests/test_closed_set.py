@@ -328,9 +328,9 @@ def test_run_on_the_offline_cifar10_subset_end_to_end(shared_data, tmp_path):
         ),
         tmp_path / "run",
     )
-    assert metrics["method"] == "closed_set_diffusion" and metrics["ratio"] == 1
-    assert metrics["expansion"]["num_images"] == 20 and metrics["num_train_images"] == 40
-    assert 0 <= metrics["test_acc_final"] <= 100
+    assert metrics.method == "closed_set_diffusion" and metrics.ratio == 1
+    assert metrics.expansion.num_images == 20 and metrics.training.num_train_images == 40
+    assert 0 <= metrics.training.test_acc_final <= 100
 
 
 def test_full_cifar10_without_its_files_is_the_clear_missing_data_error(tmp_path, monkeypatch):

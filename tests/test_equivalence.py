@@ -178,4 +178,4 @@ def test_runs_outside_the_two_curves_are_counted_not_used(tmp_path):
     )
     runs, skipped = eq.load_runs(tmp_path)
     assert len(runs) == 2 * 3 * 7
-    assert skipped == {"synthetic and extra real images together (on neither curve)": 1}
+    assert skipped == {"synthetic and extra real images together (on neither arm)": 1}

@@ -271,8 +271,8 @@ def test_run_py_expansive_synthesis_end_to_end(tmp_path, shared_data):
         "quality.enabled=false",
     ]
     metrics = run(_cfg(overrides), tmp_path / "run")
-    assert metrics["train_data"] == "generated only" and metrics["num_train_images"] == 300
-    store = metrics["expansion"]["store"]
+    assert metrics.train_data == "generated only" and metrics.training.num_train_images == 300
+    store = metrics.expansion.store
     rows = [json.loads(line) for line in Path(f"{store}/manifest.jsonl").read_text().splitlines()]
     assert len(rows) == 300 and len({r["parent"] for r in rows}) == 100
     fits = list((tmp_path / "cache" / "fits").glob("*/graphs.json"))
@@ -284,7 +284,7 @@ def test_run_py_expansive_synthesis_end_to_end(tmp_path, shared_data):
         assert labels[neighbour] == labels[parent] == r["label"]
     # batch size is speed only: the same store is reused
     again = run(_cfg(overrides + ["method.batch_size=7"]), tmp_path / "run2")
-    assert again["expansion"]["reused"] and again["expansion"]["key"] == metrics["expansion"]["key"]
+    assert again.expansion.reused and again.expansion.key == metrics.expansion.key
 
 
 def test_method_configs_compose_and_share_the_autoencoder_fit():

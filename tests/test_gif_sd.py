@@ -172,8 +172,8 @@ def test_run_py_gif_sd_end_to_end_and_batch_size_independent(tiny_sd_models, tmp
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         metrics = json.loads((tmp_path / f"run{batch}" / "metrics.json").read_text())
-        assert metrics["method"] == "gif_sd" and metrics["expansion"]["num_images"] == 2 * 6
-        stores.append(ExpansionStore(Path(metrics["expansion"]["store"]), "", {}))
+        assert metrics.method == "gif_sd" and metrics.expansion.num_images == 2 * 6
+        stores.append(ExpansionStore(Path(metrics.expansion.store), "", {}))
     rows = stores[0].read_rows()
     assert len(rows) == 12 and {"prompt", "radius", "score_before", "score_after", "guide_class"} <= set(rows[0])
     assert rows[0]["radius"] == 0.1 and rows[0]["guidance_scale"] == 5.0  # BreastMNIST's paper settings

@@ -69,5 +69,5 @@ def test_a_job_trains_on_the_device_with_bf16_autocast(tmp_path):
         ["dataset=digits", "method=cutout", "method.ratio=1", "train.epochs=2", trainer, "progress_bar=false"]
     )
     metrics = run(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), tmp_path / "run")
-    assert 0 <= metrics["test_acc_final"] <= 100 and metrics["images_per_second"] > 0
-    assert metrics["environment"]["device"] == DEVICE.type
+    assert 0 <= metrics.training.test_acc_final <= 100 and metrics.training.images_per_second > 0
+    assert metrics.environment["device"] == DEVICE.type

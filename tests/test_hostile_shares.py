@@ -36,7 +36,7 @@ def share(tmp_path_factory):
     root = tmp_path_factory.mktemp("share")
     metrics = run(_job(["dataset=digits", "method.ratio=2", f"paths.cache_dir={root / 'cache'}"]), root / "run")
     out = root / "shared"
-    sharing.export(Path(metrics["expansion"]["store"]), out)
+    sharing.export(Path(metrics.expansion.store), out)
     return out, build_dataset(compose(["dataset=digits"]).dataset)
 
 

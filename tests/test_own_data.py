@@ -78,8 +78,8 @@ def test_npz_end_to_end_names_the_run_after_the_file(tmp_path, breast):
         _job(["dataset=npz", f"dataset.path={path}", "dataset.train_per_class=10", "method=cutout", "method.ratio=1"]),
         tmp_path / "run",
     )
-    assert metrics["dataset"] == "my_scans" and metrics["num_classes"] == 2
-    assert metrics["dataset_source"] == {"npz": "my_scans.npz"}
+    assert metrics.dataset == "my_scans" and metrics.num_classes == 2
+    assert metrics.dataset_source == {"npz": "my_scans.npz"}
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["expansion"]["num_images"] == 20
 
 
@@ -229,9 +229,9 @@ def test_a_flat_folder_end_to_end_records_its_split(shared_data, tmp_path):
     metrics = run(
         _job(["dataset=imagefolder", f"dataset.path={root}", "method=cutout", "method.ratio=1"]), tmp_path / "run"
     )
-    assert metrics["dataset"] == "textures"
-    assert metrics["dataset_source"] == {"layout": "flat", "test_fraction": 0.2, "test_split_seed": 13}
-    assert metrics["sizes"] == {"train": 70, "val": 10, "test": 20}
+    assert metrics.dataset == "textures"
+    assert metrics.dataset_source == {"layout": "flat", "test_fraction": 0.2, "test_split_seed": 13}
+    assert metrics.sizes == {"train": 70, "val": 10, "test": 20}
 
 
 def test_flat_folder_bad_input(shared_data, tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from omegaconf import OmegaConf
 
 from expansion.base import ExpansionError
 from experiments.data.datasets import DatasetError, DatasetNotFoundError
+from experiments.record import read_record
 from experiments.training.pipeline import run
 from tests.conftest import PROJECT_ROOT, compose
 
@@ -33,22 +33,22 @@ def test_pipeline_end_to_end_original_vs_expanded(tmp_path, capsys):
         ]
     )
     metrics = run(cfg, tmp_path / "run")
-    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert saved == metrics
-    assert metrics["dataset"] == "digits" and metrics["method"] == "cutout" and metrics["ratio"] == 2
-    assert metrics["num_train_images"] == 3 * metrics["sizes"]["train"]
-    assert metrics["expansion"]["num_images"] == 2 * metrics["sizes"]["train"]
-    assert metrics["original"]["num_train_images"] == metrics["sizes"]["train"]
-    for m in (metrics, metrics["original"]):
-        assert 0 <= m["test_acc_final"] <= 100 and 0 <= m["test_acc_best_val"] <= 100
-        assert 0 <= m["best_val_epoch"] < 2
+    saved, problem = read_record(tmp_path / "run")
+    assert problem is None and saved == metrics and saved.to_json() == metrics.to_json()
+    assert metrics.dataset == "digits" and metrics.method == "cutout" and metrics.ratio == 2
+    assert metrics.training.num_train_images == 3 * metrics.sizes["train"]
+    assert metrics.expansion.num_images == 2 * metrics.sizes["train"]
+    assert metrics.original.num_train_images == metrics.sizes["train"]
+    for m in (metrics.training, metrics.original):
+        assert 0 <= m.test_acc_final <= 100 and 0 <= m.test_acc_best_val <= 100
+        assert 0 <= m.best_val_epoch < 2
     out = capsys.readouterr().out
     assert "test acc: final" in out and "original (no expansion)" in out
     assert list((tmp_path / "run" / "logs").rglob("metrics.csv"))
     # the same expansion is reused by a second run
     again = run(cfg, tmp_path / "run2")
-    assert again["expansion"]["reused"] and again["expansion"]["generated_images"] == 0
-    assert again["expansion"]["key"] == metrics["expansion"]["key"]
+    assert again.expansion.reused and again.expansion.generated_images == 0
+    assert again.expansion.key == metrics.expansion.key
 
 
 def test_generated_only_and_extra_real_training_sets(tmp_path, capsys):
@@ -64,7 +64,7 @@ def test_generated_only_and_extra_real_training_sets(tmp_path, capsys):
         ]
     )
     metrics = run(cfg, tmp_path / "gen")
-    assert metrics["train_data"] == "generated only" and metrics["num_train_images"] == 2 * 100
+    assert metrics.train_data == "generated only" and metrics.training.num_train_images == 2 * 100
     assert "(generated only)" in capsys.readouterr().out
     extra = run(
         _cfg(
@@ -78,7 +78,7 @@ def test_generated_only_and_extra_real_training_sets(tmp_path, capsys):
         ),
         tmp_path / "extra",
     )
-    assert extra["num_train_images"] == 150 and extra["sizes"]["extra_real"] == 50
+    assert extra.training.num_train_images == 150 and extra.sizes["extra_real"] == 50
     with pytest.raises(ExpansionError, match="method=original generates none"):
         run(_cfg(["dataset=digits", "method=original", "train.include_original=false"]), tmp_path / "bad")
     assert not (tmp_path / "bad" / "metrics.json").exists()
@@ -86,8 +86,8 @@ def test_generated_only_and_extra_real_training_sets(tmp_path, capsys):
 
 def test_original_expands_nothing(tmp_path):
     metrics = run(_cfg(["dataset=digits", "method=original", "train.epochs=1"]), tmp_path)
-    assert metrics["ratio"] == 0 and "expansion" not in metrics and "original" not in metrics
-    assert metrics["num_train_images"] == metrics["sizes"]["train"]
+    assert metrics.ratio == 0 and metrics.expansion is None and metrics.original is None
+    assert metrics.training.num_train_images == metrics.sizes["train"]
 
 
 @pytest.mark.parametrize(
@@ -258,19 +258,19 @@ def test_test_every_epoch_reports_the_papers_selection_without_changing_training
     base = ["dataset=digits", "method=cutout", "method.ratio=1", "train.epochs=3", "quality.enabled=false"]
     plain = run(_cfg(base), tmp_path / "plain")
     tested = run(_cfg([*base, "train.test_every_epoch=true"]), tmp_path / "tested")
-    assert plain["test_acc_best_test"] is None and plain["test_acc_per_epoch"] is None
-    assert tested["test_acc_final"] == plain["test_acc_final"]
-    assert tested["test_acc_best_val"] == plain["test_acc_best_val"]
-    per_epoch = tested["test_acc_per_epoch"]
+    assert plain.training.test_acc_best_test is None and plain.training.test_acc_per_epoch is None
+    assert tested.training.test_acc_final == plain.training.test_acc_final
+    assert tested.training.test_acc_best_val == plain.training.test_acc_best_val
+    per_epoch = tested.training.test_acc_per_epoch
     assert len(per_epoch) == 3
-    assert per_epoch[-1] == pytest.approx(tested["test_acc_final"], abs=1e-3)
-    assert per_epoch[tested["best_val_epoch"]] == pytest.approx(tested["test_acc_best_val"], abs=1e-3)
-    assert tested["test_acc_best_test"] == pytest.approx(max(per_epoch), abs=1e-3)
+    assert per_epoch[-1] == pytest.approx(tested.training.test_acc_final, abs=1e-3)
+    assert per_epoch[tested.training.best_val_epoch] == pytest.approx(tested.training.test_acc_best_val, abs=1e-3)
+    assert tested.training.test_acc_best_test == pytest.approx(max(per_epoch), abs=1e-3)
     assert "best test epoch" in capsys.readouterr().out
     # a run whose best val epoch is not the last (no learning: val accuracy ties, the first epoch is kept)
     # still reports every epoch (testing the best checkpoint restores the histories up to its epoch)
     frozen = run(_cfg([*base, "train.test_every_epoch=true", "train.lr=1e-9"]), tmp_path / "frozen")
-    assert len(frozen["test_acc_per_epoch"]) == 3
-    assert frozen["test_acc_per_epoch"][frozen["best_val_epoch"]] == pytest.approx(
-        frozen["test_acc_best_val"], abs=1e-3
+    assert len(frozen.training.test_acc_per_epoch) == 3
+    assert frozen.training.test_acc_per_epoch[frozen.training.best_val_epoch] == pytest.approx(
+        frozen.training.test_acc_best_val, abs=1e-3
     )

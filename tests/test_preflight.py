@@ -124,7 +124,7 @@ def test_a_failed_start_prints_its_error_once_and_leaves_no_run_folder(tmp_path)
 def test_metrics_json_records_its_environment(tmp_path):
     metrics = run(_job(["dataset=digits", "method=cutout", "method.ratio=1", *FAST]), tmp_path / "run")
     env = json.loads((tmp_path / "run" / "metrics.json").read_text())["environment"]
-    assert env == metrics["environment"]
+    assert env == metrics.environment
     import diffusers
     import lightning
     import timm
@@ -140,9 +140,9 @@ def test_metrics_json_records_its_environment(tmp_path):
     assert env["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)
     assert isinstance(env["git_dirty"], bool) or env["git_commit"] is None
     assert env["command"].endswith(shlex.join(sys.argv))
-    assert metrics["train_data"] == "original+generated"
+    assert metrics.train_data == "original+generated"
     original = run(_job(["dataset=digits", "method=original", *FAST]), tmp_path / "original")
-    assert original["train_data"] == "original"
+    assert original.train_data == "original"
 
 
 def test_results_csv_shows_environment_fields_that_differ(tmp_path):

@@ -63,20 +63,20 @@ def test_signal_during_training_checkpoints_exits_for_requeue_and_resumes(tmp_pa
 
     monkeypatch.undo()
     metrics = run(cfg, run_dir)  # the requeued job: same config, same run dir
-    assert metrics["resumed_from"] == {
+    assert metrics.training.resumed_from == {
         "checkpoint": PREEMPTED_CHECKPOINT,
         "epoch": preempted["epoch"],
         "global_step": 5,
     }
     last = _load(checkpoints / "last.ckpt")
     # as many optimizer steps as an uninterrupted run (full batches only, see experiments/data/datamodule.py)
-    steps_per_epoch = max(1, metrics["num_train_images"] // int(cfg.train.batch_size))
+    steps_per_epoch = max(1, metrics.training.num_train_images // int(cfg.train.batch_size))
     assert last["global_step"] == 3 * steps_per_epoch > 5
-    assert len(last["val_history"]) == 3 and metrics["best_val_epoch"] == int(
+    assert len(last["val_history"]) == 3 and metrics.training.best_val_epoch == int(
         torch.tensor(last["val_history"]).argmax()
     )
     assert not (checkpoints / PREEMPTED_CHECKPOINT).exists()
-    assert 0 <= metrics["test_acc_final"] <= 100
+    assert 0 <= metrics.training.test_acc_final <= 100
 
 
 def test_signal_during_expansion_stops_after_the_batch_and_resumes(tmp_path):
@@ -102,7 +102,7 @@ def test_signal_during_expansion_stops_after_the_batch_and_resumes(tmp_path):
 
     cfg.method.batch = 999  # the requeued job gets no signal
     metrics = run(cfg, tmp_path / "run")
-    assert metrics["expansion"]["generated_images"] == 2 * (200 - 30)
+    assert metrics.expansion.generated_images == 2 * (200 - 30)
     reference = _cfg(["dataset=digits", f"paths.cache_dir={tmp_path / 'ref'}"])
     reference.method = OmegaConf.create({**method, "batch": 999})
     clean = run_expansion(Job.from_config(reference), build_dataset(reference.dataset))
@@ -167,8 +167,8 @@ def test_sigterm_to_a_running_job_checkpoints_and_exits_75(tmp_path):
     assert (checkpoints / PREEMPTED_CHECKPOINT).is_file() and not (tmp_path / "run" / "metrics.json").exists()
 
     metrics = run(_cfg(overrides), tmp_path / "run")
-    assert metrics["resumed_from"]["checkpoint"] == PREEMPTED_CHECKPOINT
-    assert metrics["resumed_from"]["epoch"] >= 1
+    assert metrics.training.resumed_from["checkpoint"] == PREEMPTED_CHECKPOINT
+    assert metrics.training.resumed_from["epoch"] >= 1
     assert len(_load(checkpoints / "last.ckpt")["val_history"]) == 8
 
 
@@ -188,7 +188,7 @@ def test_kill_9_during_training_resumes_from_the_last_checkpoint(tmp_path):
     assert killed_at["epoch"] < 29
 
     metrics = run(_cfg(overrides), tmp_path / "run")
-    assert metrics["resumed_from"] == {
+    assert metrics.training.resumed_from == {
         "checkpoint": "last.ckpt",
         "epoch": killed_at["epoch"],
         "global_step": killed_at["global_step"],
@@ -275,7 +275,7 @@ def test_submitit_time_limit_signal_requeues_and_resumes(tmp_path):
     _, err = job.communicate(timeout=600)
     assert job.returncode == 0, err[-3000:]
     metrics = json.loads((job_dir / "metrics.json").read_text())
-    assert metrics["resumed_from"]["checkpoint"] == PREEMPTED_CHECKPOINT
+    assert metrics.training.resumed_from["checkpoint"] == PREEMPTED_CHECKPOINT
     log = "".join(p.read_text() for p in (sweep / ".submitit" / str(controller)).glob("*_log.err"))
     assert "Caught signal SIGUSR2" in log
     assert "preempted (SIGUSR2)" in (job_dir / "run.log").read_text()

@@ -35,7 +35,7 @@ def made(tmp_path_factory):
     """The digits default (randaugment x5) run once for the module: its metrics, its store, its folder."""
     root = tmp_path_factory.mktemp("made")
     metrics = run(_job(["dataset=digits", f"paths.cache_dir={root / 'cache'}"]), root / "run")
-    return metrics, Path(metrics["expansion"]["store"]), root / "run"
+    return metrics, Path(metrics.expansion.store), root / "run"
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def test_export_import_train_round_trip(tmp_path, expanded):
     assert done.num_images == 1000 and (out / "README.md").is_file()
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlicense: cc-by-4.0\n") and "randaugment" in card
-    assert metrics["expansion"]["key"] in card
+    assert metrics.expansion.key in card
     meta = json.loads((out / sharing.META_FILE).read_text())
     assert meta["store"]["payload"]["dataset"]["train_fingerprint"] in card
 
@@ -77,13 +77,13 @@ def test_export_import_train_round_trip(tmp_path, expanded):
     # import and train: the same images in the same order, the same accuracy as from the store
     imported = run(_job(["dataset=digits", "method=imported", f"method.path={out}"]), tmp_path / "imported")
     again = run(_job(["dataset=digits"]), tmp_path / "again")  # the store (copied into this test's cache) reused
-    assert imported["method"] == "imported(randaugment)" and imported["ratio"] == 5
-    assert imported["expansion"]["num_images"] == 1000 and imported["train_data"] == "original+generated"
+    assert imported.method == "imported(randaugment)" and imported.ratio == 5
+    assert imported.expansion.num_images == 1000 and imported.train_data == "original+generated"
     for key in ("test_acc_final", "test_acc_best_val"):
-        assert scores_close(imported[key], again[key]), (imported[key], again[key])
+        assert scores_close(imported.accuracy(key), again.accuracy(key)), (imported.training, again.training)
     with pytest.raises(SharingError, match="no finished expansion store"):  # an imported copy is not exported again
         sharing.export(tmp_path / "imported", tmp_path / "again_shared")
-    copy = Path(imported["expansion"]["store"])
+    copy = Path(imported.expansion.store)
     assert [json.loads(line) for line in (copy / "manifest.jsonl").read_text().splitlines()] == rows
     for row in rows:
         assert (copy / "images" / row["file"]).read_bytes() == (store / "images" / row["file"]).read_bytes()

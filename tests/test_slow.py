@@ -20,7 +20,7 @@ def test_breastmnist_small_cnn_beats_the_majority_class(tmp_path, shared_data):
     """30 epochs on the real BreastMNIST train split: test accuracy clearly above always
     predicting 'normal, benign' (114 of 156 test images = 73.1%)."""
     metrics = run(_cfg(["dataset=breastmnist", "method=original", "train.epochs=30"]), tmp_path)
-    assert metrics["test_acc_final"] > 76.0 and metrics["test_acc_best_val"] > 76.0
+    assert metrics.training.test_acc_final > 76.0 and metrics.training.test_acc_best_val > 76.0
 
 
 def test_mnist_few_shot_with_cutout_expansion_learns(tmp_path, shared_data):
@@ -30,4 +30,4 @@ def test_mnist_few_shot_with_cutout_expansion_learns(tmp_path, shared_data):
         ),
         tmp_path,
     )
-    assert metrics["test_acc_final"] > 60.0 and metrics["original"]["test_acc_final"] > 40.0
+    assert metrics.training.test_acc_final > 60.0 and metrics.original.test_acc_final > 40.0

@@ -177,7 +177,7 @@ def test_preemption_with_a_grace_time_requeues_and_resumes(slurm_env, tmp_path):
     code, err = _finish(proc)
     assert code == 0, err[-3000:]
     metrics = json.loads((ckpt.parents[2] / "metrics.json").read_text())
-    assert metrics["resumed_from"]["checkpoint"] == PREEMPTED_CHECKPOINT
+    assert metrics.resumed_from["checkpoint"] == PREEMPTED_CHECKPOINT
     assert "requeued itself" in (ckpt.parents[2] / "run.log").read_text()
     shown = subprocess.run(["scontrol", "show", "job", "-o", urgent], capture_output=True, text=True).stdout
     assert "JobState=COMPLETED" in shown, shown

@@ -222,8 +222,8 @@ def test_pipeline_reuses_the_decoded_store_across_seeds(tmp_path, monkeypatch):
     assert len(_cache_files(tensors)) == 1
     _forbid_decoding(monkeypatch)
     second = run(_cfg(overrides + ["seed=1"]), tmp_path / "s1")
-    assert second["expansion"]["key"] == first["expansion"]["key"] and second["expansion"]["reused"]
-    assert len(second["epoch_seconds"]) == 1 and second["epoch_seconds"][0] > 0
+    assert second.expansion.key == first.expansion.key and second.expansion.reused
+    assert len(second.training.epoch_seconds) == 1 and second.training.epoch_seconds[0] > 0
 
 
 def test_loader_fetches_whole_batches_in_the_per_sample_order():
@@ -335,7 +335,7 @@ def test_checkpoints_written_in_the_background_are_whole_when_fit_returns(tmp_pa
     best = torch.load(checkpoints / "best.ckpt", weights_only=True)
     assert last["epoch"] == 1 and last["optimizer_states"]  # the full training state, for resuming
     assert "optimizer_states" not in best and best["state_dict"].keys() == last["state_dict"].keys()
-    assert len(metrics["epoch_seconds"]) == 2 and not list(checkpoints.glob("*.tmp-*"))
+    assert len(metrics.epoch_seconds) == 2 and not list(checkpoints.glob("*.tmp-*"))
 
 
 # --------------------------------------------------------------------------- generation FLOPs and MFU

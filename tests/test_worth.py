@@ -32,25 +32,30 @@ def test_steps_matched_training_takes_exactly_the_expanded_sets_steps(tmp_path):
     common += ["quality.enabled=false", "train.compare_original=false"]
     expanded = run(_cfg([*common, "method=cutout", "method.ratio=2"]), tmp_path / "expanded")
     matched = run(_cfg([*common, "method=original", "train.steps_matched_to_ratio=2"]), tmp_path / "matched")
-    explicit = run(_cfg([*common, "method=original", f"train.steps={expanded['optimizer_steps']}"]), tmp_path / "n")
-    epochs = run(_cfg([*common, "method=original"]), tmp_path / "epochs")
-    n = expanded["sizes"]["train"]  # 100 digits
-    assert (
-        expanded["optimizer_steps"] == 3 * ((3 * n) // 16) == matched["optimizer_steps"] == explicit["optimizer_steps"]
+    explicit = run(
+        _cfg([*common, "method=original", f"train.steps={expanded.training.optimizer_steps}"]), tmp_path / "n"
     )
-    assert epochs["optimizer_steps"] == 3 * (n // 16) < matched["optimizer_steps"]
+    epochs = run(_cfg([*common, "method=original"]), tmp_path / "epochs")
+    n = expanded.sizes["train"]  # 100 digits
+    assert (
+        expanded.training.optimizer_steps
+        == 3 * ((3 * n) // 16)
+        == matched.training.optimizer_steps
+        == explicit.training.optimizer_steps
+    )
+    assert epochs.training.optimizer_steps == 3 * (n // 16) < matched.training.optimizer_steps
     # the original reaches the budget in more epochs; the cosine spans them, validation about train.epochs times
-    budget = matched["optimizer_budget"]
-    assert budget["epochs"] == math.ceil(matched["optimizer_steps"] / (n // 16)) and budget["max_steps"] > 0
+    budget = matched.training.optimizer_budget
+    assert budget["epochs"] == math.ceil(matched.training.optimizer_steps / (n // 16)) and budget["max_steps"] > 0
     assert budget["val_every"] == math.ceil(budget["epochs"] / 3)
-    assert expanded["optimizer_budget"] == {"epochs": 3, "max_steps": -1, "val_every": 1, "steps": 54}
-    assert explicit["test_acc_final"] == pytest.approx(matched["test_acc_final"], abs=1e-9)
+    assert expanded.training.optimizer_budget == {"epochs": 3, "max_steps": -1, "val_every": 1, "steps": 54}
+    assert explicit.training.test_acc_final == pytest.approx(matched.training.test_acc_final, abs=1e-9)
 
 
 def test_real_arm_points_never_resume_each_others_checkpoints(tmp_path):
     common = ["dataset=digits", "dataset.train_per_class=10", "train.epochs=1", "logger=none"]
     origin = run(_cfg([*common, "exchange=real_0"]), tmp_path / "run")  # 0 extra real images: the origin
-    assert origin["extra_real_per_class"] == 0 and origin["resumed_from"] is None
+    assert origin.extra_real_per_class == 0 and origin.training.resumed_from is None
     # another real-arm point in the same folder is refused: its training set differs (it used to resume
     # the origin's finished checkpoint and report the origin's accuracy)
     with pytest.raises(CheckpointError, match="belongs to a run with other settings"):
@@ -205,6 +210,9 @@ def _toy_sweep(root, *, ratios=(1, 2, 5), method_offset=0.0, seeds=(0, 1, 2), st
         for ratio in ratios:
             acc = _real_accuracy(_true_equivalent(ratio), method_offset) + noise[seed]
             expansion = {
+                "store": f"stores/gen_r{ratio}",
+                "key": f"gen_r{ratio}",
+                "num_images": ratio * N_BASE * CLASSES,
                 "generated_images": ratio * N_BASE * CLASSES if seed == 0 else 0,
                 "cpu_seconds": 4.0 * ratio,
                 "seconds": 5.0 * ratio,

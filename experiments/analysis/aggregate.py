@@ -25,12 +25,13 @@ from typing import Any
 
 import yaml
 
-from experiments.jobs import FAILURE_FILE, RECORD_FILE, find_failures, read_record
+from experiments.jobs import FAILURE_FILE, find_failures
+from experiments.record import ACCURACIES, RunRecord, load_records
 
 log = logging.getLogger(__name__)
 
 PAPER_NUMBERS_FILE = Path(__file__).with_name("paper_numbers.yaml")
-METRICS = ("test_acc_final", "test_acc_best_val", "test_acc_best_test")
+METRICS = ACCURACIES
 #: each accuracy's table heading; the last is the official scripts' selection (runs with
 #: ``train.test_every_epoch=true``), shown only when runs have it and never used for a claim
 METRIC_LABELS = {
@@ -58,37 +59,14 @@ def load_paper_numbers(path: Path = PAPER_NUMBERS_FILE) -> dict[str, Any]:
     return tables
 
 
-#: the fields a table needs of a run's record (a record without them is listed as damaged, not averaged)
-TABLE_FIELDS = {
-    "dataset": str,
-    "method": str,
-    "seed": int,
-    "test_acc_final": (int, float),
-    "test_acc_best_val": (int, float),
-}
-
-
-def scan_runs(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """``(runs, damaged)`` under ``root``: every readable ``metrics.json`` with the fields a table needs,
-    each job once (a copied job folder, i.e. the same config hash and data fingerprint found twice,
-    counts once: the first in folder order); and, shaped as failures, the records that are unreadable or
-    lack a field (named with what is wrong)."""
-    runs, damaged, seen = [], [], set()
-    for path in sorted(Path(root).rglob(RECORD_FILE)):
-        run, problem = read_record(path.parent, TABLE_FIELDS)
-        if run is None:
-            job = str(path.parent.relative_to(root))
-            damaged.append({"job": job, "type": "DamagedRecord", "error": f"{problem}; rerun the job"})
-            continue
-        identity = (run.get("config_hash"), run.get("data_fingerprint"))
-        if identity[0] is not None:
-            if identity in seen:
-                log.warning("%s repeats a job already counted (config hash %s): counted once", path, identity[0])
-                continue
-            seen.add(identity)
-        run["_path"] = str(path)
-        runs.append(run)
-    return runs, damaged
+def scan_runs(root: Path) -> tuple[list[RunRecord], list[dict[str, Any]]]:
+    """``(runs, damaged)`` under ``root``: the records of :func:`experiments.record.load_records` and, shaped
+    as failures, the unreadable ones (named with what is wrong)."""
+    runs, damaged = load_records(root)
+    return runs, [
+        {"job": str(folder.relative_to(root)), "type": "DamagedRecord", "error": f"{problem}; rerun the job"}
+        for folder, problem in damaged
+    ]
 
 
 def sweep_failures(root: Path | str) -> list[dict[str, Any]]:
@@ -96,7 +74,7 @@ def sweep_failures(root: Path | str) -> list[dict[str, Any]]:
     return find_failures(root) + scan_runs(Path(root))[1]
 
 
-def find_runs(root: Path) -> list[dict[str, Any]]:
+def find_runs(root: Path) -> list[RunRecord]:
     """The runs of :func:`scan_runs` (the damaged records left out)."""
     return scan_runs(root)[0]
 
@@ -122,51 +100,51 @@ class Cell:
         return statistics.fmean(vals), std, len(vals)
 
 
-def _column_key(table_spec: dict[str, Any] | None, runs: list[dict[str, Any]]) -> str:
+def _column_key(table_spec: dict[str, Any] | None, runs: list[RunRecord]) -> str:
     if table_spec:
         return table_spec.get("column", "dataset")
-    datasets = {r["dataset"] for r in runs}
-    classifiers = {r["classifier"] for r in runs}
+    datasets = {r.dataset for r in runs}
+    classifiers = {r.classifier for r in runs}
     return "classifier" if len(datasets) == 1 and len(classifiers) > 1 else "dataset"
 
 
-def _row_label(run: dict[str, Any], with_ratio: bool) -> str:
-    method = run.get("paper_method") or run["method"]
-    label = f"{method}@{run['ratio']}" if with_ratio and run["method"] != "original" else method
-    if run.get("train_data") == "generated only":
-        label += f" ({run['train_data']})"
-    if run.get("extra_real_per_class"):  # the exchange-rate sweep's real arm (experiments/analysis/equivalence.py)
-        label += f" +{run['extra_real_per_class']} real/class"
+def _row_label(run: RunRecord, with_ratio: bool) -> str:
+    method = run.paper_method or run.method
+    label = f"{method}@{run.ratio}" if with_ratio and run.method != "original" else method
+    if run.generated_only:
+        label += f" ({run.train_data})"
+    if run.extra_real:  # the exchange-rate sweep's real arm (experiments/analysis/equivalence.py)
+        label += f" +{run.extra_real} real/class"
     return label
 
 
-def _column_label(run: dict[str, Any], column_key: str, with_shots: bool) -> str:
+def _column_label(run: RunRecord, column_key: str, with_shots: bool) -> str:
     """The column value; with several few-shot sizes of one dataset in a table, ``mnist 10/class``."""
-    value = str(run[column_key])
-    if with_shots and run.get("train_per_class") is not None:
-        value += f" {run['train_per_class']}/class"
+    value = str(getattr(run, column_key))
+    if with_shots and run.train_per_class is not None:
+        value += f" {run.train_per_class}/class"
     return value
 
 
-def build_cells(runs: Iterable[dict[str, Any]], paper: dict[str, Any]) -> list[Cell]:
-    by_table: dict[str, list[dict[str, Any]]] = defaultdict(list)
+def build_cells(runs: Iterable[RunRecord], paper: dict[str, Any]) -> list[Cell]:
+    by_table: dict[str, list[RunRecord]] = defaultdict(list)
     for run in runs:
-        by_table[run.get("table") or "adhoc"].append(run)
+        by_table[run.table or "adhoc"].append(run)
     cells: list[Cell] = []
     for table, table_runs in by_table.items():
         spec = paper.get(table)
         column_key = _column_key(spec, table_runs)
         ratios_per_method: dict[str, set] = defaultdict(set)
         for run in table_runs:
-            ratios_per_method[run["method"]].add(run["ratio"])
+            ratios_per_method[run.method].add(run.ratio)
         with_ratio = bool(spec and spec.get("row_includes_ratio")) or any(
             len(r) > 1 for r in ratios_per_method.values()
         )
         shots_per_dataset: dict[str, set] = defaultdict(set)
         for run in table_runs:
-            shots_per_dataset[run["dataset"]].add(run.get("train_per_class"))
+            shots_per_dataset[run.dataset].add(run.train_per_class)
         with_shots = any(len(s) > 1 for s in shots_per_dataset.values())
-        grouped: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+        grouped: dict[tuple[str, str], list[RunRecord]] = defaultdict(list)
         for run in table_runs:
             grouped[(_row_label(run, with_ratio), _column_label(run, column_key, with_shots))].append(run)
         for (row, column), group in sorted(grouped.items()):
@@ -179,39 +157,29 @@ def build_cells(runs: Iterable[dict[str, Any]], paper: dict[str, Any]) -> list[C
                     table=table,
                     row=row,
                     column=column,
-                    method=first["method"],
-                    dataset=first["dataset"],
-                    classifier=first["classifier"],
-                    ratio=first["ratio"],
-                    values={m: [float(r[m]) for r in group if r.get(m) is not None] for m in METRICS},
+                    method=first.method,
+                    dataset=first.dataset,
+                    classifier=str(first.classifier),
+                    ratio=first.ratio,
+                    values={m: [r.accuracy(m) for r in group if r.accuracy(m) is not None] for m in METRICS},
                     paper=paper_value,
                     quality={
-                        csv: [
-                            float(r["quality"][col.key])
-                            for r in group
-                            if isinstance(r.get("quality"), dict) and r["quality"].get(col.key) is not None
-                        ]
+                        csv: [r.quality_value(col.key) for r in group if r.quality_value(col.key) is not None]
                         for csv, col in quality_columns().items()
                     },
-                    extractors=sorted(
-                        {
-                            str(r["quality"].get("feature_extractor"))
-                            for r in group
-                            if isinstance(r.get("quality"), dict)
-                        }
-                    ),
+                    extractors=sorted({r.quality_extractor for r in group if r.quality is not None}),
                     environment=environment_values(group),
                 )
             )
     return cells
 
 
-def environment_values(runs: list[dict[str, Any]]) -> dict[str, str]:
-    """Each field of the runs' ``environment`` (metrics.json) -> its value, or its distinct values joined by
-    " | " (runs recorded before environments were: no fields)."""
+def environment_values(runs: list[RunRecord]) -> dict[str, str]:
+    """Each field of the runs' ``environment`` -> its value, or its distinct values joined by " | " (runs
+    recorded before environments were: no fields)."""
     values: dict[str, list[str]] = defaultdict(list)
     for run in runs:
-        for key, value in (run.get("environment") or {}).items():
+        for key, value in run.environment.items():
             if str(value) not in values[key]:
                 values[key].append(str(value))
     return {key: " | ".join(v) for key, v in values.items()}

@@ -33,11 +33,13 @@ import math
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from experiments.record import RunRecord
 
 from .aggregate import find_runs
 
@@ -55,36 +57,61 @@ class EquivalenceError(ValueError):
 
 @dataclass(frozen=True)
 class Run:
+    """A few-shot run on one arm: real (``n_real_plus`` extra real images per class; the n_base-only runs are
+    its 0) or synthetic (``ratio`` generated images per original one)."""
+
     dataset: str
     n_base: int
+    method: str  # "original" for the real arm
+    ratio: int  # 0 for the real arm
     n_real_plus: int
-    n_syn: int
     seed: int
     accuracy: float
-    method: str
+    record: RunRecord = field(compare=False, repr=False)
+
+    @property
+    def n_syn(self) -> int:
+        return self.ratio * self.n_base
+
+    @property
+    def steps(self) -> int | None:
+        """Optimizer steps taken (None for a run from before train.steps)."""
+        return self.record.training.optimizer_steps
+
+    @property
+    def step_budget(self) -> bool:
+        return self.record.training.step_budget
 
 
-def load_runs(root: Path | str, metric: str = "test_acc_final") -> tuple[list[Run], dict[str, int]]:
-    """The exchange-rate runs under ``root`` and counts of the runs left out (with the reason)."""
+def load_runs(
+    root: Path | str, metric: str = "test_acc_final", error: type[ValueError] | None = None
+) -> tuple[list[Run], dict[str, int]]:
+    """The few-shot runs under ``root`` on one of the two arms, and counts of the runs left out (with the
+    reason); ``error``: the exception type to raise (default :class:`EquivalenceError`)."""
+    error = error or EquivalenceError
     if metric not in METRICS:
-        raise EquivalenceError(f"metric must be one of {METRICS}, got {metric!r}")
+        raise error(f"metric must be one of {METRICS}, got {metric!r}")
     runs, skipped = [], defaultdict(int)
     found = find_runs(Path(root))
     if not found:
-        raise EquivalenceError(f"no metrics.json under {root}")
+        raise error(f"no metrics.json under {root}")
     for m in found:
-        if m.get("train_per_class") is None:
-            skipped["no few-shot n_base (train_per_class)"] += 1
+        if m.train_per_class is None:
+            skipped["no few-shot n_base (dataset.train_per_class)"] += 1
             continue
-        if m.get("train_data") == "generated only":
+        if m.generated_only:
             skipped["trained on generated images only"] += 1
             continue
-        n_base, extra = int(m["train_per_class"]), int(m.get("extra_real_per_class") or 0)
-        n_syn = int(m.get("ratio") or 0) * n_base
-        if n_syn and extra:
-            skipped["synthetic and extra real images together (on neither curve)"] += 1
+        if m.extra_real and m.ratio:
+            skipped["synthetic and extra real images together (on neither arm)"] += 1
             continue
-        runs.append(Run(m["dataset"], n_base, extra, n_syn, int(m["seed"]), float(m[metric]), m["method"]))
+        method = "original" if not m.ratio else m.method
+        accuracy = float(m.accuracy(metric))
+        runs.append(Run(m.dataset, m.train_per_class, method, m.ratio, m.extra_real, m.seed, accuracy, m))
+    return runs, dict(skipped)
+
+
+def one_generator_per_dataset(runs: list[Run]) -> None:
     for dataset in {r.dataset for r in runs}:
         generators = {r.method for r in runs if r.dataset == dataset and r.n_syn}
         if len(generators) > 1:
@@ -92,7 +119,6 @@ def load_runs(root: Path | str, metric: str = "test_acc_final") -> tuple[list[Ru
                 f"{dataset}: synthetic runs of several methods {sorted(generators)}; "
                 "analyse one generator per sweep folder"
             )
-    return runs, dict(skipped)
 
 
 # --------------------------------------------------------------------------- curves
@@ -317,6 +343,7 @@ def analyse(
     runs, skipped = load_runs(root, metric)
     if not runs:
         raise EquivalenceError(f"no exchange-rate run under {root} (skipped: {skipped})")
+    one_generator_per_dataset(runs)
     rows = exchange_points(cell_accuracies(runs))
     fits: dict[str, Any] = {}
     for dataset in sorted({r.dataset for r in runs}):

@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -35,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from experiments.record import RunRecord
 
 from .aggregate import (
     Cell,
@@ -54,11 +57,12 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.@-]+", "_", name).strip("_") or "x"
 
 
-def _run_dir(run: dict[str, Any]) -> Path:
-    return Path(run["_path"]).parent
+def _run_dir(run: RunRecord) -> Path:
+    assert run.folder is not None, "a record read from disk"
+    return run.folder
 
 
-def _run_name(run: dict[str, Any], root: Path) -> str:
+def _run_name(run: RunRecord, root: Path) -> str:
     """The run folder relative to the sweep, as one file-name-safe word."""
     run_dir, root = _run_dir(run).resolve(), root.resolve()
     rel = run_dir.relative_to(root) if run_dir.is_relative_to(root) else Path(run_dir.name)
@@ -81,7 +85,7 @@ def current_quality_section() -> dict[str, Any]:
     return dict(yaml.safe_load((CONFIG_DIR / "config.yaml").read_text())["quality"])
 
 
-def backfill_run(run: dict[str, Any], out_dir: Path, probe_cache: dict, *, progress: bool = False) -> dict[str, Any]:
+def backfill_run(run: RunRecord, out_dir: Path, probe_cache: dict, *, progress: bool = False) -> dict[str, Any]:
     """Quality metrics + expansion grid of a finished run from its store and its
     ``.hydra/config.yaml``, written under ``out_dir``; returns the quality dict (with
     ``backfilled: true``) or ``{"skipped": reason}``."""
@@ -97,7 +101,7 @@ def backfill_run(run: dict[str, Any], out_dir: Path, probe_cache: dict, *, progr
     from .quality import build_extractor, quality_metrics, quality_settings, save_expansion_grid
 
     run_dir = _run_dir(run)
-    store = Path(run.get("expansion", {}).get("store", ""))
+    store = Path(run.expansion.store if run.expansion else "")
     config_path = run_dir / ".hydra" / "config.yaml"
     if not (store / "manifest.jsonl").is_file():
         return {"skipped": f"expansion store {store} is not on this machine"}
@@ -156,7 +160,7 @@ def backfill_run(run: dict[str, Any], out_dir: Path, probe_cache: dict, *, progr
         [r["copy"] for r in rows],
         rows=settings.grid_seeds,
         class_names=data.class_names,
-        title=f"{data.name} | {run['method']} x{run['ratio']} | expansion seed {seed}",
+        title=f"{data.name} | {run.method} x{run.ratio} | expansion seed {seed}",
     )
     quality.update(backfilled=True, grid=grid.name)
     (out_dir / "quality.json").write_text(json.dumps(quality, indent=2))
@@ -313,7 +317,7 @@ def figure_ratio(cells: list[Cell], spec: dict[str, Any], path: Path, table: str
 # -- settings --------------------------------------------------------------------------------------------------
 
 
-def sweep_settings(root: Path, runs: list[dict[str, Any]]) -> str:
+def sweep_settings(root: Path, runs: list[RunRecord]) -> str:
     lines = []
     multirun = root / "multirun.yaml"
     if multirun.is_file():
@@ -356,7 +360,7 @@ def _load_config(path: Path) -> dict[str, Any]:
         return yaml.safe_load(path.read_text()) or {}
 
 
-def _overrides(run: dict[str, Any]) -> str:
+def _overrides(run: RunRecord) -> str:
     path = _run_dir(run) / ".hydra" / "overrides.yaml"
     if not path.is_file():
         return ""
@@ -383,12 +387,12 @@ def build_report(
     grids: dict[str, Path] = {}  # run name -> its grid
     notes: dict[str, str] = {}
     probe_cache: dict = {}
-    for run in runs:
+    for i, run in enumerate(runs):
         name = _run_name(run, root)
         own = _run_dir(run) / "expansion_grid.png"
         if own.is_file():
             grids[name] = own
-        if "expansion" not in run or "quality" in run:
+        if run.expansion is None or run.quality is not None:
             continue
         if not backfill:
             notes[name] = "no quality metrics (run predates them; backfill disabled)"
@@ -401,7 +405,7 @@ def build_report(
         if "skipped" in quality:
             notes[name] = "no quality metrics: " + quality["skipped"]
             continue
-        run["quality"] = quality
+        runs[i] = dataclasses.replace(run, quality=quality)
         grids.setdefault(name, out / "backfill" / name / "expansion_grid.png")
         written += [out / "backfill" / name / "quality.json", out / "backfill" / name / "expansion_grid.png"]
         print(f"report: backfilled quality of {name} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
@@ -428,18 +432,18 @@ def build_report(
 
     # one grid per cell (the first seed's run), copied beside the report
     grid_files: list[tuple[str, Path]] = []
-    by_cell: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
-    for run in sorted(runs, key=lambda r: (r.get("seed", 0), r["_path"])):
+    by_cell: dict[tuple[str, ...], list[RunRecord]] = defaultdict(list)
+    for run in sorted(runs, key=lambda r: (r.seed, str(r.path))):
         name = _run_name(run, root)
         if name in grids:
-            key = (run.get("table") or "adhoc", run["method"], str(run.get("ratio")), run["dataset"], run["classifier"])
+            key = (run.table or "adhoc", run.method, str(run.ratio), run.dataset, str(run.classifier))
             by_cell[key].append(run)
     (out / "grids").mkdir(exist_ok=True)
     for key, group in sorted(by_cell.items()):
         name = _run_name(group[0], root)
         dest = out / "grids" / f"{name}.png"
         shutil.copyfile(grids[name], dest)
-        grid_files.append((f"{key[1]} x{key[2]} on {key[3]} ({key[4]}), seed {group[0].get('seed')}: {name}", dest))
+        grid_files.append((f"{key[1]} x{key[2]} on {key[3]} ({key[4]}), seed {group[0].seed}: {name}", dest))
     written += [p for _, p in grid_files]
 
     # report.md
@@ -463,7 +467,7 @@ def build_report(
     text.append("## Quality of the expanded sets\n")
     if has_quality(cells):
         text.append(re.sub(r"^## ", "### ", render_quality_markdown(cells, paper), flags=re.M))
-        if any(r.get("quality", {}).get("backfilled") for r in runs):
+        if any((r.quality or {}).get("backfilled") for r in runs):
             text.append(
                 "Runs marked backfilled had no quality metrics; they were computed by this report from "
                 "their expansion store (`backfill/<run>/quality.json`).\n"
@@ -490,13 +494,14 @@ def build_report(
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
-        q = run.get("quality") or {}
-        fid = f"{q['fid']:.3g}" if q.get("fid") is not None else "–"
-        best_test = f"{run['test_acc_best_test']:.2f}" if run.get("test_acc_best_test") is not None else "–"
+        fid = run.quality_value("fid")
+        fid_text = f"{fid:.3g}" if fid is not None else "–"
+        t = run.training
+        best_test = f"{t.test_acc_best_test:.2f}" if t.test_acc_best_test is not None else "–"
         table_lines.append(
-            f"| {_rel(_run_dir(run), root)} | {run['method']} | {run.get('ratio')} | {run['dataset']} | "
-            f"{run['classifier']} | {run.get('seed')} | {run['test_acc_final']:.2f} | "
-            f"{run['test_acc_best_val']:.2f} | {best_test} | {fid} | {_overrides(run)} |"
+            f"| {_rel(_run_dir(run), root)} | {run.method} | {run.ratio} | {run.dataset} | "
+            f"{run.classifier} | {run.seed} | {t.test_acc_final:.2f} | "
+            f"{t.test_acc_best_val:.2f} | {best_test} | {fid_text} | {_overrides(run)} |"
         )
     text.append("\n".join(table_lines) + "\n")
     text.append("\n## Files written by this report\n")

@@ -40,22 +40,22 @@ import json
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .aggregate import find_runs
 from .equivalence import (
     LOG_C2_BOUNDS_TEXT,
     METRICS,
     EquivalenceError,
+    Run,
     _fmt,
     equivalent_real,
     fit_exchange_rate,
     isotonic,
 )
+from .equivalence import load_runs as load_arm_runs
 
 PROTOCOLS = ("epochs", "steps")
 PROTOCOL_LABELS = {
@@ -72,68 +72,14 @@ class WorthError(ValueError):
     """A sweep that gives no worth table (no runs, no real arm ...)."""
 
 
-@dataclass(frozen=True)
-class Run:
-    dataset: str
-    n_base: int
-    method: str  # "original" for the real arm
-    ratio: int  # 0 for the real arm
-    n_real_plus: int
-    seed: int
-    steps: int  # optimizer steps taken
-    step_budget: bool  # trained to a step budget (train.steps*) rather than train.epochs epochs
-    accuracy: float
-    train_seconds: float
-    expansion: dict[str, Any] | None
-    quality: dict[str, Any] | None
-    num_classes: int
-    machine: str
-    device: str  # cpu or cuda (where the job ran)
-
-
 def load_runs(root: Path | str, metric: str = "test_acc_final") -> tuple[list[Run], dict[str, int]]:
-    """The worth runs under ``root`` and the count of runs left out, by reason."""
-    if metric not in METRICS:
-        raise WorthError(f"metric must be one of {METRICS}, got {metric!r}")
-    found = find_runs(Path(root))
-    if not found:
-        raise WorthError(f"no metrics.json under {root}")
-    runs, skipped = [], defaultdict(int)
-    for m in found:
-        if m.get("train_per_class") is None:
-            skipped["no few-shot n_base (dataset.train_per_class)"] += 1
-            continue
-        if m.get("train_data") == "generated only":
-            skipped["trained on generated images only"] += 1
-            continue
-        if "optimizer_steps" not in m:
-            skipped["no optimizer_steps recorded (a run from before train.steps)"] += 1
-            continue
-        extra, ratio = int(m.get("extra_real_per_class") or 0), int(m.get("ratio") or 0)
-        if extra and ratio:
-            skipped["synthetic and extra real images together (on neither arm)"] += 1
-            continue
-        env = m.get("environment") or {}
-        runs.append(
-            Run(
-                dataset=m["dataset"],
-                n_base=int(m["train_per_class"]),
-                method="original" if not ratio else m["method"],
-                ratio=ratio,
-                n_real_plus=extra,
-                seed=int(m["seed"]),
-                steps=int(m["optimizer_steps"]),
-                step_budget=int((m.get("optimizer_budget") or {}).get("max_steps", -1)) > 0,
-                accuracy=float(m[metric]),
-                train_seconds=float(m.get("train_seconds") or 0.0),
-                expansion=m.get("expansion"),
-                quality=m.get("quality"),
-                num_classes=int(m.get("num_classes") or 0),
-                machine=f"{env.get('device_name') or env.get('device') or '?'} ({env.get('cpu_threads', '?')} thread(s))",
-                device=str(env.get("device") or "cpu"),
-            )
-        )
-    return runs, dict(skipped)
+    """The worth runs under ``root`` (:func:`~experiments.analysis.equivalence.load_runs`, each with its
+    optimizer steps) and the count of runs left out, by reason."""
+    found, skipped = load_arm_runs(root, metric, error=WorthError)
+    runs = [r for r in found if r.steps is not None]
+    if len(runs) < len(found):
+        skipped["no optimizer_steps recorded (a run from before train.steps)"] = len(found) - len(runs)
+    return runs, skipped
 
 
 # --------------------------------------------------------------------------- the two real curves
@@ -224,17 +170,17 @@ def generation_cost(runs: Iterable[Run]) -> dict[tuple[str, int, str], dict[str,
         }
     )
     for r in runs:
-        e = r.expansion
-        if not r.ratio or not e or not (e.get("generated_images") or e.get("fit_seconds")):
+        e = r.record.expansion
+        if not r.ratio or not e or not (e.generated_images or e.fit_seconds):
             continue
         t = totals[(r.dataset, r.n_base, r.method)]
-        t["cpu_seconds"] += float(e.get("cpu_seconds") or 0.0)
-        t["wall_seconds"] += float(e.get("seconds") or 0.0)
-        t["fit_seconds"] += float(e.get("fit_seconds") or 0.0)
-        t["images"] += int(e.get("generated_images") or 0)
+        t["cpu_seconds"] += float(e.cpu_seconds or 0.0)
+        t["wall_seconds"] += e.seconds
+        t["fit_seconds"] += e.fit_seconds
+        t["images"] += e.generated_images
         t["jobs"] += 1
-        t["machines"].add(r.machine)
-        t["devices"].add(r.device)
+        t["machines"].add(r.record.machine())
+        t["devices"].add(str(r.record.environment.get("device") or "cpu"))
     out = {}
     for key, t in totals.items():
         images = max(t["images"], 1)
@@ -298,7 +244,7 @@ def analyse(
     points, fits, real_arms, notes = [], {}, [], []
     for dataset, n_base in groups:
         group = [r for r in runs if (r.dataset, r.n_base) == (dataset, n_base)]
-        classes = max(r.num_classes for r in group)
+        classes = max(r.record.num_classes or 0 for r in group)
         epoch_curve = real_curve(group, "epochs")
         if 0 not in epoch_curve:
             notes.append(f"{dataset}, n_base {n_base}: no original run at equal epochs (exchange=real_0)")
@@ -324,18 +270,16 @@ def analyse(
                 )
             steps = step_counts[0]
             cost = costs.get((dataset, n_base, method)) or {}
-            quality = [r.quality for r in by_seed.values() if r.quality]
+            records = [r.record for r in by_seed.values()]
+            fids = [f for f in (q.quality_value("fid") for q in records) if f is not None]
+            agreements = [a for a in (q.quality_value("label_agreement") for q in records) if a is not None]
             row: dict[str, Any] = {
                 **_cell(dataset, n_base, "synthetic", ratio * n_base, accuracies, steps),
                 "method": method,
                 "ratio": ratio,
-                "train_seconds": statistics.fmean(r.train_seconds for r in by_seed.values()),
-                "fid": statistics.fmean(q["fid"] for q in quality) if quality else None,
-                "label_agreement": (
-                    statistics.fmean(q["label_agreement"] for q in quality if q.get("label_agreement") is not None)
-                    if any(q.get("label_agreement") is not None for q in quality)
-                    else None
-                ),
+                "train_seconds": statistics.fmean(q.training.train_seconds or 0.0 for q in records),
+                "fid": statistics.fmean(fids) if fids else None,
+                "label_agreement": statistics.fmean(agreements) if agreements else None,
                 "cpu_seconds_per_image": cost.get("cpu_seconds_per_image"),
                 "wall_seconds_per_image": cost.get("wall_seconds_per_image"),
                 "generated_on_gpu": bool(cost.get("on_gpu")),
@@ -374,7 +318,7 @@ def analyse(
                     if (p["dataset"], p["n_base"], p["method"]) == (dataset, n_base, method)
                 ]
                 fits[f"{dataset}|{n_base}|{method}|{protocol}"] = _fit(mine, n_base, k)
-    machines = sorted({r.machine for r in runs})
+    machines = sorted({r.record.machine() for r in runs})
     return {
         "root": str(root),
         "metric": metric,

@@ -23,6 +23,7 @@ from typing import Any
 from expansion.errors import ExpansionError
 from expansion.files import TMP_MARK, atomic_directory, canonical_json, content_key
 from expansion.store import FILE_NAME, ExpandedSet, ExpansionStore, image_name
+from experiments.record import load_records, read_record
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +69,10 @@ def find_stores(src: Path) -> list[tuple[Path, Path | None]]:
     if (src / "meta.json").is_file() and (src / "manifest.jsonl").is_file():
         return [(src, None)]
     found: dict[Path, Path] = {}
-    for metrics_path in sorted(src.rglob("metrics.json")):
-        store = (json.loads(metrics_path.read_text()).get("expansion") or {}).get("store")
+    for record in load_records(src)[0]:
+        store = record.expansion.store if record.expansion else None
         if store and not (Path(store) / IMPORTED_MARKER).is_file():  # an imported copy is already shared
-            found.setdefault(Path(store), metrics_path.parent)
+            found.setdefault(Path(store), record.folder)
     if not found:
         raise SharingError(f"no finished expansion store in or under {src}: give a store folder or a run/sweep folder")
     return list(found.items())
@@ -182,9 +183,7 @@ def export_store(store_root: Path, out: Path, run_dir: Path | None = None) -> Ex
     table = datasets.concatenate_datasets([table, extra], axis=1)
     out = Path(out)
     n_shards = max(1, -(-len(rows) // SHARD_ROWS))
-    metrics = (
-        json.loads((run_dir / "metrics.json").read_text()) if run_dir and (run_dir / "metrics.json").is_file() else {}
-    )
+    record = read_record(run_dir)[0] if run_dir else None
     remove_stale_temporaries(out)
     try:
         with atomic_directory(out) as tmp:
@@ -202,7 +201,7 @@ def export_store(store_root: Path, out: Path, run_dir: Path | None = None) -> Ex
                 "license": _licence(raw["payload"]["dataset"]["name"]),
                 "framework": {"version": version("dataset-expansion"), **git_state()},
                 "command": _command(run_dir),
-                "quality": metrics.get("quality"),
+                "quality": record.quality if record else None,
             }
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
             (tmp / "README.md").write_text(dataset_card(meta))

@@ -7,7 +7,7 @@ steps below receive only what they need. A run is fully described by its ``.hydr
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import os
 import shutil
@@ -29,7 +29,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from expansion.base import Expander, ExpansionContext, ExpansionError
 from expansion.engine import VERIFY_LEVELS, ExpansionResult, expand_dataset
-from expansion.files import atomic_write_text
 from expansion.settings import from_mapping
 from expansion.store import ExpansionStore
 from experiments.analysis.quality import QualitySettings, quality_settings
@@ -37,6 +36,7 @@ from experiments.data.datamodule import ExpansionDataModule, load_expanded_image
 from experiments.data.datasets import DatasetSplits, build_dataset
 from experiments.data.datasets import core as datasets_core
 from experiments.data.datasets.core import set_max_image_pixels
+from experiments.record import ExpansionRecord, RunRecord, TrainingResult
 
 from . import preflight, wandb_logging
 from .checkpoints import LAST_CHECKPOINT, AtomicCheckpointIO, StampRunSignature, resume_point, training_signature
@@ -283,7 +283,7 @@ def train_and_evaluate(
     logger: Any,
     include_original: bool = True,
     store_key: str | None = None,
-) -> dict[str, Any]:
+) -> TrainingResult:
     """Train on original (+ expanded) images, or on the expanded images alone; report final-epoch
     test accuracy and test accuracy at the best validation epoch (never selecting on test). With
     ``train.test_every_epoch`` also the official scripts' selection, the best test accuracy over the
@@ -355,22 +355,22 @@ def train_and_evaluate(
     best_epoch = (int(np.argmax(history)) + 1) * budget.val_every - 1 if history else -1
     steps_now = trainer.global_step - (resume[1]["global_step"] if resume else 0)
     epochs_now = epochs * steps_now / max(trainer.global_step, 1)
-    return {
-        "test_acc_final": 100.0 * float(final),
-        "test_acc_best_val": 100.0 * float(best),
-        "best_val_acc": 100.0 * float(max(history)) if history else None,
-        "best_val_epoch": best_epoch,
-        "test_acc_best_test": 100.0 * max(test_history) if test_history else None,
-        "test_acc_per_epoch": [round(100.0 * a, 4) for a in test_history] if test_history else None,
-        "epochs": epochs,
-        "optimizer_steps": trainer.global_step,
-        "optimizer_budget": budget.as_dict(),
-        "num_train_images": datamodule.num_train,
-        "train_seconds": round(train_seconds, 3),
-        "epoch_seconds": [round(t, 4) for t in epoch_timer.epoch_seconds],
-        "images_per_second": round(datamodule.num_train * epochs_now / max(train_seconds, 1e-9), 1),
-        "resumed_from": {"checkpoint": resume[0].name, **resume[1]} if resume else None,
-    }
+    return TrainingResult(
+        test_acc_final=100.0 * float(final),
+        test_acc_best_val=100.0 * float(best),
+        best_val_acc=100.0 * float(max(history)) if history else None,
+        best_val_epoch=best_epoch,
+        test_acc_best_test=100.0 * max(test_history) if test_history else None,
+        test_acc_per_epoch=[round(100.0 * a, 4) for a in test_history] if test_history else None,
+        epochs=epochs,
+        optimizer_steps=trainer.global_step,
+        optimizer_budget=budget.as_dict(),
+        num_train_images=datamodule.num_train,
+        train_seconds=round(train_seconds, 3),
+        epoch_seconds=[round(t, 4) for t in epoch_timer.epoch_seconds],
+        images_per_second=round(datamodule.num_train * epochs_now / max(train_seconds, 1e-9), 1),
+        resumed_from={"checkpoint": resume[0].name, **resume[1]} if resume else None,
+    )
 
 
 def make_logger(cfg: DictConfig, run_dir: Path) -> Any:
@@ -404,20 +404,20 @@ def silence_known_noise() -> None:
         rank_zero.addFilter(_DropKnownNoise())
 
 
-def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict[str, Any]:
-    """Run one experiment; returns (and writes to ``run_dir/metrics.json``) its metrics.
+def run(cfg: DictConfig, run_dir: Path | str | None = None) -> RunRecord:
+    """Run one experiment; returns (and writes to ``run_dir/metrics.json``) its record.
     Its W&B run (if any) is finished however the job ends, marked failed unless it succeeded."""
     silence_known_noise()
     try:
-        metrics = _run(cfg, run_dir)
+        record = _run(cfg, run_dir)
     except BaseException as exc:
         wandb_logging.finish_run(exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 1)
         raise
     wandb_logging.finish_run(0)
-    return metrics
+    return record
 
 
-def _run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict[str, Any]:
+def _run(cfg: DictConfig, run_dir: Path | str | None = None) -> RunRecord:
     run_dir = Path(run_dir) if run_dir is not None else _hydra_run_dir()
     total_start = time.perf_counter()
     job = Job.from_config(cfg)  # every setting checked before any data work or generation
@@ -496,7 +496,7 @@ def configure_data_reading(cfg: DictConfig) -> None:
     datasets_core.FINGERPRINT_CACHE = Path(cfg.paths.cache_dir) / "fingerprints"
 
 
-def _run_job(cfg: DictConfig, job: Job, run_dir: Path, total_start: float) -> dict[str, Any]:
+def _run_job(cfg: DictConfig, job: Job, run_dir: Path, total_start: float) -> RunRecord:
     # decode every split once, before any expansion or training: data that fits in memory stays
     # there, and an unreadable file fails now, with nothing generated
     configure_data_reading(cfg)
@@ -520,24 +520,24 @@ def _run_job(cfg: DictConfig, job: Job, run_dir: Path, total_start: float) -> di
 
     from experiments.sweeps import config_hash
 
-    metrics: dict[str, Any] = {
-        "config_hash": config_hash(cfg),  # the job's identity, with data_fingerprint: a finished twin is not redone
-        "data_fingerprint": data_fingerprint,
-        "table": job.labels["table"],
-        "dataset": data.name,
-        "dataset_source": data.identity["source"],  # how the splits were made (official, npz file, flat folder ...)
-        "method": job.labels["method"],
-        "paper_method": job.labels["paper_method"],
-        "classifier": job.labels["classifier"],
-        "ratio": ratio or 0,
-        "train_data": "original" if ratio is None else "original+generated" if include_original else "generated only",
-        "train_per_class": job.labels["train_per_class"],
-        "extra_real_per_class": job.labels["extra_real_per_class"],
-        "seed": job.seed,
-        "expansion_seed": job.expansion_seed,
-        "num_classes": data.num_classes,
-        "sizes": data.sizes(),
-    }
+    facts: dict[str, Any] = dict(
+        config_hash=config_hash(cfg),  # the job's identity, with data_fingerprint: a finished twin is not redone
+        data_fingerprint=data_fingerprint,
+        table=job.labels["table"],
+        dataset=data.name,
+        dataset_source=data.identity["source"],  # how the splits were made (official, npz file, flat folder ...)
+        method=job.labels["method"],
+        paper_method=job.labels["paper_method"],
+        classifier=job.labels["classifier"],
+        ratio=ratio or 0,
+        train_data="original" if ratio is None else "original+generated" if include_original else "generated only",
+        train_per_class=job.labels["train_per_class"],
+        extra_real_per_class=job.labels["extra_real_per_class"],
+        seed=job.seed,
+        expansion_seed=job.expansion_seed,
+        num_classes=data.num_classes,
+        sizes=data.sizes(),
+    )
     expanded_images = expanded_labels = store_key = None
     if ratio is not None:
         cpu_start = time.process_time()  # every thread of this process: the generation's CPU cost (not a lock's wait)
@@ -548,16 +548,16 @@ def _run_job(cfg: DictConfig, job: Job, run_dir: Path, total_start: float) -> di
             result.expanded, data.channels, data.image_size, tensor_dir=job.labels["tensor_dir"]
         )
         expanded_labels = result.expanded.labels
-        metrics["expansion"] = {
-            "store": str(result.store.root),
-            "key": result.store.key,
-            "num_images": len(result.expanded),
-            "generated_images": result.generated_images,
-            "reused": result.reused,
-            "seconds": round(result.seconds, 3),
-            "fit_seconds": round(result.fit_seconds, 3),
-            "cpu_seconds": round(expansion_cpu_seconds, 3),
-        }
+        facts["expansion"] = ExpansionRecord(
+            store=str(result.store.root),
+            key=result.store.key,
+            num_images=len(result.expanded),
+            generated_images=result.generated_images,
+            reused=bool(result.reused),
+            seconds=round(result.seconds, 3),
+            fit_seconds=round(result.fit_seconds, 3),
+            cpu_seconds=round(expansion_cpu_seconds, 3),
+        )
         log.info(
             "expansion: %d images (%d generated now) in %.1fs",
             len(result.expanded),
@@ -580,7 +580,7 @@ def _run_job(cfg: DictConfig, job: Job, run_dir: Path, total_start: float) -> di
                 progress=job.progress,
                 cache_dir=Path(job.generation.fit_dir) / "quality_probes",
             )
-            metrics["quality"] = q
+            facts["quality"] = q
             log.info(
                 "quality (%s): FID %.3f, label agreement %s, Vendi %.2f (original %.2f), near-duplicates %d, in %.1fs",
                 q["feature_extractor"],
@@ -592,53 +592,52 @@ def _run_job(cfg: DictConfig, job: Job, run_dir: Path, total_start: float) -> di
                 q["seconds"],
             )
         if isinstance(logger, WandbLogger):
-            wandb_logging.log_expansion(logger, cfg, metrics, data, result.expanded, expanded_images, run_dir)
+            wandb_logging.log_expansion(logger, cfg, facts, data, result.expanded, expanded_images, run_dir)
     PREEMPTION.stop_if_requested()  # a signal during expansion or quality: stop before training
     L.seed_everything(job.seed, workers=True, verbose=False)
-    metrics.update(
-        train_and_evaluate(
-            job,
-            data,
-            expanded_images,
-            expanded_labels,
-            run_dir / "train",
-            logger,
-            include_original,
-            store_key=store_key,
-        )
+    facts["training"] = train_and_evaluate(
+        job,
+        data,
+        expanded_images,
+        expanded_labels,
+        run_dir / "train",
+        logger,
+        include_original,
+        store_key=store_key,
     )
     if ratio is not None and compare_original(job.train.compare_original):
         PREEMPTION.stop_if_requested()
         L.seed_everything(job.seed, workers=True, verbose=False)
-        metrics["original"] = train_and_evaluate(job, data, None, None, run_dir / "train_original", False)
-    metrics["total_seconds"] = round(time.perf_counter() - total_start, 3)
-    metrics["environment"] = environment(job.device)
+        facts["original"] = train_and_evaluate(job, data, None, None, run_dir / "train_original", False)
+    facts["total_seconds"] = round(time.perf_counter() - total_start, 3)
+    facts["environment"] = environment(job.device)
+    record = RunRecord(**facts)
     if isinstance(logger, WandbLogger):
-        wandb_logging.log_results(logger, metrics)
-    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
-    print(summary_line(metrics))
-    return metrics
+        wandb_logging.log_results(logger, record)
+    record = dataclasses.replace(record, path=record.write(run_dir))
+    print(summary_line(record))
+    return record
 
 
 ORIGINAL_LABEL = "original (no expansion)"
 
 
-def _accuracies(m: dict[str, Any]) -> str:
-    text = f"test acc: final {m['test_acc_final']:.2f}%, at best val epoch {m['test_acc_best_val']:.2f}%"
-    if m.get("test_acc_best_test") is not None:
-        text += f", best test epoch {m['test_acc_best_test']:.2f}% (as the paper selects; optimistic)"
+def _accuracies(t: TrainingResult) -> str:
+    text = f"test acc: final {t.test_acc_final:.2f}%, at best val epoch {t.test_acc_best_val:.2f}%"
+    if t.test_acc_best_test is not None:
+        text += f", best test epoch {t.test_acc_best_test:.2f}% (as the paper selects; optimistic)"
     return text
 
 
-def summary_line(m: dict[str, Any]) -> str:
-    data = " (generated only)" if m.get("train_data") == "generated only" else ""
-    what = ORIGINAL_LABEL if m.get("train_data") == "original" else f"{m['method']} x{m['ratio']}{data}"
-    line = f"[{m['dataset']} | {what} | {m['classifier']} | seed {m['seed']}] {_accuracies(m)}"
-    if "original" in m:
-        o = m["original"]
+def summary_line(r: RunRecord) -> str:
+    data = " (generated only)" if r.generated_only else ""
+    what = ORIGINAL_LABEL if r.train_data == "original" else f"{r.method} x{r.ratio}{data}"
+    line = f"[{r.dataset} | {what} | {r.classifier} | seed {r.seed}] {_accuracies(r.training)}"
+    if r.original is not None:
+        o = r.original
         line += (
-            f"\n[{m['dataset']} | {ORIGINAL_LABEL} | {m['classifier']} | seed {m['seed']}] {_accuracies(o)}"
-            f"\nexpanded - original: {m['test_acc_final'] - o['test_acc_final']:+.2f} points (final epoch)"
+            f"\n[{r.dataset} | {ORIGINAL_LABEL} | {r.classifier} | seed {r.seed}] {_accuracies(o)}"
+            f"\nexpanded - original: {r.training.test_acc_final - o.test_acc_final:+.2f} points (final epoch)"
         )
     return line
 

@@ -17,12 +17,15 @@ finishes its run, failed or not, so the next job of a multirun never appends to 
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
+
+from experiments.record import RunRecord
 
 #: logger config keys for this module, not for WandbLogger
 FRAMEWORK_KEYS = ("table_rows",)
@@ -62,7 +65,7 @@ def make_wandb_logger(cfg: DictConfig, run_dir: Path) -> Any:
 
 
 def log_expansion(
-    logger: Any, cfg: DictConfig, metrics: dict[str, Any], data: Any, expanded: Any, expanded_images: Any, run_dir: Path
+    logger: Any, cfg: DictConfig, facts: dict[str, Any], data: Any, expanded: Any, expanded_images: Any, run_dir: Path
 ) -> None:
     """Expansion and quality figures, the expansion grid (seed images, then their expansions; drawn
     here when the quality step is off), and a table of manifest rows with their images."""
@@ -70,10 +73,11 @@ def log_expansion(
 
     from experiments.analysis.quality import save_expansion_grid
 
-    figures = {f"expansion/{k}": v for k, v in metrics.get("expansion", {}).items() if _is_number(v)}
-    figures.update({f"quality/{k}": v for k, v in metrics.get("quality", {}).items() if _is_number(v)})
+    quality = facts.get("quality") or {}
+    figures = {f"expansion/{k}": v for k, v in dataclasses.asdict(facts["expansion"]).items() if _is_number(v)}
+    figures.update({f"quality/{k}": v for k, v in quality.items() if _is_number(v)})
     logger.experiment.summary.update(figures)
-    grid = run_dir / str(metrics.get("quality", {}).get("grid", "expansion_grid.png"))
+    grid = run_dir / str(quality.get("grid", "expansion_grid.png"))
     if not grid.is_file():
         grid = save_expansion_grid(
             grid,
@@ -112,18 +116,19 @@ def log_expansion(
     )
 
 
-def log_results(logger: Any, metrics: dict[str, Any]) -> None:
+def log_results(logger: Any, record: RunRecord) -> None:
     """The job's final accuracies into the run summary."""
-    keys = (
-        "test_acc_final",
-        "test_acc_best_val",
-        "test_acc_best_test",
-        "best_val_acc",
-        "best_val_epoch",
-        "train_seconds",
-        "total_seconds",
-    )
-    logger.experiment.summary.update({f"result/{k}": metrics[k] for k in keys if _is_number(metrics.get(k))})
+    t = record.training
+    values = {
+        "test_acc_final": t.test_acc_final,
+        "test_acc_best_val": t.test_acc_best_val,
+        "test_acc_best_test": t.test_acc_best_test,
+        "best_val_acc": t.best_val_acc,
+        "best_val_epoch": t.best_val_epoch,
+        "train_seconds": t.train_seconds,
+        "total_seconds": record.total_seconds,
+    }
+    logger.experiment.summary.update({f"result/{k}": v for k, v in values.items() if _is_number(v)})
 
 
 def finish_run(exit_code: int) -> None:
