@@ -58,6 +58,7 @@ def main(cfg: DictConfig) -> None:
 def _run_owned(cfg: DictConfig, hydra_cfg, job_dir: Path, log_file: str, multirun: bool) -> None:
     from expansion.base import ExpansionError
     from experiments.data.datasets import DatasetError
+    from experiments.identity import config_hash
     from experiments.jobs import (
         clear_failure,
         one_line,
@@ -66,7 +67,7 @@ def _run_owned(cfg: DictConfig, hydra_cfg, job_dir: Path, log_file: str, multiru
         remove_if_bookkeeping_only,
         save_job_config,
     )
-    from experiments.sweeps import config_hash, data_fingerprint_of, find_done, finished_record
+    from experiments.sweeps import data_fingerprint_of, find_done, finished_record
     from experiments.training.checkpoints import CheckpointError
     from experiments.training.pipeline import run, summary_line
     from experiments.training.preemption import preemptible

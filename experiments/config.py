@@ -21,7 +21,7 @@ def register_resolvers() -> None:
     ``${label_numbers:n}``: ["1", ..., "n"] (the official Flowers script's folder numbers as class names).
     ``${gpus_per_job:accelerator,devices}``: the GPUs a SLURM job asks for: none for a CPU trainer, else
     ``devices`` (1 for ``-1``, all of a node: set hydra.launcher.gpus_per_node with trainer=ddp).
-    ``${config_hash:}``: the job's identity (experiments.sweeps.config_hash), e.g. in hydra.sweep.subdir."""
+    ``${config_hash:}``: the job's identity (experiments.identity.config_hash), e.g. in hydra.sweep.subdir."""
     from expansion.settings import fidelity_pick
 
     if not OmegaConf.has_resolver("project_root"):
@@ -43,7 +43,7 @@ def register_resolvers() -> None:
 
 
 def _config_hash(*, _root_) -> str:
-    from experiments.sweeps import config_hash
+    from experiments.identity import config_hash
 
     return config_hash(_root_)
 

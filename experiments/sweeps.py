@@ -13,7 +13,7 @@ cartesian product (a real arm at a few sizes, methods at a few ratios) is one co
           - {exchange: "real_0,real_1"}
           - {method: "cutout,gridmask", method.ratio: "1,2"}
 
-A job's identity is :func:`config_hash` with the fingerprint of its data (:func:`data_fingerprint_of`):
+A job's identity is :func:`experiments.identity.config_hash` with the fingerprint of its data (:func:`data_fingerprint_of`):
 the hash of its resolved config less what does not change its
 results (where files live, progress bars, pre-flight, loggers, speed-only training settings), as dora
 does. Every ``metrics.json`` records it; a sweep job whose hash is already done under the sweep
@@ -23,13 +23,10 @@ folder is skipped (``skip_done``), so re-running an interrupted sweep finishes w
 from __future__ import annotations
 
 import functools
-import hashlib
 import itertools
-import json
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -39,9 +36,6 @@ from omegaconf import DictConfig, OmegaConf
 from experiments.record import RunRecord, iter_record_folders, read_finished
 
 log = logging.getLogger(__name__)
-
-#: top-level config keys that say where and how a job runs, not what it computes
-NOT_IN_IDENTITY = ("paths", "progress_bar", "preflight", "store_lock_timeout", "store_verify", "logger", "skip_done")
 
 
 def job_overrides(
@@ -78,29 +72,6 @@ def sweep_overrides(config: DictConfig, config_loader) -> list[list[str]]:
     params = OmegaConf.to_container(sweeper.params) if sweeper.get("params") else None
     arguments = list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
     return job_overrides(params, grids, arguments, config_loader)
-
-
-def config_hash(cfg: DictConfig) -> str:
-    """A job's identity: sha256 (16 hex digits) of its resolved config without ``hydra``,
-    :data:`NOT_IN_IDENTITY` and the speed-only ``train`` settings; ``paths`` enter by name only
-    (``<paths.shared_data>/mnist``), so the same job on another machine has the same identity."""
-    from expansion.settings import is_speed_only
-    from experiments.training.settings import TrainSettings
-
-    keys = [k for k in cfg if k != "hydra" and (k == "paths" or k not in NOT_IN_IDENTITY)]
-    copy = OmegaConf.masked_copy(cfg, keys)
-    if "paths" in copy:
-        for name in list(copy.paths):
-            copy.paths[name] = f"<paths.{name}>"
-    container = OmegaConf.to_container(copy, resolve=True)
-    container.pop("paths", None)
-    train = container.get("train")
-    if isinstance(train, dict):
-        for f in fields(TrainSettings):
-            if is_speed_only(f):
-                train.pop(f.name, None)
-    text = json.dumps(container, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def data_fingerprint_of(cfg: DictConfig) -> Callable[[], str]:
@@ -142,7 +113,7 @@ def finished_record(
 
 
 def find_done(sweep_dir: Path | str, identity: str, data_fingerprint: Callable[[], str]) -> Path | None:
-    """A ``metrics.json`` under ``sweep_dir`` of a finished job with this :func:`config_hash` and data
+    """A ``metrics.json`` under ``sweep_dir`` of a finished job with this config hash and data
     (a cut or damaged record is not a finished job)."""
     for folder in iter_record_folders(sweep_dir):
         record, problem = finished_record(folder, identity, data_fingerprint)

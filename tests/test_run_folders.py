@@ -205,7 +205,8 @@ def _npz_dataset(path: Path, test_labels=None):
 
 
 def test_the_data_fingerprint_is_part_of_a_jobs_identity(tmp_path):
-    from experiments.sweeps import config_hash, data_fingerprint_of, find_done
+    from experiments.identity import config_hash
+    from experiments.sweeps import data_fingerprint_of, find_done
 
     overrides = _npz_dataset(tmp_path / "toy.npz")
     job = job_config(overrides + FAST)

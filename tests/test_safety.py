@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 
 from expansion import files as files_mod
 from experiments.data.datasets import DatasetError, build_dataset
-from experiments.training.checkpoints import AtomicCheckpointIO, CheckpointError, training_signature
+from experiments.identity import training_signature
+from experiments.training.checkpoints import AtomicCheckpointIO, CheckpointError
 from experiments.training.pipeline import Job, run
 from tests.conftest import PROJECT_ROOT, compose
 

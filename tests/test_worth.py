@@ -12,7 +12,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from experiments.analysis import worth
-from experiments.sweeps import config_hash, data_fingerprint_of, job_overrides
+from experiments.identity import config_hash
+from experiments.sweeps import data_fingerprint_of, job_overrides
 from experiments.training.checkpoints import CheckpointError
 from experiments.training.pipeline import run
 from experiments.training.settings import TrainSettings, optimizer_budget, steps_per_epoch

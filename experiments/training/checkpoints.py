@@ -20,8 +20,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 
-from expansion.files import atomic_write_bytes, content_key, remove_temporaries
-from expansion.settings import signature_of
+from expansion.files import atomic_write_bytes, remove_temporaries
 
 from .preemption import PREEMPTED_CHECKPOINT
 
@@ -45,11 +44,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: Any, *args: Any, weights_only: bool | None = None, **kwargs: Any) -> dict[str, Any]:
         return super().load_checkpoint(path, *args, weights_only=True, **kwargs)
-
-
-def run_signature(settings: Any) -> str:
-    """The content key of everything that shapes one training run (JSON-serialisable ``settings``)."""
-    return content_key(settings)
 
 
 class StampRunSignature(Callback):
@@ -92,32 +86,3 @@ def resume_point(folder: Path, signature: str) -> tuple[Path, dict[str, int]] | 
             "fresh run dir (hydra.run.dir=...) or delete the checkpoints to train from scratch"
         )
     return path, {"epoch": int(checkpoint["epoch"]), "global_step": int(checkpoint["global_step"])}
-
-
-def training_signature(
-    *,
-    dataset_identity: dict[str, Any],
-    store_key: str | None,
-    include_original: bool,
-    classifier: Any,
-    train: Any,
-    seed: int,
-    extra_real: int = 0,
-) -> str:
-    """The signature of one classifier training of a job: the training images (the dataset identity
-    and the expansion store's key, which names the method's settings and the expansion seed), the
-    classifier, the training settings and the seed; speed-only settings (workers, eval batch size,
-    compile) are left out, so a requeued job may change them. ``extra_real``: the extra real images
-    (a real-arm point), keyed only when there are some (earlier checkpoints keep their signature)."""
-    extra = {"extra_real": int(extra_real)} if extra_real else {}
-    return run_signature(
-        {
-            **extra,
-            "dataset": dataset_identity,
-            "expansion_store": store_key,
-            "include_original": include_original,
-            "classifier": signature_of(classifier),
-            "train": signature_of(train),
-            "seed": int(seed),
-        }
-    )

@@ -28,7 +28,7 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from expansion.base import Expander, ExpansionContext, ExpansionError
-from expansion.engine import VERIFY_LEVELS, ExpansionResult, expand_dataset
+from expansion.engine import ExpansionResult, expand_dataset
 from expansion.settings import from_mapping
 from expansion.store import ExpansionStore
 from experiments.analysis.quality import QualitySettings, quality_settings
@@ -36,20 +36,20 @@ from experiments.data.datamodule import ExpansionDataModule, load_expanded_image
 from experiments.data.datasets import DatasetSplits, build_dataset
 from experiments.data.datasets import core as datasets_core
 from experiments.data.datasets.core import set_max_image_pixels
+from experiments.identity import FRAMEWORK_METHOD_KEYS, config_hash, training_signature
 from experiments.record import ExpansionRecord, RunRecord, TrainingResult
 
 from . import preflight, wandb_logging
-from .checkpoints import LAST_CHECKPOINT, AtomicCheckpointIO, StampRunSignature, resume_point, training_signature
+from .checkpoints import LAST_CHECKPOINT, AtomicCheckpointIO, StampRunSignature, resume_point
 from .classifier import ImageClassifier
 from .environment import environment
 from .preemption import PREEMPTED_CHECKPOINT, PREEMPTION, StopOnPreemption
-from .settings import ClassifierSettings, TrainSettings, optimizer_budget
+from .settings import ClassifierSettings, GenerationSettings, TrainSettings, optimizer_budget
 from .timing import EpochTimer
 
 log = logging.getLogger(__name__)
 
 #: method config keys that belong to the framework (names, paper lookups, the engine), not to the expander
-FRAMEWORK_METHOD_KEYS = ("name", "paper_name", "paper_settings", "batch_size", "num_workers", "trainer")
 #: Trainer arguments of classifier training that generation does not take
 TRAINING_ONLY_TRAINER_KEYS = ("max_epochs", "gradient_clip_val", "deterministic", "log_every_n_steps", "benchmark")
 
@@ -71,30 +71,6 @@ def build_expander(method_cfg: DictConfig) -> Expander | None:
     if not isinstance(expander, Expander):
         raise ExpansionError(f"method {method_cfg.get('name')!r}: {method_cfg._target_} is not an Expander")
     return expander
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """How the engine runs the method: seeds per ``expand`` call, loader workers, the predict
-    Trainer's arguments (the job's trainer without training-only keys, full precision: expanders
-    manage their own dtypes), where stores and fits live, how long to wait for another job's lock."""
-
-    batch_size: int
-    num_workers: int
-    trainer: dict[str, Any]
-    store_dir: str
-    fit_dir: str
-    lock_timeout: float
-    verify: str
-
-    def __post_init__(self) -> None:
-        if self.verify not in VERIFY_LEVELS:
-            raise ExpansionError(f"store_verify must be one of {VERIFY_LEVELS}, got {self.verify!r}")
-        if self.batch_size < 1 or self.num_workers < 0:
-            raise ExpansionError(
-                f"method.batch_size must be >= 1 and method.num_workers >= 0, got "
-                f"{self.batch_size} and {self.num_workers}"
-            )
 
 
 @dataclass
@@ -517,8 +493,6 @@ def _run_job(cfg: DictConfig, job: Job, run_dir: Path, total_start: float) -> Ru
         job.labels["method"] = f"imported({made_by})"
     elif expander is not None:
         ratio = expander.ratio
-
-    from experiments.sweeps import config_hash
 
     facts: dict[str, Any] = dict(
         config_hash=config_hash(cfg),  # the job's identity, with data_fingerprint: a finished twin is not redone

@@ -140,3 +140,31 @@ class ClassifierSettings:
 
     def signature(self) -> dict[str, Any]:
         return {k: v for k, v in field_signature(self).items() if k != "name"}
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How the engine runs the method: the predict Trainer's arguments (the job's trainer without
+    training-only keys, full precision: expanders manage their own dtypes), where stores and fits live,
+    how long to wait for another job's lock, how a finished store is verified; speed only: seeds per
+    ``expand`` call (``method.batch_size``: every image has its own seed, so the images do not depend on
+    it) and loader workers (``method.num_workers``)."""
+
+    trainer: dict[str, Any]
+    store_dir: str
+    fit_dir: str
+    lock_timeout: float
+    verify: str
+    batch_size: int = speed_only(MISSING)
+    num_workers: int = speed_only(MISSING)
+
+    def __post_init__(self) -> None:
+        from expansion.engine import VERIFY_LEVELS
+
+        if self.verify not in VERIFY_LEVELS:
+            raise ExpansionError(f"store_verify must be one of {VERIFY_LEVELS}, got {self.verify!r}")
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ExpansionError(
+                f"method.batch_size must be >= 1 and method.num_workers >= 0, got "
+                f"{self.batch_size} and {self.num_workers}"
+            )
