@@ -7,7 +7,7 @@ WHEELHOUSE ?= dist/wheelhouse
 PY ?= 3.12
 PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64
 
-.PHONY: help install run list test test-slow test-gpu test-all lint sweep-digits benchmark-cpu benchmark-training \
+.PHONY: help install run configs list test test-slow test-gpu test-all lint sweep-digits benchmark-cpu benchmark-training \
         benchmark-generation-cpu benchmark-gpu benchmark-gpu-quick benchmark-cost wheelhouse wheelhouse-check report \
         export clean-cache slurm-up slurm-down test-slurm worth
 
@@ -21,6 +21,9 @@ install:  ## create .venv and install the framework with its dev/slurm/joblib ex
 
 run:  ## the offline default job: digits, RandAugment 5x, small CNN on CPU, original vs expanded
 	$(PYTHON) run.py
+
+configs:  ## regenerate conf/method/defaults/*.yaml from the methods' settings classes (a test checks they match)
+	$(PYTHON) -m experiments.config
 
 list:  ## every registered method, dataset, quality metric and classifier, one line each
 	$(PYTHON) -m experiments.catalog
@@ -66,29 +69,29 @@ benchmark-gpu:  ## every GPU benchmark in one command (training + 4 generation m
 	$(PYTHON) benchmarks/gif_mae_throughput.py --device cuda --json $(BENCH_OUT)/gif_mae_cuda.json
 	$(PYTHON) benchmarks/gif_unclip_throughput.py --device cuda --json $(BENCH_OUT)/gif_unclip_cuda.json
 	$(PYTHON) benchmarks/closed_set_throughput.py --device cuda --json $(BENCH_OUT)/closed_set_cuda.json
-	$(PYTHON) benchmarks/cost_table.py --measurements $(BENCH_OUT) --out docs/cost.md
+	$(PYTHON) experiments/tools/cost_table.py --measurements $(BENCH_OUT) --out docs/cost.md
 
 benchmark-gpu-quick:  ## every GPU figure in ~8 min, each part capped: make benchmark-gpu-quick OUT=<folder> [DATA=<bundle>/data] [SMOKE=1]
 	@test -n "$(OUT)" || { echo "usage: make benchmark-gpu-quick OUT=<folder> [DATA=<folder with medmnist/>] [SMOKE=1]"; exit 2; }
-	$(PYTHON) benchmarks/gpu_quick.py --out $(OUT) $(if $(DATA),--data $(DATA)) $(if $(SMOKE),--device cpu --smoke)
+	$(PYTHON) experiments/tools/gpu_quick.py --out $(OUT) $(if $(DATA),--data $(DATA)) $(if $(SMOKE),--device cpu --smoke)
 
 wheelhouse:  ## the offline bundle for a GPU node without network: make wheelhouse [WHEELHOUSE=dist/wheelhouse] [PY=3.12]
-	$(PYTHON) benchmarks/wheelhouse.py build --out $(WHEELHOUSE) --python-version $(PY) --platform $(PLATFORMS)
+	$(PYTHON) experiments/tools/wheelhouse.py build --out $(WHEELHOUSE) --python-version $(PY) --platform $(PLATFORMS)
 
 wheelhouse-check:  ## install the bundle into an empty folder on a clean Python and run the quick command's smoke
-	$(PYTHON) benchmarks/wheelhouse.py check $(WHEELHOUSE)
+	$(PYTHON) experiments/tools/wheelhouse.py check $(WHEELHOUSE)
 
 slurm-up:  ## root: a one-node SLURM cluster on this machine for the slurm tests (installs Debian's slurm + munge if missing)
-	bash experiments/drills/slurm_cluster.sh up
+	bash experiments/tools/slurm_cluster.sh up
 
 slurm-down:  ## stop the one-node SLURM cluster's daemons
-	bash experiments/drills/slurm_cluster.sh down
+	bash experiments/tools/slurm_cluster.sh down
 
 test-slurm:  ## the tests through the real scheduler (after make slurm-up); they fail instead of skipping
 	REQUIRE_SLURM=1 $(PYTHON) -m pytest -q -m slurm
 
 benchmark-cost:  ## docs/cost.md: each paper table's sweep in device-hours from the measurements in $(BENCH_OUT)
-	$(PYTHON) benchmarks/cost_table.py --measurements $(BENCH_OUT) --out docs/cost.md
+	$(PYTHON) experiments/tools/cost_table.py --measurements $(BENCH_OUT) --out docs/cost.md
 
 export:  ## an expanded set as a Hugging Face dataset: make export SRC=<store, run or sweep folder> OUT=<folder>
 	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make export SRC=<store, run or sweep folder> OUT=<folder>"; exit 2; }

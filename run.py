@@ -15,7 +15,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-import experiments.config  # noqa: F401  (registers the ${project_root:} resolver)
+from experiments.config import setup
+
+setup()  # the resolvers and the grids sweeper, before Hydra composes (in a SLURM job too: it imports this module)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -58,17 +60,19 @@ def main(cfg: DictConfig) -> None:
 def _run_owned(cfg: DictConfig, hydra_cfg, job_dir: Path, log_file: str, multirun: bool) -> None:
     from expansion.base import ExpansionError
     from experiments.data.datasets import DatasetError
-    from experiments.identity import config_hash
     from experiments.jobs import (
         clear_failure,
+        find_done,
+        finished_record,
         one_line,
         own_run_folder,
         record_failure,
         remove_if_bookkeeping_only,
         save_job_config,
     )
-    from experiments.sweeps import data_fingerprint_of, find_done, finished_record
     from experiments.training.checkpoints import CheckpointError
+    from experiments.training.identity import config_hash
+    from experiments.training.job import data_fingerprint_of
     from experiments.training.pipeline import run, summary_line
     from experiments.training.preemption import preemptible
 

@@ -81,7 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from experiments.training.pipeline import build_expander, run_expansion
+    from experiments.training.job import build_expander
+    from experiments.training.pipeline import run_expansion
 
     args = parse_args(argv)
     print(f"Decoded-tensor cache: decode vs cached load\n  machine: {machine(torch.device('cpu'))}")

@@ -50,18 +50,17 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from benchmarks.gif_sd_throughput import machine
-from experiments.config import CONFIG_DIR
+from experiments.config import compose
 from experiments.data.augment import augment_batch, normalize, prepare_eval
 from experiments.data.datamodule import ExpansionDataModule, load_expanded_images
 from experiments.data.datasets import DatasetSplits, build_dataset
-from experiments.training.pipeline import Job, build_classifier, build_datamodule
+from experiments.training.job import Job
+from experiments.training.pipeline import build_classifier, build_datamodule
 from experiments.training.timing import steady_epoch_seconds
 
 
 def compose_config(args: argparse.Namespace) -> DictConfig:
     """The run's config, composed as ``run.py`` would with the benchmark's overrides."""
-    from hydra import compose, initialize_config_dir
-
     overrides = [
         f"dataset={args.dataset}",
         f"classifier={args.classifier}",
@@ -83,14 +82,13 @@ def compose_config(args: argparse.Namespace) -> DictConfig:
         overrides.append(f"train.batch_size={args.batch_size}")
     if args.input_size is not None:
         overrides.append(f"classifier.input_size={args.input_size}")
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    return cfg
+    return compose(overrides)
 
 
 def load_training_data(cfg: DictConfig) -> tuple[DatasetSplits, torch.Tensor | None, Any]:
     """The dataset decoded once, and the expanded images of ``cfg.method`` (expanded now or reused)."""
-    from experiments.training.pipeline import build_expander, run_expansion
+    from experiments.training.job import build_expander
+    from experiments.training.pipeline import run_expansion
 
     data = build_dataset(cfg.dataset).in_memory(tensor_dir=cfg.paths.tensor_dir)
     expander = build_expander(cfg.method)

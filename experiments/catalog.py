@@ -1,9 +1,13 @@
 """``python -m experiments.catalog`` (``make list``): every registered method, dataset, quality metric
-and classifier, one line each: name, a one-line description and where it is defined."""
+and classifier, one line each: name, a one-line description and where it is defined.
+
+The loaders and quality metrics are read from their registering decorators in the source
+(:func:`registered_in_source`), so the list imports no torch; a test checks it against the registries."""
 
 from __future__ import annotations
 
 import argparse
+import ast
 import re
 from pathlib import Path
 
@@ -34,10 +38,34 @@ def config_description(path: Path) -> str:
     return one_line(" ".join(comment)) if comment else "(no description)"
 
 
+#: the registries a catalog lists: (folder of the registering modules, decorator name)
+LOADER_SOURCES = (PROJECT_ROOT / "experiments" / "data" / "datasets", "register_loader")
+METRIC_SOURCES = (PROJECT_ROOT / "experiments" / "quality", "register_metric")
+
+
+def registered_in_source(folder: Path, decorator: str) -> list[tuple[str, str, str]]:
+    """``(name, first docstring line, module.function)`` of every function in ``folder``'s modules decorated
+    ``@decorator("name", ...)``, in file then line order: what importing them would register."""
+    found = []
+    for path in sorted(folder.glob("*.py")):
+        module = ".".join(path.relative_to(PROJECT_ROOT).with_suffix("").parts)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.FunctionDef):
+                continue
+            for deco in node.decorator_list:
+                if (
+                    isinstance(deco, ast.Call)
+                    and getattr(deco.func, "id", getattr(deco.func, "attr", None)) == decorator
+                    and deco.args
+                    and isinstance(deco.args[0], ast.Constant)
+                ):
+                    doc = (ast.get_docstring(node) or deco.args[0].value).strip()
+                    found.append((str(deco.args[0].value), doc, f"{module}.{node.name}"))
+    return found
+
+
 def entries() -> dict[str, list[tuple[str, str, str]]]:
     """``{kind: [(name, description, defined in)]}`` over everything that is registered."""
-    from .analysis.quality import METRICS
-    from .data.datasets import loaders
 
     def configs(group: str, names: list[str] | None = None) -> list[tuple[str, str, str]]:
         paths = sorted((CONFIG_DIR / group).glob("*.yaml"))
@@ -47,17 +75,11 @@ def entries() -> dict[str, list[tuple[str, str, str]]]:
             if names is None or p.stem in names
         ]
 
-    known_loaders = loaders()
     return {
         "methods": configs("method", method_names()),
         "datasets": configs("dataset"),
-        "dataset loaders": [
-            (name, one_line(fn.__doc__ or "(no description)"), f"{fn.__module__}.{fn.__qualname__}")
-            for name, fn in sorted(known_loaders.items())
-        ],
-        "quality metrics": [
-            (m.name, m.description, f"{m.fn.__module__}.{m.fn.__qualname__}") for m in METRICS.values()
-        ],
+        "dataset loaders": sorted((n, one_line(doc), where) for n, doc, where in registered_in_source(*LOADER_SOURCES)),
+        "quality metrics": [(n, doc.splitlines()[0], where) for n, doc, where in registered_in_source(*METRIC_SOURCES)],
         "classifiers": configs("classifier"),
     }
 

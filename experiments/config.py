@@ -1,5 +1,6 @@
-"""Hydra/OmegaConf set-up shared by run.py, the tests and the scripts: the resolvers, and every
-method's settings defaults registered for the method configs to compose."""
+"""Hydra/OmegaConf set-up shared by run.py, the tests and the scripts: the resolvers and the sweeper
+(:func:`setup`, called explicitly), the method registry (the method configs), and the method defaults that
+the configs compose, generated from the settings classes (:func:`write_method_defaults`)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = PROJECT_ROOT / "conf"
+from experiments import CONFIG_DIR, PROJECT_ROOT
 
 
 def register_resolvers() -> None:
@@ -21,7 +21,7 @@ def register_resolvers() -> None:
     ``${label_numbers:n}``: ["1", ..., "n"] (the official Flowers script's folder numbers as class names).
     ``${gpus_per_job:accelerator,devices}``: the GPUs a SLURM job asks for: none for a CPU trainer, else
     ``devices`` (1 for ``-1``, all of a node: set hydra.launcher.gpus_per_node with trainer=ddp).
-    ``${config_hash:}``: the job's identity (experiments.identity.config_hash), e.g. in hydra.sweep.subdir."""
+    ``${config_hash:}``: the job's identity (experiments.training.identity.config_hash), e.g. in hydra.sweep.subdir."""
     from expansion.settings import fidelity_pick
 
     if not OmegaConf.has_resolver("project_root"):
@@ -43,7 +43,7 @@ def register_resolvers() -> None:
 
 
 def _config_hash(*, _root_) -> str:
-    from experiments.identity import config_hash
+    from experiments.training.identity import config_hash
 
     return config_hash(_root_)
 
@@ -78,27 +78,73 @@ def method_targets(config_dir: Path = CONFIG_DIR) -> dict[str, str]:
     return {name: str(raw["_target_"]) for name, raw in method_configs(config_dir).items() if raw.get("_target_")}
 
 
-def register_method_defaults(config_dir: Path = CONFIG_DIR) -> None:
-    """``method/defaults/<method name>``: the defaults of the method's settings class, as a config
-    node. A method config composes it (``- /method/defaults/gif_sd@_here_``) and adds only its values,
-    so the settings class stays the one place its defaults live."""
-    from hydra.core.config_store import ConfigStore
-    from hydra.utils import get_class
+METHOD_DEFAULTS_DIR = CONFIG_DIR / "method" / "defaults"
+GENERATED_HEADER = (
+    "# Generated from {where} by `make configs` (experiments.config.write_method_defaults): the defaults of the\n"
+    "# method's settings class, the one place they live. Do not edit; a test fails when this file differs.\n"
+)
 
+
+def method_defaults_text(cls: type) -> str:
+    """The YAML of ``method/defaults/<cls.name>``: the defaults of ``cls.settings_class`` as a config node
+    (:func:`expansion.settings.config_node`). A method config composes it (``- /method/defaults/gif_sd@_here_``)
+    and adds only its own values."""
     from expansion.settings import config_node
 
-    store = ConfigStore.instance()
-    for target in sorted(set(method_targets(config_dir).values())):
-        cls = get_class(target)
-        store.store(group="method/defaults", name=cls.name, node=config_node(cls.settings_class))
+    settings = cls.settings_class
+    where = f"{settings.__module__}.{settings.__qualname__}"
+    body = yaml.safe_dump(config_node(settings), sort_keys=False, default_flow_style=False, width=110)
+    return GENERATED_HEADER.format(where=where) + body
 
 
-register_resolvers()
-register_method_defaults()
+def method_classes(config_dir: Path = CONFIG_DIR) -> dict[str, type]:
+    """``{class name attribute: class}`` of every method config's ``_target_`` (imports them all)."""
+    from hydra.utils import get_class
+
+    classes = [get_class(target) for target in sorted(set(method_targets(config_dir).values()))]
+    return {cls.name: cls for cls in classes}
+
+
+def write_method_defaults(config_dir: Path = CONFIG_DIR) -> list[Path]:
+    """(Re)write ``conf/method/defaults/*.yaml`` from the settings classes; returns the files written."""
+    folder = config_dir / "method" / "defaults"
+    folder.mkdir(exist_ok=True)
+    written = []
+    for name, cls in method_classes(config_dir).items():
+        path = folder / f"{name}.yaml"
+        path.write_text(method_defaults_text(cls))
+        written.append(path)
+    return written
+
 
 #: our hydra_plugins folder (the grids sweeper). The install makes ``hydra_plugins.grids_sweeper`` importable
-#: in any process (a SLURM job unpickles Hydra's plugin registry before our code runs), but an editable
-#: install maps it outside the folders that Hydra's plugin scan walks; on the path, the scan finds it
+#: by name in any process (a SLURM job unpickles Hydra's plugin registry before our code runs), but an editable
+#: install maps it outside the folders that Hydra's plugin scan walks: :func:`setup` puts it on the path
 PLUGIN_ROOT = str(PROJECT_ROOT / "experiments" / "plugins")
-if PLUGIN_ROOT not in sys.path:
-    sys.path.append(PLUGIN_ROOT)
+
+
+def setup() -> None:
+    """What composing and running a job needs, done once and explicitly (run.py, the tests, the scripts that
+    compose configs): the resolvers, and the grids sweeper where Hydra's plugin scan finds it. Importing
+    this module changes nothing."""
+    register_resolvers()
+    if PLUGIN_ROOT not in sys.path:
+        sys.path.append(PLUGIN_ROOT)
+
+
+def compose(overrides: list[str] | None = None, *, with_hydra: bool = False, config_name: str = "config"):
+    """The project's config for ``overrides``, composed as run.py would (without running it); without the
+    ``hydra`` node unless ``with_hydra`` (a job's config as run.py hands it to the pipeline)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    setup()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []), return_hydra_config=with_hydra)
+    return cfg if with_hydra else OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+
+
+if __name__ == "__main__":
+    for written in write_method_defaults():
+        print(f"wrote {written.relative_to(PROJECT_ROOT)}")

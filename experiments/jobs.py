@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from experiments.record import read_finished
+from experiments.record import RunRecord, iter_record_folders, read_finished
 
 FAILURE_FILE = "error.json"
 LOCK_FILE = ".run.lock"
@@ -197,3 +197,35 @@ def find_failures(root: Path | str) -> list[dict[str, Any]]:
             record = {"error": f"unreadable {FAILURE_FILE}", "type": "?"}
         failures.append({"job": str(path.parent.relative_to(root)), **record})
     return failures
+
+
+def finished_record(
+    job_dir: Path | str, identity: str, data_fingerprint: Callable[[], str]
+) -> tuple[RunRecord | None, str | None]:
+    """``(record, None)`` when ``job_dir`` holds this job's finished record (same config hash and data),
+    ``(record, what differs)`` when it holds another job's, ``(None, None)`` when it holds none (a cut
+    or damaged metrics.json is no record: the job runs again)."""
+    record, _ = read_finished(job_dir)
+    if record is None:
+        return None, None
+    if record.config_hash != identity:
+        return (
+            record,
+            f"holds another configuration's results (config hash {record.config_hash}, this job's {identity})",
+        )
+    if record.data_fingerprint != data_fingerprint():
+        return record, (
+            f"holds results for other data (data fingerprint {record.data_fingerprint}, the data now "
+            f"{data_fingerprint()}: the dataset's files or labels changed)"
+        )
+    return record, None
+
+
+def find_done(sweep_dir: Path | str, identity: str, data_fingerprint: Callable[[], str]) -> Path | None:
+    """A ``metrics.json`` under ``sweep_dir`` of a finished job with this config hash and data
+    (a cut or damaged record is not a finished job)."""
+    for folder in iter_record_folders(sweep_dir):
+        record, problem = finished_record(folder, identity, data_fingerprint)
+        if record is not None and problem is None:
+            return record.path
+    return None

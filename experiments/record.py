@@ -86,7 +86,7 @@ class RunRecord:
     training: TrainingResult
     classifier: str | None = None
     ratio: int = 0
-    config_hash: str | None = None  # with data_fingerprint, the job's identity (experiments.identity)
+    config_hash: str | None = None  # with data_fingerprint, the job's identity (experiments.training.identity)
     data_fingerprint: str | None = None
     table: str | None = None
     dataset_source: dict[str, Any] | str | None = None  # how the splits were made (official, a file ...)
@@ -98,7 +98,7 @@ class RunRecord:
     num_classes: int | None = None
     sizes: dict[str, int] = field(default_factory=dict)
     expansion: ExpansionRecord | None = None
-    quality: dict[str, Any] | None = None  # the registered quality metrics' values (experiments.analysis.quality)
+    quality: dict[str, Any] | None = None  # the registered quality metrics' values (experiments.quality)
     original: TrainingResult | None = None
     total_seconds: float | None = None
     environment: dict[str, Any] = field(default_factory=dict)
@@ -127,7 +127,7 @@ class RunRecord:
         return self.train_data == "generated only"
 
     def quality_value(self, key: str) -> float | None:
-        """A registered quality metric's value (experiments.analysis.quality), None when not measured."""
+        """A registered quality metric's value (experiments.quality), None when not measured."""
         value = (self.quality or {}).get(key)
         return None if value is None or isinstance(value, bool) else float(value)
 

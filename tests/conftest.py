@@ -15,7 +15,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from experiments.config import CONFIG_DIR  # noqa: E402  (registers resolvers)
+from experiments import config  # noqa: E402
+
+config.setup()  # the resolvers and the sweeper, as run.py sets them up
 
 SHARED_DATA = Path(os.environ.get("SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data")).resolve()
 
@@ -61,17 +63,10 @@ def _isolated_cache(tmp_path, monkeypatch):
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config"):
-    """Compose the project's Hydra config as run.py would (without running it)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=overrides or [], return_hydra_config=True)
+    """Compose the project's Hydra config as run.py would (without running it), ``hydra`` node included."""
+    return config.compose(overrides, with_hydra=True, config_name=config_name)
 
 
 def job_config(overrides: list[str] | None = None):
     """A job's config as run.py hands it to the pipeline: composed, without the ``hydra`` node."""
-    from omegaconf import OmegaConf
-
-    cfg = compose(overrides)
-    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return config.compose(overrides)

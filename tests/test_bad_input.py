@@ -20,7 +20,8 @@ from expansion import store as store_mod
 from expansion.base import ExpansionError
 from expansion.store import ExpansionStore
 from experiments.data.datasets import DatasetError, build_dataset
-from experiments.training.pipeline import Job, run, run_expansion
+from experiments.training.job import Job
+from experiments.training.pipeline import run, run_expansion
 from tests.conftest import compose
 
 FAST = ["train.epochs=1", "quality.enabled=false", "logger=none", "train.compare_original=false"]

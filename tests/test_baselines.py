@@ -315,7 +315,7 @@ def test_randaugment_rejects_bad_magnitude() -> None:
 # -- configs ---------------------------------------------------------------------
 @pytest.mark.parametrize("name, cls", [("cutout", Cutout), ("gridmask", GridMask), ("randaugment", RandAugment)])
 def test_method_configs_instantiate(name: str, cls) -> None:
-    from experiments.training.pipeline import build_expander
+    from experiments.training.job import build_expander
     from tests.conftest import compose
 
     cfg = compose([f"method={name}"]).method

@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 
 from experiments.data.datamodule import load_expanded_images
 from experiments.data.datasets import build_dataset, core
-from experiments.training.pipeline import Job, run_expansion
+from experiments.training.job import Job
+from experiments.training.pipeline import run_expansion
 from tests.conftest import compose, job_config
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
-from experiments.config import CONFIG_DIR
-from experiments.training.pipeline import build_expander
-from tests.conftest import compose
+from experiments.config import CONFIG_DIR, method_classes, method_defaults_text
+from experiments.training.job import build_expander
+from tests.conftest import PROJECT_ROOT, compose
 
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONFIG_DIR / g).glob("*.yaml"))]
@@ -124,3 +127,47 @@ def test_tables_include_the_gif_variants_of_the_paper():
     )
     assert "gif_unclip" in grids["table3_architectures"] and {"gif_mae", "gif_unclip"} <= set(grids["efficiency"])
     assert compose(["method=gif_unclip"]).method.paper_name == "gif_dalle"
+
+
+@pytest.mark.parametrize("name,cls", sorted(method_classes().items()))
+def test_the_generated_method_defaults_are_the_settings_classes_defaults(name, cls):
+    """conf/method/defaults/<name>.yaml is generated from the settings class (``make configs``): a default
+    changed in the class and not regenerated fails here, naming the file."""
+    path = CONFIG_DIR / "method" / "defaults" / f"{name}.yaml"
+    assert path.is_file() and path.read_text() == method_defaults_text(cls), f"{path} is stale: run `make configs`"
+
+
+def test_importing_the_settings_and_config_modules_imports_no_torch_and_changes_nothing():
+    """Light imports: run.py --help, make list and every subprocess a test spawns pay only for what they use."""
+    code = (
+        "import sys\n"
+        "from omegaconf import OmegaConf\n"
+        "path = list(sys.path)\n"
+        "import experiments.config, experiments.catalog, experiments.training.identity, experiments.record\n"
+        "import experiments.jobs, experiments.sweeps, expansion.settings, expansion.files\n"
+        "import experiments.training.settings\n"
+        "heavy = [m for m in ('torch', 'torchvision', 'diffusers', 'lightning', 'open_clip') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "assert sys.path == path, 'sys.path changed'\n"
+        "assert not OmegaConf.has_resolver('fidelity_pick'), 'a resolver was registered on import'\n"
+        "experiments.config.setup()\n"
+        "assert OmegaConf.has_resolver('fidelity_pick') and experiments.config.PLUGIN_ROOT in sys.path\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_the_grids_sweeper_is_found_by_hydras_plugin_scan_after_setup():
+    """The sweeper subclasses Hydra's BasicSweeper (hydra-core is pinned to 1.3.x in pyproject.toml): the
+    scan must find it, and the methods it overrides must still be the ones BasicSweeper calls."""
+    import inspect
+
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.sweeper import Sweeper
+
+    names = {f"{c.__module__}.{c.__name__}" for c in Plugins.instance().discover(Sweeper)}
+    assert "hydra_plugins.grids_sweeper.GridsSweeper" in names
+    assert list(inspect.signature(BasicSweeper.split_arguments).parameters) == ["overrides", "max_batch_size"]
+    assert "split_arguments" in inspect.getsource(BasicSweeper.sweep)
+    assert list(inspect.signature(BasicSweeper.__init__).parameters) == ["self", "max_batch_size", "params"]

@@ -26,7 +26,8 @@ from expansion.files import canonical_json, content_key
 from expansion.seeding import image_seeds
 from experiments.config import method_names
 from experiments.data.datasets import build_dataset
-from experiments.training.pipeline import Job, build_expander, run_expansion
+from experiments.training.job import Job, build_expander
+from experiments.training.pipeline import run_expansion
 from tests.conftest import compose
 from tests.helpers.tiny_clip import save_tiny_clip
 from tests.helpers.tiny_priors import save_tiny_stable_unclip, tiny_mae

@@ -26,7 +26,8 @@ from expansion.expansive_synthesis.transport import KINDS, ot_distance
 from expansion.gif.ae import GifAE
 from expansion.seeding import image_seeds
 from experiments.data.datasets import build_dataset
-from experiments.training.pipeline import build_expander, run
+from experiments.training.job import build_expander
+from experiments.training.pipeline import run
 from tests.conftest import compose
 from tests.helpers.tolerances import same_up_to_float_rounding
 

@@ -23,7 +23,8 @@ from expansion.base import ExpansionError
 from expansion.files import canonical_json
 from expansion.store import ExpansionStore, StoreDamagedError
 from experiments.data.datasets import DatasetError, build_dataset
-from experiments.training.pipeline import Job, run, run_expansion
+from experiments.training.job import Job
+from experiments.training.pipeline import run, run_expansion
 from tests.conftest import PROJECT_ROOT, compose
 
 FAST = ["train.epochs=1", "quality.enabled=false", "logger=none", "train.compare_original=false"]

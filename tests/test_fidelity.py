@@ -394,7 +394,7 @@ def _compose(overrides):
 
 
 def test_official_config_sets_every_quirk_and_changes_the_store_key():
-    from experiments.training.pipeline import build_expander
+    from experiments.training.job import build_expander
 
     paper = _compose(["method=gif_sd", "dataset=flowers102"])
     official = _compose(["method=gif_sd", "dataset=flowers102", "method.fidelity=official"])

@@ -16,6 +16,7 @@ from expansion.base import ExpansionContext, ExpansionError
 from expansion.gif.mae import GifMAE, load_mae
 from expansion.seeding import image_seeds
 from expansion.store import ExpansionStore
+from experiments.record import read_record
 from tests.conftest import PROJECT_ROOT
 from tests.helpers.tiny_clip import save_tiny_clip
 from tests.helpers.tiny_priors import tiny_mae
@@ -210,9 +211,9 @@ def test_run_py_gif_mae_end_to_end(clip_spec, tmp_path):
         [sys.executable, "run.py", *args], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=900
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["method"] == "gif_mae" and metrics["expansion"]["num_images"] == 2 * 6
-    store = ExpansionStore(Path(metrics["expansion"]["store"]), "", {})
+    metrics = read_record(tmp_path / "run")[0]
+    assert metrics.method == "gif_mae" and metrics.expansion.num_images == 2 * 6
+    store = ExpansionStore(Path(metrics.expansion.store), "", {})
     rows = store.read_rows()
     assert len(rows) == 12 and set(rows[0]) >= FIELDS
     per_parent = {}

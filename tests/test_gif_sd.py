@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from expansion.base import ExpansionContext, ExpansionError
 from expansion.gif.sd import GifSD, load_sd_components
 from expansion.seeding import image_seeds
 from expansion.store import ExpansionStore
+from experiments.record import read_record
 from tests.conftest import PROJECT_ROOT
 from tests.helpers.tiny_sd import tiny_gif_sd
 from tests.helpers.tolerances import same_up_to_float_rounding, scores_close
@@ -171,7 +171,7 @@ def test_run_py_gif_sd_end_to_end_and_batch_size_independent(tiny_sd_models, tmp
             common + [f"method.batch_size={batch}", f"hydra.run.dir={tmp_path}/run{batch}"], tmp_path / f"b{batch}"
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
-        metrics = json.loads((tmp_path / f"run{batch}" / "metrics.json").read_text())
+        metrics = read_record(tmp_path / f"run{batch}")[0]
         assert metrics.method == "gif_sd" and metrics.expansion.num_images == 2 * 6
         stores.append(ExpansionStore(Path(metrics.expansion.store), "", {}))
     rows = stores[0].read_rows()

@@ -1,4 +1,4 @@
-"""One identity rule (experiments/identity.py), table-driven over every settings dataclass: each field of each
+"""One identity rule (experiments/training/identity.py), table-driven over every settings dataclass: each field of each
 registered method's settings (nested settings included), of the training and classifier settings and of the
 engine's generation settings is changed in turn, and the three identities that change are compared with the
 rule: a speed-only field changes none; a method setting changes the store key, the training signature and
@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 from expansion.files import content_key
 from expansion.settings import is_speed_only
 from experiments.config import method_names
-from experiments.identity import config_identity, store_key, training_signature
-from experiments.training.pipeline import Job
+from experiments.training.identity import config_identity, store_key, training_signature
+from experiments.training.job import Job
 from tests.conftest import job_config
 
 ALL = frozenset({"store", "training", "config"})

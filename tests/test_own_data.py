@@ -4,7 +4,6 @@ subset through ``dataset=imagefolder``; the defaults they get, and every bad inp
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from experiments.data.datasets import DatasetError, DatasetNotFoundError, build_dataset
+from experiments.record import read_record
 from experiments.training.pipeline import run
 from tests.conftest import compose
 
@@ -80,7 +80,7 @@ def test_npz_end_to_end_names_the_run_after_the_file(tmp_path, breast):
     )
     assert metrics.dataset == "my_scans" and metrics.num_classes == 2
     assert metrics.dataset_source == {"npz": "my_scans.npz"}
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["expansion"]["num_images"] == 20
+    assert read_record(tmp_path / "run")[0].expansion.num_images == 20
 
 
 @pytest.mark.parametrize(

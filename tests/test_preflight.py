@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from expansion.base import ExpansionError
 from expansion.weights import Weights, hub_reachable, missing
 from experiments.analysis.aggregate import aggregate
+from experiments.record import read_record
 from experiments.training import preflight
 from experiments.training.pipeline import run
 from tests.conftest import PROJECT_ROOT, compose
@@ -123,7 +124,7 @@ def test_a_failed_start_prints_its_error_once_and_leaves_no_run_folder(tmp_path)
 
 def test_metrics_json_records_its_environment(tmp_path):
     metrics = run(_job(["dataset=digits", "method=cutout", "method.ratio=1", *FAST]), tmp_path / "run")
-    env = json.loads((tmp_path / "run" / "metrics.json").read_text())["environment"]
+    env = read_record(tmp_path / "run")[0].environment
     assert env == metrics.environment
     import diffusers
     import lightning

@@ -8,14 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from experiments.analysis.quality import (
-    QualityError,
-    grid_parents,
-    quality_metrics,
-    save_expansion_grid,
-    train_probe,
-    vendi_score,
-)
+from experiments.quality import QualityError, quality_metrics, save_expansion_grid
+from experiments.quality.extractors import train_probe
+from experiments.quality.grid import grid_parents
+from experiments.quality.metrics import vendi_score
 
 
 @pytest.fixture(scope="module")
@@ -152,10 +148,10 @@ def test_a_registered_metric_reaches_metrics_json_results_and_the_report(digits,
     import csv
     import json
 
-    from experiments.analysis import quality
+    from experiments import quality
     from experiments.analysis.aggregate import aggregate
 
-    monkeypatch.setattr(quality, "METRICS", dict(quality.METRICS))
+    monkeypatch.setattr(quality.metrics, "METRICS", dict(quality.metrics.METRICS))
 
     @quality.register_metric("brightness", {"brightness_gap": quality.Column("brightness_gap", "brightness gap")})
     def brightness(q):
@@ -193,7 +189,7 @@ def test_a_registered_metric_reaches_metrics_json_results_and_the_report(digits,
 
 
 def test_the_probe_is_trained_once_per_training_set_and_a_damaged_one_again(tmp_path, monkeypatch):
-    from experiments.analysis import quality as quality_mod
+    from experiments.quality import extractors as quality_mod
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8, generator=g)

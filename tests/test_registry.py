@@ -51,8 +51,24 @@ def test_a_loader_in_a_new_module_is_registered_without_a_list(tmp_path, monkeyp
             return RawSplits(["dark", "light"], TensorImageSet(images, labels), TensorImageSet(images, labels))
     ''')
     )
+    datasets.loaders()  # the package's own loaders registered first: the copy below holds them, the original too
     monkeypatch.setattr(datasets, "__path__", [*datasets.__path__, str(tmp_path)])
     monkeypatch.setattr(datasets, "LOADERS", dict(datasets.LOADERS))
     data = datasets.build_dataset({"name": "my_own_set", "image_size": 8})
     assert data.class_names == ["dark", "light"] and len(data.train) + len(data.val) == 40
     assert "my_own_set" in datasets.loaders()
+
+
+def test_the_catalog_read_from_the_source_is_what_the_registries_hold():
+    """`make list` reads the registering decorators without importing torch; this is what importing them
+    registers, name for name and function for function."""
+    from experiments.catalog import LOADER_SOURCES, METRIC_SOURCES, registered_in_source
+    from experiments.quality.metrics import METRICS
+
+    loaders = datasets.loaders()
+    assert {(n, w) for n, _, w in registered_in_source(*LOADER_SOURCES)} == {
+        (n, f"{fn.__module__}.{fn.__qualname__}") for n, fn in loaders.items()
+    }
+    assert [(n, w) for n, _, w in registered_in_source(*METRIC_SOURCES)] == [
+        (m.name, f"{m.fn.__module__}.{m.fn.__qualname__}") for m in METRICS.values()
+    ]

@@ -18,8 +18,10 @@ from omegaconf import OmegaConf
 
 from expansion.store import ExpansionStore
 from experiments.data.datasets import build_dataset
+from experiments.record import read_record
 from experiments.training.classifier import ImageClassifier
-from experiments.training.pipeline import Job, run, run_expansion
+from experiments.training.job import Job
+from experiments.training.pipeline import run, run_expansion
 from experiments.training.preemption import EXIT_PREEMPTED, PREEMPTED_CHECKPOINT, preemptible
 from tests.conftest import PROJECT_ROOT, compose
 
@@ -274,7 +276,7 @@ def test_submitit_time_limit_signal_requeues_and_resumes(tmp_path):
         os.kill(pid, signal.SIGUSR2)
     _, err = job.communicate(timeout=600)
     assert job.returncode == 0, err[-3000:]
-    metrics = json.loads((job_dir / "metrics.json").read_text())
+    metrics = read_record(job_dir)[0]
     assert metrics.training.resumed_from["checkpoint"] == PREEMPTED_CHECKPOINT
     log = "".join(p.read_text() for p in (sweep / ".submitit" / str(controller)).glob("*_log.err"))
     assert "Caught signal SIGUSR2" in log

@@ -143,7 +143,7 @@ def _write(folder: Path, record) -> Path:
 
 def test_a_cut_record_is_not_a_finished_job_and_fails_the_aggregation(tmp_path, capsys):
     from experiments.analysis.aggregate import AggregateOnMultirunEnd, aggregate
-    from experiments.sweeps import find_done
+    from experiments.jobs import find_done
 
     _write(tmp_path / "0_ok", _record())
     _write(tmp_path / "1_cut", {"config_hash": "c" * 16})
@@ -205,8 +205,9 @@ def _npz_dataset(path: Path, test_labels=None):
 
 
 def test_the_data_fingerprint_is_part_of_a_jobs_identity(tmp_path):
-    from experiments.identity import config_hash
-    from experiments.sweeps import data_fingerprint_of, find_done
+    from experiments.jobs import find_done
+    from experiments.training.identity import config_hash
+    from experiments.training.job import data_fingerprint_of
 
     overrides = _npz_dataset(tmp_path / "toy.npz")
     job = job_config(overrides + FAST)

@@ -15,9 +15,10 @@ from omegaconf import OmegaConf
 
 from expansion import files as files_mod
 from experiments.data.datasets import DatasetError, build_dataset
-from experiments.identity import training_signature
 from experiments.training.checkpoints import AtomicCheckpointIO, CheckpointError
-from experiments.training.pipeline import Job, run
+from experiments.training.identity import training_signature
+from experiments.training.job import Job
+from experiments.training.pipeline import run
 from tests.conftest import PROJECT_ROOT, compose
 
 TRAIN = [

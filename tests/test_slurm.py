@@ -1,5 +1,5 @@
 """Through a real SLURM scheduler (``make slurm-up``: a one-node cluster on this machine,
-experiments/drills/slurm_cluster.sh): a CPU sweep with ``launcher=slurm`` and a failing job,
+experiments/tools/slurm_cluster.sh): a CPU sweep with ``launcher=slurm`` and a failing job,
 SIGUSR2 and ``scontrol requeue`` that checkpoint, requeue and resume, and partition preemption
 with a grace time. Skipped where no cluster is up, unless ``REQUIRE_SLURM=1`` (CI) makes that a
 failure."""
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from experiments.record import read_record
 from experiments.training.preemption import PREEMPTED_CHECKPOINT
 from tests.conftest import PROJECT_ROOT
 
@@ -138,7 +139,7 @@ def test_usr2_and_scontrol_requeue_resume_and_max_num_timeout_is_honoured(slurm_
     subprocess.run(["scancel", "--signal=USR2", jobs["0"]], check=True)
     code, err = _finish(proc)
     assert code == 1, err[-3000:]  # job 0 ran out of requeues
-    requeued = json.loads((dirs["1"] / "metrics.json").read_text())
+    requeued = read_record(dirs["1"])[0]
     assert requeued["resumed_from"] is not None
     restarts = subprocess.run(["scontrol", "show", "job", "-o", jobs["1"]], capture_output=True, text=True).stdout
     assert re.search(r"Restarts=[1-9]", restarts), restarts
@@ -176,8 +177,8 @@ def test_preemption_with_a_grace_time_requeues_and_resumes(slurm_env, tmp_path):
     ).stdout.strip()
     code, err = _finish(proc)
     assert code == 0, err[-3000:]
-    metrics = json.loads((ckpt.parents[2] / "metrics.json").read_text())
-    assert metrics.resumed_from["checkpoint"] == PREEMPTED_CHECKPOINT
+    metrics = read_record(ckpt.parents[2])[0]
+    assert metrics.training.resumed_from["checkpoint"] == PREEMPTED_CHECKPOINT
     assert "requeued itself" in (ckpt.parents[2] / "run.log").read_text()
     shown = subprocess.run(["scontrol", "show", "job", "-o", urgent], capture_output=True, text=True).stdout
     assert "JobState=COMPLETED" in shown, shown

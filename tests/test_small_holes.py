@@ -25,7 +25,8 @@ from experiments.data import sharing
 from experiments.data.datasets import DatasetError, build_dataset
 from experiments.data.sharing import SharingError
 from experiments.training import preflight
-from experiments.training.pipeline import Job, run, run_expansion
+from experiments.training.job import Job
+from experiments.training.pipeline import run, run_expansion
 from experiments.training.preemption import EXIT_PREEMPTED, preemptible
 from tests.conftest import job_config
 
@@ -106,7 +107,7 @@ def test_the_disk_estimate_follows_the_stored_side():
     side; at least one 4 KiB block per image."""
     from types import SimpleNamespace
 
-    from experiments.training.pipeline import store_disk_estimate
+    from experiments.training.job import store_disk_estimate
 
     def gif(output_size, resolution=512):
         return SimpleNamespace(settings=SimpleNamespace(output_size=output_size, resolution=resolution))

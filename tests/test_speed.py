@@ -19,7 +19,8 @@ from experiments.data.datamodule import ExpansionDataModule, TensorImages, load_
 from experiments.data.datasets import build_dataset
 from experiments.data.tensor_cache import TensorCache, cache_key, store_source
 from experiments.training.classifier import ImageClassifier
-from experiments.training.pipeline import Job, build_classifier, run_expansion
+from experiments.training.job import Job
+from experiments.training.pipeline import build_classifier, run_expansion
 from experiments.training.timing import EpochTimer, steady_epoch_seconds
 from tests.conftest import compose
 
@@ -424,7 +425,7 @@ def test_closed_set_benchmark_counts_the_unet_work_per_image(shared_data, tmp_pa
 def test_cost_table_multiplies_measured_rates_over_the_sweep_grid(tmp_path):
     import json
 
-    from benchmarks import cost_table
+    from experiments.tools import cost_table
 
     measurements = tmp_path / "m"
     measurements.mkdir()

@@ -1,5 +1,5 @@
-"""The offline bundle for a GPU node (benchmarks/wheelhouse.py) and the quick GPU command
-(benchmarks/gpu_quick.py): the bundle for the node's Python 3.12 is built and sized, and the same
+"""The offline bundle for a GPU node (experiments/tools/wheelhouse.py) and the quick GPU command
+(experiments/tools/gpu_quick.py): the bundle for the node's Python 3.12 is built and sized, and the same
 bundle for this interpreter, installed into an empty folder on a clean Python that sees only the
 node image's packages, imports the project and runs ``gpu_quick.py --device cpu --smoke`` end to end.
 Needs the package index (as ``make install`` does)."""
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from benchmarks import gpu_quick, wheelhouse
+from experiments.tools import gpu_quick, wheelhouse
 
 
 @pytest.fixture(scope="module")

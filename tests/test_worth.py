@@ -12,9 +12,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from experiments.analysis import worth
-from experiments.identity import config_hash
-from experiments.sweeps import data_fingerprint_of, job_overrides
+from experiments.sweeps import job_overrides
 from experiments.training.checkpoints import CheckpointError
+from experiments.training.identity import config_hash
+from experiments.training.job import data_fingerprint_of
 from experiments.training.pipeline import run
 from experiments.training.settings import TrainSettings, optimizer_budget, steps_per_epoch
 from tests.conftest import PROJECT_ROOT, compose

@@ -45,8 +45,8 @@ METRIC_LABELS = {
 
 
 def quality_columns() -> dict[str, Any]:
-    """results.csv column -> :class:`~experiments.analysis.quality.Column` of every registered quality metric."""
-    from .quality import quality_columns as registered
+    """results.csv column -> :class:`~experiments.quality.Column` of every registered quality metric."""
+    from experiments.quality import quality_columns as registered
 
     return registered()
 
@@ -263,7 +263,7 @@ def quality_mean(cell: Cell, column: str) -> float | None:
 
 
 def render_quality_markdown(cells: list[Cell], paper: dict[str, Any]) -> str:
-    """One table per paper table: the expanded sets' quality (experiments/analysis/quality.py), mean over runs."""
+    """One table per paper table: the expanded sets' quality (experiments/quality/), mean over runs."""
     out = io.StringIO()
     for table in sorted({c.table for c in cells}):
         tcells = [c for c in cells if c.table == table and any(c.quality.values())]
@@ -361,7 +361,7 @@ def _fmt_column(value: float | None, fmt: str) -> str:
 
 
 def _quality_metrics() -> list:
-    from .quality import METRICS
+    from experiments.quality.metrics import METRICS
 
     return list(METRICS.values())
 

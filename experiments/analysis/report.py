@@ -92,13 +92,14 @@ def backfill_run(run: RunRecord, out_dir: Path, probe_cache: dict, *, progress: 
     import numpy as np
     from omegaconf import OmegaConf
 
-    import experiments.config  # noqa: F401  (resolvers)
+    from experiments.config import setup
+
+    setup()  # the resolvers a saved config may name
     from expansion.files import canonical_json
     from expansion.store import ExpandedSet
     from experiments.data.datamodule import load_expanded_images
     from experiments.data.datasets import build_dataset
-
-    from .quality import build_extractor, quality_metrics, quality_settings, save_expansion_grid
+    from experiments.quality import build_extractor, quality_metrics, quality_settings, save_expansion_grid
 
     run_dir = _run_dir(run)
     store = Path(run.expansion.store if run.expansion else "")
@@ -352,7 +353,9 @@ def _load_config(path: Path) -> dict[str, Any]:
     """A run's saved config, interpolations resolved where possible."""
     from omegaconf import OmegaConf
 
-    import experiments.config  # noqa: F401  (resolvers)
+    from experiments.config import setup
+
+    setup()  # the resolvers a saved config may name
 
     try:
         return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]

@@ -82,7 +82,7 @@ def _licence(dataset_name: str) -> str | None:
     """The source data's licence, where its dataset config states one (``license:``)."""
     import yaml
 
-    from experiments.config import CONFIG_DIR
+    from experiments import CONFIG_DIR
 
     path = CONFIG_DIR / "dataset" / f"{dataset_name}.yaml"
     return (yaml.safe_load(path.read_text()) or {}).get("license") if path.is_file() else None
@@ -144,7 +144,7 @@ def export_store(store_root: Path, out: Path, run_dir: Path | None = None) -> Ex
     """One finished, intact store -> ``out`` (``data/train-*.parquet``, README.md, expansion.json)."""
     import datasets
 
-    from experiments.training.environment import git_state, version
+    from experiments.environment import git_state, version
 
     start = time.perf_counter()
     datasets.disable_progress_bars()  # one line per export is printed instead

@@ -38,19 +38,17 @@ import torch
 from omegaconf import DictConfig
 
 from expansion.store import ExpansionStore
-from experiments.config import CONFIG_DIR, PROJECT_ROOT
+from experiments.config import PROJECT_ROOT, compose
 from experiments.data.datasets import build_dataset
-from experiments.training.pipeline import Job, run_expansion
+from experiments.training.job import Job
+from experiments.training.pipeline import run_expansion
 
 DEFAULT_DATA = Path(os.environ.get("SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
 
 
 def compose_job(overrides: list[str]) -> DictConfig:
     """The job config run.py would see for ``overrides`` (without Hydra's own node)."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+    return compose(overrides)
 
 
 def job_overrides(args: argparse.Namespace, cache: Path) -> list[str]:

@@ -89,8 +89,8 @@ class Report:
 def method_weights(cfg: DictConfig, job: Any | None) -> list[Weights]:
     """The pretrained weights a job loads: its expander's and its quality extractor's (from ``job`` when
     it could be built, else from whatever part of ``cfg`` still can be)."""
-    from experiments.analysis.quality import extractor_weights, quality_settings
-    from experiments.training.pipeline import build_expander
+    from experiments.quality import extractor_weights, quality_settings
+    from experiments.training.job import build_expander
 
     try:
         expander = job.expander if job is not None else build_expander(cfg.method)
@@ -105,7 +105,7 @@ def method_weights(cfg: DictConfig, job: Any | None) -> list[Weights]:
 def load_data(cfg: DictConfig) -> tuple[Any, str | None]:
     """``(dataset, None)``, or ``(None, one line)`` when the dataset cannot be loaded (files missing or
     malformed, split impossible); a dataset set to download its files is not missing."""
-    from experiments.training.pipeline import configure_data_reading
+    from experiments.training.job import configure_data_reading
 
     configure_data_reading(cfg)
     dataset = cfg.dataset
@@ -152,7 +152,7 @@ def check_job_data(job: Any, data: Any, *, share_present: bool) -> list[str]:
     """What the run itself checks once its dataset is loaded, checked here already: whether the
     expansion fits in memory and on disk, and a shared set's integrity and source (``method=imported``,
     when ``share_present``)."""
-    from experiments.training.pipeline import check_resources
+    from experiments.training.job import check_resources
 
     problems = []
     try:
@@ -172,7 +172,7 @@ def check_job_data(job: Any, data: Any, *, share_present: bool) -> list[str]:
 def check_jobs(configs: Sequence[DictConfig], labels: Sequence[str]) -> Report:
     """Check every job (``labels``: how the report names them, e.g. their overrides). Each distinct
     dataset is loaded once, each distinct weight looked up once."""
-    from experiments.training.pipeline import Job
+    from experiments.training.job import Job
 
     report = Report(jobs=list(labels))
     data_seen: dict[str, tuple[Any, list[str]]] = {}

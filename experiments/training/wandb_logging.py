@@ -71,7 +71,7 @@ def log_expansion(
     here when the quality step is off), and a table of manifest rows with their images."""
     import wandb
 
-    from experiments.analysis.quality import save_expansion_grid
+    from experiments.quality import save_expansion_grid
 
     quality = facts.get("quality") or {}
     figures = {f"expansion/{k}": v for k, v in dataclasses.asdict(facts["expansion"]).items() if _is_number(v)}

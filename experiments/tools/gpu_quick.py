@@ -19,7 +19,7 @@ others) inside one overall budget (default 450 s, under the 8 minutes a 10-minut
 Writes into ``--out`` each part's JSON (the benchmark's own report), ``parts.log`` (every part's
 output) and ``summary.json``, and prints one summary line per part. The seed images and the
 training set are BreastMNIST from ``--data`` (``breastmnist.npz`` under ``medmnist/``, shipped in
-the offline bundle, benchmarks/wheelhouse.py). Exit status 0 only when every part finished. ``--smoke`` gives every cap and the budget 5x slack:
+the offline bundle, experiments/tools/wheelhouse.py). Exit status 0 only when every part finished. ``--smoke`` gives every cap and the budget 5x slack:
 it checks the script on a CPU that may be loaded, not speed.
 """
 
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

@@ -1,7 +1,7 @@
 """The offline bundle for a GPU node that has a PyTorch image and no network.
 
     make wheelhouse [WHEELHOUSE=dist/wheelhouse] [PY=3.12] [PLATFORMS="manylinux_2_28_x86_64 ..."]
-    python benchmarks/wheelhouse.py check dist/wheelhouse    # install it into an empty folder, run the smoke
+    python experiments/tools/wheelhouse.py check dist/wheelhouse    # install it into an empty folder, run the smoke
 
 ``build`` downloads, on a machine with package access, the wheels the node lacks (for the target
 Python version and platform) at the versions installed here, builds the project's own wheel,
@@ -20,7 +20,7 @@ benchmarks never need them and the bundle leaves them out.
 ``check`` proves the install path here: a clean interpreter (a fresh venv without site packages)
 sees only the node image's packages (linked from this environment) and the bundle installed into
 an empty folder; the project must import from that folder, the optional packages must be absent,
-and ``benchmarks/gpu_quick.py --device cpu --smoke`` must finish.
+and ``experiments/tools/gpu_quick.py --device cpu --smoke`` must finish.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from packaging.requirements import Requirement
 from packaging.tags import compatible_tags, cpython_tags
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -258,7 +258,7 @@ def check(bundle: Path, work: Path, data: Path) -> subprocess.CompletedProcess:
         raise SystemExit(f"the clean interpreter sees optional packages {found['present']}: not a node")
     print(f"wheelhouse check: the project imports from {site}; absent as on the node: {', '.join(optional)}")
     return subprocess.run(
-        [python, str(ROOT / "benchmarks" / "gpu_quick.py"), "--device", "cpu", "--smoke"]
+        [python, str(ROOT / "experiments" / "tools" / "gpu_quick.py"), "--device", "cpu", "--smoke"]
         + ["--out", str(work / "smoke"), "--data", str(data)],
         cwd=ROOT,
         env=env,

@@ -21,7 +21,7 @@ official split sizes (less the seeded validation carve-out where the config carv
 
 Usage (from the repository root)::
 
-    python benchmarks/cost_table.py --measurements benchmarks/results --out docs/cost.md
+    python experiments/tools/cost_table.py --measurements benchmarks/results --out docs/cost.md
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -42,7 +42,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from benchmarks.flops import count_flops
-from experiments.config import CONFIG_DIR
+from experiments.config import compose
 
 #: the paper tables (GPU) and the CPU experiments, in the order of docs/cost.md
 TABLES = (
@@ -126,9 +126,7 @@ class Job:
 
 
 def _compose(overrides: list[str]) -> DictConfig:
-    from hydra import compose
-
-    return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    return compose(overrides, with_hydra=True)
 
 
 def sweep_cells(experiment: str) -> tuple[list[dict[str, str]], int]:
@@ -384,15 +382,11 @@ class Rates:
 
 
 def _time_classic(method: str, channels: int, size: int, ratio: int, n: int = 32) -> Rate:
-    from hydra import compose
-
     from expansion.base import ExpansionContext
     from expansion.seeding import image_seeds
-    from experiments.training.pipeline import build_expander
+    from experiments.training.job import build_expander
 
-    expander = build_expander(
-        compose(config_name="config", overrides=[f"method={method}", f"method.ratio={ratio}"]).method
-    )
+    expander = build_expander(compose([f"method={method}", f"method.ratio={ratio}"]).method)
     expander.prepare(ExpansionContext(dataset_name="cost", class_names=["a", "b"], channels=channels, image_size=size))
     images = torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8)
     labels = torch.zeros(n, dtype=torch.long)
@@ -531,7 +525,7 @@ def render(costs: dict[str, dict[str, Any]], rates: Rates, args: argparse.Namesp
 
 
 def _command(args: argparse.Namespace) -> str:
-    parts = ["python benchmarks/cost_table.py"]
+    parts = ["python experiments/tools/cost_table.py"]
     if args.measurements:
         parts.append(f"--measurements {args.measurements}")
     if list(args.tables) != list(TABLES):
@@ -562,13 +556,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from hydra import initialize_config_dir
-
     args = parse_args(argv)
     rates = Rates(load_measurements(args.measurements), args.gpu_peak_tflops, args.assumed_mfu)
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        costs = {name: table_cost(jobs_of(name), rates) for name in args.tables}
-        text = render(costs, rates, args)
+    costs = {name: table_cost(jobs_of(name), rates) for name in args.tables}
+    text = render(costs, rates, args)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")

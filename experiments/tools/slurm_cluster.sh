@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A one-node SLURM cluster on this machine, for the `slurm` tests (make slurm-up / make slurm-down).
 #
-#   bash experiments/drills/slurm_cluster.sh up     # root: install Debian's slurm + munge if missing, start, wait idle
-#   bash experiments/drills/slurm_cluster.sh down   # stop the daemons by their pidfiles
+#   bash experiments/tools/slurm_cluster.sh up     # root: install Debian's slurm + munge if missing, start, wait idle
+#   bash experiments/tools/slurm_cluster.sh down   # stop the daemons by their pidfiles
 #
 # Idempotent. No systemd: munged, slurmctld and slurmd are started by hand. slurm.conf (under
 # $SLURM_LOCAL, default /run/slurm-local) has this host's cores and memory, proctrack/linuxproc,

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 #: the distributions whose versions are recorded (None: not installed)
 LIBRARIES = ("torch", "lightning", "diffusers", "timm", "open_clip_torch", "numpy")
 
