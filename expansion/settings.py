@@ -222,16 +222,21 @@ def _node(cls: type, value: Any, depth: int | None) -> dict[str, Any]:
 
 def quirk_interpolation(quirk: Mapping[str, Any], fidelity_key: str) -> str:
     """``${fidelity_pick:${<fidelity_key>},<paper>,<official>}`` (null for None)."""
-    paper, official = (_literal(quirk[name]) for name in FIDELITIES)
+    paper, official = (yaml_literal(quirk[name]) for name in FIDELITIES)
     return f"${{fidelity_pick:${{{fidelity_key}}},{paper},{official}}}"
 
 
-def _literal(value: Any) -> str:
+def yaml_literal(value: Any) -> str:
+    """``value`` as it is written inside an interpolation's arguments (null, true, 0.9, a quoted string
+    where it holds a character that would end or nest the argument)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
-    return str(value)
+    text = str(value)
+    if isinstance(value, str) and not text.startswith("${") and any(c in text for c in ",{}[]'\" :"):
+        return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return text
 
 
 def fidelity_pick(fidelity: str, paper: Any, official: Any) -> Any:

@@ -4,6 +4,7 @@ the configs compose, generated from the settings classes (:func:`write_method_de
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ def register_resolvers() -> None:
     ``${label_numbers:n}``: ["1", ..., "n"] (the official Flowers script's folder numbers as class names).
     ``${gpus_per_job:accelerator,devices}``: the GPUs a SLURM job asks for: none for a CPU trainer, else
     ``devices`` (1 for ``-1``, all of a node: set hydra.launcher.gpus_per_node with trainer=ddp).
+    ``${preset:key,default}``: the dataset preset's value of a method setting (experiments.presets).
     ``${config_hash:}``: the job's identity (experiments.training.identity.config_hash), e.g. in hydra.sweep.subdir."""
     from expansion.settings import fidelity_pick
 
@@ -34,6 +36,10 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("fidelity_pick", fidelity_pick)
     if not OmegaConf.has_resolver("gpus_per_job"):
         OmegaConf.register_new_resolver("gpus_per_job", _gpus_per_job)
+    if not OmegaConf.has_resolver("preset"):
+        from experiments.presets import preset_resolver
+
+        OmegaConf.register_new_resolver("preset", preset_resolver)
     if not OmegaConf.has_resolver("config_hash"):
         OmegaConf.register_new_resolver("config_hash", _config_hash)
     if not OmegaConf.has_resolver("label_numbers"):
@@ -85,18 +91,48 @@ GENERATED_HEADER = (
 )
 
 
-def method_defaults_text(cls: type) -> str:
-    """The YAML of ``method/defaults/<cls.name>``: the defaults of ``cls.settings_class`` as a config node
-    (:func:`expansion.settings.config_node`). A method config composes it (``- /method/defaults/gif_sd@_here_``)
-    and adds only its own values."""
-    from expansion.settings import config_node
+def method_target(name: str, config_dir: Path = CONFIG_DIR) -> str | None:
+    """The class a method config builds: its own ``_target_``, else the one of the method config its
+    ``defaults`` extend (``sd_img2img`` extends ``gif_sd``); None for ``original``."""
+    raw = method_configs(config_dir)[name]
+    if "_target_" in raw:
+        return raw["_target_"]
+    for entry in raw.get("defaults", []):
+        if isinstance(entry, str) and entry != "_self_" and not entry.startswith("/"):
+            return method_target(entry, config_dir)
+    return None
 
+
+def method_defaults_node(cls: type, config_dir: Path = CONFIG_DIR) -> dict:
+    """The defaults of ``cls.settings_class`` as a config node (:func:`expansion.settings.config_node`: every
+    quirk a ``${fidelity_pick:...}``), every key a dataset preset of a method built on ``cls`` sets
+    wrapped in ``${preset:<key>,<default>}`` (:mod:`experiments.presets`)."""
+    from expansion.settings import config_node, yaml_literal
+    from experiments.presets import lookup, preset_paths
+
+    node = config_node(cls.settings_class)
+    targets = {name: method_target(name, config_dir) for name in method_configs(config_dir)}
+    methods = [name for name, target in targets.items() if target and target.endswith(f".{cls.__name__}")]
+    for method in methods:
+        for path in preset_paths(method):
+            *parents, last = path.split(".")
+            parent = lookup(node, ".".join(parents), None) if parents else node
+            if not isinstance(parent, dict) or last not in parent or str(parent[last]).startswith("${preset:"):
+                continue  # not a settings field (e.g. ratio: the method config's own) or wrapped already
+            parent[last] = f"${{preset:{path},{yaml_literal(parent[last])}}}"
+    return node
+
+
+def method_defaults_text(cls: type) -> str:
+    """The YAML of ``method/defaults/<cls.name>``: :func:`method_defaults_node`. A method config composes it
+    (``- /method/defaults/gif_sd@_here_``) and adds only its own values."""
     settings = cls.settings_class
-    where = f"{settings.__module__}.{settings.__qualname__}"
-    body = yaml.safe_dump(config_node(settings), sort_keys=False, default_flow_style=False, width=110)
+    where = f"{settings.__module__}.{settings.__qualname__} and experiments.presets"
+    body = yaml.safe_dump(method_defaults_node(cls), sort_keys=False, default_flow_style=False, width=110)
     return GENERATED_HEADER.format(where=where) + body
 
 
+@functools.cache
 def method_classes(config_dir: Path = CONFIG_DIR) -> dict[str, type]:
     """``{class name attribute: class}`` of every method config's ``_target_`` (imports them all)."""
     from hydra.utils import get_class

@@ -416,7 +416,10 @@ def test_official_config_sets_every_quirk_and_changes_the_store_key():
     )
     breast = _compose(["method=gif_sd", "dataset=breastmnist", "method.fidelity=official"]).method
     assert list(breast.dreambooth.class_names) == ["malignant", "benign"]
-    assert _compose(["method=gif_sd", "dataset=breastmnist"]).method.dreambooth.class_names is None
+    assert (
+        build_expander(_compose(["method=gif_sd", "dataset=breastmnist"]).method).settings.dreambooth.class_names
+        is None
+    )
     one = _compose(["method=gif_sd", "dataset=cars", "method.fidelity=official", "method.img2img_start=first_step"])
     assert one.method.img2img_start == "first_step" and one.method.seed_augmentation == "per_pass"
     ablation = _compose(["method=sd_img2img", "dataset=cars", "method.fidelity=official"]).method

@@ -160,7 +160,7 @@ def test_run_py_gif_sd_end_to_end_and_batch_size_independent(tiny_sd_models, tmp
         "method.output_size=16",
         "method.num_inference_steps=3",
         "method.ratio=2",
-        "method.paper_settings.breastmnist.dreambooth=null",
+        "method.dreambooth=null",
         "train.epochs=1",
         "logger=none",
         "train.compare_original=false",

@@ -91,7 +91,7 @@ def test_a_bomb_over_twice_the_limit_suggests_a_limit_that_admits_it(tmp_path):
 
 def test_a_store_that_cannot_fit_on_disk_is_refused_before_generating(tmp_path, monkeypatch):
     free = shutil.disk_usage(tmp_path)._replace(free=50 * 2**20)  # 50 MiB free
-    monkeypatch.setattr("experiments.training.pipeline.shutil.disk_usage", lambda path: free)
+    monkeypatch.setattr("experiments.training.job.shutil.disk_usage", lambda path: free)
     cfg = _cfg(["dataset=digits", "method=cutout", "method.ratio=100000"])  # 20 M images: 82 GiB in 4 KiB blocks
     with pytest.raises(ExpansionError, match=r"would write 20,000,000 images, about 81\.9 GiB in .* 0\.0 GiB free"):
         run(cfg, tmp_path / "run")

@@ -28,7 +28,7 @@ from expansion.settings import is_speed_only, signature_of
 #: top-level config keys that say where and how a job runs, not what it computes
 RUN_ONLY_KEYS = ("paths", "progress_bar", "preflight", "store_lock_timeout", "store_verify", "logger", "skip_done")
 #: method config keys the framework reads (the rest builds the method's settings class)
-FRAMEWORK_METHOD_KEYS = ("name", "paper_name", "paper_settings", "batch_size", "num_workers", "trainer")
+FRAMEWORK_METHOD_KEYS = ("name", "paper_name", "batch_size", "num_workers", "trainer")
 
 
 def store_key(dataset_identity: Mapping[str, Any], method_signature: Mapping[str, Any], seed: int) -> str:
