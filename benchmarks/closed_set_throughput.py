@@ -36,9 +36,20 @@ if str(ROOT) not in sys.path:
 
 import torch
 
-from benchmarks.expansion_timing import result_line, seed_calls, sync, time_expand_calls
-from benchmarks.flops import count_flops, gpu_peak_tflops, utilisation
-from benchmarks.gif_sd_throughput import add_run_arguments, load_seeds, machine, n_params, write_report
+from benchmarks.common import (
+    add_run_arguments,
+    count_flops,
+    gpu_peak_tflops,
+    load_seeds,
+    machine,
+    result_line,
+    seed_calls,
+    sync,
+    time_expand_calls,
+    utilisation,
+    write_report,
+)
+from expansion.architectures import n_params
 from expansion.base import ExpansionContext
 from expansion.closed_set_diffusion import (
     UNET_PRESETS,

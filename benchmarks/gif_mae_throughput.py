@@ -39,65 +39,22 @@ if str(ROOT) not in sys.path:
 
 import torch
 
-from benchmarks.expansion_timing import result_line, seed_calls, time_expand_calls
-from benchmarks.gif_sd_throughput import (
+from benchmarks.common import (
     add_run_arguments,
-    build_real_guide,
     load_seeds,
     machine,
-    n_params,
+    result_line,
+    seed_calls,
+    time_expand_calls,
     write_report,
 )
+from expansion.architectures import RELEASED_PARAMS, build_clip_guide, build_mae, n_params
 from expansion.base import ExpansionContext
-from expansion.gif.guides import ClipGuide, build_guide
+from expansion.gif.guides import ClipGuide
 from expansion.gif.mae import GifMAE
 
-#: facebook/vit-mae-large's config.json (transformers ViTMAEConfig)
-VIT_MAE_LARGE = dict(
-    image_size=224,
-    patch_size=16,
-    num_channels=3,
-    hidden_size=1024,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    intermediate_size=4096,
-    decoder_hidden_size=512,
-    decoder_num_hidden_layers=8,
-    decoder_num_attention_heads=16,
-    decoder_intermediate_size=2048,
-    hidden_act="gelu",
-    layer_norm_eps=1e-12,
-    qkv_bias=True,
-    norm_pix_loss=False,
-)
-TINY_MAE = dict(
-    image_size=32,
-    patch_size=8,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=37,
-    decoder_hidden_size=32,
-    decoder_num_hidden_layers=1,
-    decoder_num_attention_heads=4,
-    decoder_intermediate_size=37,
-)
 #: parameter counts of the released models, for the sanity check printed with the figures
-EXPECTED_PARAMS = {"mae": 329_541_888, "guide": 151_277_313}
-
-
-def build_mae(config: dict[str, Any], seed: int = 0):
-    from transformers import ViTMAEConfig, ViTMAEForPreTraining
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return ViTMAEForPreTraining(ViTMAEConfig(**config))
-
-
-def build_tiny_guide(tmp_dir: Path | str, class_names: list[str]) -> ClipGuide:
-    from tests.helpers.tiny_clip import save_tiny_clip
-
-    return build_guide(save_tiny_clip(Path(tmp_dir) / "clip"), class_names)
+EXPECTED_PARAMS = {"mae": RELEASED_PARAMS["mae"], "guide": RELEASED_PARAMS["guide"]}
 
 
 def make_expander(model, guide: ClipGuide, context: ExpansionContext, args: argparse.Namespace) -> GifMAE:
@@ -172,8 +129,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        model = build_mae(TINY_MAE if args.tiny else VIT_MAE_LARGE)
-        guide = build_tiny_guide(tmp, context.class_names) if args.tiny else build_real_guide(context.class_names)
+        size = "tiny" if args.tiny else "real"
+        model, guide = build_mae(size), build_clip_guide(size, context.class_names, tmp)
     build_s = time.perf_counter() - start
     params = {"mae": n_params(model), "guide": n_params(guide.model)}
     model.to(device)

@@ -20,17 +20,14 @@ Usage (from the repository root)::
         --ratio 2 --seeds-per-pass 2 --repeats 1                 # the smallest meaningful CPU run
     python benchmarks/gif_sd_throughput.py --method both --json gif_sd_throughput.json
 
-``--tiny`` swaps in the tiny test components (tests/helpers) to check the
+``--tiny`` swaps in the tiny test components (expansion/architectures.py) to check the
 script end to end in seconds; its figures say nothing about real speed.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -41,207 +38,29 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import numpy as np
 import torch
 
-from benchmarks.expansion_timing import result_line, time_expand_calls
-from benchmarks.flops import gpu_peak_tflops
+from benchmarks.common import (
+    add_run_arguments,
+    load_seeds,
+    machine,
+    result_line,
+    time_expand_calls,
+    write_report,
+)
+from expansion.architectures import RELEASED_PARAMS, build_clip_guide, build_sd, n_params
 from expansion.base import ExpansionContext
-from expansion.gif.guides import ClipGuide, build_guide
+from expansion.gif.guides import ClipGuide
 from expansion.gif.sd import GifSD
 from expansion.seeding import image_seeds
 
-# -- the real architectures (Stable Diffusion v1.x / v1.5 model_index configs) ---------------------
-SD_V1_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    norm_num_groups=32,
-)
-SD_V1_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    latent_channels=4,
-    layers_per_block=2,
-    block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    norm_num_groups=32,
-    sample_size=512,
-    scaling_factor=0.18215,
-)
-VIT_L14_TEXT = dict(
-    vocab_size=49408,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    projection_dim=768,
-)
-SD_V1_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    beta_schedule="scaled_linear",
-    beta_start=0.00085,
-    beta_end=0.012,
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-)
-GUIDE_ARCH = "ViT-B-32"
-#: parameter counts of the released models, for the sanity check printed with the figures
-EXPECTED_PARAMS = {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480, "guide": 151_277_313}
-
-DATASETS = {
-    # name: (context kwargs, where the seeds are under --data)
-    "cifar10": {"channels": 3, "prompt_prefix": None},
-    "breastmnist": {
-        "channels": 1,
-        "prompt_prefix": "Ultrasound image of",
-        "class_names": ["malignant", "normal, benign"],
-    },
+#: the released models' parameter counts, by component (the real size's sanity check)
+EXPECTED_PARAMS = {
+    "unet": RELEASED_PARAMS["sd_unet"],
+    "vae": RELEASED_PARAMS["sd_vae"],
+    "text_encoder": RELEASED_PARAMS["sd_text"],
+    "guide": RELEASED_PARAMS["guide"],
 }
-
-
-# -- components --------------------------------------------------------------------------------
-def clip_bpe_tokenizer(tmp_dir: Path | str, model_max_length: int = 77):
-    """The real CLIP BPE tokenizer (49408 tokens, 48894 merges) as a transformers CLIPTokenizer,
-    written offline from the vocabulary open_clip ships (bpe_simple_vocab_16e6.txt.gz)."""
-    from open_clip.tokenizer import SimpleTokenizer
-    from transformers import CLIPTokenizer
-
-    simple = SimpleTokenizer()
-    folder = Path(tmp_dir) / "clip_bpe_tokenizer"
-    folder.mkdir(parents=True, exist_ok=True)
-    # open_clip names the special tokens <start_of_text>/<end_of_text>; OpenAI's (and SD's) vocab.json
-    # calls the same ids 49406/49407 <|startoftext|>/<|endoftext|>, the names CLIPTokenizer expects
-    rename = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
-    vocab = {rename.get(tok, tok): i for tok, i in simple.encoder.items()}
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    merges = sorted(simple.bpe_ranks.items(), key=lambda kv: kv[1])
-    (folder / "merges.txt").write_text(
-        "#version: 0.2\n" + "\n".join(" ".join(pair) for pair, _ in merges) + "\n", encoding="utf-8"
-    )
-    tokenizer = CLIPTokenizer.from_pretrained(str(folder), model_max_length=model_max_length)
-    if len(tokenizer) != len(vocab) or tokenizer.eos_token_id != 49407:
-        raise RuntimeError(
-            f"CLIP tokenizer built from open_clip's vocabulary has {len(tokenizer)} tokens and "
-            f"<|endoftext|> = {tokenizer.eos_token_id}; expected {len(vocab)} and 49407"
-        )
-    return tokenizer
-
-
-def build_real_sd(tmp_dir: Path | str, seed: int = 0) -> dict[str, Any]:
-    """SD v1.5's vae, unet, text_encoder, tokenizer and DDIM scheduler with random weights."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    tokenizer = clip_bpe_tokenizer(tmp_dir)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**SD_V1_UNET)
-        vae = AutoencoderKL(**SD_V1_VAE)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                **VIT_L14_TEXT,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
-    return {
-        "vae": vae,
-        "unet": unet,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "scheduler": DDIMScheduler(**SD_V1_SCHEDULER),
-    }
-
-
-def build_real_guide(class_names: list[str], seed: int = 0) -> ClipGuide:
-    """The zero-shot CLIP guide: open_clip ViT-B/32 with random weights."""
-    import open_clip
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = open_clip.create_model(GUIDE_ARCH, pretrained=None)
-    return ClipGuide(model, open_clip.get_tokenizer(GUIDE_ARCH), class_names)
-
-
-def build_tiny(tmp_dir: Path | str, class_names: list[str]) -> tuple[dict[str, Any], ClipGuide]:
-    """The tiny test components (tests/helpers): checks the script's logic, not speed."""
-    from tests.helpers.tiny_clip import save_tiny_clip
-    from tests.helpers.tiny_sd import build_tiny_sd
-
-    comps = build_tiny_sd(Path(tmp_dir))
-    guide = build_guide(save_tiny_clip(Path(tmp_dir) / "clip"), class_names)
-    return comps, guide
-
-
-def n_params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-# -- seed images ---------------------------------------------------------------------------------
-def load_seeds(data_root: Path, dataset: str, n: int) -> tuple[torch.Tensor, torch.Tensor, ExpansionContext]:
-    """``n`` real training images (uint8 [n, C, H, W]), their labels, and the dataset context."""
-    spec = DATASETS[dataset]
-    if dataset == "cifar10":
-        from PIL import Image
-
-        folder = data_root / "cifar10_subset" / "train"
-        if not folder.is_dir():
-            raise SystemExit(f"CIFAR-10 subset not found at {folder}; pass --data (the shared data folder)")
-        class_names = sorted(p.name for p in folder.iterdir() if p.is_dir())
-        files = {c: sorted((folder / c).glob("*.jpg")) for c in class_names}
-        images, labels = [], []
-        for i in range(n):  # round-robin over the classes
-            c = i % len(class_names)
-            with Image.open(files[class_names[c]][i // len(class_names)]) as im:
-                images.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1))
-            labels.append(c)
-        x, y = torch.stack(images), torch.tensor(labels, dtype=torch.long)
-    else:
-        path = data_root / "medmnist" / "breastmnist.npz"
-        if not path.is_file():
-            raise SystemExit(f"BreastMNIST not found at {path}; pass --data (the shared data folder)")
-        data = np.load(path)
-        idx = np.arange(n) % len(data["train_images"])
-        x = torch.from_numpy(data["train_images"][idx])[:, None]
-        y = torch.from_numpy(data["train_labels"][idx, 0].astype(np.int64))
-        class_names = spec["class_names"]
-    context = ExpansionContext(
-        dataset_name=dataset,
-        class_names=list(class_names),
-        channels=spec["channels"],
-        image_size=int(x.shape[-1]),
-        prompt_prefix=spec["prompt_prefix"],
-    )
-    return x, y, context
-
-
-# -- measurement ---------------------------------------------------------------------------------
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        name += f", {torch.get_num_threads()} torch thread(s) of {os.cpu_count()} CPUs"
-    return f"{name}; torch {torch.__version__}" + (f", CUDA {torch.version.cuda}" if device.type == "cuda" else "")
 
 
 def make_expander(
@@ -309,26 +128,6 @@ def measure(
     }
 
 
-def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    """The options every generation benchmark shares: repeats, where the seeds come from, the GPU
-    peak for MFU and the JSON report."""
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per mode (default 2 on cuda, 1 on cpu)")
-    p.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS), help="where the seed images come from")
-    p.add_argument(
-        "--data",
-        type=Path,
-        default=Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data")),
-        help="the shared data folder (cifar10_subset/, medmnist/)",
-    )
-    p.add_argument(
-        "--peak-tflops",
-        type=float,
-        default=None,
-        help="the GPU's dense bf16 peak for MFU (default: looked up by device name, benchmarks/flops.py)",
-    )
-    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(
@@ -375,35 +174,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def write_report(
-    args, device, params, build_s: float, results: list, speedup, benchmark: str, extra: dict | None = None
-) -> dict:
-    """The figures of one benchmark run as a dict, also written to ``--json`` when given."""
-    peak, peak_source = gpu_peak_tflops(device, getattr(args, "peak_tflops", None))
-    report = {
-        "benchmark": benchmark,
-        "machine": machine(device),
-        "device": str(device),
-        "torch": torch.__version__,
-        "tiny": args.tiny,
-        "date": time.strftime("%Y-%m-%d"),
-        "peak_tflops": peak,
-        "peak_source": peak_source,
-        "parameters": params,
-        "build_seconds": build_s,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"},
-        "results": results,
-        "speedup": speedup,
-        **(extra or {}),
-    }
-    print(f"  MFU against: {peak_source}" + (f" = {peak:.1f} TFLOP/s" if peak else ""))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-        print(f"  written to {args.json}")
-    return report
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.repeats < 1 or args.seeds_per_pass < 1 or args.ratio < 1:
@@ -416,12 +186,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     images, labels, context = load_seeds(args.data.expanduser(), args.dataset, args.seeds_per_pass)
 
     start = time.perf_counter()
+    size = "tiny" if args.tiny else "real"
     with tempfile.TemporaryDirectory() as tmp:
-        if args.tiny:
-            comps, guide = build_tiny(tmp, context.class_names)
-        else:
-            comps = build_real_sd(tmp)
-            guide = build_real_guide(context.class_names)
+        comps, guide = build_sd(size, tmp), build_clip_guide(size, context.class_names, tmp)
     build_s = time.perf_counter() - start
     params = {key: n_params(comps[key]) for key in ("unet", "vae", "text_encoder")}
     params["guide"] = n_params(guide.model)

@@ -38,106 +38,19 @@ if str(ROOT) not in sys.path:
 
 import torch
 
-from benchmarks.expansion_timing import result_line, seed_calls, time_expand_calls
-from benchmarks.gif_sd_throughput import (
-    SD_V1_SCHEDULER,
-    SD_V1_VAE,
+from benchmarks.common import (
     add_run_arguments,
-    build_real_guide,
-    clip_bpe_tokenizer,
     load_seeds,
     machine,
-    n_params,
+    result_line,
+    seed_calls,
+    time_expand_calls,
     write_report,
 )
+from expansion.architectures import build_clip_guide, build_stable_unclip, n_params
 from expansion.base import ExpansionContext
-from expansion.gif.guides import ClipGuide, build_guide
+from expansion.gif.guides import ClipGuide
 from expansion.gif.unclip import GifUnCLIP
-
-#: stabilityai/stable-diffusion-2-1-unclip-small unet/config.json
-SD21_UNCLIP_UNET = dict(
-    sample_size=96,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=1024,
-    attention_head_dim=(5, 10, 20, 20),
-    use_linear_projection=True,
-    norm_num_groups=32,
-    class_embed_type="projection",
-    projection_class_embeddings_input_dim=1536,
-)
-#: OpenCLIP ViT-H/14 text tower as SD 2.x's CLIPTextModel
-OPENCLIP_H_TEXT = dict(
-    vocab_size=49408,
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=23,
-    num_attention_heads=16,
-    max_position_embeddings=77,
-    hidden_act="gelu",
-    projection_dim=512,
-)
-#: CLIP ViT-L/14 vision tower + projection (the unclip-small image encoder)
-VIT_L14_VISION = dict(
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    image_size=224,
-    patch_size=14,
-    projection_dim=768,
-    hidden_act="quick_gelu",
-)
-SD21_SCHEDULER = {**SD_V1_SCHEDULER, "prediction_type": "v_prediction"}
-
-
-def build_real_pipe(tmp_dir: Path | str, seed: int = 0):
-    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableUnCLIPImg2ImgPipeline, UNet2DConditionModel
-    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPVisionConfig,
-        CLIPVisionModelWithProjection,
-    )
-
-    tokenizer = clip_bpe_tokenizer(tmp_dir)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**SD21_UNCLIP_UNET)
-        vae = AutoencoderKL(**SD_V1_VAE)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                **OPENCLIP_H_TEXT,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=0,
-            )
-        )
-        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**VIT_L14_VISION))
-    return StableUnCLIPImg2ImgPipeline(
-        feature_extractor=CLIPImageProcessor(crop_size=224, size=224),
-        image_encoder=image_encoder,
-        image_normalizer=StableUnCLIPImageNormalizer(embedding_dim=768),
-        image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        unet=unet,
-        scheduler=DDIMScheduler(**SD21_SCHEDULER),
-        vae=vae,
-    )
-
-
-def build_tiny(tmp_dir: Path | str, class_names: list[str]):
-    from tests.helpers.tiny_clip import save_tiny_clip
-    from tests.helpers.tiny_priors import tiny_stable_unclip
-
-    return tiny_stable_unclip(Path(tmp_dir)), build_guide(save_tiny_clip(Path(tmp_dir) / "clip"), class_names)
 
 
 def make_expander(pipe, guide: ClipGuide, context: ExpansionContext, args: argparse.Namespace) -> GifUnCLIP:
@@ -211,10 +124,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     images, labels, context = load_seeds(args.data.expanduser(), args.dataset, args.seeds_per_pass)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        if args.tiny:
-            pipe, guide = build_tiny(tmp, context.class_names)
-        else:
-            pipe, guide = build_real_pipe(tmp), build_real_guide(context.class_names)
+        size = "tiny" if args.tiny else "real"
+        pipe, guide = build_stable_unclip(size, tmp), build_clip_guide(size, context.class_names, tmp)
     build_s = time.perf_counter() - start
     params = {n: n_params(getattr(pipe, n)) for n in ("unet", "vae", "text_encoder", "image_encoder")}
     params["guide"] = n_params(guide.model)

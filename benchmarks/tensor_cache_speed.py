@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:
 
 import torch
 
-from benchmarks.gif_sd_throughput import machine
+from benchmarks.common import machine
 from benchmarks.training_throughput import compose_config
 from experiments.data.datamodule import load_expanded_images
 from experiments.data.datasets import build_dataset

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from benchmarks.gif_sd_throughput import machine
+from benchmarks.common import machine
 from experiments.config import compose
 from experiments.data.augment import augment_batch, normalize, prepare_eval
 from experiments.data.datamodule import ExpansionDataModule, load_expanded_images

@@ -36,11 +36,10 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_sd_models(tmp_path_factory):
     """A tiny Stable Diffusion folder and a tiny open_clip guide spec, built in code (tests/helpers)."""
-    from tests.helpers.tiny_clip import save_tiny_clip
-    from tests.helpers.tiny_sd import save_tiny_sd
+    from expansion.architectures import save_sd, save_tiny_clip
 
     root = tmp_path_factory.mktemp("tiny_sd_models")
-    return save_tiny_sd(root), save_tiny_clip(root / "clip")
+    return save_sd("tiny", root), save_tiny_clip(root / "clip")
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 """benchmarks/gif_sd_throughput.py: the script's logic end to end on the tiny components,
-the offline CLIP BPE tokenizer, and the real architecture sizes (built on the meta device:
+the offline CLIP BPE tokenizer, and the real architecture sizes of expansion/architectures.py (built on the meta device:
 no memory, no weights). The real-size timing run is not part of the test suite."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import json
 import torch
 
 from benchmarks import gif_sd_throughput as bench
+from expansion.architectures import ARCHITECTURES, RELEASED_PARAMS, clip_tokenizer, n_params
 
 
 def test_tiny_run_times_both_modes_of_both_methods(shared_data, tmp_path, capsys):
@@ -67,7 +68,7 @@ def test_breastmnist_seeds_are_one_channel(shared_data):
 def test_offline_clip_bpe_tokenizer_matches_open_clip(tmp_path):
     import open_clip
 
-    tok = bench.clip_bpe_tokenizer(tmp_path)
+    tok = clip_tokenizer("real", tmp_path)
     assert len(tok) == 49408 and tok.model_max_length == 77
     prompt = "a real-world photo of colorful automobile"
     ids = tok([prompt], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
@@ -78,16 +79,20 @@ def test_offline_clip_bpe_tokenizer_matches_open_clip(tmp_path):
 
 
 def test_real_architectures_have_the_released_parameter_counts():
+    """expansion/architectures.py's real configs are the released models' (built on the meta device: no
+    memory, no weights)."""
     import open_clip
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from open_clip.model import CLIP
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, ViTMAEConfig, ViTMAEForPreTraining
 
+    real = ARCHITECTURES["real"]
     with torch.device("meta"):
         counts = {
-            "unet": bench.n_params(UNet2DConditionModel(**bench.SD_V1_UNET)),
-            "vae": bench.n_params(AutoencoderKL(**bench.SD_V1_VAE)),
-            "text_encoder": bench.n_params(CLIPTextModel(CLIPTextConfig(**bench.VIT_L14_TEXT))),
-            "guide": bench.n_params(CLIP(**open_clip.get_model_config(bench.GUIDE_ARCH))),
+            "sd_unet": n_params(UNet2DConditionModel(**real["sd_unet"])),
+            "sd_vae": n_params(AutoencoderKL(**real["sd_vae"])),
+            "sd_text": n_params(CLIPTextModel(CLIPTextConfig(vocab_size=49408, **real["sd_text"]))),
+            "mae": n_params(ViTMAEForPreTraining(ViTMAEConfig(**real["mae"]))),
+            "guide": n_params(CLIP(**open_clip.get_model_config(real["guide_arch"]))),
         }
-    assert counts == bench.EXPECTED_PARAMS
+    assert counts == RELEASED_PARAMS

@@ -1,8 +1,8 @@
 """The contract of expansion/base.py, tested for every method config in conf/method/ (the registry),
 the way diffusers' PipelineTesterMixin and timm's tests over list_models() work: a new method is tested
 by being registered. Each method runs on 6 real BreastMNIST images (3 per class) with the cheap
-settings of TINY (tiny weights built in code for the methods that load weights); a method missing
-from TINY runs with its own defaults.
+settings its config declares under ``tiny:`` (tiny weights built in code for the methods that load
+weights); a method without them runs with its own defaults at ratio 2.
 
 The store signatures of the methods' default configs are pinned in contract_signatures.json: a
 change of a method's key (users' caches no longer found) must be deliberate. After such a change, or
@@ -21,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+from expansion.architectures import build_mae, save_sd, save_stable_unclip, save_tiny_clip
 from expansion.base import ExpansionError
 from expansion.files import canonical_json, content_key
 from expansion.seeding import image_seeds
@@ -29,69 +30,57 @@ from experiments.data.datasets import build_dataset
 from experiments.training.job import Job, build_expander
 from experiments.training.pipeline import run_expansion
 from tests.conftest import compose
-from tests.helpers.tiny_clip import save_tiny_clip
-from tests.helpers.tiny_priors import save_tiny_stable_unclip, tiny_mae
-from tests.helpers.tiny_sd import save_tiny_sd
 from tests.helpers.tolerances import same_up_to_float_rounding, scores_close
 
 METHODS = method_names()
 SIGNATURES = Path(__file__).with_name("contract_signatures.json")
 DATASET = ["dataset=breastmnist", "dataset.train_per_class=3"]
 
-_AUTOENCODER = [
-    "method.pretrain.steps=10",
-    "method.pretrain.max_images=100",
-    "method.finetune.steps=5",
-    "method.autoencoder.width=8",
-]
-
 
 def tiny_overrides(name: str, weights: dict) -> list[str]:
-    """Settings that make method ``name`` cheap on the CPU and point it at the tiny weights."""
-    clip = weights["clip"]
-    guide = [
-        f"method.guide.arch={clip['arch']}",
-        f"method.guide.pretrained={clip['pretrained']}",
-        f"method.guide.model_config={clip['model_config']}",
-    ]
-    sd = [
-        f"method.model_id={weights['sd']}",
-        "method.resolution=16",
-        "method.num_inference_steps=2",
-        "method.dreambooth=null",
-        "method.output_size=null",
-        *guide,
-    ]
-    tiny = {
-        "gif_sd": sd,
-        "sd_img2img": sd,
-        "gif_mae": [f"method.model_id={weights['mae']}", "method.output_size=null", *guide],
-        "gif_unclip": [f"method.model_id={weights['unclip']}", "method.num_inference_steps=2", *guide],
-        "expansive_synthesis": [*_AUTOENCODER, "method.koopman.steps=5"],
-        "gif_ae": [*_AUTOENCODER, "method.guide.epochs=1"],
-        "gif_ae_unguided": _AUTOENCODER,
-        "closed_set_diffusion": [
-            "method.unet=tiny",
-            "method.resolution=16",
-            "method.fit.steps=2",
-            "method.fit.batch_size=4",
-            "method.num_inference_steps=2",
-        ],
-        "closed_set_diffusion_cpu": ["method.fit.steps=2", "method.fit.batch_size=4", "method.num_inference_steps=2"],
-    }
-    return ["method.ratio=2", *tiny.get(name, [])]
+    """The method's own cheap CPU settings (its config's ``tiny:`` block, placeholders such as ``{sd}`` or
+    ``{clip.arch}`` naming the tiny weights built here) as overrides, at ratio 2."""
+    from omegaconf import OmegaConf
+
+    tiny = compose([f"method={name}", *DATASET]).method.get("tiny")
+    flat = _flatten(OmegaConf.to_container(tiny, resolve=False) if tiny is not None else {})
+    values = {k: v.format_map(_Weights(weights)) if isinstance(v, str) else v for k, v in flat.items()}
+    return ["method.ratio=2", *(f"method.{k}={'null' if v is None else v}" for k, v in values.items())]
+
+
+def _flatten(node: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+class _Weights(dict):
+    """The tiny weights by name, for ``str.format_map``; a placeholder naming none is an error that says so."""
+
+    def __missing__(self, key):
+        raise KeyError(f"a tiny: placeholder names {key!r}; the contract suite builds {sorted(self)}")
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_weights")
-    tiny_mae(seed=1).save_pretrained(root / "mae")
+    build_mae("tiny", seed=1).save_pretrained(root / "mae")
     return {
-        "sd": save_tiny_sd(root),
-        "clip": save_tiny_clip(root / "clip"),
+        "sd": save_sd("tiny", root),
+        "clip": _Spec(save_tiny_clip(root / "clip")),
         "mae": root / "mae",
-        "unclip": save_tiny_stable_unclip(root),
+        "unclip": save_stable_unclip("tiny", root),
     }
+
+
+class _Spec(dict):
+    """A dict whose keys ``{clip.arch}`` reads as attributes."""
+
+    __getattr__ = dict.__getitem__
 
 
 @pytest.fixture(scope="module")

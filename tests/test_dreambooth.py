@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from expansion.architectures import build_sd, save_sd
 from expansion.gif.dreambooth import (
     DreamBoothSettings,
     dreambooth_finetune,
@@ -17,7 +18,6 @@ from expansion.gif.dreambooth import (
     preprocess,
     save_finetuned,
 )
-from tests.helpers.tiny_sd import build_tiny_sd, save_tiny_sd
 
 PROMPTS = {0: "Ultrasound image of malignant breast", 1: "Ultrasound image of benign breast"}
 FAST = dict(lr=1e-3, resolution=16, batch_size=2)  # tiny models need a big lr
@@ -47,7 +47,7 @@ def breast(shared_data):
 def sd(tmp_path):
     from diffusers import DDPMScheduler
 
-    parts = build_tiny_sd(tmp_path)
+    parts = build_sd("tiny", tmp_path)
     parts["noise_scheduler"] = DDPMScheduler.from_config(parts["scheduler"].config)  # as the script
     return parts
 
@@ -116,7 +116,7 @@ def test_frozen_text_encoder_unchanged(sd, breast):
 def test_v_prediction_target(tmp_path, breast):
     from diffusers import DDPMScheduler
 
-    sd = build_tiny_sd(tmp_path)
+    sd = build_sd("tiny", tmp_path)
     sd["noise_scheduler"] = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
     out = _finetune(sd, *breast, DreamBoothSettings(steps=2, **FAST))
     assert out["steps"] == 2 and all(math.isfinite(v) for v in out["losses"])
@@ -126,7 +126,7 @@ def test_same_seed_same_weights(tmp_path, breast):
     images, prompts = breast
     runs = []
     for seed in (7, 7, 8):
-        sd = build_tiny_sd(tmp_path)
+        sd = build_sd("tiny", tmp_path)
         from diffusers import DDPMScheduler
 
         sd["noise_scheduler"] = DDPMScheduler.from_config(sd["scheduler"].config)
@@ -279,9 +279,9 @@ def test_tiny_sd_folder_loads_with_from_pretrained(tmp_path):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    path = save_tiny_sd(tmp_path)
+    path = save_sd("tiny", tmp_path)
     assert (path / "model_index.json").is_file()
-    ref = build_tiny_sd(tmp_path)
+    ref = build_sd("tiny", tmp_path)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
     te = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
@@ -308,7 +308,7 @@ def test_mixed_precision_is_ignored_on_cpu(tmp_path, breast):
 
     losses = []
     for mp in (None, "fp16"):
-        sd = build_tiny_sd(tmp_path)
+        sd = build_sd("tiny", tmp_path)
         sd["noise_scheduler"] = DDPMScheduler.from_config(sd["scheduler"].config)
         losses.append(_finetune(sd, *breast, DreamBoothSettings(steps=2, **FAST), mixed_precision=mp)["losses"])
     assert losses[0] == losses[1]

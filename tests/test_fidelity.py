@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from expansion.architectures import build_sd
 from expansion.base import ExpansionContext, ExpansionError
 from expansion.files import content_key
 from expansion.gif.guides import ClipGuide
@@ -26,7 +27,6 @@ from expansion.gif.template import Encoding, GifExpander
 from expansion.guidance import group_mean, sample_groups
 from expansion.seeding import image_seeds
 from tests.conftest import PROJECT_ROOT
-from tests.helpers.tiny_sd import build_tiny_sd
 
 CLASSES = ["a", "b", "c", "d", "e", "f"]
 RADIUS = 4.0  # Caltech's radius: the 0.1 step is rarely clipped, so sign changes show
@@ -268,7 +268,7 @@ def compvis_img2img(unet, alphas_cumprod, z, noise, cond, uncond, scale, steps, 
 
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory):
-    comps = build_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
+    comps = build_sd("tiny", tmp_path_factory.mktemp("tiny_sd"))
     return comps
 
 

@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from expansion.architectures import build_mae, save_tiny_clip
 from expansion.base import ExpansionContext, ExpansionError
 from expansion.gif.mae import GifMAE, load_mae
 from expansion.seeding import image_seeds
 from expansion.store import ExpansionStore
 from experiments.record import read_record
 from tests.conftest import PROJECT_ROOT
-from tests.helpers.tiny_clip import save_tiny_clip
-from tests.helpers.tiny_priors import tiny_mae
 from tests.helpers.tolerances import all_scores_close, same_up_to_float_rounding
 
 CLASSES = ["malignant", "normal, benign"]
@@ -46,14 +45,14 @@ def _expander(clip_spec, model=None, **kw):
     params.update(kw)
     exp = GifMAE(**params)
     exp.context = ExpansionContext("breastmnist", CLASSES, channels=1, prompt_prefix="Ultrasound image of")
-    exp.set_components(model if model is not None else tiny_mae())
+    exp.set_components(model if model is not None else build_mae("tiny"))
     exp.use_guide(build_guide(clip_spec, CLASSES))
     return exp
 
 
 @pytest.mark.parametrize("norm_pix_loss,mask_ratio", [(False, 0.0), (True, 0.5)])
 def test_expand_shapes_fields_and_per_image_seed_determinism(clip_spec, seeds_batch, norm_pix_loss, mask_ratio):
-    exp = _expander(clip_spec, tiny_mae(norm_pix_loss), mask_ratio=mask_ratio)
+    exp = _expander(clip_spec, build_mae("tiny", norm_pix_loss), mask_ratio=mask_ratio)
     images, labels = seeds_batch[0][:3], seeds_batch[1][:3]
     seeds = image_seeds(3, range(3), 3)
     full = exp.expand(images, labels, seeds)
@@ -120,7 +119,7 @@ def test_trained_mae_reconstructs_better_than_at_init(shared_data, norm_pix_loss
     a few MAE training steps lower the reconstruction error on held-out real images."""
     images = _real_images(shared_data)
     train, held_out = images[::2], images[1::2]
-    model = tiny_mae(norm_pix_loss)
+    model = build_mae("tiny", norm_pix_loss)
     exp = GifMAE(ratio=1, mask_ratio=0.0, augment=False, output_size=None)
     exp.set_components(model)
 
@@ -174,7 +173,7 @@ def test_bad_settings_and_missing_weights_are_clear(tmp_path, monkeypatch):
 
 
 def test_saved_model_loads_from_a_local_folder(tmp_path):
-    model = tiny_mae(seed=3)
+    model = build_mae("tiny", seed=3)
     model.save_pretrained(tmp_path / "mae")
     loaded = load_mae(str(tmp_path / "mae"))
     assert loaded.config.hidden_size == 32
@@ -183,7 +182,7 @@ def test_saved_model_loads_from_a_local_folder(tmp_path):
 
 
 def test_run_py_gif_mae_end_to_end(clip_spec, tmp_path):
-    tiny_mae(seed=1).save_pretrained(tmp_path / "mae")
+    build_mae("tiny", seed=1).save_pretrained(tmp_path / "mae")
     args = [
         "dataset=breastmnist",
         "dataset.train_per_class=3",

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
+from expansion.architectures import save_stable_unclip, save_tiny_clip
 from expansion.base import ExpansionContext, ExpansionError
 from expansion.gif.unclip import GifUnCLIP, load_unclip
 from expansion.seeding import image_seeds
 from expansion.store import ExpansionStore
 from experiments.record import read_record
 from tests.conftest import PROJECT_ROOT
-from tests.helpers.tiny_clip import save_tiny_clip
-from tests.helpers.tiny_priors import save_tiny_karlo, save_tiny_stable_unclip
+from tests.helpers.tiny_priors import save_tiny_karlo
 from tests.helpers.tolerances import all_scores_close, same_up_to_float_rounding
 
 CLASSES = ["malignant", "normal, benign"]
@@ -42,7 +42,7 @@ def clip_spec(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def unclip_dir(tmp_path_factory):
-    return save_tiny_stable_unclip(tmp_path_factory.mktemp("tiny_unclip"))
+    return save_stable_unclip("tiny", tmp_path_factory.mktemp("tiny_unclip"))
 
 
 @pytest.fixture(scope="module")

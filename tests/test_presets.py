@@ -157,11 +157,11 @@ def test_the_vae_is_swapped_at_load_time(tmp_path):
     loaded: the loaded VAE's weights are the other folder's, not the SD folder's."""
     from diffusers import AutoencoderKL
 
+    from expansion.architectures import build_sd, save_sd
     from expansion.gif.sd import GifSD
-    from tests.helpers.tiny_sd import build_tiny_sd, save_tiny_sd
 
-    sd_folder = save_tiny_sd(tmp_path / "sd", seed=0)
-    other_vae = build_tiny_sd(tmp_path / "other", seed=1)["vae"]
+    sd_folder = save_sd("tiny", tmp_path / "sd", seed=0)
+    other_vae = build_sd("tiny", tmp_path / "other", seed=1)["vae"]
     other_vae.save_pretrained(str(tmp_path / "vae"))
     own = AutoencoderKL.from_pretrained(str(sd_folder / "vae"))
     swapped = GifSD(ratio=1, model_id=str(sd_folder), vae_id=str(tmp_path / "vae"), local_files_only=True)

@@ -345,7 +345,7 @@ def test_checkpoints_written_in_the_background_are_whole_when_fit_returns(tmp_pa
 def test_flop_counter_counts_cpu_attention_like_cuda_attention():
     import torch.nn.functional as F
 
-    from benchmarks.flops import count_flops
+    from benchmarks.common import count_flops
 
     q = torch.randn(2, 4, 16, 8, requires_grad=True)
     _, flops = count_flops(lambda: F.scaled_dot_product_attention(q, q, q))
@@ -355,7 +355,7 @@ def test_flop_counter_counts_cpu_attention_like_cuda_attention():
 
 
 def test_gpu_peak_lookup_and_utilisation(monkeypatch):
-    from benchmarks.flops import gpu_peak_tflops, utilisation
+    from benchmarks.common import gpu_peak_tflops, utilisation
 
     assert gpu_peak_tflops(torch.device("cpu"))[0] is None
     assert gpu_peak_tflops(torch.device("cpu"), override=100.0) == (100.0, "--peak-tflops")
@@ -376,7 +376,7 @@ def test_gpu_peak_lookup_and_utilisation(monkeypatch):
 
 def test_closed_set_benchmark_counts_the_unet_work_per_image(shared_data, tmp_path, capsys):
     from benchmarks import closed_set_throughput as bench
-    from benchmarks.flops import count_flops
+    from benchmarks.common import count_flops
 
     report = bench.main(
         [

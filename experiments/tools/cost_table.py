@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from benchmarks.flops import count_flops
+from benchmarks.common import count_flops
 from experiments.config import compose
 
 #: the paper tables (GPU) and the CPU experiments, in the order of docs/cost.md

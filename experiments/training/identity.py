@@ -27,8 +27,9 @@ from expansion.settings import is_speed_only, signature_of
 
 #: top-level config keys that say where and how a job runs, not what it computes
 RUN_ONLY_KEYS = ("paths", "progress_bar", "preflight", "store_lock_timeout", "store_verify", "logger", "skip_done")
-#: method config keys the framework reads (the rest builds the method's settings class)
-FRAMEWORK_METHOD_KEYS = ("name", "paper_name", "batch_size", "num_workers", "trainer")
+#: method config keys the framework reads (the rest builds the method's settings class); ``tiny``: the
+#: contract suite's cheap settings of the method (tests/test_contract.py), no part of any job
+FRAMEWORK_METHOD_KEYS = ("name", "paper_name", "batch_size", "num_workers", "trainer", "tiny")
 
 
 def store_key(dataset_identity: Mapping[str, Any], method_signature: Mapping[str, Any], seed: int) -> str:
@@ -115,6 +116,8 @@ def config_identity(container: dict[str, Any]) -> dict[str, Any]:
         value = out.get(section)
         if not isinstance(value, dict):
             continue
+        if section == "method":
+            value = {k: v for k, v in value.items() if k != "tiny"}
         for settings_class in section_settings(section, value.get("_target_") if section == "method" else None):
             value = without_speed_only(value, settings_class)
         out[section] = value

@@ -1,93 +1,11 @@
-"""Tiny, randomly initialised GIF priors for offline tests: an MAE (transformers ViTMAEForPreTraining),
-a stable-unCLIP pipeline and a Karlo pipeline, with the classes and wiring of the real ones."""
+"""A tiny Karlo (UnCLIPImageVariationPipeline) for offline tests; the other tiny priors are
+expansion/architectures.py's."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-
-EMBED_DIM = 16
-
-
-def tiny_mae(norm_pix_loss: bool = False, seed: int = 0):
-    from transformers import ViTMAEConfig, ViTMAEForPreTraining
-
-    config = ViTMAEConfig(
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        decoder_hidden_size=32,
-        decoder_num_hidden_layers=1,
-        decoder_num_attention_heads=4,
-        decoder_intermediate_size=37,
-        norm_pix_loss=norm_pix_loss,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return ViTMAEForPreTraining(config)
-
-
-def tiny_stable_unclip(tmp_dir: Path, seed: int = 0):
-    """A StableUnCLIPImg2ImgPipeline of tiny random components: the tiny SD of tests/helpers/tiny_sd.py
-    with a UNet taking [noised image embedding, noise-level embedding] (2 x 16) as projection class
-    labels, a tiny CLIPVisionModelWithProjection (32 px, projection 16) and its processor."""
-    from diffusers import DDIMScheduler, DDPMScheduler, StableUnCLIPImg2ImgPipeline, UNet2DConditionModel
-    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    from tests.helpers.tiny_sd import SD_V1_SCHEDULER, TINY_CROSS_ATTENTION_DIM, build_tiny_sd
-
-    parts = build_tiny_sd(Path(tmp_dir), seed=seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 1)
-        unet = UNet2DConditionModel(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=1,
-            block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=TINY_CROSS_ATTENTION_DIM,
-            attention_head_dim=8,
-            norm_num_groups=8,
-            class_embed_type="projection",
-            projection_class_embeddings_input_dim=2 * EMBED_DIM,
-        )
-        encoder = CLIPVisionModelWithProjection(
-            CLIPVisionConfig(
-                hidden_size=32,
-                intermediate_size=37,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                image_size=32,
-                patch_size=8,
-                projection_dim=EMBED_DIM,
-            )
-        )
-        normalizer = StableUnCLIPImageNormalizer(embedding_dim=EMBED_DIM)
-    pipe = StableUnCLIPImg2ImgPipeline(
-        feature_extractor=CLIPImageProcessor(crop_size=32, size=32),
-        image_encoder=encoder,
-        image_normalizer=normalizer,
-        image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
-        tokenizer=parts["tokenizer"],
-        text_encoder=parts["text_encoder"],
-        unet=unet,
-        scheduler=DDIMScheduler(**SD_V1_SCHEDULER),
-        vae=parts["vae"],
-    )
-    return pipe
-
-
-def save_tiny_stable_unclip(tmp_dir: Path, seed: int = 0) -> Path:
-    out = Path(tmp_dir) / "tiny_stable_unclip"
-    tiny_stable_unclip(tmp_dir, seed).save_pretrained(str(out), safe_serialization=True)
-    return out
 
 
 def save_tiny_karlo(tmp_dir: Path, seed: int = 0) -> Path:
@@ -104,11 +22,11 @@ def save_tiny_karlo(tmp_dir: Path, seed: int = 0) -> Path:
         CLIPVisionModelWithProjection,
     )
 
+    from expansion.architectures import clip_tokenizer
     from expansion.gif.unclip import _text_proj_class
-    from tests.helpers.tiny_sd import build_tiny_tokenizer
 
     out = Path(tmp_dir) / "tiny_karlo"
-    tok = build_tiny_tokenizer(Path(tmp_dir) / "karlo_tok")
+    tok = clip_tokenizer("tiny", Path(tmp_dir) / "karlo_tok")
     d = 32
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
