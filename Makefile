@@ -7,7 +7,7 @@ WHEELHOUSE ?= dist/wheelhouse
 PY ?= 3.12
 PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64
 
-.PHONY: help install run configs list test test-slow test-gpu test-all lint sweep-digits benchmark-cpu benchmark-training \
+.PHONY: help install run configs list test test-fast test-slow test-gpu test-all lint sweep-digits benchmark-cpu benchmark-training \
         benchmark-generation-cpu benchmark-gpu benchmark-gpu-quick benchmark-cost wheelhouse wheelhouse-check report \
         export clean-cache slurm-up slurm-down test-slurm worth
 
@@ -28,8 +28,11 @@ configs:  ## regenerate conf/method/defaults/*.yaml from the methods' settings c
 list:  ## every registered method, dataset, quality metric and classifier, one line each
 	$(PYTHON) -m experiments.catalog
 
-test:  ## fast CPU test suite (the CI command)
+test:  ## the CPU test suite (the CI command): unit, contract and integration tests
 	$(PYTHON) -m pytest -q
+
+test-fast:  ## the inner loop: unit and contract tests, no end-to-end runs (under 5 minutes on 2 cores)
+	$(PYTHON) -m pytest -q -m "not slow and not gpu and not integration"
 
 lint:  ## ruff: lint and formatting (configured in pyproject.toml); `ruff format .` fixes the formatting
 	$(PYTHON) -m ruff check .

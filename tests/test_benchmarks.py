@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from benchmarks import gif_sd_throughput as bench
 from expansion.architectures import ARCHITECTURES, RELEASED_PARAMS, clip_tokenizer, n_params
 
 
+@pytest.mark.integration
 def test_tiny_run_times_both_modes_of_both_methods(shared_data, tmp_path, capsys):
     out = tmp_path / "figures.json"
     report = bench.main(

@@ -222,6 +222,7 @@ def _checkpoint_step(path: Path) -> int:
         return int(fh.metadata()["step"])
 
 
+@pytest.mark.integration
 def test_killed_fit_resumes_from_its_checkpoint(shared_data, breast, tmp_path):
     """SIGKILL a real fitting process after its first checkpoint; the next fit of the same key (here
     in this process) resumes there, reaches the same step count and bit-identical EMA weights as an
@@ -309,6 +310,7 @@ def _cfg(overrides):
     return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
 
 
+@pytest.mark.integration
 def test_run_on_the_offline_cifar10_subset_end_to_end(shared_data, tmp_path):
     """The README's tiny CPU setting, shrunk further (2 images per class, 2 fit steps, 1 epoch)."""
     metrics = run(

@@ -106,6 +106,7 @@ def _wandb_records(path: Path):
             yield record
 
 
+@pytest.mark.integration
 def test_wandb_offline_multirun_groups_jobs_and_finishes_every_run(tmp_path):
     """Two jobs, two W&B runs: same group (the sweep), their own job type and tags, each with its
     exit record; the expansion job logged its grid and manifest table; the API key from the

@@ -109,6 +109,7 @@ def test_ot_distance_is_zero_for_identical_sets_and_positive_otherwise(kind):
 # -- autoencoder and Koopman fit on real MNIST ------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_autoencoder_reconstruction_error_drops_on_real_mnist(mnist):
     pool = mnist.unused_train.to_tensor()[:800]
     model = ConvAutoencoder(AutoencoderSpec(channels=1, image_size=28, width=8), num_classes=10)
@@ -134,6 +135,7 @@ def test_attention_mixes_latent_positions_without_positional_encoding():
     assert not torch.allclose(out, z.flatten(2))  # and it does change the latent
 
 
+@pytest.mark.integration
 def test_fit_report_caches_and_koopman_regulariser(mnist, fitted_es):
     exp, fit_dir = fitted_es
     report = json.loads((fit_dir / "fit_report.json").read_text())
@@ -229,6 +231,7 @@ def test_bad_settings_fail_early():
 # -- GIF over the autoencoder ---------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_gif_ae_guidance_raises_the_score_and_unguided_uses_the_same_draws(mnist, fitted_es):
     fit_dir = fitted_es[1].parent / "gif_ae"  # beside the Expansive Synthesis fit: the autoencoder is reused
     fit_dir.mkdir()
@@ -256,6 +259,7 @@ def test_gif_ae_guidance_raises_the_score_and_unguided_uses_the_same_draws(mnist
 # -- end to end -----------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_run_py_expansive_synthesis_end_to_end(tmp_path, shared_data):
     overrides = [
         "dataset=mnist",

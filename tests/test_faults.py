@@ -189,6 +189,7 @@ def test_the_content_fingerprint_is_cached_by_path_size_and_mtime(tmp_path, shar
 # -- a sweep survives a bad job ------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_a_sweep_runs_its_valid_jobs_lists_the_failed_one_and_exits_non_zero(tmp_path):
     sweep = tmp_path / "sweep"
     env = {**os.environ, "PROGRESS_BAR": "false", "EXPANSION_CACHE": str(tmp_path / "cache")}

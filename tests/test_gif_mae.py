@@ -113,6 +113,7 @@ def _train_mae(model, images, exp, steps=150, mask_ratio=0.75):
     return model
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("norm_pix_loss", [False, True])
 def test_trained_mae_reconstructs_better_than_at_init(shared_data, norm_pix_loss):
     """Zero perturbation, mask ratio 0: encode + decode is a real autoencoder, not a pass-through --
@@ -181,6 +182,7 @@ def test_saved_model_loads_from_a_local_folder(tmp_path):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.integration
 def test_run_py_gif_mae_end_to_end(clip_spec, tmp_path):
     build_mae("tiny", seed=1).save_pretrained(tmp_path / "mae")
     args = [
@@ -256,10 +258,11 @@ def test_benchmark_script_runs_on_the_tiny_model(shared_data, tmp_path, capsys):
 def test_real_architecture_has_the_released_size():
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
-    from benchmarks import gif_mae_throughput as bench
+    from expansion.architectures import ARCHITECTURES, RELEASED_PARAMS
 
+    mae = ARCHITECTURES["real"]["mae"]
     with torch.device("meta"):
-        model = ViTMAEForPreTraining(ViTMAEConfig(**bench.VIT_MAE_LARGE))
-    assert sum(p.numel() for p in model.parameters()) == bench.EXPECTED_PARAMS["mae"]
-    n_tokens = 1 + (bench.VIT_MAE_LARGE["image_size"] // bench.VIT_MAE_LARGE["patch_size"]) ** 2
-    assert (n_tokens, bench.VIT_MAE_LARGE["hidden_size"]) == (197, 1024)
+        model = ViTMAEForPreTraining(ViTMAEConfig(**mae))
+    assert sum(p.numel() for p in model.parameters()) == RELEASED_PARAMS["mae"]
+    n_tokens = 1 + (mae["image_size"] // mae["patch_size"]) ** 2
+    assert (n_tokens, mae["hidden_size"]) == (197, 1024)

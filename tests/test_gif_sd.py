@@ -146,6 +146,7 @@ def _run(args, tmp_path):
     )
 
 
+@pytest.mark.integration
 def test_run_py_gif_sd_end_to_end_and_batch_size_independent(tiny_sd_models, tmp_path):
     sd_path, clip = tiny_sd_models
     common = [

@@ -200,6 +200,7 @@ def test_missing_weights_and_folders_are_clear(tmp_path, monkeypatch):
         exp.prepare(ExpansionContext("breastmnist", CLASSES, channels=1))
 
 
+@pytest.mark.integration
 def test_run_py_gif_unclip_end_to_end(clip_spec, unclip_dir, tmp_path):
     args = [
         "dataset=breastmnist",
@@ -241,6 +242,7 @@ def test_run_py_gif_unclip_end_to_end(clip_spec, unclip_dir, tmp_path):
     assert all((store.images_dir / r["file"]).is_file() for r in rows)
 
 
+@pytest.mark.integration
 def test_benchmark_script_runs_on_the_tiny_model(shared_data, tmp_path, capsys):
     from benchmarks import gif_unclip_throughput as bench
 

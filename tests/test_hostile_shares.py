@@ -184,6 +184,7 @@ def hostile_cases(tmp: Path) -> dict[str, tuple]:
 CASES = list(hostile_cases(Path("/tmp")))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", CASES)
 def test_a_hostile_share_is_refused_in_one_line_and_writes_nothing_outside_the_cache(case, share, tmp_path):
     exported, data = share

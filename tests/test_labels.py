@@ -73,6 +73,7 @@ def test_a_sound_set_loads(tmp_path):
     assert data.num_classes == 3 and sorted(set(data.train.labels.tolist())) == [0, 1, 2]
 
 
+@pytest.mark.integration
 def test_a_one_line_error_from_run_py_before_any_work(tmp_path):
     import subprocess
     import sys

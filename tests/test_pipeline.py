@@ -21,6 +21,7 @@ def _cfg(overrides):
     return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
 
 
+@pytest.mark.integration
 def test_pipeline_end_to_end_original_vs_expanded(tmp_path, capsys):
     cfg = _cfg(
         [
@@ -118,6 +119,7 @@ def _run_py(*args, cwd=PROJECT_ROOT, timeout=600):
     )
 
 
+@pytest.mark.integration
 def test_multirun_over_methods_produces_results_table(tmp_path):
     sweep = tmp_path / "sweep"
     proc = _run_py(
@@ -137,6 +139,7 @@ def test_multirun_over_methods_produces_results_table(tmp_path):
     assert len(list(sweep.rglob("metrics.json"))) == 4
 
 
+@pytest.mark.integration
 def test_cli_errors_are_one_clear_line(tmp_path):
     proc = _run_py("method=cutout", "method.ratio=0", f"hydra.run.dir={tmp_path}/r")
     assert proc.returncode == 2
@@ -252,6 +255,7 @@ def test_readme_metric_example_reaches_the_quality_metrics(monkeypatch):
     assert abs(metrics["brightness_gap"] - 20.0) < 1e-3
 
 
+@pytest.mark.integration
 def test_test_every_epoch_reports_the_papers_selection_without_changing_training(tmp_path, capsys):
     """``train.test_every_epoch``: the official scripts' selection (best test epoch) beside ours; the
     training itself (shuffling, augmentation, weights) is the same as without it."""

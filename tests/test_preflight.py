@@ -31,6 +31,7 @@ def _job(overrides):
     return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
 
 
+@pytest.mark.integration
 def test_a_sweep_preflight_lists_the_missing_dataset_and_runs_no_job(tmp_path):
     """digits is there, pathmnist is not (an empty data folder): only the check runs, exit 2."""
     sweep = tmp_path / "sweep"
@@ -46,6 +47,7 @@ def test_a_sweep_preflight_lists_the_missing_dataset_and_runs_no_job(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.integration
 def test_preflight_only_with_nothing_missing_exits_0(tmp_path):
     proc = _run_py("dataset=digits", "preflight=only", f"hydra.run.dir={tmp_path}/run")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -111,6 +113,7 @@ def test_an_offline_loader_says_no_network_at_once():
     assert time.perf_counter() - start < 10
 
 
+@pytest.mark.integration
 def test_a_failed_start_prints_its_error_once_and_leaves_no_run_folder(tmp_path):
     proc = _run_py("method=original", "method.ratio=-3", f"hydra.run.dir={tmp_path}/run")
     assert proc.returncode == 2

@@ -33,6 +33,7 @@ def _has_fidelity(method: str) -> bool:
     return any(f.name == "fidelity" for f in dataclasses.fields(create_expander(method).settings_class))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("method", METHODS)
 def test_hydra_and_the_factory_build_the_same_expander_for_every_dataset_and_fidelity(method):
     fidelities = ("paper", "official") if _has_fidelity(method) else (None,)

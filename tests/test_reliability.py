@@ -155,6 +155,7 @@ def test_signal_in_an_epochs_last_step_stops_after_its_validation(tmp_path, monk
     assert last["global_step"] == 3 * steps_per_epoch and len(last["val_history"]) == 3
 
 
+@pytest.mark.integration
 def test_sigterm_to_a_running_job_checkpoints_and_exits_75(tmp_path):
     """The real process, the real signal: run.py gets SIGTERM mid-training (what SLURM sends
     before preempting), writes its checkpoint and exits with 75; the rerun resumes and completes."""
@@ -212,6 +213,7 @@ def _chaos(tmp_path, *args):
     return json.loads(report.read_text()), proc.stdout
 
 
+@pytest.mark.integration
 def test_chaos_drill_few_kills_and_concurrency(tmp_path, shared_data):
     """kill -9 at random moments of an expansion (3 times), then finish: the store equals an
     uninterrupted run's; two processes on one key: one generates, one reuses; the lock holder

@@ -57,6 +57,7 @@ def _listed_files(report: Path) -> list[Path]:
     return [(report.parent / rel).resolve() for rel in re.findall(r"^- \[[^\]]+\]\(([^)]+)\)", section, flags=re.M)]
 
 
+@pytest.mark.integration
 def test_report_command_writes_every_promised_file(sweep):
     cutout = json.loads(next(sweep.glob("*_cutout_*/metrics.json")).read_text())
     quality = cutout["quality"]

@@ -47,6 +47,7 @@ def _snapshot(folder: Path, but: tuple[str, ...] = ()) -> dict[str, tuple]:
     }
 
 
+@pytest.mark.integration
 def test_a_job_refused_in_a_live_run_folder_deletes_and_writes_nothing(tmp_path):
     live = tmp_path / "live"
     (live / ".hydra").mkdir(parents=True)
@@ -62,6 +63,7 @@ def test_a_job_refused_in_a_live_run_folder_deletes_and_writes_nothing(tmp_path)
     assert after == before  # not deleted, no .hydra rewritten, no error.json, no line in its log
 
 
+@pytest.mark.integration
 def test_a_finished_run_folder_is_never_rewritten(tmp_path):
     folder = tmp_path / "run"
     first = _run_py(tmp_path, *FAST, "method.ratio=1", f"hydra.run.dir={folder}")
@@ -83,6 +85,7 @@ def test_a_finished_run_folder_is_never_rewritten(tmp_path):
     assert _snapshot(folder, but=(".run.lock",)) == before
 
 
+@pytest.mark.integration
 def test_two_copies_of_one_sweep_at_once_run_every_job_once_and_both_exit_0(tmp_path):
     sweep = tmp_path / "sweep"
     args = [sys.executable, "run.py", "-m", *FAST, "method.ratio=1,2", f"hydra.sweep.dir={sweep}"]
@@ -102,6 +105,7 @@ def test_two_copies_of_one_sweep_at_once_run_every_job_once_and_both_exit_0(tmp_
     assert "2 runs under" in (sweep / "results.md").read_text()
 
 
+@pytest.mark.integration
 def test_a_sweep_job_whose_folder_holds_another_configuration_is_refused_and_listed(tmp_path):
     sweep = tmp_path / "sweep"
     folder = sweep / "0_digits_randaugment_small_cnn_s0"  # where job 0 of the sweep below runs

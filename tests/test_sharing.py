@@ -48,6 +48,7 @@ def expanded(made, tmp_path):
     return metrics, copy
 
 
+@pytest.mark.integration
 def test_export_import_train_round_trip(tmp_path, expanded):
     metrics, store = expanded
     out = tmp_path / "shared"
@@ -147,6 +148,7 @@ def _export_cli(src, out):
     )
 
 
+@pytest.mark.integration
 def test_make_export_command(tmp_path, expanded):
     proc = _export_cli(tmp_path / "made", tmp_path / "o")
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -124,6 +124,7 @@ def test_a_huge_ratio_is_generated_in_small_batches():
     assert seeds_per_batch(64, 100000) == 1
 
 
+@pytest.mark.integration
 def test_a_signal_stops_a_huge_ratio_within_one_small_batch(tmp_path, caplog):
     """ratio 1024 with batch_size 64: 4 seeds (4,096 images) per batch, not 64 (65,536 images); a signal
     in the second batch stops after it."""

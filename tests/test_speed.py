@@ -422,6 +422,7 @@ def test_closed_set_benchmark_counts_the_unet_work_per_image(shared_data, tmp_pa
 # --------------------------------------------------------------------------- the cost table
 
 
+@pytest.mark.integration
 def test_cost_table_multiplies_measured_rates_over_the_sweep_grid(tmp_path):
     import json
 

@@ -107,6 +107,7 @@ def test_output_independent_of_batch_size(breast, tmp_path):
     assert a.store.content_hash() == b.store.content_hash()
 
 
+@pytest.mark.integration
 def test_two_devices_shard_to_the_same_store(breast, tmp_path):
     """Trainer.predict over 2 CPU processes (DDP) writes the same store as one process."""
     single = _expand(breast, tmp_path / "one", NoiseShift(2), batch_size=5)
@@ -189,6 +190,7 @@ def _run_job(shared, cache, delay, batch_size=2, limit=12):
     )
 
 
+@pytest.mark.integration
 def test_killed_generation_resumes_to_the_same_store(shared_data, tmp_path):
     """kill -9 a real generation process mid-way, rerun: same manifest and images as an uninterrupted run."""
     reference = _run_job(shared_data, tmp_path / "ref", 0.0)
@@ -224,6 +226,7 @@ def test_killed_generation_resumes_to_the_same_store(shared_data, tmp_path):
     assert ExpansionStore(store_root, "", {}).content_hash() == ref.content_hash()
 
 
+@pytest.mark.integration
 def test_concurrent_jobs_one_generates_other_reuses(shared_data, tmp_path):
     cache = tmp_path / "shared-cache"
     a = _run_job(shared_data, cache, 0.05)

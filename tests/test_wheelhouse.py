@@ -25,6 +25,7 @@ def bundles(tmp_path_factory, shared_data):
     return root, node, here
 
 
+@pytest.mark.integration
 def test_the_bundle_for_the_node_holds_what_it_lacks_and_fits_the_slot(bundles):
     root, node, _ = bundles
     assert node["size_mb"] < wheelhouse.SIZE_LIMIT_MB
@@ -40,6 +41,7 @@ def test_the_bundle_for_the_node_holds_what_it_lacks_and_fits_the_slot(bundles):
         assert wheelhouse._supported(wheel, "3.12", wheelhouse.DEFAULT_PLATFORMS), wheel.name
 
 
+@pytest.mark.integration
 def test_installed_on_a_clean_python_the_bundle_runs_the_quick_command_smoke(bundles, shared_data, tmp_path):
     root, _, _ = bundles
     bundle = root / "here" if (root / "here").is_dir() else root / "py312"
@@ -63,6 +65,7 @@ def test_the_quick_command_refuses_what_it_cannot_measure(shared_data, tmp_path,
     assert "breastmnist.npz not found" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_a_part_over_its_cap_is_killed_and_the_others_still_run(shared_data, tmp_path, monkeypatch):
     slow = gpu_quick.Part("slow", 2, [], ["-c", "import time; time.sleep(60)"], str, json_output=False)
     fast = gpu_quick.Part("fast", 30, [], ["-c", "print('done')"], lambda r: r["tail"], json_output=False)

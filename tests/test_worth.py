@@ -112,6 +112,7 @@ def test_config_hash_is_the_result_identity():
     assert h != config_hash(_cfg(["dataset=digits", "method=gridmask"]))
 
 
+@pytest.mark.integration
 def test_a_sweep_run_again_skips_finished_jobs_and_finishes_the_rest(tmp_path):
     sweep = tmp_path / "sweep"
     job = ["dataset=digits", "train.epochs=1", "logger=none", "quality.enabled=false"]
