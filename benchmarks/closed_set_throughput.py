@@ -36,19 +36,7 @@ if str(ROOT) not in sys.path:
 
 import torch
 
-from benchmarks.common import (
-    add_run_arguments,
-    count_flops,
-    gpu_peak_tflops,
-    load_seeds,
-    machine,
-    result_line,
-    seed_calls,
-    sync,
-    time_expand_calls,
-    utilisation,
-    write_report,
-)
+from benchmarks import common
 from expansion.architectures import n_params
 from expansion.base import ExpansionContext
 from expansion.closed_set_diffusion import (
@@ -81,8 +69,10 @@ def measure(
     mode: str, unet, images: torch.Tensor, labels: torch.Tensor, context: ExpansionContext, args: argparse.Namespace
 ) -> dict[str, Any]:
     exp = make_expander(unet, context, args, mode)
-    calls = seed_calls(mode, images, labels, args.ratio)
-    timing = time_expand_calls(exp, calls, images.device, args.repeats, images.shape[0] * args.ratio, args.peak_tflops)
+    calls = common.seed_calls(mode, images, labels, args.ratio)
+    timing = common.time_expand_calls(
+        exp, calls, images.device, args.repeats, images.shape[0] * args.ratio, args.peak_tflops
+    )
     autocast = images.device.type == "cuda" and exp.settings.mixed_precision == "bf16"
     return {"mode": mode, "dtype": "bfloat16 autocast" if autocast else "float32", **timing}
 
@@ -108,12 +98,12 @@ def measure_fit(
             )
 
         schedule = ScheduleSpec()  # the config's default (DDPM linear, epsilon)
-        _, flops = count_flops(lambda: fit(1))
-        sync(device)
+        _, flops = common.count_flops(lambda: fit(1))
+        common.sync(device)
         result = fit(args.fit_steps)
-        sync(device)
+        common.sync(device)
     seconds_per_step = result["seconds"] / args.fit_steps
-    peak, _ = gpu_peak_tflops(device, args.peak_tflops)
+    peak, _ = common.gpu_peak_tflops(device, args.peak_tflops)
     return {
         "batch_size": args.fit_batch,
         "steps": args.fit_steps,
@@ -121,7 +111,7 @@ def measure_fit(
         "train_images_per_s": args.fit_batch / seconds_per_step,
         "flops_per_step": flops,
         "dtype": "bfloat16 autocast" if device.type == "cuda" else "float32",
-        **utilisation(flops, 1 / seconds_per_step, peak),
+        **common.utilisation(flops, 1 / seconds_per_step, peak),
     }
 
 
@@ -149,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "2 on cpu); also the number of seeds the per-seed mode goes through",
     )
     p.add_argument("--ratio", type=int, default=None, help="k samples per seed (default 5 on cuda, 2 on cpu)")
-    add_run_arguments(p)
+    common.add_run_arguments(p)
     p.add_argument("--fit-steps", type=int, default=None, help="timed training steps (default 20 on cuda, 2 on cpu)")
     p.add_argument(
         "--fit-batch", type=int, default=None, help="training batch (default 128 = the config's on cuda, 16 on cpu)"
@@ -176,7 +166,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = torch.device(args.device)
-    images, labels, context = load_seeds(args.data.expanduser(), args.dataset, args.seeds_per_pass)
+    images, labels, context = common.load_seeds(args.data.expanduser(), args.dataset, args.seeds_per_pass)
     spec = unet_spec(args.unet)
     resolution = model_resolution(spec, int(images.shape[-1]), args.resolution)
     start = time.perf_counter()
@@ -193,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unet.to(device).eval().requires_grad_(False)
     images, labels = images.to(device), labels.to(device)
     print(f"Closed-set diffusion throughput ({args.unet} UNet, random weights)")
-    print(f"  machine: {machine(device)}")
+    print(f"  machine: {common.machine(device)}")
     print(f"  parameters: unet {params['unet'] / 1e6:.2f}M; built in {build_s:.1f} s")
     print(
         f"  seeds: {args.dataset} {tuple(images.shape)} -> {resolution} px, {len(context.class_names)} classes, "
@@ -203,10 +193,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = []
     for mode in ("per_seed", "batched"):
         results.append(measure(mode, unet, images, labels, context, args))
-        print(result_line("closed_set", results[-1]), flush=True)
+        print(common.result_line("closed_set", results[-1]), flush=True)
     speedup = results[1]["images_per_s"] / results[0]["images_per_s"]
     print(f"  closed_set: batched / per-seed = {speedup:.2f}x")
-    fit_images, fit_labels, _ = load_seeds(args.data.expanduser(), args.dataset, args.fit_batch)
+    fit_images, fit_labels, _ = common.load_seeds(args.data.expanduser(), args.dataset, args.fit_batch)
     fit = measure_fit(unet, fit_images, fit_labels, device, args)
     mfu = f", MFU {100 * fit['mfu']:.2f} %" if fit["mfu"] is not None else ""
     print(
@@ -214,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{fit['train_images_per_s']:.1f} training images/s, {fit['flops_per_step'] / 1e9:.1f} GFLOP/step, "
         f"{fit['achieved_tflops'] * 1e3:.2f} GFLOP/s{mfu}"
     )
-    return write_report(
+    return common.write_report(
         args, device, params, build_s, results, speedup, benchmark="closed_set_diffusion", extra={"fit": fit}
     )
 

@@ -39,15 +39,7 @@ if str(ROOT) not in sys.path:
 
 import torch
 
-from benchmarks.common import (
-    add_run_arguments,
-    load_seeds,
-    machine,
-    result_line,
-    seed_calls,
-    time_expand_calls,
-    write_report,
-)
+from benchmarks import common
 from expansion.architectures import RELEASED_PARAMS, build_clip_guide, build_mae, n_params
 from expansion.base import ExpansionContext
 from expansion.gif.guides import ClipGuide
@@ -81,9 +73,11 @@ def measure(
     context: ExpansionContext,
     args: argparse.Namespace,
 ) -> dict[str, Any]:
-    calls = seed_calls(mode, images, labels, args.ratio)
+    calls = common.seed_calls(mode, images, labels, args.ratio)
     exp = make_expander(model, guide, context, args)
-    timing = time_expand_calls(exp, calls, images.device, args.repeats, images.shape[0] * args.ratio, args.peak_tflops)
+    timing = common.time_expand_calls(
+        exp, calls, images.device, args.repeats, images.shape[0] * args.ratio, args.peak_tflops
+    )
     return {"mode": mode, "dtype": str(exp.model_dtype).replace("torch.", ""), **timing}
 
 
@@ -109,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["auto", "float32", "float16", "bfloat16"],
         help="MAE dtype (auto: bfloat16/float16 on cuda, float32 on cpu)",
     )
-    add_run_arguments(p)
+    common.add_run_arguments(p)
     p.add_argument("--tiny", action="store_true", help="tiny test MAE and CLIP (script check only)")
     args = p.parse_args(argv)
     on_cuda = torch.device(args.device).type == "cuda"
@@ -125,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.repeats < 1 or args.seeds_per_pass < 1 or args.ratio < 1:
         raise SystemExit("--repeats, --seeds-per-pass and --ratio must be >= 1")
     device = torch.device(args.device)
-    images, labels, context = load_seeds(args.data.expanduser(), args.dataset, args.seeds_per_pass)
+    images, labels, context = common.load_seeds(args.data.expanduser(), args.dataset, args.seeds_per_pass)
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else "real ViT-MAE-Large + CLIP ViT-B/32 sizes, random weights"
     )
     print(f"GIF-MAE throughput ({what})")
-    print(f"  machine: {machine(device)}")
+    print(f"  machine: {common.machine(device)}")
     counts = [
         f"{k} {v / 1e6:.1f}M" + ("" if args.tiny else f" (expected {EXPECTED_PARAMS[k] / 1e6:.1f}M)")
         for k, v in params.items()
@@ -160,11 +154,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = []
     for mode in ("per_seed", "batched"):
         results.append(measure(mode, model, guide, images, labels, context, args))
-        print(result_line("gif_mae", results[-1]), flush=True)
+        print(common.result_line("gif_mae", results[-1]), flush=True)
     speedup = results[1]["images_per_s"] / results[0]["images_per_s"]
     print(f"  gif_mae: batched / per-seed = {speedup:.2f}x")
 
-    return write_report(args, device, params, build_s, results, speedup, benchmark="gif_mae")
+    return common.write_report(args, device, params, build_s, results, speedup, benchmark="gif_mae")
 
 
 if __name__ == "__main__":

@@ -38,15 +38,7 @@ if str(ROOT) not in sys.path:
 
 import torch
 
-from benchmarks.common import (
-    add_run_arguments,
-    load_seeds,
-    machine,
-    result_line,
-    seed_calls,
-    time_expand_calls,
-    write_report,
-)
+from benchmarks import common
 from expansion.architectures import build_clip_guide, build_stable_unclip, n_params
 from expansion.base import ExpansionContext
 from expansion.gif.guides import ClipGuide
@@ -82,10 +74,10 @@ def measure(
     context: ExpansionContext,
     args: argparse.Namespace,
 ) -> dict[str, Any]:
-    calls = seed_calls(mode, images, labels, args.ratio)
+    calls = common.seed_calls(mode, images, labels, args.ratio)
     exp = make_expander(pipe, guide, context, args)
     # without a warm-up no FLOPs are counted either
-    timing = time_expand_calls(
+    timing = common.time_expand_calls(
         exp, calls, images.device, args.repeats, images.shape[0] * args.ratio, args.peak_tflops, count=args.warmup
     )
     return {"mode": mode, "dtype": str(exp.model_dtype).replace("torch.", ""), **timing}
@@ -106,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance-scale", type=float, default=10.0)
     p.add_argument("--resolution", type=int, default=None, help="px (default: the UNet's native 768; tiny 16)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    add_run_arguments(p)
+    common.add_run_arguments(p)
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed warm-up call")
     p.add_argument("--tiny", action="store_true", help="tiny test pipeline and CLIP (script check only)")
     args = p.parse_args(argv)
@@ -121,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = torch.device(args.device)
-    images, labels, context = load_seeds(args.data.expanduser(), args.dataset, args.seeds_per_pass)
+    images, labels, context = common.load_seeds(args.data.expanduser(), args.dataset, args.seeds_per_pass)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         size = "tiny" if args.tiny else "real"
@@ -140,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else "real SD 2.1 unCLIP-small + CLIP ViT-B/32 guide sizes, random weights"
     )
     print(f"GIF-unCLIP throughput ({what})")
-    print(f"  machine: {machine(device)}")
+    print(f"  machine: {common.machine(device)}")
     print(f"  parameters: {', '.join(f'{k} {v / 1e6:.1f}M' for k, v in params.items())}; built in {build_s:.1f} s")
     print(
         f"  seeds: {args.dataset} {tuple(images.shape)} -> {res} px, k={args.ratio}, {args.seeds_per_pass} seeds, "
@@ -151,10 +143,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = []
     for mode in ("per_seed", "batched"):
         results.append(measure(mode, pipe, guide, images, labels, context, args))
-        print(result_line("gif_unclip", results[-1]), flush=True)
+        print(common.result_line("gif_unclip", results[-1]), flush=True)
     speedup = results[1]["images_per_s"] / results[0]["images_per_s"]
     print(f"  gif_unclip: batched / per-seed = {speedup:.2f}x")
-    return write_report(args, device, params, build_s, results, speedup, benchmark="gif_unclip")
+    return common.write_report(args, device, params, build_s, results, speedup, benchmark="gif_unclip")
 
 
 if __name__ == "__main__":

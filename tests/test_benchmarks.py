@@ -4,42 +4,20 @@ no memory, no weights). The real-size timing run is not part of the test suite."
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from benchmarks import gif_sd_throughput as bench
 from expansion.architectures import ARCHITECTURES, RELEASED_PARAMS, clip_tokenizer, n_params
+from tests.helpers.benchmarks import run_tiny
 
 
 @pytest.mark.integration
 def test_tiny_run_times_both_modes_of_both_methods(shared_data, tmp_path, capsys):
-    out = tmp_path / "figures.json"
-    report = bench.main(
-        [
-            "--tiny",
-            "--device",
-            "cpu",
-            "--method",
-            "both",
-            "--ratio",
-            "3",
-            "--seeds-per-pass",
-            "2",
-            "--steps",
-            "2",
-            "--repeats",
-            "1",
-            "--data",
-            str(shared_data),
-            "--json",
-            str(out),
-        ]
-    )
+    report, written = run_tiny(bench, shared_data, tmp_path, "--method", "both", "--ratio", "3", "--steps", "2")
     printed = capsys.readouterr().out
     assert "img/s" in printed and "batched / official" in printed and "TINY" in printed
-    assert json.loads(out.read_text())["speedup"].keys() == {"gif_sd", "sd_img2img"}
+    assert written["speedup"].keys() == {"gif_sd", "sd_img2img"}
     rows = {(r["method"], r["mode"]): r for r in report["results"]}
     assert set(rows) == {(m, mode) for m in ("gif_sd", "sd_img2img") for mode in ("official", "batched")}
     official, batched = rows["gif_sd", "official"], rows["gif_sd", "batched"]

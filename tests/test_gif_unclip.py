@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from expansion.seeding import image_seeds
 from expansion.store import ExpansionStore
 from experiments.record import read_record
 from tests.conftest import PROJECT_ROOT
+from tests.helpers.benchmarks import run_tiny
 from tests.helpers.tiny_priors import save_tiny_karlo
 from tests.helpers.tolerances import all_scores_close, same_up_to_float_rounding
 
@@ -246,24 +246,9 @@ def test_run_py_gif_unclip_end_to_end(clip_spec, unclip_dir, tmp_path):
 def test_benchmark_script_runs_on_the_tiny_model(shared_data, tmp_path, capsys):
     from benchmarks import gif_unclip_throughput as bench
 
-    out = tmp_path / "figures.json"
-    report = bench.main(
-        [
-            "--tiny",
-            "--ratio",
-            "2",
-            "--seeds-per-pass",
-            "2",
-            "--repeats",
-            "1",
-            "--data",
-            str(shared_data),
-            "--json",
-            str(out),
-        ]
-    )
+    report, written = run_tiny(bench, shared_data, tmp_path, "--ratio", "2")
     printed = capsys.readouterr().out
     assert "img/s" in printed and "batched / per-seed" in printed and "TINY" in printed
-    assert json.loads(out.read_text())["speedup"] > 0
+    assert written["speedup"] > 0
     rows = {r["mode"]: r for r in report["results"]}
     assert rows["per_seed"]["calls_per_repeat"] == 2 and rows["batched"]["calls_per_repeat"] == 1
