@@ -69,3 +69,15 @@ def compose(overrides: list[str] | None = None, config_name: str = "config"):
 def job_config(overrides: list[str] | None = None):
     """A job's config as run.py hands it to the pipeline: composed, without the ``hydra`` node."""
     return config.compose(overrides)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on shared cores: one intra-op thread is faster and bitwise reproducible (a module opts in
+    with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -33,13 +33,7 @@ TINY = csd.UNetSpec(**TINY_UNET)
 SCHEDULE = csd.ScheduleSpec()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on shared cores: one intra-op thread is faster and bitwise reproducible."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,7 @@ PROMPTS = {0: "Ultrasound image of malignant breast", 1: "Ultrasound image of be
 FAST = dict(lr=1e-3, resolution=16, batch_size=2)  # tiny models need a big lr
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on shared cores: one intra-op thread is much faster than two contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

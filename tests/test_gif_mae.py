@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +13,8 @@ from expansion.base import ExpansionContext, ExpansionError
 from expansion.gif.mae import GifMAE, load_mae
 from expansion.seeding import image_seeds
 from expansion.store import ExpansionStore
-from experiments.record import read_record
-from tests.conftest import PROJECT_ROOT
 from tests.helpers.benchmarks import run_tiny
+from tests.helpers.gif_checks import assert_guidance_raises_the_score, run_tiny_job
 from tests.helpers.tolerances import all_scores_close, same_up_to_float_rounding
 
 CLASSES = ["malignant", "normal, benign"]
@@ -138,12 +134,7 @@ def test_trained_mae_reconstructs_better_than_at_init(shared_data, norm_pix_loss
 def test_guidance_raises_the_score_of_the_same_inputs(clip_spec, seeds_batch):
     """score_after (projected, decoded) vs score_before (random perturbation) on the same seeds."""
     exp = _expander(clip_spec, radius=100.0, guidance={"step_size": 0.05})
-    images, labels = seeds_batch
-    out = exp.expand(images, labels, image_seeds(11, range(4), 3))
-    before = torch.tensor(out.fields["score_before"]).reshape(4, 3).mean(1)
-    after = torch.tensor(out.fields["score_after"]).reshape(4, 3).mean(1)
-    assert (after > before).float().mean() >= 0.75, (before, after)
-    assert after.mean() > before.mean()
+    assert_guidance_raises_the_score(exp, *seeds_batch)
 
 
 def test_radius_is_relative_to_the_token_std(clip_spec, seeds_batch):
@@ -185,34 +176,7 @@ def test_saved_model_loads_from_a_local_folder(tmp_path):
 @pytest.mark.integration
 def test_run_py_gif_mae_end_to_end(clip_spec, tmp_path):
     build_mae("tiny", seed=1).save_pretrained(tmp_path / "mae")
-    args = [
-        "dataset=breastmnist",
-        "dataset.train_per_class=3",
-        "method=gif_mae",
-        f"method.model_id={tmp_path / 'mae'}",
-        f"method.guide.arch={clip_spec['arch']}",
-        f"method.guide.pretrained={clip_spec['pretrained']}",
-        f"method.guide.model_config={clip_spec['model_config']}",
-        "method.output_size=32",
-        "method.ratio=2",
-        "train.epochs=1",
-        "logger=none",
-        "quality.enabled=false",
-        "train.compare_original=false",
-        f"hydra.run.dir={tmp_path}/run",
-    ]
-    env = {
-        **os.environ,
-        "PROGRESS_BAR": "false",
-        "HF_HUB_OFFLINE": "1",
-        "EXPANSION_CACHE": str(tmp_path / "cache"),
-        "OMP_NUM_THREADS": "1",
-    }
-    proc = subprocess.run(
-        [sys.executable, "run.py", *args], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = read_record(tmp_path / "run")[0]
+    metrics = run_tiny_job(tmp_path, "gif_mae", clip_spec, f"method.model_id={tmp_path / 'mae'}")
     assert metrics.method == "gif_mae" and metrics.expansion.num_images == 2 * 6
     store = ExpansionStore(Path(metrics.expansion.store), "", {})
     rows = store.read_rows()

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +13,8 @@ from expansion.base import ExpansionContext, ExpansionError
 from expansion.gif.unclip import GifUnCLIP, load_unclip
 from expansion.seeding import image_seeds
 from expansion.store import ExpansionStore
-from experiments.record import read_record
-from tests.conftest import PROJECT_ROOT
 from tests.helpers.benchmarks import run_tiny
+from tests.helpers.gif_checks import run_tiny_job
 from tests.helpers.tiny_priors import save_tiny_karlo
 from tests.helpers.tolerances import all_scores_close, same_up_to_float_rounding
 
@@ -202,37 +198,15 @@ def test_missing_weights_and_folders_are_clear(tmp_path, monkeypatch):
 
 @pytest.mark.integration
 def test_run_py_gif_unclip_end_to_end(clip_spec, unclip_dir, tmp_path):
-    args = [
-        "dataset=breastmnist",
-        "dataset.train_per_class=3",
-        "method=gif_unclip",
+    metrics = run_tiny_job(
+        tmp_path,
+        "gif_unclip",
+        clip_spec,
         "method.backend=stable_unclip",
         f"method.model_id={unclip_dir}",
-        f"method.guide.arch={clip_spec['arch']}",
-        f"method.guide.pretrained={clip_spec['pretrained']}",
-        f"method.guide.model_config={clip_spec['model_config']}",
-        "method.output_size=32",
-        "method.ratio=2",
         "method.num_inference_steps=2",
         "method.guidance_scale=3.0",
-        "train.epochs=1",
-        "logger=none",
-        "quality.enabled=false",
-        "train.compare_original=false",
-        f"hydra.run.dir={tmp_path}/run",
-    ]
-    env = {
-        **os.environ,
-        "PROGRESS_BAR": "false",
-        "HF_HUB_OFFLINE": "1",
-        "EXPANSION_CACHE": str(tmp_path / "cache"),
-        "OMP_NUM_THREADS": "1",
-    }
-    proc = subprocess.run(
-        [sys.executable, "run.py", *args], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=900
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = read_record(tmp_path / "run")[0]
     assert metrics.method == "gif_unclip" and metrics.expansion.num_images == 2 * 6
     store = ExpansionStore(Path(metrics.expansion.store), "", {})
     rows = store.read_rows()
