@@ -140,7 +140,7 @@ def test_usr2_and_scontrol_requeue_resume_and_max_num_timeout_is_honoured(slurm_
     code, err = _finish(proc)
     assert code == 1, err[-3000:]  # job 0 ran out of requeues
     requeued = read_record(dirs["1"])[0]
-    assert requeued["resumed_from"] is not None
+    assert requeued.training.resumed_from is not None
     restarts = subprocess.run(["scontrol", "show", "job", "-o", jobs["1"]], capture_output=True, text=True).stdout
     assert re.search(r"Restarts=[1-9]", restarts), restarts
     assert "preempted (SIGUSR2)" in (dirs["0"] / "run.log").read_text()
