@@ -22,14 +22,13 @@ from expansion.store import ExpansionStore
 from experiments.data.datasets import DatasetError, build_dataset
 from experiments.training.job import Job
 from experiments.training.pipeline import run, run_expansion
-from tests.conftest import compose
+from tests.conftest import job_config
 
 FAST = ["train.epochs=1", "quality.enabled=false", "logger=none", "train.compare_original=false"]
 
 
 def _cfg(overrides):
-    cfg = compose(overrides + FAST)
-    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return job_config(overrides + FAST)
 
 
 def _stores(tmp_path) -> list[Path]:

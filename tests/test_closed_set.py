@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 import expansion.closed_set_diffusion as csd
@@ -24,7 +23,7 @@ from expansion.base import ExpansionContext, ExpansionError
 from expansion.engine import expand_dataset, fit_expander
 from experiments.data.datasets import DatasetNotFoundError
 from experiments.training.pipeline import run
-from tests.conftest import compose
+from tests.conftest import job_config
 from tests.helpers.closed_set_fit_job import TINY_UNET, breast_few_shot, tiny_expander
 from tests.helpers.tolerances import same_up_to_float_rounding
 
@@ -300,8 +299,7 @@ def test_classifier_free_guidance_uses_the_null_class(cifar, tmp_path):
 
 
 def _cfg(overrides):
-    cfg = compose(overrides)
-    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return job_config(overrides)
 
 
 @pytest.mark.integration

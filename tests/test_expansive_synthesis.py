@@ -11,7 +11,6 @@ import networkx as nx
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from expansion.base import ExpansionContext, ExpansionError
 from expansion.expansive_synthesis import ExpansiveSynthesis
@@ -28,7 +27,7 @@ from expansion.seeding import image_seeds
 from experiments.data.datasets import build_dataset
 from experiments.training.job import build_expander
 from experiments.training.pipeline import run
-from tests.conftest import compose
+from tests.conftest import compose, job_config
 from tests.helpers.tolerances import same_up_to_float_rounding
 
 #: a fit small enough for tests (seconds on 2 cores), large enough to learn something
@@ -36,8 +35,7 @@ TINY_FIT = {"pretrain": {"steps": 150, "max_images": 2000}, "finetune": {"steps"
 
 
 def _cfg(overrides):
-    cfg = compose(overrides)
-    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return job_config(overrides)
 
 
 @pytest.fixture(scope="module")

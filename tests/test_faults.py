@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 from PIL import Image
 
 from expansion.base import ExpansionError
@@ -25,15 +24,14 @@ from expansion.store import ExpansionStore, StoreDamagedError
 from experiments.data.datasets import DatasetError, build_dataset
 from experiments.training.job import Job
 from experiments.training.pipeline import run, run_expansion
-from tests.conftest import PROJECT_ROOT, compose
+from tests.conftest import PROJECT_ROOT, compose, job_config
 
 FAST = ["train.epochs=1", "quality.enabled=false", "logger=none", "train.compare_original=false"]
 DIGITS = ["dataset=digits", "method=cutout", "method.ratio=2"]
 
 
 def _cfg(overrides):
-    cfg = compose(FAST + overrides)
-    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return job_config(FAST + overrides)
 
 
 def _expand(overrides=DIGITS):

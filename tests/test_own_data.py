@@ -9,19 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
 from experiments.data.datasets import DatasetError, DatasetNotFoundError, build_dataset
 from experiments.record import read_record
 from experiments.training.pipeline import run
-from tests.conftest import compose
+from tests.conftest import compose, job_config
 
 FAST = ["train.epochs=1", "quality.enabled=false", "logger=none", "train.compare_original=false"]
 
 
 def _job(overrides):
-    cfg = compose(overrides + FAST)
-    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return job_config(overrides + FAST)
 
 
 # -- dataset=npz ------------------------------------------------------------------------------------------

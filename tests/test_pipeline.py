@@ -7,18 +7,16 @@ import subprocess
 import sys
 
 import pytest
-from omegaconf import OmegaConf
 
 from expansion.base import ExpansionError
 from experiments.data.datasets import DatasetError, DatasetNotFoundError
 from experiments.record import read_record
 from experiments.training.pipeline import run
-from tests.conftest import PROJECT_ROOT, compose
+from tests.conftest import PROJECT_ROOT, job_config
 
 
 def _cfg(overrides):
-    cfg = compose(overrides)
-    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return job_config(overrides)
 
 
 @pytest.mark.integration

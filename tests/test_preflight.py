@@ -12,7 +12,6 @@ import time
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from expansion.base import ExpansionError
 from expansion.weights import Weights, hub_reachable, missing
@@ -20,15 +19,14 @@ from experiments.analysis.aggregate import aggregate
 from experiments.record import read_record
 from experiments.training import preflight
 from experiments.training.pipeline import run
-from tests.conftest import PROJECT_ROOT, compose
+from tests.conftest import PROJECT_ROOT, job_config
 from tests.test_pipeline import _run_py
 
 FAST = ["train.epochs=1", "quality.enabled=false", "logger=none", "train.compare_original=false"]
 
 
 def _job(overrides):
-    cfg = compose(overrides)
-    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return job_config(overrides)
 
 
 @pytest.mark.integration

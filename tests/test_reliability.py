@@ -23,14 +23,13 @@ from experiments.training.classifier import ImageClassifier
 from experiments.training.job import Job
 from experiments.training.pipeline import run, run_expansion
 from experiments.training.preemption import EXIT_PREEMPTED, PREEMPTED_CHECKPOINT, preemptible
-from tests.conftest import PROJECT_ROOT, compose
+from tests.conftest import PROJECT_ROOT, job_config
 
 TRAIN = ["dataset=digits", "method=original", "logger=none", "quality.enabled=false", "train.compare_original=false"]
 
 
 def _cfg(overrides):
-    cfg = compose(overrides)
-    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return job_config(overrides)
 
 
 def _load(path: Path) -> dict:

@@ -19,7 +19,7 @@ from experiments.training.checkpoints import AtomicCheckpointIO, CheckpointError
 from experiments.training.identity import training_signature
 from experiments.training.job import Job
 from experiments.training.pipeline import run
-from tests.conftest import PROJECT_ROOT, compose
+from tests.conftest import PROJECT_ROOT, compose, job_config
 
 TRAIN = [
     "dataset=digits",
@@ -32,8 +32,7 @@ TRAIN = [
 
 
 def _cfg(overrides):
-    cfg = compose(overrides)
-    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return job_config(overrides)
 
 
 class Payload:

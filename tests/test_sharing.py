@@ -13,21 +13,19 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from omegaconf import OmegaConf
 from PIL import Image
 
 from experiments.data import sharing
 from experiments.data.sharing import SharingError
 from experiments.training.pipeline import run
-from tests.conftest import PROJECT_ROOT, compose
+from tests.conftest import PROJECT_ROOT, job_config
 from tests.helpers.tolerances import scores_close
 
 FAST = ["train.epochs=3", "quality.enabled=false", "logger=none", "train.compare_original=false"]
 
 
 def _job(overrides):
-    cfg = compose(overrides + FAST)
-    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return job_config(overrides + FAST)
 
 
 @pytest.fixture(scope="module")

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import pytest
-from omegaconf import OmegaConf
 
 from experiments.training.pipeline import run
-from tests.conftest import compose
+from tests.conftest import job_config
 
 pytestmark = pytest.mark.slow
 
 
 def _cfg(overrides):
-    cfg = compose(overrides)
-    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return job_config(overrides)
 
 
 def test_breastmnist_small_cnn_beats_the_majority_class(tmp_path, shared_data):

@@ -11,7 +11,6 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 from experiments.data import tensor_cache
@@ -22,12 +21,11 @@ from experiments.training.classifier import ImageClassifier
 from experiments.training.job import Job
 from experiments.training.pipeline import build_classifier, run_expansion
 from experiments.training.timing import EpochTimer, steady_epoch_seconds
-from tests.conftest import compose
+from tests.conftest import job_config
 
 
 def _cfg(overrides):
-    cfg = compose(overrides)
-    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return job_config(overrides)
 
 
 @pytest.fixture

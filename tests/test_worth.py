@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-from omegaconf import OmegaConf
 
 from experiments.analysis import worth
 from experiments.sweeps import job_overrides
@@ -18,12 +17,11 @@ from experiments.training.identity import config_hash
 from experiments.training.job import data_fingerprint_of
 from experiments.training.pipeline import run
 from experiments.training.settings import TrainSettings, optimizer_budget, steps_per_epoch
-from tests.conftest import PROJECT_ROOT, compose
+from tests.conftest import PROJECT_ROOT, compose, job_config
 
 
 def _cfg(overrides):
-    cfg = compose(overrides)
-    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return job_config(overrides)
 
 
 # --------------------------------------------------------------------------- compute-matched training
