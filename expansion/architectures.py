@@ -223,7 +223,8 @@ def clip_tokenizer(size: str, tmp_dir: Path | str):
     return tokenizer
 
 
-def _text_encoder(config: dict[str, Any], tokenizer, with_projection: bool = False):
+def clip_text_encoder(config: dict[str, Any], tokenizer, with_projection: bool = False):
+    """A CLIP text tower of ``config`` sized to ``tokenizer`` (with its projection head when asked)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -242,7 +243,7 @@ def build_sd(size: str, tmp_dir: Path | str, seed: int = 0) -> dict[str, Any]:
         torch.manual_seed(seed)
         vae = AutoencoderKL(**config["sd_vae"])
         unet = UNet2DConditionModel(**config["sd_unet"])
-        text_encoder = _text_encoder(config["sd_text"], tokenizer)
+        text_encoder = clip_text_encoder(config["sd_text"], tokenizer)
     for module in (vae, unet, text_encoder):
         module.eval().requires_grad_(False)
     scheduler = DDIMScheduler(**SD_V1_SCHEDULER)
@@ -280,7 +281,7 @@ def build_stable_unclip(size: str, tmp_dir: Path | str, seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = AutoencoderKL(**config["sd_vae"])
-        text_encoder = _text_encoder(config["unclip_text"], tokenizer)
+        text_encoder = clip_text_encoder(config["unclip_text"], tokenizer)
         unet = UNet2DConditionModel(**config["unclip_unet"])
         image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision))
         normalizer = StableUnCLIPImageNormalizer(embedding_dim=vision["projection_dim"])

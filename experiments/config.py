@@ -108,18 +108,23 @@ def method_defaults_node(cls: type, config_dir: Path = CONFIG_DIR) -> dict:
     quirk a ``${fidelity_pick:...}``), every key a dataset preset of a method built on ``cls`` sets
     wrapped in ``${preset:<key>,<default>}`` (:mod:`experiments.presets`)."""
     from expansion.settings import config_node, yaml_literal
-    from experiments.presets import lookup, preset_paths
+    from experiments.presets import preset_paths
 
     node = config_node(cls.settings_class)
     targets = {name: method_target(name, config_dir) for name in method_configs(config_dir)}
     methods = [name for name, target in targets.items() if target and target.endswith(f".{cls.__name__}")]
     for method in methods:
         for path in preset_paths(method):
-            *parents, last = path.split(".")
-            parent = lookup(node, ".".join(parents), None) if parents else node
-            if not isinstance(parent, dict) or last not in parent or str(parent[last]).startswith("${preset:"):
+            # wrap where the defaults stop being a mapping: a leaf, or a nested setting whose default is
+            # null (dreambooth: the preset gives it whole)
+            parts = path.split(".")
+            parent, depth = node, 1
+            while depth < len(parts) and isinstance(parent.get(parts[depth - 1]), dict):
+                parent, depth = parent[parts[depth - 1]], depth + 1
+            key, wrapped = parts[depth - 1], ".".join(parts[:depth])
+            if key not in parent or str(parent[key]).startswith("${preset:"):
                 continue  # not a settings field (e.g. ratio: the method config's own) or wrapped already
-            parent[last] = f"${{preset:{path},{yaml_literal(parent[last])}}}"
+            parent[key] = f"${{preset:{wrapped},{yaml_literal(parent[key])}}}"
     return node
 
 

@@ -112,13 +112,13 @@ def preset_values(method: str, dataset: str | None, fidelity: str = "paper") -> 
 
 
 def preset_paths(method: str) -> dict[str, None]:
-    """Every dotted key any dataset preset of ``method`` sets, nested mappings down to their leaves
-    (``dreambooth`` whole: its default is null), in first-seen order."""
+    """Every dotted key any dataset preset of ``method`` sets, nested mappings down to their leaves, in
+    first-seen order."""
     paths: dict[str, None] = {}
 
     def walk(values: Mapping[str, Any], prefix: str) -> None:
         for key, value in values.items():
-            if isinstance(value, Mapping) and key != "dreambooth":
+            if isinstance(value, Mapping):
                 walk(value, f"{prefix}{key}.")
             else:
                 paths[f"{prefix}{key}"] = None

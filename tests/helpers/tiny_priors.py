@@ -16,13 +16,11 @@ def save_tiny_karlo(tmp_dir: Path, seed: int = 0) -> Path:
     from diffusers import UnCLIPScheduler, UNet2DConditionModel, UNet2DModel
     from transformers import (
         CLIPImageProcessor,
-        CLIPTextConfig,
-        CLIPTextModelWithProjection,
         CLIPVisionConfig,
         CLIPVisionModelWithProjection,
     )
 
-    from expansion.architectures import clip_tokenizer
+    from expansion.architectures import ARCHITECTURES, clip_text_encoder, clip_tokenizer
     from expansion.gif.unclip import _text_proj_class
 
     out = Path(tmp_dir) / "tiny_karlo"
@@ -42,20 +40,7 @@ def save_tiny_karlo(tmp_dir: Path, seed: int = 0) -> Path:
             norm_num_groups=8,
         )
         parts = {
-            "text_encoder": CLIPTextModelWithProjection(
-                CLIPTextConfig(
-                    hidden_size=d,
-                    intermediate_size=37,
-                    num_attention_heads=4,
-                    num_hidden_layers=2,
-                    vocab_size=len(tok),
-                    max_position_embeddings=77,
-                    projection_dim=d,
-                    bos_token_id=tok.bos_token_id,
-                    eos_token_id=tok.eos_token_id,
-                    pad_token_id=tok.pad_token_id,
-                )
-            ),
+            "text_encoder": clip_text_encoder(ARCHITECTURES["tiny"]["sd_text"], tok, with_projection=True),
             "image_encoder": CLIPVisionModelWithProjection(
                 CLIPVisionConfig(
                     hidden_size=d,
