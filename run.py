@@ -28,11 +28,6 @@ def main(cfg: DictConfig) -> None:
     from experiments.jobs import RunFolderBusy, own_run_folder, remove_if_bookkeeping_only
     from experiments.training import preflight
 
-    # Lightning attaches its own console handler on import; Hydra's root handler already prints
-    # (and files) its records, so drop Lightning's to avoid every line twice
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).handlers.clear()
-
     hydra_cfg = HydraConfig.get()
     job_dir = Path(hydra_cfg.runtime.output_dir)
     log_file = f"{hydra_cfg.job.name}.log"
@@ -76,6 +71,10 @@ def _run_owned(cfg: DictConfig, hydra_cfg, job_dir: Path, log_file: str, multiru
     from experiments.training.pipeline import run, summary_line
     from experiments.training.preemption import preemptible
 
+    # Lightning attaches its own console handler on import (just above); Hydra's root handler already
+    # prints (and files) its records, so drop Lightning's to avoid every line twice
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).handlers.clear()
     log = logging.getLogger("run")
     identity = config_hash(cfg)
     fingerprint = data_fingerprint_of(cfg)  # computed once, only where a finished record must be compared

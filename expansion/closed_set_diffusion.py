@@ -24,6 +24,7 @@ step, the loss history and torch's RNG state (dropout). No pickle is ever loaded
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Mapping
@@ -36,8 +37,11 @@ import torch.nn.functional as F
 
 from .base import Expander, ExpansionContext, ExpansionError, ExpansionOutput, ImageSet, to_uint8, train_tensors
 from .files import atomic_directory, atomic_file
+from .progress import ProgressLog
 from .seeding import derive, image_seeds, per_image_rand
 from .settings import from_mapping, signature_of, speed_only
+
+log = logging.getLogger(__name__)
 
 DONE_MARKER = "DONE"
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -428,6 +432,7 @@ def train_diffusion(
                     torch.cuda.set_rng_state(rng_state[f"rng.cuda.{i}"], i)
         else:
             torch.manual_seed(settings.seed)
+        progress = ProgressLog("closed-set diffusion fit", settings.steps - start_step, "steps", log)
         for step in range(start_step, settings.steps):
             gen = torch.Generator().manual_seed(_stream_seed(settings.seed, "step", step))
             bs = settings.batch_size
@@ -459,6 +464,7 @@ def train_diffusion(
             ema.step(unet.parameters())
             losses.append(float(loss.detach()))
             done = step + 1
+            progress.update(done - start_step, f"step {done}/{settings.steps}, loss {losses[-1]:.4f}")
             if done % settings.checkpoint_every == 0 and done < settings.steps:
                 save_checkpoint(
                     Path(checkpoint_path),

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .base import Expander, ExpansionContext, ExpansionError, ExpansionOutput
 from .files import TMP_MARK, atomic_write_text, canonical_json
+from .progress import ProgressLog
 from .seeding import image_seeds
 from .store import ExpandedSet, ExpansionStore, digest_of, encode_png, fit_key, image_name
 
@@ -72,37 +73,26 @@ class StoreWriter(BasePredictionWriter):
     """Writes each predicted batch into the store as soon as it exists (resumable). With ``only``
     (file names of damaged images), it keeps those images' PNG bytes in ``replacements`` instead."""
 
-    def __init__(self, store: ExpansionStore, only: set[str] | None = None):
+    def __init__(self, store: ExpansionStore, only: set[str] | None = None, images: int = 0):
         super().__init__(write_interval="batch")
         self.store = store
         self.only = only
         self.replacements: dict[str, bytes] = {}
-        self.started: float | None = None
-        self.batches = 0
+        self.images = images  # how many this generation makes (its progress lines' total)
+        self.progress: ProgressLog | None = None
+        self.done = 0
 
     def on_predict_start(self, trainer, pl_module) -> None:
-        self.started = time.perf_counter()
-
-    def _estimate(self, trainer, images: int) -> None:
-        """After the first batch: a rough time for the whole generation (the first batch's pace)."""
-        self.batches += 1
-        if self.batches != 1 or self.started is None:
-            return
-        seconds = time.perf_counter() - self.started
-        batches = sum(trainer.num_predict_batches) if trainer.num_predict_batches else 1
-        log.info(
-            "generation: the first of %d batches (%d images) took %.1f s; about %s for all",
-            batches,
-            images,
-            seconds,
-            _duration(seconds * batches),
-        )
+        what = "generation" if self.only is None else "repair"
+        self.progress = ProgressLog(what, self.images, "images", log)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         output: ExpansionOutput = prediction["output"]
         images = output.images.detach().cpu()
         b, k = images.shape[:2]
-        self._estimate(trainer, b * k)
+        self.done += b * k
+        if self.progress is not None:
+            self.progress.update(self.done)
         if self.only is not None:
             for i in range(b):
                 for j in range(k):
@@ -124,12 +114,6 @@ class StoreWriter(BasePredictionWriter):
                     }
                 )
         self.store.write_batch(images.reshape(b * k, *images.shape[2:]), rows)
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def _round_float(value: Any) -> Any:
@@ -264,7 +248,7 @@ def expand_dataset(
                 ", ".join(f"{r['file']} {r['problem']}" for r in damaged[:3]),
             )
             fit_seconds = run.setup()
-            writer = StoreWriter(store, only={r["file"] for r in damaged})
+            writer = StoreWriter(store, only={r["file"] for r in damaged}, images=len(damaged))
             run.predict(sorted({r["parent"] for r in damaged}), writer, devices=1)
             store.replace_images(writer.replacements)
             return ExpansionResult(
@@ -290,7 +274,7 @@ def expand_dataset(
                     store.root,
                     len(done),
                 )
-                trainer = run.predict(pending, StoreWriter(store))
+                trainer = run.predict(pending, StoreWriter(store, images=len(pending) * k))
                 if trainer.is_global_zero:
                     store.finalize(range(len(train)), k)
                 trainer.strategy.barrier()

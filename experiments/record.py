@@ -46,6 +46,8 @@ class TrainingResult:
     num_train_images: int | None = None
     train_seconds: float | None = None
     epoch_seconds: list[float] | None = None
+    train_loss_per_epoch: list[float | None] | None = None  # the epochs this process trained (after a resume)
+    val_acc_per_epoch: list[float] | None = None  # every validation (each optimizer_budget.val_every epochs)
     images_per_second: float | None = None
     resumed_from: dict[str, Any] | None = None
 
@@ -88,6 +90,9 @@ class RunRecord:
     ratio: int = 0
     config_hash: str | None = None  # with data_fingerprint, the job's identity (experiments.training.identity)
     data_fingerprint: str | None = None
+    #: the experiment: the config identity less the seed, flattened (experiments.training.identity); runs
+    #: with equal settings and data differ only in the seed (one results row)
+    settings: dict[str, Any] | None = None
     table: str | None = None
     dataset_source: dict[str, Any] | str | None = None  # how the splits were made (official, a file ...)
     paper_method: str | None = None

@@ -19,6 +19,7 @@ reconstruction loss only; fine-tuning on the small labelled set uses both.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 
 import torch
@@ -26,6 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import ExpansionError, resize
+from ..progress import ProgressLog
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -171,7 +175,7 @@ def train_autoencoder(
     batch_size: int = 128,
     classifier_weight: float = 0.0,
     seed: int = 0,
-    log_every: int = 0,
+    what: str = "autoencoder training",
 ) -> list[float]:
     """AdamW on MSE reconstruction (+ ``classifier_weight`` x cross-entropy of the head on the
     pooled features when labels are given); seeded batch sampling, no augmentation. Returns the
@@ -187,7 +191,8 @@ def train_autoencoder(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
     model.train()
     losses = []
-    for _ in range(steps):
+    progress = ProgressLog(what, steps, "steps", log)
+    for step in range(steps):
         idx = torch.randint(len(x_all), (min(batch_size, len(x_all)),), generator=g)
         x = x_all[idx]
         y = model.features(x)
@@ -199,5 +204,6 @@ def train_autoencoder(
         opt.step()
         sched.step()
         losses.append(loss.item())
+        progress.update(step + 1, f"loss {losses[-1]:.4f}")
     model.eval()
     return losses

@@ -177,7 +177,13 @@ def fitted_autoencoder(
                 if pre_report is None:
                     log.info("autoencoder: pretraining on %d auxiliary images for %d steps", len(pool), pretrain.steps)
                     losses = train_autoencoder(
-                        model, pool, steps=pretrain.steps, lr=pretrain.lr, batch_size=pretrain.batch_size, seed=seed
+                        model,
+                        pool,
+                        steps=pretrain.steps,
+                        lr=pretrain.lr,
+                        batch_size=pretrain.batch_size,
+                        seed=seed,
+                        what="autoencoder pretraining",
                     )
                     pre_report = {
                         "pool_images": len(pool),
@@ -196,6 +202,7 @@ def fitted_autoencoder(
             batch_size=finetune.batch_size,
             classifier_weight=finetune.classifier_weight,
             seed=seed + 1,
+            what="autoencoder fine-tuning",
         )
         report.update(
             recon_mse_finetuned=reconstruction_error(model, images),

@@ -30,13 +30,17 @@ samples).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..base import ExpansionError
+from ..progress import ProgressLog
 from .transport import ot_distance
+
+log = logging.getLogger(__name__)
 
 
 class KoopmanOperator(nn.Module):
@@ -145,6 +149,7 @@ def fit_koopman(
         fit.dynamics_identity = float(dynamics(KoopmanOperator(m, None)))
     ot_scale = max(fit.ot_identity, 1e-12)
     dyn_scale = max(fit.dynamics_identity, 1e-12)
+    progress = ProgressLog("Koopman operator fit", steps, "steps", log)
     for step in range(steps):
         y_mix, _ = random_mixes(features, neighbours, mix_range, g)
         loss = identity_weight * operator.delta_matrix().pow(2).sum() / m
@@ -156,6 +161,7 @@ def fit_koopman(
         loss.backward()
         opt.step()
         fit.losses.append(float(loss.detach()))
+        progress.update(step + 1, f"loss {fit.losses[-1]:.4f}")
     with torch.no_grad():
         fit.ot_fitted = float(class_ot(operator.step(check_mix, tau), seed))
         fit.dynamics_fitted = float(dynamics(operator))

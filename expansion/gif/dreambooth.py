@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -36,7 +37,10 @@ import torch
 import torch.nn.functional as F
 
 from ..files import atomic_directory, atomic_write_text
+from ..progress import ProgressLog
 from ..settings import check_ranges, keyed_when_set
+
+log = logging.getLogger(__name__)
 
 DONE_MARKER = "DONE"
 
@@ -297,6 +301,7 @@ def dreambooth_finetune(
             from tqdm.auto import tqdm
 
             bar = tqdm(total=settings.steps, desc="dreambooth", leave=False)
+        lines = ProgressLog("DreamBooth fine-tuning", settings.steps, "steps", log)
         with torch.random.fork_rng(devices=cuda_devices):  # dropout, if any, is seeded too
             torch.manual_seed(settings.seed)
             for _ in range(settings.steps):
@@ -351,6 +356,7 @@ def dreambooth_finetune(
                     torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
                     optimizer.step()
                 losses.append(loss.item())
+                lines.update(len(losses), f"loss {losses[-1]:.4f}")
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{losses[-1]:.4f}")

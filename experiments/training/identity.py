@@ -26,7 +26,16 @@ from expansion.files import content_key
 from expansion.settings import is_speed_only, signature_of
 
 #: top-level config keys that say where and how a job runs, not what it computes
-RUN_ONLY_KEYS = ("paths", "progress_bar", "preflight", "store_lock_timeout", "store_verify", "logger", "skip_done")
+RUN_ONLY_KEYS = (
+    "paths",
+    "progress_bar",
+    "progress_every_s",
+    "preflight",
+    "store_lock_timeout",
+    "store_verify",
+    "logger",
+    "skip_done",
+)
 #: method config keys the framework reads (the rest builds the method's settings class); ``tiny``: the
 #: contract suite's cheap settings of the method (tests/test_contract.py), no part of any job
 FRAMEWORK_METHOD_KEYS = ("name", "paper_name", "batch_size", "num_workers", "trainer", "tiny")
@@ -124,9 +133,8 @@ def config_identity(container: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def config_hash(cfg: Any) -> str:
-    """A job's identity: the content key of :func:`config_identity` of its resolved configuration;
-    ``paths`` enter by name only (``<paths.shared_data>/mnist``)."""
+def _identity_container(cfg: Any, seed: Any = None) -> dict[str, Any]:
+    """:func:`config_identity` of ``cfg``; ``seed``: a stand-in for the top-level seed before resolving."""
     from omegaconf import OmegaConf
 
     keys = [k for k in cfg if k != "hydra"]
@@ -134,4 +142,38 @@ def config_hash(cfg: Any) -> str:
     if "paths" in copy:
         for name in list(copy.paths):
             copy.paths[name] = f"<paths.{name}>"
-    return content_key(config_identity(OmegaConf.to_container(copy, resolve=True)))
+    if seed is not None:
+        copy.seed = seed
+    return config_identity(OmegaConf.to_container(copy, resolve=True))
+
+
+def config_hash(cfg: Any) -> str:
+    """A job's identity: the content key of :func:`config_identity` of its resolved configuration;
+    ``paths`` enter by name only (``<paths.shared_data>/mnist``)."""
+    return content_key(_identity_container(cfg))
+
+
+#: what the seed is replaced with in :func:`experiment_settings` (so ``expansion_seed: ${seed}`` reads
+#: "follows the seed", and a fixed expansion seed keeps its value)
+SEED_STAND_IN = "<seed>"
+
+
+def experiment_settings(cfg: Any) -> dict[str, Any]:
+    """The experiment a job belongs to: its config identity less the seed, flattened to dotted keys
+    (``train.epochs``). Jobs with equal experiment settings (and data) differ only in the seed: one
+    results row. A setting that follows the seed (``expansion_seed: ${seed}``) reads ``<seed>``."""
+    identity = _identity_container(cfg, seed=SEED_STAND_IN)
+    identity.pop("seed", None)
+    return flatten(identity)
+
+
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one mapping of dotted keys (lists and scalars are leaves)."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out

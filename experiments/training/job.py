@@ -9,6 +9,7 @@ import functools
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,7 @@ class Job:
     seed: int
     expansion_seed: int
     progress: bool
+    threads: int = 1  # torch CPU threads while the job runs
     labels: dict[str, Any] = field(default_factory=dict)  # names and table ids for metrics.json
     imported: str | None = None  # method=imported: the shared set's folder or hub id
 
@@ -101,13 +103,17 @@ class Job:
                 "train.include_original=false trains on generated images only, but method=original "
                 "generates none; pick an expansion method"
             )
+        threads = cfg.get("threads", 1)
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ExpansionError(f"threads={threads!r} is not a thread count (an integer >= 1, e.g. threads=1)")
         trainer = section["trainer"]
         check_accelerator(trainer)
         generation_trainer = {k: v for k, v in trainer.items() if k not in TRAINING_ONLY_TRAINER_KEYS}
         generation_trainer["precision"] = "32-true"
         if cfg.method.get("trainer"):  # a method may override trainer settings for generation (e.g. precision)
             generation_trainer.update(OmegaConf.to_container(cfg.method.trainer, resolve=True))
-        generation_trainer["enable_progress_bar"] = bool(cfg.get("progress_bar", False))
+        progress = progress_bar_on(cfg.get("progress_bar", "auto"))
+        generation_trainer["enable_progress_bar"] = progress
         generation = GenerationSettings(
             batch_size=int(cfg.method.get("batch_size", 64)),
             num_workers=int(cfg.method.get("num_workers", 0)),
@@ -127,7 +133,8 @@ class Job:
             generation=generation,
             seed=int(cfg.seed),
             expansion_seed=int(cfg.expansion_seed),
-            progress=bool(cfg.get("progress_bar", False)),
+            progress=progress,
+            threads=threads,
             imported=imported,
             labels={
                 "table": cfg.get("table"),
@@ -147,6 +154,16 @@ class Job:
         """Where the quality step runs: the GPU when the job trains on one."""
         accelerator = str(self.trainer.get("accelerator", "cpu"))
         return "cuda" if torch.cuda.is_available() and accelerator in ("gpu", "cuda", "auto") else "cpu"
+
+
+def progress_bar_on(value: bool | str) -> bool:
+    """``progress_bar``: true, false or ``auto`` (on when the output is a terminal; a job whose output goes to
+    a file logs progress lines instead, :mod:`expansion.progress`)."""
+    if value == "auto":
+        return sys.stderr.isatty()
+    if not isinstance(value, bool):
+        raise ExpansionError(f"progress_bar={value!r}: use true, false or auto")
+    return value
 
 
 def check_accelerator(trainer: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ steps below receive only what they need. A run is fully described by its ``.hydr
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import time
 from contextlib import contextmanager
@@ -16,19 +17,21 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from omegaconf import DictConfig
 
+from expansion import progress
 from expansion.base import Expander, ExpansionContext, ExpansionError
 from expansion.engine import ExpansionResult, expand_dataset
 from experiments.data.datamodule import ExpansionDataModule, load_expanded_images
 from experiments.data.datasets import DatasetSplits, build_dataset
 from experiments.environment import environment
 from experiments.record import ExpansionRecord, RunRecord, TrainingResult
-from experiments.training.identity import config_hash, training_signature
+from experiments.training.identity import config_hash, experiment_settings, training_signature
 
 from . import preflight, wandb_logging
 from .checkpoints import LAST_CHECKPOINT, AtomicCheckpointIO, StampRunSignature, resume_point
@@ -36,7 +39,7 @@ from .classifier import ImageClassifier
 from .job import Job, check_resources, configure_data_reading
 from .preemption import PREEMPTED_CHECKPOINT, PREEMPTION, StopOnPreemption
 from .settings import optimizer_budget
-from .timing import EpochTimer
+from .timing import EpochLog
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +127,7 @@ def train_and_evaluate(
     logger: Any,
     include_original: bool = True,
     store_key: str | None = None,
+    what: str = "training",
 ) -> TrainingResult:
     """Train on original (+ expanded) images, or on the expanded images alone; report final-epoch
     test accuracy and test accuracy at the best validation epoch (never selecting on test). With
@@ -154,7 +158,7 @@ def train_and_evaluate(
     resume = resume_point(checkpoints, signature)
     kwargs = dict(job.trainer)
     kwargs.setdefault("enable_progress_bar", job.progress)
-    epoch_timer = EpochTimer()
+    epoch_timer = EpochLog(log, what)
     callbacks = [
         checkpoint,
         latest,
@@ -209,6 +213,8 @@ def train_and_evaluate(
         num_train_images=datamodule.num_train,
         train_seconds=round(train_seconds, 3),
         epoch_seconds=[round(t, 4) for t in epoch_timer.epoch_seconds],
+        train_loss_per_epoch=[None if v is None else round(v, 5) for v in epoch_timer.train_loss],
+        val_acc_per_epoch=[round(100.0 * v, 4) for v in history],
         images_per_second=round(datamodule.num_train * epochs_now / max(train_seconds, 1e-9), 1),
         resumed_from={"checkpoint": resume[0].name, **resume[1]} if resume else None,
     )
@@ -265,8 +271,20 @@ def _run(cfg: DictConfig, run_dir: Path | str | None = None) -> RunRecord:
     if preflight.mode(cfg) != "off":
         preflight.check_weights(job)  # every missing pretrained weight named at once, before any work
     run_dir.mkdir(parents=True, exist_ok=True)
-    with exclusive_run_dir(run_dir):
+    progress.EVERY_SECONDS = float(cfg.get("progress_every_s", progress.EVERY_SECONDS))
+    with exclusive_run_dir(run_dir), torch_threads(job.threads):
         return _run_job(cfg, job, run_dir, total_start)
+
+
+@contextmanager
+def torch_threads(threads: int):
+    """torch's CPU threads set to ``threads`` while the job runs, then restored (an in-process caller keeps its own)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextmanager
@@ -307,6 +325,7 @@ def _run_job(cfg: DictConfig, job: Job, run_dir: Path, total_start: float) -> Ru
     facts: dict[str, Any] = dict(
         config_hash=config_hash(cfg),  # the job's identity, with data_fingerprint: a finished twin is not redone
         data_fingerprint=data_fingerprint,
+        settings=experiment_settings(cfg),  # the experiment (one results row): the identity less the seed
         table=job.labels["table"],
         dataset=data.name,
         dataset_source=data.identity["source"],  # how the splits were made (official, npz file, flat folder ...)
@@ -392,15 +411,85 @@ def _run_job(cfg: DictConfig, job: Job, run_dir: Path, total_start: float) -> Ru
     if ratio is not None and compare_original(job.train.compare_original):
         PREEMPTION.stop_if_requested()
         L.seed_everything(job.seed, workers=True, verbose=False)
-        facts["original"] = train_and_evaluate(job, data, None, None, run_dir / "train_original", False)
+        facts["original"] = train_and_evaluate(
+            job, data, None, None, run_dir / "train_original", False, what="training (original)"
+        )
     facts["total_seconds"] = round(time.perf_counter() - total_start, 3)
     facts["environment"] = environment(job.device)
     record = RunRecord(**facts)
     if isinstance(logger, WandbLogger):
         wandb_logging.log_results(logger, record)
     record = dataclasses.replace(record, path=record.write(run_dir))
+    plot_learning_curves(record, run_dir / LEARNING_CURVE_FILE)
+    log.info("%s", phase_times(record))
     print(summary_line(record))
     return record
+
+
+LEARNING_CURVE_FILE = "learning_curve.png"
+
+
+def phase_times(r: RunRecord) -> str:
+    """``done in 3 min 05 s: expansion 40 s (fit 12 s), quality 80 s, training 52 s, ...``: where the time went."""
+    from expansion.progress import duration
+
+    phases = []
+    if r.expansion is not None:
+        fit = f" (fit {duration(r.expansion.fit_seconds)})" if r.expansion.fit_seconds else ""
+        reused = " (reused)" if r.expansion.reused else ""
+        phases.append(f"expansion {duration(r.expansion.seconds)}{fit}{reused}")
+    if r.quality is not None and r.quality.get("seconds") is not None:
+        phases.append(f"quality {duration(float(r.quality['seconds']))}")
+    for name, result in (("training", r.training), ("training (original)", r.original)):
+        if result is not None and result.train_seconds is not None:
+            phases.append(f"{name} {duration(result.train_seconds)}")
+    total = duration(r.total_seconds or 0.0)
+    return f"done in {total}: " + ", ".join(phases) + " (the rest: loading data, testing, writing)"
+
+
+def plot_learning_curves(r: RunRecord, path: Path) -> Path | None:
+    """The run's learning curves (train loss, val and test accuracy per epoch; the original's too when the
+    job trained it) in one figure beside its metrics.json; None when no epoch was recorded."""
+    curves = [(name, t) for name, t in (("expanded", r.training), ("original", r.original)) if t is not None]
+    if r.train_data == "original":
+        curves = [("original", r.training)]
+    if not any(t.train_loss_per_epoch or t.val_acc_per_epoch for _, t in curves):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from expansion.files import atomic_write_bytes
+
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for (name, t), color in zip(curves, ("tab:blue", "tab:gray")):
+        every = int((t.optimizer_budget or {}).get("val_every", 1) or 1)
+        first = int((t.resumed_from or {}).get("epoch", -1)) + 1 if t.resumed_from else 0
+        losses = [(first + i + 1, v) for i, v in enumerate(t.train_loss_per_epoch or []) if v is not None]
+        if losses:
+            loss_ax.plot(*zip(*losses), color=color, label=name)
+        if t.val_acc_per_epoch:
+            epochs = [every * (i + 1) for i in range(len(t.val_acc_per_epoch))]
+            acc_ax.plot(epochs, t.val_acc_per_epoch, color=color, label=f"{name}: val")
+        if t.test_acc_per_epoch:
+            epochs = [every * (i + 1) for i in range(len(t.test_acc_per_epoch))]
+            acc_ax.plot(epochs, t.test_acc_per_epoch, color=color, linestyle="--", label=f"{name}: test")
+        acc_ax.plot([t.epochs or 0], [t.test_acc_final], marker="o", color=color, linestyle="none")
+    loss_ax.set(xlabel="epoch", ylabel="train loss (epoch mean)")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", ylim=(0, 100))
+    acc_ax.set_title("dot: final test accuracy; axis from 0", fontsize=8)
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    what = "original" if r.train_data == "original" else f"{r.method} x{r.ratio}"
+    fig.suptitle(f"{r.dataset} | {what} | {r.classifier} | seed {r.seed}", fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
 
 
 ORIGINAL_LABEL = "original (no expansion)"
