@@ -271,17 +271,18 @@ def iter_record_folders(root: Path | str) -> Iterator[Path]:
         yield path.parent
 
 
-def load_records(root: Path | str) -> tuple[list[RunRecord], list[tuple[Path, str]]]:
+def load_records(root: Path | str, *, each_job_once: bool = True) -> tuple[list[RunRecord], list[tuple[Path, str]]]:
     """``(records, damaged)`` under ``root``: every readable record, each job once (the same config hash
-    and data fingerprint found twice, as in a copied job folder, counts once: the first in folder order),
-    and ``(folder, what is wrong)`` for each unreadable one."""
+    and data fingerprint found twice, as in a copied job folder, counts once: the first in folder order;
+    ``each_job_once=False``: all of them, for a caller that reports the repeats), and ``(folder, what is
+    wrong)`` for each unreadable one."""
     records, damaged, seen = [], [], set()
     for folder in iter_record_folders(root):
         record, problem = read_record(folder)
         if record is None:
             damaged.append((folder, problem or "no record"))
             continue
-        if record.config_hash is not None:
+        if each_job_once and record.config_hash is not None:
             if record.identity in seen:
                 log.warning(
                     "%s repeats a job already counted (config hash %s): counted once", folder, record.config_hash

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 
@@ -114,3 +115,87 @@ def test_the_papers_selection_is_a_column_of_its_own_only_when_runs_have_it(tmp_
     # the like-for-like table compares with the paper's numbers; the final-epoch table comes first
     assert md.index("**final-epoch test accuracy") < md.index("**as the paper selects (optimistic)")
     assert "| cutout | – | 74.0 ± 1.4 [2]; 78.8; -4.8 | – |" in optimistic
+
+
+def _experiment_record(root, folder, overrides, *, seed, acc, threads=1):
+    """A finished job's record as the pipeline writes it, for the composed job ``overrides``."""
+    from experiments.record import RunRecord, TrainingResult
+    from experiments.training.identity import config_hash, experiment_settings
+    from tests.conftest import compose
+
+    cfg = compose(["dataset=digits", "method=original", f"seed={seed}", f"threads={threads}", *overrides])
+    steps = cfg.train.steps
+    budget = {"epochs": cfg.train.epochs, "max_steps": steps or -1, "val_every": 1, "steps": steps or 0}
+    training = TrainingResult(acc, acc - 1.0, epochs=cfg.train.epochs, optimizer_budget=budget)
+    RunRecord(
+        dataset="digits",
+        method="original",
+        seed=seed,
+        training=training,
+        classifier="small_cnn",
+        config_hash=config_hash(cfg),
+        data_fingerprint="d" * 20,
+        settings=experiment_settings(cfg),
+        total_seconds=1.0,
+        environment={"cpu_threads": threads, "git_commit": "abc123", "git_dirty": False},
+    ).write(root / folder)
+
+
+def test_rows_are_experiments_never_two_configurations(tmp_path):
+    """Runs that differ in more than the seed (epochs 2 vs 30, a step budget, 1 vs 2 threads) are separate
+    rows, each with the setting that tells it apart as a column; n counts distinct seeds; a copied job
+    folder (the same seed again) is reported, not averaged."""
+    for seed, acc in ((0, 50.0), (1, 54.0)):
+        _experiment_record(tmp_path, f"e2_s{seed}", ["train.epochs=2"], seed=seed, acc=acc)
+    for seed, acc in ((0, 90.0), (1, 92.0), (2, 94.0)):
+        _experiment_record(tmp_path, f"e30_s{seed}", ["train.epochs=30"], seed=seed, acc=acc)
+    _experiment_record(tmp_path, "steps_s0", ["train.epochs=30", "train.steps=40"], seed=0, acc=70.0)
+    _experiment_record(tmp_path, "threads2_s0", ["train.epochs=30"], seed=0, acc=91.0, threads=2)
+    shutil.copytree(tmp_path / "e30_s0", tmp_path / "zz_copy_of_e30_s0")  # a copied job folder: seed 0 again
+    csv_path, md_path = aggregate(tmp_path)
+    rows = list(csv.DictReader(csv_path.open()))
+    by_settings = {(r["setting_train.epochs"], r["setting_train.steps"], r["setting_threads"]): r for r in rows}
+    assert set(by_settings) == {("2", "null", "1"), ("30", "null", "1"), ("30", "40", "1"), ("30", "null", "2")}
+    short = by_settings[("2", "null", "1")]
+    assert short["n_seeds"] == "2" and float(short["final_mean"]) == pytest.approx(52.0)
+    full = by_settings[("30", "null", "1")]
+    assert full["n_seeds"] == "3" and full["seeds"] == "0 1 2" and float(full["final_mean"]) == pytest.approx(92.0)
+    assert full["repeated_runs"] == "1"
+    assert by_settings[("30", "40", "1")]["n_seeds"] == "1" and by_settings[("30", "null", "2")]["n_seeds"] == "1"
+    md = md_path.read_text()
+    assert "| method | threads | train.epochs | train.steps | digits | avg |" in md
+    assert "| original | 1 | 30 | null | 92.0 ± 2.0 [3] |" in md and "| original | 1 | 2 | null | 52.0 ± 2.8 [2] |" in md
+    assert "**Repeated seeds** (1)" in md and "| 0 | zz_copy_of_e30_s0 (90.00) | e30_s0 (90.00) |" in md
+    assert "## Provenance" in md and "commit abc123" in md
+
+
+def test_old_records_without_settings_are_told_apart_by_their_fields(tmp_path):
+    """Records written before the experiment settings: the training length and the thread count still
+    separate rows."""
+    for i, (epochs, threads, acc) in enumerate([(2, 1, 50.0), (30, 1, 90.0), (30, 2, 91.0), (30, 1, 93.0)]):
+        d = tmp_path / f"job{i}"
+        d.mkdir()
+        record = {"dataset": "digits", "method": "original", "seed": 0 if i < 3 else 1, "test_acc_final": acc}
+        record |= {"test_acc_best_val": acc, "epochs": epochs, "environment": {"cpu_threads": threads}}
+        (d / "metrics.json").write_text(json.dumps(record))
+    rows = {(r["setting_epochs"], r["setting_threads"]): r for r in csv.DictReader(aggregate(tmp_path)[0].open())}
+    assert set(rows) == {("2", "1"), ("30", "1"), ("30", "2")}
+    assert rows[("30", "1")]["n_seeds"] == "2" and rows[("30", "2")]["n_seeds"] == "1"
+
+
+def test_differences_to_the_original_carry_an_interval_over_seeds(tmp_path):
+    for seed, (orig, cut) in enumerate([(80.0, 83.0), (82.0, 84.0), (81.0, 85.0)]):
+        _write(tmp_path, f"o{seed}", dataset="digits", method="original", ratio=0, seed=seed, test_acc_final=orig)
+        _write(tmp_path, f"c{seed}", dataset="digits", method="cutout", seed=seed, test_acc_final=cut)
+    _write(tmp_path, "g0", dataset="digits", method="gridmask", seed=0, test_acc_final=90.0)
+    csv_path, md_path = aggregate(tmp_path)
+    rows = {r["row"]: r for r in csv.DictReader(csv_path.open())}
+    cut = rows["cutout"]
+    # paired differences 3, 2, 4: mean 3, sd 1, t(0.975, 2) = 4.303 -> half-width 2.484
+    assert float(cut["minus_original"]) == pytest.approx(3.0)
+    assert float(cut["minus_original_low"]) == pytest.approx(3.0 - 2.484, abs=1e-3)
+    assert float(cut["minus_original_high"]) == pytest.approx(3.0 + 2.484, abs=1e-3)
+    assert cut["interval"] == "paired by seed"
+    assert rows["gridmask"]["interval"] == "n = 1: no spread known" and rows["gridmask"]["minus_original_low"] == ""
+    md = md_path.read_text()
+    assert "+3.0 [+0.5, +5.5] (paired by seed, n = 3)" in md and "+9.0 (n = 1: no spread known)" in md

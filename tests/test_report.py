@@ -147,15 +147,17 @@ def test_ratio_sweep_gets_accuracy_vs_ratio_curves(tmp_path):
     assert "**as the paper selects (optimistic)" in text and "| 40.00 |" in text
 
 
-def test_the_accuracy_axis_is_zoomed_to_the_data():
+def test_the_bar_figure_starts_its_axis_at_zero_and_marks_single_seeds():
     from experiments.analysis.aggregate import Cell
-    from experiments.analysis.report import accuracy_limits
+    from experiments.analysis.report import _plt, draw_table
 
-    def cell(values, paper=None):
-        return Cell("adhoc", "m", "c", "m", "d", "k", 1, {"test_acc_final": values, "test_acc_best_val": []}, paper)
+    def cell(row, values, paper=None):
+        return Cell("adhoc", row, "c", row, "d", "k", 1, {"test_acc_final": values, "test_acc_best_val": []}, paper)
 
-    lo, hi = accuracy_limits([cell([90.0, 90.8]), cell([89.2])])
-    assert 85 < lo < 89 and 91 < hi < 96  # a 0.8-point gap is visible
-    lo, hi = accuracy_limits([cell([99.5]), cell([60.0], paper=99.9)])
-    assert 50 < lo < 60 and hi == 100.0
-    assert accuracy_limits([]) == (0.0, 100.0)
+    fig = draw_table([cell("a", [90.0, 90.8]), cell("b", [89.2])], {}, "adhoc")
+    ax = fig.axes[0]
+    assert ax.get_ylim()[0] == 0.0 and ax.get_ylim()[1] >= 100  # a 1-point gap is not blown up
+    labels = [t.get_text() for t in ax.texts]
+    assert "90.4 [2]" in labels and "89.2 [1: no spread]" in labels
+    assert "axis from 0" in ax.get_title()
+    _plt().close(fig)

@@ -47,6 +47,7 @@ from .aggregate import (
     has_quality,
     load_paper_numbers,
     natural_key,
+    ordered_rows,
     render_quality_markdown,
 )
 
@@ -180,38 +181,32 @@ def _plt():
     return plt
 
 
-def _order_rows(rows: set[str], paper_rows: list[str]) -> list[str]:
-    from .aggregate import _order
-
-    return _order(rows, paper_rows)
-
-
 def _wrap(text: str, width: int = 70) -> str:
     import textwrap
 
     return "\n".join(textwrap.wrap(text, width))
 
 
-def accuracy_limits(cells: list[Cell]) -> tuple[float, float]:
-    """The accuracy axis zoomed to what is drawn (means ± std, paper numbers, the labels above the bars)
-    with a margin, within [0, 100], so that a gap of a point can be seen."""
-    values = [c.paper for c in cells if c.paper is not None]
-    for c in cells:
-        if c.values["test_acc_final"]:
-            mean, std, _ = c.stats("test_acc_final")
-            values += [mean - std, mean + std]
-    if not values:
-        return 0.0, 100.0
-    lo, hi = min(values), max(values)
-    margin = max(1.0, 0.15 * (hi - lo))
-    return max(0.0, lo - margin), min(100.0, hi + 2.5 * margin)
+#: the bar figure's accuracy axis: from 0 (a bar's length is its value; a zoomed axis makes one-point
+#: gaps between single seeds look large), with room above 100 for the labels
+ACCURACY_AXIS = (0.0, 109.0)
 
 
 def figure_table(cells: list[Cell], spec: dict[str, Any], path: Path, table: str) -> Path:
-    """Grouped bars: x = columns, one bar per method (ours mean ± std), the paper's number as a marker."""
+    """:func:`draw_table` saved to ``path``."""
+    plt = _plt()
+    fig = draw_table(cells, spec, table)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def draw_table(cells: list[Cell], spec: dict[str, Any], table: str) -> Any:
+    """Grouped bars from 0: x = columns, one bar per row (ours mean ± std over seeds; n = 1 has no error bar and
+    says so), the paper's number as a marker."""
     plt = _plt()
     columns = sorted({c.column for c in cells}, key=natural_key)
-    rows = _order_rows({c.row for c in cells}, list(spec.get("values", {}).keys()))
+    rows = [c.row for c in ordered_rows(cells, list(spec.get("values", {}).keys()))]
     index = {(c.row, c.column): c for c in cells}
     width = 0.8 / max(1, len(rows))
     fig, ax = plt.subplots(figsize=(max(6.0, 2.8 + len(columns) * len(rows) * 0.5), 4.2))
@@ -232,7 +227,8 @@ def figure_table(cells: list[Cell], spec: dict[str, Any], path: Path, table: str
                 color=colors(i % 10),
                 label=row if j == next(jj for jj, cc in enumerate(columns) if (row, cc) in index) else None,
             )
-            ax.text(x, mean + (std if n > 1 else 0) + 0.4, f"{mean:.1f} [{n}]", ha="center", va="bottom", fontsize=7)
+            note = f"{mean:.1f} [{n}]" if n > 1 else f"{mean:.1f} [1: no spread]"
+            ax.text(x, mean + (std if n > 1 else 0) + 0.4, note, ha="center", va="bottom", fontsize=7, rotation=90)
             if cell.paper is not None:
                 ax.plot(
                     [x],
@@ -245,16 +241,17 @@ def figure_table(cells: list[Cell], spec: dict[str, Any], path: Path, table: str
                 )
     ax.set_xticks(range(len(columns)), columns)
     ax.set_ylabel("final-epoch test accuracy (%)")
-    ax.set_ylim(*accuracy_limits(cells))
+    ax.set_ylim(*ACCURACY_AXIS)
+    ax.set_yticks(range(0, 101, 10))
     has_paper = any(c.paper is not None for c in cells)
     legend = "◆ = the paper's number" if has_paper else "no paper numbers for this table"
-    ax.set_title(_wrap(spec.get("title", table)) + f"\nours: mean ± std over seeds [n]; {legend}", fontsize=9)
+    ax.set_title(
+        _wrap(spec.get("title", table)) + f"\nours: mean ± std over [n] seeds; axis from 0; {legend}", fontsize=9
+    )
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def has_ratio_sweep(cells: list[Cell]) -> bool:
@@ -305,7 +302,7 @@ def figure_ratio(cells: list[Cell], spec: dict[str, Any], path: Path, table: str
                 ax.axhline(c.stats("test_acc_final")[0], color="gray", linestyle=":", label="original (ours)")
         ax.set_title(col, fontsize=9)
         ax.set_xlabel("expansion ratio (new images per seed)")
-        ax.set_ylabel("final-epoch test accuracy (%)")
+        ax.set_ylabel("final-epoch test accuracy (%; axis zoomed, not from 0)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(_wrap(spec.get("title", table), 40 * len(columns) + 30), fontsize=9)

@@ -193,7 +193,7 @@ def register_metric(name: str, columns: dict[str, Column] | None = None):
     def deco(fn: Callable[[QualityInputs], dict[str, Any]]):
         if name in METRICS:
             raise ValueError(f"quality metric {name!r} is registered twice")
-        doc = (fn.__doc__ or name).strip().splitlines()[0]
+        doc = " ".join((fn.__doc__ or name).strip().split("\n\n")[0].split())  # the whole first paragraph
         METRICS[name] = Metric(name, fn, dict(columns or {}), doc)
         return fn
 
