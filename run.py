@@ -25,13 +25,16 @@ def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from experiments.jobs import RunFolderBusy, own_run_folder, remove_if_bookkeeping_only
-    from experiments.training import preflight
-
     hydra_cfg = HydraConfig.get()
     job_dir = Path(hydra_cfg.runtime.output_dir)
     log_file = f"{hydra_cfg.job.name}.log"
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if not multirun:  # the settings that need no torch, checked before it is imported (a sweep's: pre-flight)
+        _check_light_settings(cfg, job_dir)
+
+    from experiments.jobs import RunFolderBusy, own_run_folder, remove_if_bookkeeping_only
+    from experiments.training import preflight
+
     if not multirun and preflight.mode(cfg) == "only":  # a sweep's jobs are checked before they start
         report = preflight.check_jobs([cfg], ["this job"])
         with contextlib.suppress(RunFolderBusy), own_run_folder(job_dir, wait=False):
@@ -50,6 +53,21 @@ def main(cfg: DictConfig) -> None:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
         _run_owned(cfg, hydra_cfg, job_dir, log_file, multirun)
+
+
+def _check_light_settings(cfg: DictConfig, job_dir: Path) -> None:
+    """A bad training, classifier or thread setting: one line, exit 2, and no run folder (Hydra made it empty)."""
+    from expansion.errors import ExpansionError
+    from experiments.training.settings import core_settings
+
+    try:
+        core_settings(cfg)
+    except ExpansionError as exc:
+        _detach_file_logs()  # a run refused before any work leaves no folder and no log
+        with contextlib.suppress(OSError):
+            job_dir.rmdir()  # only when empty
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _run_owned(cfg: DictConfig, hydra_cfg, job_dir: Path, log_file: str, multirun: bool) -> None:
@@ -162,6 +180,17 @@ def resolve_printed_config(argv: list[str]) -> None:
         argv.append("--resolve")
 
 
+def check_command_line(argv: list[str]) -> None:
+    """A misspelt option or setting: one line with the closest names, exit 2 (before Hydra's own message)."""
+    from experiments.overrides import check_overrides
+
+    problem = check_overrides(argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
+    check_command_line(sys.argv)
     resolve_printed_config(sys.argv)
     main()

@@ -164,7 +164,9 @@ def test_rows_are_experiments_never_two_configurations(tmp_path):
     assert by_settings[("30", "40", "1")]["n_seeds"] == "1" and by_settings[("30", "null", "2")]["n_seeds"] == "1"
     md = md_path.read_text()
     assert "| method | threads | train.epochs | train.steps | digits | avg |" in md
-    assert "| original | 1 | 30 | null | 92.0 ± 2.0 [3] |" in md and "| original | 1 | 2 | null | 52.0 ± 2.8 [2] |" in md
+    assert (
+        "| original | 1 | 30 | null | 92.0 ± 2.0 [3] |" in md and "| original | 1 | 2 | null | 52.0 ± 2.8 [2] |" in md
+    )
     assert "**Repeated seeds** (1)" in md and "| 0 | zz_copy_of_e30_s0 (90.00) | e30_s0 (90.00) |" in md
     assert "## Provenance" in md and "commit abc123" in md
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -117,6 +118,39 @@ def _run_py(*args, cwd=PROJECT_ROOT, timeout=600):
     )
 
 
+def test_a_run_logged_to_a_file_talks(tmp_path):
+    """Output sent to a file (no terminal, PROGRESS_BAR unset): no progress bar, but a line per generation
+    batch and per training epoch with its ETA, and a last line with the time of every phase."""
+    env = {k: v for k, v in os.environ.items() if k != "PROGRESS_BAR"}
+    env |= {"HYDRA_FULL_ERROR": "0", "EXPANSION_CACHE": str(tmp_path / "cache")}
+    log_file = tmp_path / "job.log"
+    args = ["dataset=digits", "method=cutout", "method.ratio=2", "method.batch_size=100", "train.epochs=3"]
+    args += ["quality.epochs=2", "progress_every_s=0", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"]
+    with log_file.open("w") as out:
+        proc = subprocess.run(
+            [sys.executable, "run.py", *args],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=600,
+        )
+    text = log_file.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    assert re.search(r"generation: 200/400 images \(50%\), [\d,.]+ images/s, .*, ETA ", text), text[-3000:]
+    assert "generation: 400/400 images (100%)" in text
+    for epoch in (1, 2):
+        assert re.search(rf"training epoch {epoch}/3: train loss [\d.]+, val acc [\d.]+%, [\d.]+ s, ETA [\d.]+ s", text)
+    assert re.search(r"training epoch 3/3: .*, last epoch", text)
+    assert re.search(r"training \(original\) epoch 3/3: ", text)
+    assert re.search(
+        r"done in [\d.]+ s: expansion [\d.]+ s, quality [\d.]+ s, training [\d.]+ s, training \(original\) [\d.]+ s",
+        text,
+    )
+    assert "━" not in text and "it/s" not in text  # no progress bar in a file
+    assert (tmp_path / "run" / "learning_curve.png").is_file()
+
+
 @pytest.mark.integration
 def test_multirun_over_methods_produces_results_table(tmp_path):
     sweep = tmp_path / "sweep"
@@ -145,7 +179,37 @@ def test_cli_errors_are_one_clear_line(tmp_path):
     assert "Traceback" not in proc.stderr
     proc = _run_py("dataset=nope", f"hydra.run.dir={tmp_path}/r2")
     assert proc.returncode != 0
-    assert "Could not find 'dataset/nope'" in proc.stderr and "breastmnist" in proc.stderr
+    assert proc.returncode == 2 and "error: dataset=nope: no such dataset; the choices: " in proc.stderr
+    assert "breastmnist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_every_unreadable_image_is_named_in_one_run(tmp_path):
+    """Three bad files in two splits: one run names all three (not one per run)."""
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (12, 12), (i * 50, 10, 10)).save(tmp_path / "data" / split / c / f"{i}.png")
+    bad = ["train/a/2.png", "train/b/0.png", "test/b/3.png"]
+    for name in bad:
+        (tmp_path / "data" / name).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    cfg = _cfg(
+        [
+            "dataset=imagefolder",
+            f"dataset.path={tmp_path / 'data'}",
+            "dataset.image_size=12",
+            "dataset.val_fraction=0.25",
+            "method=original",
+            "train.epochs=1",
+        ]
+    )
+    with pytest.raises(DatasetError) as error:
+        run(cfg, tmp_path / "run")
+    message = str(error.value)
+    assert message.startswith("3 images cannot be used:")
+    assert all(f"unreadable image {tmp_path / 'data' / name}" in message for name in bad), message
 
 
 def test_unreadable_image_in_imagefolder_is_named(tmp_path):

@@ -146,7 +146,8 @@ def _write(folder: Path, record) -> Path:
 
 
 def test_a_cut_record_is_not_a_finished_job_and_fails_the_aggregation(tmp_path, capsys):
-    from experiments.analysis.aggregate import AggregateOnMultirunEnd, aggregate
+    from experiments.analysis.aggregate import aggregate
+    from experiments.callbacks import AggregateOnMultirunEnd
     from experiments.jobs import find_done
 
     _write(tmp_path / "0_ok", _record())
@@ -161,25 +162,27 @@ def test_a_cut_record_is_not_a_finished_job_and_fails_the_aggregation(tmp_path, 
     assert stop.value.code == 1 and "1 job(s) of the sweep failed" in capsys.readouterr().err
 
 
-def test_a_copied_job_folder_counts_once(tmp_path):
+def test_a_copied_job_folder_counts_once_and_is_reported(tmp_path):
     from experiments.analysis.aggregate import build_cells, load_paper_numbers, scan_runs
 
     for seed in range(4):
         _write(tmp_path / f"{seed}_job", _record(config_hash=f"{seed:016d}", seed=seed, test_acc_final=90.0 + seed))
     _write(tmp_path / "copy_of_3", _record(config_hash=f"{3:016d}", seed=3, test_acc_final=93.0))
     runs, damaged = scan_runs(tmp_path)
-    assert len(runs) == 4 and not damaged
+    assert len(runs) == 5 and not damaged  # every record is read; the table keeps one per seed
     (cell,) = build_cells(runs, load_paper_numbers())
     assert cell.stats("test_acc_final")[2] == 4  # n = 4, not 5
+    assert [(r.folder.name, counted.folder.name) for r, counted in cell.repeats] == [("copy_of_3", "3_job")]
 
 
 def test_an_aggregation_that_fails_exits_non_zero_and_says_why(tmp_path, capsys, monkeypatch):
     from experiments.analysis import aggregate as module
+    from experiments.callbacks import AggregateOnMultirunEnd
 
     _write(tmp_path / "0_ok", _record())
     monkeypatch.setattr(module, "build_cells", lambda *a: {}["a key the tables lack"])
     with pytest.raises(SystemExit) as stop:
-        module.AggregateOnMultirunEnd().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+        AggregateOnMultirunEnd().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
     assert stop.value.code == 1
     assert "error: the sweep's results could not be aggregated: KeyError" in capsys.readouterr().err
 

@@ -16,7 +16,6 @@ import logging
 import math
 import re
 import statistics
-import sys
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -712,33 +711,6 @@ def aggregate(root: Path | str) -> tuple[Path, Path]:
         + render_provenance(cells),
     )
     return csv_path, md_path
-
-
-try:  # the Hydra callback that aggregates a multirun when it ends
-    from hydra.experimental.callback import Callback
-
-    class AggregateOnMultirunEnd(Callback):
-        """Writes the sweep's results when it ends; a sweep with failed jobs then exits with status 1."""
-
-        def on_multirun_end(self, config, **kwargs: Any) -> None:
-            # Hydra turns a callback's exception into a warning: a failed aggregation exits here, non-zero
-            try:
-                _, md_path = aggregate(config.hydra.sweep.dir)
-            except FileNotFoundError as exc:
-                print(f"aggregate: {exc}")
-                return
-            except Exception as exc:
-                print(
-                    f"error: the sweep's results could not be aggregated: {type(exc).__name__}: {exc}", file=sys.stderr
-                )
-                raise SystemExit(1) from None
-            print(f"results: {md_path}\n" + md_path.read_text())
-            failures = sweep_failures(config.hydra.sweep.dir)
-            if failures:
-                print(f"{len(failures)} job(s) of the sweep failed (listed in {md_path})", file=sys.stderr)
-                raise SystemExit(1)
-except ImportError:  # pragma: no cover
-    pass
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,24 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from expansion.probe import SmallConvNet
 
-
-def check_arch(arch: str) -> None:
-    """An error now (before any data or generation) when ``arch`` names no network :func:`create_network` knows."""
-    if arch == "small_cnn":
-        return
-    if arch.startswith("torchvision."):
-        import torchvision
-
-        if arch.split(".", 1)[1] not in torchvision.models.list_models():
-            raise ValueError(
-                f"unknown classifier arch {arch!r}: torchvision has no model "
-                f"{arch.split('.', 1)[1]!r} (torchvision.models.list_models())"
-            )
-        return
-    import timm
-
-    if not timm.is_model(arch):
-        raise ValueError(f"unknown classifier arch {arch!r}: not small_cnn, torchvision.<name>, or a timm model")
+from .settings import check_arch
 
 
 def create_network(arch: str, num_classes: int, in_chans: int, input_size: int, **kwargs: Any) -> nn.Module:

@@ -21,7 +21,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from expansion.base import Expander, ExpansionError
-from expansion.settings import from_mapping
 from expansion.store import ExpansionStore
 from experiments.data.datasets import DatasetSplits
 from experiments.data.datasets import core as datasets_core
@@ -29,7 +28,7 @@ from experiments.data.datasets.core import set_max_image_pixels
 from experiments.quality import QualitySettings, quality_settings
 from experiments.training.identity import FRAMEWORK_METHOD_KEYS
 
-from .settings import ClassifierSettings, GenerationSettings, TrainSettings
+from .settings import ClassifierSettings, GenerationSettings, TrainSettings, core_settings
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +88,8 @@ class Job:
                 f"method.ratio={ratio!r} is not a ratio (an integer >= 1; method={cfg.method.name} generates no "
                 "images and ignores it)"
             )
-        section = {name: OmegaConf.to_container(cfg[name], resolve=True) for name in ("train", "classifier", "trainer")}
-        train = from_mapping(TrainSettings, section["train"], "train")
-        classifier = from_mapping(ClassifierSettings, section["classifier"], "classifier")
+        train, classifier, threads = core_settings(cfg)
+        trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
         imported = None
         if cfg.method.name == "imported":
             imported = cfg.method.get("path") if not OmegaConf.is_missing(cfg.method, "path") else None
@@ -103,10 +101,6 @@ class Job:
                 "train.include_original=false trains on generated images only, but method=original "
                 "generates none; pick an expansion method"
             )
-        threads = cfg.get("threads", 1)
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ExpansionError(f"threads={threads!r} is not a thread count (an integer >= 1, e.g. threads=1)")
-        trainer = section["trainer"]
         check_accelerator(trainer)
         generation_trainer = {k: v for k, v in trainer.items() if k not in TRAINING_ONLY_TRAINER_KEYS}
         generation_trainer["precision"] = "32-true"

@@ -125,15 +125,11 @@ def check_data(cfg: DictConfig) -> str | None:
     return load_data(cfg)[1]
 
 
-#: the most unreadable or oversized images named one by one (the rest are counted)
-MAX_IMAGES_NAMED = 20
-
-
 def image_problems(data: Any) -> list[str]:
     """Every image file of the train, val, test and extra real splits that reading would refuse,
     from its header alone (unreadable, or over the decompression-bomb limit): all at once, not one per
     run."""
-    from experiments.data.datasets.core import check_image_header
+    from experiments.data.datasets.core import MAX_IMAGES_NAMED, check_image_header
 
     problems, seen = [], set()
     for split in (data.train, data.val, data.test, data.extra_train):
@@ -247,19 +243,3 @@ def finish(report: Report, preflight_mode: str, where: Path | None = None) -> No
         atomic_write_text(where / "preflight.txt", text + "\n")
     if preflight_mode == "only":
         raise SystemExit(0 if report.ok else EXIT_MISSING)
-
-
-try:
-    from hydra.experimental.callback import Callback
-
-    class PreflightOnMultirunStart(Callback):
-        """Checks every job of a sweep before the first one runs (see the module docstring)."""
-
-        def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-            preflight_mode = mode(config)
-            if preflight_mode == "off":
-                return
-            configs, labels = sweep_job_configs(config)
-            finish(check_jobs(configs, labels), preflight_mode, Path(config.hydra.sweep.dir))
-except ImportError:  # pragma: no cover
-    pass

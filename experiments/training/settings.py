@@ -134,8 +134,6 @@ class ClassifierSettings:
     def __post_init__(self) -> None:
         if self.input_size is not None and self.input_size < 8:
             raise ExpansionError(f"input_size must be >= 8 px or null, got {self.input_size}")
-        from .classifier import check_arch
-
         check_arch(self.arch)
 
     def signature(self) -> dict[str, Any]:
@@ -168,3 +166,38 @@ class GenerationSettings:
                 f"method.batch_size must be >= 1 and method.num_workers >= 0, got "
                 f"{self.batch_size} and {self.num_workers}"
             )
+
+
+def core_settings(cfg: Any) -> tuple[TrainSettings, ClassifierSettings, int]:
+    """The job's training and classifier settings and its thread count (``threads``), checked: a bad value is
+    one :class:`ExpansionError` naming its key. It needs no torch, so run.py checks a single run with it
+    before the heavy imports (a typo'd value is an error in a second, not after loading torch)."""
+    from omegaconf import OmegaConf
+
+    from expansion.settings import from_mapping
+
+    train = from_mapping(TrainSettings, OmegaConf.to_container(cfg.train, resolve=True), "train")
+    classifier = from_mapping(ClassifierSettings, OmegaConf.to_container(cfg.classifier, resolve=True), "classifier")
+    threads = cfg.get("threads", 1)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ExpansionError(f"threads={threads!r} is not a thread count (an integer >= 1, e.g. threads=1)")
+    return train, classifier, threads
+
+
+def check_arch(arch: str) -> None:
+    """An error now (before any data or generation) when ``arch`` names no network :func:`create_network` knows."""
+    if arch == "small_cnn":
+        return
+    if arch.startswith("torchvision."):
+        import torchvision
+
+        if arch.split(".", 1)[1] not in torchvision.models.list_models():
+            raise ValueError(
+                f"unknown classifier arch {arch!r}: torchvision has no model "
+                f"{arch.split('.', 1)[1]!r} (torchvision.models.list_models())"
+            )
+        return
+    import timm
+
+    if not timm.is_model(arch):
+        raise ValueError(f"unknown classifier arch {arch!r}: not small_cnn, torchvision.<name>, or a timm model")

@@ -85,10 +85,18 @@ class ImageSet(Dataset):
 
     def to_tensor(self) -> torch.Tensor:
         """Decode the whole split into one uint8 tensor ``[N, C, S, S]`` (needs ``image_size``
-        or uniformly sized images)."""
+        or uniformly sized images); every file that cannot be read is named at once
+        (:class:`UnreadableImages`)."""
         if len(self) == 0:
             raise DatasetError("cannot stack an empty split")
-        images = [self[i][0] for i in range(len(self))]
+        images, problems = [], []
+        for i in range(len(self)):
+            try:
+                images.append(self[i][0])
+            except DatasetError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise UnreadableImages(problems)
         if len({tuple(im.shape) for im in images}) > 1:
             raise DatasetError("images of different sizes in one split; set dataset.image_size")
         return torch.stack(images)
@@ -100,6 +108,28 @@ class ImageSet(Dataset):
     def source_files(self) -> list[Path] | None:
         """The image files this split decodes, in order; None when it is already in memory."""
         return None
+
+
+#: the most unreadable or oversized images named one by one in an error (the rest are counted)
+MAX_IMAGES_NAMED = 20
+
+
+class UnreadableImages(DatasetError):
+    """Images that cannot be read, every one named (up to :data:`MAX_IMAGES_NAMED`, the rest counted)."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        super().__init__(name_problems(self.problems))
+
+
+def name_problems(problems: Sequence[str]) -> str:
+    """One line for one problem; for several, their count and each on its own line (up to the cap)."""
+    if len(problems) == 1:
+        return problems[0]
+    shown = list(problems[:MAX_IMAGES_NAMED])
+    if len(problems) > MAX_IMAGES_NAMED:
+        shown.append(f"... and {len(problems) - MAX_IMAGES_NAMED} more")
+    return f"{len(problems)} images cannot be used:\n  " + "\n  ".join(shown)
 
 
 class TensorImageSet(ImageSet):
@@ -406,14 +436,16 @@ class DatasetSplits:
             )
             return TensorImageSet(images, split.labels, image_size=split.image_size)
 
-        extra = load(self.extra_train, "extra_train") if self.extra_train is not None else None
-        return replace(
-            self,
-            train=load(self.train, "train"),
-            val=load(self.val, "val"),
-            test=load(self.test, "test"),
-            extra_train=extra,
-        )
+        splits = {"train": self.train, "val": self.val, "test": self.test, "extra_train": self.extra_train}
+        loaded, problems = {}, []
+        for name, split in splits.items():  # every split read before failing: all bad files named at once
+            try:
+                loaded[name] = load(split, name) if split is not None else None
+            except UnreadableImages as exc:
+                problems += [p for p in exc.problems if p not in problems]  # a file shared by two splits once
+        if problems:
+            raise UnreadableImages(problems)
+        return replace(self, **loaded)
 
     def check_labels(self, *, allow_absent_classes: bool = False) -> None:
         """Every split's labels within the classes, and (unless ``allow_absent_classes``) every class

@@ -1,0 +1,81 @@
+"""A misspelt option or setting on the command line: one line with the closest names and the right fix."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiments import PROJECT_ROOT
+from experiments.overrides import check_overrides
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["method=cutot"], "method=cutot: no such method; did you mean cutout?"),
+        (["dataset=mnistt"], "dataset=mnistt: no such dataset; did you mean mnist"),
+        (["method.ratoi=2"], "method.ratoi: method (method=randaugment) has no setting 'ratoi'; did you mean ratio?"),
+        (
+            ["trainn.epochs=3"],
+            "there is no top-level setting 'trainn'; did you mean train or trainer? (train.epochs=...)",
+        ),
+        (["train.epoch=3"], "train has no setting 'epoch'; did you mean epochs? (train.epochs=...)"),
+        # a sweep: the setting is looked up under every method it names
+        (
+            ["-m", "method=randaugment,cutout", "method.magnitude=5"],
+            "method (method=cutout) has no setting 'magnitude'",
+        ),
+        (["classifier=small_cnn", "classifier.kwargs.widht=8"], "did you mean width? (classifier.kwargs.width=...)"),
+    ],
+)
+def test_a_misspelt_name_gets_the_closest_names(args, expected):
+    problem = check_overrides(args)
+    assert problem is not None and expected in problem, problem
+    assert "\n" not in problem
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["-m", "method=randaugment", "method.magnitude=5", "train.epochs=3", "hydra.run.dir=/tmp/x"],
+        ["+method.ratoi=2"],  # added on purpose: the user's choice
+        ["experiment=worth_cpu", "seed=0,1"],
+        ["dataset=imagefolder", "dataset.path=/data/x", "method=gif_sd", "method.fidelity=official"],
+        ["--config-name=other", "method=anything"],  # another config: not ours to check
+        ["method=cutout", "~method.fill"],
+    ],
+)
+def test_valid_command_lines_pass(args):
+    assert check_overrides(args) is None
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("method.ratoi=2", "error: method.ratoi: method (method=randaugment) has no setting 'ratoi'"),
+        ("train.epochs=-1", "error: train: epochs must be an integer >= 1, got -1"),
+        ("threads=0", "error: threads=0 is not a thread count"),
+    ],
+)
+def test_a_bad_override_is_one_line_before_torch_is_imported(tmp_path, override, message):
+    """run.py answers a bad name or value without importing torch (seconds, not the heavy imports), exit 2,
+    and leaves no run folder."""
+    env = {**os.environ, "PROGRESS_BAR": "false"}
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "run.py", override, f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert lines == [lines[0]] and lines[0].startswith(message), lines
+    imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" not in imported and "lightning" not in imported
+    assert not (tmp_path / "run").exists()
