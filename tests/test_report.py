@@ -86,8 +86,11 @@ def test_report_command_writes_every_promised_file(sweep):
         assert f"]({os.path.relpath(png, report.parent)})" in text  # embedded in the report
         with Image.open(png) as im:
             assert im.size[0] > 100 and im.size[1] > 100
-    for section in ("## Results", "## Figures", "## Quality of the expanded sets", "## Expansion grids", "## Settings"):
+    sections = ("## Results", "## Figures", "## Quality of the expanded sets", "## Expansion grids", "## Settings")
+    for section in (*sections, "## Provenance"):
         assert section in text
+    commit = json.loads(next(sweep.glob("*_cutout_*/metrics.json")).read_text())["environment"]["git_commit"]
+    assert f"commit {commit[:12]}" in text and "| experiment key | seeds | config hashes |" in text
     assert "| cutout | digits |" in text and "`method=original,cutout`" in text
     header = (sweep / "results.csv").read_text().splitlines()[0].split(",")
     assert header[-6:] == ["fid", "kid", "label_agreement", "vendi", "vendi_original", "near_duplicate_fraction"]

@@ -171,3 +171,10 @@ def test_preflight_names_a_missing_shared_set(tmp_path):
     assert any(p == f"method.path={tmp_path} holds no expansion.json: not an exported set" for p in problems)
     with pytest.raises(Exception, match="method=imported needs method.path"):
         run(_job(["dataset=digits", "method=imported"]), tmp_path / "r")
+
+
+def test_an_export_folder_says_what_it_holds(expanded):
+    from experiments.data.sharing import export_name
+
+    _, store = expanded
+    assert export_name(store) == f"digits_randaugment_x5_{store.name[:8]}"

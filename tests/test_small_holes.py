@@ -7,6 +7,7 @@ that runs out of space is one line and leaves nothing, its stale temporaries cle
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import struct
@@ -146,11 +147,18 @@ def test_a_signal_stops_a_huge_ratio_within_one_small_batch(tmp_path, caplog):
     assert "generation: the first of 50 batches (4096 images) took" in caplog.text  # a rough time for the whole
 
 
-def test_the_first_batch_gives_a_rough_time_for_the_whole(tmp_path, caplog):
+def test_generation_logs_its_progress_with_an_eta(tmp_path, caplog, monkeypatch):
+    """The first batch gives the pace and the time left; later lines at most every progress_every_s."""
+    from expansion import progress
+
+    monkeypatch.setattr(progress, "EVERY_SECONDS", 1e9)  # only the first and the last line
     cfg = _cfg(["dataset=digits", "method=cutout", "method.ratio=2", "method.batch_size=50"])
     with caplog.at_level("INFO", logger="expansion.engine"):
         run_expansion(Job.from_config(cfg), build_dataset(cfg.dataset))
-    assert "generation: the first of 4 batches (100 images) took" in caplog.text and "for all" in caplog.text
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("generation:")]
+    assert len(lines) == 2, lines
+    assert re.match(r"generation: 100/400 images \(25%\), [\d,.]+ images/s, [\d.]+ s, ETA [\d.]+ s$", lines[0])
+    assert lines[1].startswith("generation: 400/400 images (100%)") and lines[1].endswith("(done)")
 
 
 @pytest.fixture(scope="module")

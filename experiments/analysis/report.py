@@ -48,6 +48,7 @@ from .aggregate import (
     load_paper_numbers,
     natural_key,
     ordered_rows,
+    render_provenance,
     render_quality_markdown,
 )
 
@@ -459,7 +460,7 @@ def build_report(
         f"From [{_rel(md_path, out)}]({_rel(md_path, out)}) and [{_rel(csv_path, out)}]({_rel(csv_path, out)}).\n"
     )
     body = md_path.read_text().split("\n", 2)[-1]  # without its '# Results' title
-    body = body.split("## Quality of the expanded sets")[0]  # quality comes below, with backfilled runs
+    body = body.split("## Quality of the expanded sets")[0].split("## Provenance")[0]  # both come below
     text.append(re.sub(r"^## ", "### ", body, flags=re.M))
     text.append("## Figures\n")
     for caption, path in figures:
@@ -504,6 +505,7 @@ def build_report(
             f"{t.test_acc_best_val:.2f} | {best_test} | {fid_text} | {_overrides(run)} |"
         )
     text.append("\n".join(table_lines) + "\n")
+    text.append(re.sub(r"^## ", "\n## ", render_provenance(cells), flags=re.M))
     text.append("\n## Files written by this report\n")
     text.append("\n".join(f"- [{_rel(p, out)}]({_rel(p, out)})" for p in written) + "\n")
     report.write_text("\n".join(text))

@@ -236,11 +236,22 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
 
 def export(src: Path, out: Path) -> list[Exported]:
     """Every store of ``src`` (a store, run or sweep folder): one store -> ``out``; several ->
-    ``out/<store key>/`` each."""
+    ``out/<dataset>_<method>_x<ratio>_<short key>/`` each (:func:`export_name`)."""
     stores = find_stores(src)
     if len(stores) == 1:
         return [export_store(stores[0][0], out, stores[0][1])]
-    return [export_store(store, Path(out) / store.name, run) for store, run in stores]
+    return [export_store(store, Path(out) / export_name(store), run) for store, run in stores]
+
+
+def export_name(store_root: Path) -> str:
+    """``digits_randaugment_x5_94cb6156``: what the store holds, from its meta.json, and its key's first 8
+    characters (two stores of one method and ratio differ in their settings or seed, hence the key)."""
+    meta = ExpansionStore(store_root, store_root.name, {}).read_meta() or {}
+    payload = meta.get("payload") or {}
+    dataset = (payload.get("dataset") or {}).get("name", "dataset")
+    method = (payload.get("method") or {}).get("method", "method")
+    parts = [str(dataset), str(method), f"x{meta.get('ratio', '?')}", str(meta.get("key", store_root.name))[:8]]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", "_".join(parts))
 
 
 def push_to_hub(folder: Path, repo_id: str) -> str:
