@@ -23,7 +23,8 @@ def register_resolvers() -> None:
     ``${gpus_per_job:accelerator,devices}``: the GPUs a SLURM job asks for: none for a CPU trainer, else
     ``devices`` (1 for ``-1``, all of a node: set hydra.launcher.gpus_per_node with trainer=ddp).
     ``${preset:key,default}``: the dataset preset's value of a method setting (experiments.presets).
-    ``${config_hash:}``: the job's identity (experiments.training.identity.config_hash), e.g. in hydra.sweep.subdir."""
+    ``${config_hash:}``: the job's identity (experiments.training.identity.config_hash), ``${config_hash:10}`` its
+    first 10 characters, e.g. in hydra.sweep.subdir."""
     from expansion.settings import fidelity_pick
 
     if not OmegaConf.has_resolver("project_root"):
@@ -48,10 +49,10 @@ def register_resolvers() -> None:
         )
 
 
-def _config_hash(*, _root_) -> str:
+def _config_hash(length: int | None = None, *, _root_) -> str:
     from experiments.training.identity import config_hash
 
-    return config_hash(_root_)
+    return config_hash(_root_)[: int(length) if length else None]
 
 
 def _gpus_per_job(accelerator, devices) -> int | None:

@@ -267,8 +267,17 @@ def test_submitit_time_limit_signal_requeues_and_resumes(tmp_path):
     time-limit signal submitit asks SLURM to send) reaches the running job: it checkpoints, submitit
     requeues it into the same job folder, and the requeued job resumes and completes."""
     sweep = tmp_path / "sweep"
-    job = _run_py(["-m", *TRAIN, "launcher=submitit_local", "train.epochs=40", f"hydra.sweep.dir={sweep}"])
-    job_dir = sweep / "0_digits_original_small_cnn_s0"
+    job = _run_py(
+        [
+            "-m",
+            *TRAIN,
+            "launcher=submitit_local",
+            "train.epochs=40",
+            f"hydra.sweep.dir={sweep}",
+            "hydra.sweep.subdir=job",
+        ]
+    )
+    job_dir = sweep / "job"
     _wait_for(job_dir / "train" / "checkpoints" / "last.ckpt", job)
     (controller,) = [int(p.name) for p in (sweep / ".submitit").iterdir() if p.name.isdigit()]
     tasks = _children(controller)

@@ -108,10 +108,11 @@ def test_two_copies_of_one_sweep_at_once_run_every_job_once_and_both_exit_0(tmp_
 @pytest.mark.integration
 def test_a_sweep_job_whose_folder_holds_another_configuration_is_refused_and_listed(tmp_path):
     sweep = tmp_path / "sweep"
-    folder = sweep / "0_digits_randaugment_small_cnn_s0"  # where job 0 of the sweep below runs
+    folder = sweep / "digits_s0"  # where the sweep below runs its job (a folder name of the user's choosing)
     _write(folder, _record(config_hash="f" * 16))
     before = _snapshot(folder, but=(".run.lock",))  # whoever holds the lock notes itself in it
-    proc = _run_py(tmp_path, "-m", *FAST, "method.ratio=1", f"hydra.sweep.dir={sweep}")
+    subdir = "hydra.sweep.subdir=${dataset.name}_s${seed}"
+    proc = _run_py(tmp_path, "-m", *FAST, "method.ratio=1", f"hydra.sweep.dir={sweep}", subdir)
     assert proc.returncode == 1, proc.stderr[-2000:]  # a sweep with a refused job exits non-zero
     assert _snapshot(folder, but=(".run.lock",)) == before  # not a byte written there, no log either
     (refusal,) = (sweep / "refused").glob("0_*/error.json")
@@ -244,3 +245,19 @@ def test_the_other_ranks_of_a_multi_process_job_share_rank_0s_folder(tmp_path, m
         monkeypatch.setenv("SLURM_PROCID", "0")
         with pytest.raises(RunFolderBusy, match="is in use by another job"), own_run_folder(folder, wait=False):
             pass
+
+
+def test_a_sweep_job_folder_is_named_by_its_identity():
+    """An extended sweep (other settings, same method and seed) never lands in a finished job's folder, and
+    the same job always gets the same folder (a rerun of an interrupted sweep resumes there)."""
+    from experiments.config import compose
+    from experiments.training.identity import config_hash
+
+    def subdir(overrides):
+        cfg = compose(["dataset=digits", "method=cutout", *overrides], with_hydra=True)
+        return cfg, cfg.hydra.sweep.subdir
+
+    cfg, first = subdir(["train.epochs=2"])
+    assert first == f"digits_cutout_small_cnn_s0_{config_hash(cfg)[:10]}"
+    assert subdir(["train.epochs=2"])[1] == first
+    assert subdir(["train.epochs=3"])[1] != first and subdir(["seed=1", "train.epochs=2"])[1] != first

@@ -129,7 +129,7 @@ def test_usr2_and_scontrol_requeue_resume_and_max_num_timeout_is_honoured(slurm_
     proc = _sweep(["method=original", "seed=0,1", "train.epochs=40", *limits], slurm_env, sweep)
     dirs = {}
     for i in ("0", "1"):
-        ckpt = _wait(lambda i=i: next(iter(sweep.glob(f"{i}_*/train/checkpoints/last.ckpt")), None), proc, "epoch 1")
+        ckpt = _wait(lambda i=i: next(iter(sweep.glob(f"*_s{i}_*/train/checkpoints/last.ckpt")), None), proc, "epoch 1")
         dirs[i] = ckpt.parents[2]
     jobs = _wait(lambda: (j := _job_ids(sweep)) and len(j) == 2 and j, proc, "both tasks running")
     subprocess.run(["scancel", "--signal=USR2", jobs["0"]], check=True)
@@ -167,7 +167,7 @@ def test_preemption_with_a_grace_time_requeues_and_resumes(slurm_env, tmp_path):
         slurm_env,
         sweep,
     )
-    ckpt = _wait(lambda: next(iter(sweep.glob("0_*/train/checkpoints/last.ckpt")), None), proc, "epoch 1")
+    ckpt = _wait(lambda: next(iter(sweep.glob("*_s0_*/train/checkpoints/last.ckpt")), None), proc, "epoch 1")
     (job,) = _wait(lambda: list(_job_ids(sweep).values()), proc, "the task running")
     urgent = subprocess.run(
         ["sbatch", "--parsable", "-p", "urgent", "-c", str(cpus), "-o", "/dev/null", "--wrap", "sleep 3"],
