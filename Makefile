@@ -2,6 +2,7 @@
 VENV   ?= .venv
 PYTHON ?= $(VENV)/bin/python
 EXTRAS ?= dev,slurm,joblib
+TORCH_INDEX ?=
 BENCH_OUT ?= benchmarks/results
 WHEELHOUSE ?= dist/wheelhouse
 PY ?= 3.12
@@ -14,9 +15,10 @@ PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 m
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-25s %s\n", $$1, $$2}'
 
-install:  ## create .venv and install the framework with its dev/slurm/joblib extras
+install:  ## create .venv and install the framework with its dev/slurm/joblib extras (TORCH_INDEX=<url>: torch from there first)
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --upgrade pip
+	$(if $(TORCH_INDEX),$(PYTHON) -m pip install torch torchvision --index-url $(TORCH_INDEX))
 	$(PYTHON) -m pip install -e ".[$(EXTRAS)]"
 
 run:  ## the offline default job: digits, RandAugment 5x, small CNN on CPU, original vs expanded

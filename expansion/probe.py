@@ -6,6 +6,7 @@ classifier``). It is also the classifier ``small_cnn``.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -17,6 +18,9 @@ from torch import nn
 
 from .base import resize
 from .files import atomic_file
+from .progress import ProgressLog
+
+log = logging.getLogger(__name__)
 
 #: what the probe's training and network are; part of every key that caches a trained probe
 PROBE_RECIPE = "small_cnn(width 32), AdamW 3e-3, random shifts of 1/8, >= 200 steps"
@@ -135,7 +139,8 @@ def train_probe(
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     pad = max(1, size // 8)
     rounds = range(epochs) if progress is None else progress(range(epochs), "probe training")
-    for _ in rounds:
+    lines = ProgressLog("quality probe training", epochs, "epochs", log)
+    for epoch in rounds:
         order = torch.randperm(len(x), generator=g)
         for start in range(0, len(x), batch_size):
             idx = order[start : start + batch_size]
@@ -147,6 +152,7 @@ def train_probe(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        lines.update(epoch + 1)
     probe = Probe(net, size)
     probe.trained_epochs = epochs
     return probe

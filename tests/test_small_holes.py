@@ -196,3 +196,21 @@ def test_stale_export_temporaries_are_cleaned_by_the_next_export(store, tmp_path
     os.utime(stale, (hours_ago, hours_ago))
     sharing.export(store, out)
     assert (out / sharing.META_FILE).is_file() and not stale.exists() and fresh.exists()
+
+
+def test_make_install_takes_torch_from_another_index_first():
+    """``make install TORCH_INDEX=<url>`` (the CPU-only route) installs torch and torchvision from that
+    index before the framework, whose ``torch>=`` requirement the CPU build then satisfies."""
+    import subprocess
+
+    from experiments import PROJECT_ROOT
+
+    def planned(*args):
+        proc = subprocess.run(["make", "-n", "install", *args], cwd=PROJECT_ROOT, capture_output=True, text=True)
+        return proc.stdout.splitlines()
+
+    cpu = planned("TORCH_INDEX=https://download.pytorch.org/whl/cpu")
+    torch_line = "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu"
+    (first,) = [i for i, line in enumerate(cpu) if line.endswith(torch_line)]
+    assert first < next(i for i, line in enumerate(cpu) if "pip install -e" in line)
+    assert not any("--index-url" in line for line in planned())

@@ -1,0 +1,60 @@
+"""How long a bad command line takes to be answered: ``python run.py <bad override>`` until its error line,
+for checkouts side by side, beside a plain reference (``python -c "import hydra"``: the interpreter and
+Hydra, what any answer costs).
+
+    git worktree add /tmp/before <commit>
+    python benchmarks/error_latency.py --trees before=/tmp/before after=. --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+#: bad command lines: a misspelt setting, a misspelt method, a bad value, a bad thread count
+BAD = (["method.ratoi=2"], ["method=cutot"], ["train.epochs=-1"], ["threads=0"])
+
+
+def seconds(command: list[str], cwd: Path) -> tuple[float, str]:
+    env = {**os.environ, "PROGRESS_BAR": "false"}
+    start = time.perf_counter()
+    proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    elapsed = time.perf_counter() - start
+    last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+    return elapsed, f"exit {proc.returncode}: {last[:110]}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trees", nargs="+", default=["this=."], help="name=checkout pairs, timed in turn")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    trees = {name: Path(path).resolve() for name, path in (t.split("=", 1) for t in args.trees)}
+    times: dict[tuple[str, str], list[float]] = {}
+    answers: dict[tuple[str, str], str] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for _ in range(args.repeats):
+            elapsed, _ = seconds([sys.executable, "-c", "import hydra"], Path.cwd())
+            times.setdefault(("reference", "python -c 'import hydra'"), []).append(elapsed)
+            for name, tree in trees.items():
+                for bad in BAD:
+                    command = [sys.executable, "run.py", *bad, f"hydra.run.dir={scratch}/{name}"]
+                    elapsed, answer = seconds(command, tree)
+                    times.setdefault((name, " ".join(bad)), []).append(elapsed)
+                    answers[(name, " ".join(bad))] = answer
+    print(
+        f"{os.cpu_count()} cores; medians of {args.repeats}; {os.getloadavg()[0]:.2f} load average (1 min) at the end"
+    )
+    for (name, bad), values in times.items():
+        answer = answers.get((name, bad), "")
+        print(f"{name:10s} {bad:28s} {statistics.median(values):6.2f} s  {answer}")
+
+
+if __name__ == "__main__":
+    main()
