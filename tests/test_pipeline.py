@@ -85,9 +85,16 @@ def test_generated_only_and_extra_real_training_sets(tmp_path, capsys):
 
 
 def test_original_expands_nothing(tmp_path):
-    metrics = run(_cfg(["dataset=digits", "method=original", "train.epochs=1"]), tmp_path)
+    import torch
+
+    before = torch.get_num_threads()
+    threads = 2 if before != 2 else 1
+    metrics = run(_cfg(["dataset=digits", "method=original", "train.epochs=1", f"threads={threads}"]), tmp_path)
     assert metrics.ratio == 0 and metrics.expansion is None and metrics.original is None
     assert metrics.training.num_train_images == metrics.sizes["train"]
+    # the job ran on its own thread count (recorded, and part of its experiment), the caller's is restored
+    assert metrics.environment["cpu_threads"] == threads and metrics.settings["threads"] == threads
+    assert torch.get_num_threads() == before
 
 
 @pytest.mark.parametrize(
