@@ -7,7 +7,6 @@ Python, the expansion and the quality step (its share), on a fresh cache (first)
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -17,6 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.checkouts import checkout_parser, checkouts
 from experiments.record import RunRecord, read_record
 
 
@@ -33,11 +37,8 @@ def time_job(tree: Path, cache: Path, run_dir: Path) -> tuple[float, RunRecord]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trees", nargs="+", default=["this=."], help="name=checkout pairs, timed in turn")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args(argv)
-    trees = {name: Path(path).resolve() for name, path in (t.split("=", 1) for t in args.trees)}
+    args = checkout_parser(__doc__, repeats=3).parse_args(argv)
+    trees = checkouts(args)
     rows: dict[tuple[str, str], list[tuple[float, RunRecord]]] = {}
     with tempfile.TemporaryDirectory() as scratch:
         for rep in range(args.repeats):

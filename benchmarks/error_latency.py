@@ -8,7 +8,6 @@ Hydra, what any answer costs).
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import subprocess
@@ -16,6 +15,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.checkouts import checkout_parser, checkouts
 
 #: bad command lines: a misspelt setting, a misspelt method, a bad value, a bad thread count
 BAD = (["method.ratoi=2"], ["method=cutot"], ["train.epochs=-1"], ["threads=0"])
@@ -31,11 +36,8 @@ def seconds(command: list[str], cwd: Path) -> tuple[float, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trees", nargs="+", default=["this=."], help="name=checkout pairs, timed in turn")
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args(argv)
-    trees = {name: Path(path).resolve() for name, path in (t.split("=", 1) for t in args.trees)}
+    args = checkout_parser(__doc__, repeats=5).parse_args(argv)
+    trees = checkouts(args)
     times: dict[tuple[str, str], list[float]] = {}
     answers: dict[tuple[str, str], str] = {}
     with tempfile.TemporaryDirectory() as scratch:
