@@ -200,7 +200,9 @@ def test_a_sweep_runs_its_valid_jobs_lists_the_failed_one_and_exits_non_zero(tmp
         timeout=600,
     )
     assert proc.returncode == 1, proc.stderr[-2000:]
-    failed, valid = sorted(p for p in sweep.iterdir() if p.is_dir())
+    folders = [p for p in sweep.iterdir() if p.is_dir()]
+    (failed,) = [p for p in folders if (p / "error.json").is_file()]
+    (valid,) = [p for p in folders if p != failed]
     assert (valid / "metrics.json").is_file() and not (failed / "metrics.json").exists()
     error = json.loads((failed / "error.json").read_text())
     assert error["user_error"] and "ratio must be an integer >= 1" in error["error"]

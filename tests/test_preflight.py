@@ -5,6 +5,7 @@ every metrics.json records where its numbers came from."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -137,7 +138,11 @@ def test_metrics_json_records_its_environment(tmp_path):
         diffusers.__version__,
         timm.__version__,
     )
-    assert env["device"] == "cpu" and env["device_name"] and env["cpu_threads"] == torch.get_num_threads()
+    # the job's own thread count (threads: 1, or OMP_NUM_THREADS), whatever the caller's
+    threads = int(os.environ.get("OMP_NUM_THREADS", 1))
+    assert (
+        env["device"] == "cpu" and env["device_name"] and env["cpu_threads"] == metrics.settings["threads"] == threads
+    )
     head = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
     assert env["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)
     assert isinstance(env["git_dirty"], bool) or env["git_commit"] is None
