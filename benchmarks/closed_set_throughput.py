@@ -116,11 +116,7 @@ def measure_fit(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p = common.generation_parser(__doc__, seeds_per_pass=(64, 2), per_seed="the per-seed mode")
     p.add_argument("--unet", default="ddpm_cifar10", choices=sorted(UNET_PRESETS), help="UNet preset")
     p.add_argument(
         "--resolution",
@@ -131,35 +127,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--sampler", default="ddim", choices=["ddim", "dpm_solver"])
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50 on cuda, 5 on cpu)")
-    p.add_argument(
-        "--seeds-per-pass",
-        type=int,
-        default=None,
-        help="seeds per batched call (default 64 on cuda, "
-        "2 on cpu); also the number of seeds the per-seed mode goes through",
-    )
-    p.add_argument("--ratio", type=int, default=None, help="k samples per seed (default 5 on cuda, 2 on cpu)")
     common.add_run_arguments(p)
     p.add_argument("--fit-steps", type=int, default=None, help="timed training steps (default 20 on cuda, 2 on cpu)")
     p.add_argument(
         "--fit-batch", type=int, default=None, help="training batch (default 128 = the config's on cuda, 16 on cpu)"
     )
-    args = p.parse_args(argv)
+    args = common.parse_for_device(
+        p, argv, steps=(50, 5), seeds_per_pass=(64, 2), fit_steps=(20, 2), fit_batch=(128, 16)
+    )
     args.tiny = False  # write_report's field: the network is always the named preset
-    on_cuda = torch.device(args.device).type == "cuda"
-    defaults = {
-        "steps": 50 if on_cuda else 5,
-        "seeds_per_pass": 64 if on_cuda else 2,
-        "ratio": 5 if on_cuda else 2,
-        "repeats": 2 if on_cuda else 1,
-        "fit_steps": 20 if on_cuda else 2,
-        "fit_batch": 128 if on_cuda else 16,
-    }
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if min(args.steps, args.seeds_per_pass, args.ratio, args.repeats, args.fit_steps, args.fit_batch) < 1:
-        raise SystemExit("--steps, --seeds-per-pass, --ratio, --repeats, --fit-steps and --fit-batch must be >= 1")
     return args
 
 

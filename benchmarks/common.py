@@ -96,6 +96,36 @@ def machine(device: torch.device) -> str:
     return f"{name}; torch {torch.__version__}" + (f", CUDA {torch.version.cuda}" if device.type == "cuda" else "")
 
 
+def generation_parser(doc: str, *, seeds_per_pass: tuple[int, int], per_seed: str) -> argparse.ArgumentParser:
+    """A generation benchmark's parser with ``--device`` and the batch it times: ``--seeds-per-pass`` (its
+    defaults on cuda and on cpu; ``per_seed``: the mode that goes through as many seeds one at a time) and
+    ``--ratio``."""
+    p = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    cuda, cpu = seeds_per_pass
+    help_text = f"seeds per batched call (default {cuda} on cuda, {cpu} on cpu); also the seeds {per_seed} goes through"
+    p.add_argument("--seeds-per-pass", type=int, default=None, help=help_text)
+    p.add_argument("--ratio", type=int, default=None, help="k images per seed (default 5 on cuda, 2 on cpu)")
+    return p
+
+
+def parse_for_device(p: argparse.ArgumentParser, argv: list[str] | None, **defaults: Any) -> argparse.Namespace:
+    """``p``'s arguments; each one left at None takes its default for the chosen device (``defaults``: name ->
+    ``(on cuda, on cpu)``; ``ratio`` and ``repeats`` 5/2 and 2/1 unless given); every defaulted count must be >= 1."""
+    args = p.parse_args(argv)
+    on_cuda = torch.device(args.device).type == "cuda"
+    defaults = {"ratio": (5, 2), "repeats": (2, 1), **defaults}
+    for key, (cuda, cpu) in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, cuda if on_cuda else cpu)
+    too_small = [key for key in defaults if isinstance(getattr(args, key), int) and getattr(args, key) < 1]
+    if too_small:
+        raise SystemExit(", ".join(f"--{key.replace('_', '-')}" for key in too_small) + " must be >= 1")
+    return args
+
+
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """The options every generation benchmark shares: repeats, where the seeds come from, the GPU
     peak for MFU and the JSON report."""

@@ -82,19 +82,7 @@ def measure(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument("--device", default="cuda" if cuda else "cpu")
-    p.add_argument(
-        "--seeds-per-pass",
-        type=int,
-        default=None,
-        help="seeds per batched call (default 16 on cuda, "
-        "2 on cpu); also the number of seeds the per-seed mode goes through",
-    )
-    p.add_argument("--ratio", type=int, default=None, help="k images per seed (default 5 on cuda, 2 on cpu)")
+    p = common.generation_parser(__doc__, seeds_per_pass=(16, 2), per_seed="the per-seed mode")
     p.add_argument("--mask-ratio", type=float, default=0.0, help="MAE masking ratio at expansion time")
     p.add_argument("--radius", type=float, default=0.8, help="L-inf radius in token-std units")
     p.add_argument(
@@ -105,19 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     common.add_run_arguments(p)
     p.add_argument("--tiny", action="store_true", help="tiny test MAE and CLIP (script check only)")
-    args = p.parse_args(argv)
-    on_cuda = torch.device(args.device).type == "cuda"
-    defaults = {"seeds_per_pass": 16 if on_cuda else 2, "ratio": 5 if on_cuda else 2, "repeats": 2 if on_cuda else 1}
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return common.parse_for_device(p, argv, seeds_per_pass=(16, 2))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.repeats < 1 or args.seeds_per_pass < 1 or args.ratio < 1:
-        raise SystemExit("--repeats, --seeds-per-pass and --ratio must be >= 1")
     device = torch.device(args.device)
     images, labels, context = common.load_seeds(args.data.expanduser(), args.dataset, args.seeds_per_pass)
 

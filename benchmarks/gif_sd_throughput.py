@@ -42,8 +42,10 @@ import torch
 
 from benchmarks.common import (
     add_run_arguments,
+    generation_parser,
     load_seeds,
     machine,
+    parse_for_device,
     result_line,
     time_expand_calls,
     write_report,
@@ -129,23 +131,12 @@ def measure(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p = generation_parser(__doc__, seeds_per_pass=(8, 2), per_seed="the official loop")
     p.add_argument("--resolution", type=int, default=None, help="img2img resolution (default 512 on cuda, 64 on cpu)")
     p.add_argument("--steps", type=int, default=None, help="DDIM inference steps (default 50 on cuda, 2 on cpu)")
     p.add_argument("--strength", type=float, default=0.9)
     p.add_argument("--guidance-scale", type=float, default=50.0, help="classifier-free guidance (1 = no CFG)")
     p.add_argument("--radius", type=float, default=0.8)
-    p.add_argument(
-        "--seeds-per-pass",
-        type=int,
-        default=None,
-        help="batched mode (default 8 on cuda, 2 on cpu); also the number of seeds the official loop goes through",
-    )
-    p.add_argument("--ratio", type=int, default=None, help="k images per seed (default 5 on cuda, 2 on cpu)")
     p.add_argument(
         "--dtype",
         default="auto",
@@ -159,25 +150,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_run_arguments(p)
     p.add_argument("--method", default="gif_sd", choices=["gif_sd", "sd_img2img", "both"])
     p.add_argument("--tiny", action="store_true", help="tiny test components (script check only; default 16 px)")
-    args = p.parse_args(argv)
-    on_cuda = torch.device(args.device).type == "cuda"
-    defaults = {
-        "resolution": 512 if on_cuda else (16 if args.tiny else 64),
-        "steps": 50 if on_cuda else 2,
-        "seeds_per_pass": 8 if on_cuda else 2,
-        "ratio": 5 if on_cuda else 2,
-        "repeats": 2 if on_cuda else 1,
-    }
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args = parse_for_device(p, argv, steps=(50, 2), seeds_per_pass=(8, 2))
+    if args.resolution is None:  # 512 on cuda; on cpu 64, or 16 for the tiny components
+        args.resolution = 512 if torch.device(args.device).type == "cuda" else 16 if args.tiny else 64
     return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.repeats < 1 or args.seeds_per_pass < 1 or args.ratio < 1:
-        raise SystemExit("--repeats, --seeds-per-pass and --ratio must be >= 1")
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()  # one "kept in float32" warning per dtype cast otherwise

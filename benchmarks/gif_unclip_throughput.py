@@ -84,13 +84,7 @@ def measure(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument("--device", default="cuda" if cuda else "cpu")
-    p.add_argument("--seeds-per-pass", type=int, default=None, help="default 8 on cuda, 2 on cpu")
-    p.add_argument("--ratio", type=int, default=None, help="k images per seed (default 5 on cuda, 2 on cpu)")
+    p = common.generation_parser(__doc__, seeds_per_pass=(8, 2), per_seed="the per-seed mode")
     p.add_argument("--radius", type=float, default=0.5, help="L-inf radius in embedding-std units")
     p.add_argument("--score-path", default="cheap", choices=["cheap", "faithful"])
     p.add_argument("--score-steps", type=int, default=2)
@@ -101,13 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     common.add_run_arguments(p)
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed warm-up call")
     p.add_argument("--tiny", action="store_true", help="tiny test pipeline and CLIP (script check only)")
-    args = p.parse_args(argv)
-    on_cuda = torch.device(args.device).type == "cuda"
-    defaults = {"seeds_per_pass": 8 if on_cuda else 2, "ratio": 5 if on_cuda else 2, "repeats": 2 if on_cuda else 1}
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return common.parse_for_device(p, argv, seeds_per_pass=(8, 2))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -6,14 +6,13 @@ from __future__ import annotations
 import glob
 import os
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from hydra.utils import instantiate
 
-from tests.conftest import PROJECT_ROOT, compose
+from tests.conftest import compose
+from tests.helpers.cli import run_py
 
 SLURM = [
     "launcher=slurm",
@@ -122,25 +121,8 @@ def test_wandb_offline_multirun_groups_jobs_and_finishes_every_run(tmp_path):
         "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config"),
         "PROGRESS_BAR": "false",
     }
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "run.py",
-            "-m",
-            "dataset=digits",
-            "method=original,cutout",
-            "method.ratio=1",
-            "train.epochs=1",
-            "quality.enabled=false",
-            "logger=wandb",
-            f"hydra.sweep.dir={sweep}",
-        ],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    args = ["-m", "dataset=digits", "method=original,cutout", "method.ratio=1", "train.epochs=1"]
+    proc = run_py([*args, "quality.enabled=false", "logger=wandb", f"hydra.sweep.dir={sweep}"], env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = {}
     for path in sorted(glob.glob(str(sweep / "*" / "wandb" / "offline-run-*" / "run-*.wandb"))):

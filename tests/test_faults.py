@@ -10,8 +10,6 @@ import json
 import os
 import shutil
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,8 @@ from expansion.store import ExpansionStore, StoreDamagedError
 from experiments.data.datasets import DatasetError, build_dataset
 from experiments.training.job import Job
 from experiments.training.pipeline import run, run_expansion
-from tests.conftest import PROJECT_ROOT, compose, job_config
+from tests.conftest import compose, job_config
+from tests.helpers.cli import run_py
 
 FAST = ["train.epochs=1", "quality.enabled=false", "logger=none", "train.compare_original=false"]
 DIGITS = ["dataset=digits", "method=cutout", "method.ratio=2"]
@@ -190,14 +189,8 @@ def test_the_content_fingerprint_is_cached_by_path_size_and_mtime(tmp_path, shar
 @pytest.mark.integration
 def test_a_sweep_runs_its_valid_jobs_lists_the_failed_one_and_exits_non_zero(tmp_path):
     sweep = tmp_path / "sweep"
-    env = {**os.environ, "PROGRESS_BAR": "false", "EXPANSION_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run(
-        [sys.executable, "run.py", "-m", "method=cutout", "method.ratio=0,2", *FAST, f"hydra.sweep.dir={sweep}"],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = run_py(
+        ["-m", "method=cutout", "method.ratio=0,2", *FAST, f"hydra.sweep.dir={sweep}"], cache=tmp_path / "cache"
     )
     assert proc.returncode == 1, proc.stderr[-2000:]
     folders = [p for p in sweep.iterdir() if p.is_dir()]

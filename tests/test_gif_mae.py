@@ -13,7 +13,7 @@ from expansion.base import ExpansionContext, ExpansionError
 from expansion.gif.mae import GifMAE, load_mae
 from expansion.seeding import image_seeds
 from expansion.store import ExpansionStore
-from tests.helpers.benchmarks import run_tiny
+from tests.helpers.benchmarks import tiny_modes
 from tests.helpers.gif_checks import assert_guidance_raises_the_score, run_tiny_job
 from tests.helpers.tolerances import all_scores_close, same_up_to_float_rounding
 
@@ -192,11 +192,7 @@ def test_run_py_gif_mae_end_to_end(clip_spec, tmp_path):
 def test_benchmark_script_runs_on_the_tiny_model(shared_data, tmp_path, capsys):
     from benchmarks import gif_mae_throughput as bench
 
-    report, written = run_tiny(bench, shared_data, tmp_path, "--ratio", "2")
-    printed = capsys.readouterr().out
-    assert "img/s" in printed and "batched / per-seed" in printed and "TINY" in printed
-    assert written["speedup"] > 0
-    rows = {r["mode"]: r for r in report["results"]}
+    rows = tiny_modes(bench, shared_data, tmp_path, capsys, "--ratio", "2")
     assert rows["per_seed"]["seeds_per_call"] == [1, 2] and rows["per_seed"]["calls_per_repeat"] == 2
     assert rows["batched"]["seeds_per_call"] == [2, 2] and rows["batched"]["calls_per_repeat"] == 1
     assert all(r["images"] == 4 and r["dtype"] == "float32" for r in rows.values())

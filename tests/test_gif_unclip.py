@@ -13,7 +13,7 @@ from expansion.base import ExpansionContext, ExpansionError
 from expansion.gif.unclip import GifUnCLIP, load_unclip
 from expansion.seeding import image_seeds
 from expansion.store import ExpansionStore
-from tests.helpers.benchmarks import run_tiny
+from tests.helpers.benchmarks import tiny_modes
 from tests.helpers.gif_checks import run_tiny_job
 from tests.helpers.tiny_priors import save_tiny_karlo
 from tests.helpers.tolerances import all_scores_close, same_up_to_float_rounding
@@ -220,9 +220,5 @@ def test_run_py_gif_unclip_end_to_end(clip_spec, unclip_dir, tmp_path):
 def test_benchmark_script_runs_on_the_tiny_model(shared_data, tmp_path, capsys):
     from benchmarks import gif_unclip_throughput as bench
 
-    report, written = run_tiny(bench, shared_data, tmp_path, "--ratio", "2")
-    printed = capsys.readouterr().out
-    assert "img/s" in printed and "batched / per-seed" in printed and "TINY" in printed
-    assert written["speedup"] > 0
-    rows = {r["mode"]: r for r in report["results"]}
+    rows = tiny_modes(bench, shared_data, tmp_path, capsys, "--ratio", "2")
     assert rows["per_seed"]["calls_per_repeat"] == 2 and rows["batched"]["calls_per_repeat"] == 1

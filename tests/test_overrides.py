@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
-from experiments import PROJECT_ROOT
 from experiments.overrides import check_overrides
+from tests.helpers.cli import run_py
 
 
 @pytest.mark.parametrize(
@@ -64,15 +60,7 @@ def test_valid_command_lines_pass(args):
 def test_a_bad_override_is_one_line_before_torch_is_imported(tmp_path, override, message):
     """run.py answers a bad name or value without importing torch (seconds, not the heavy imports), exit 2,
     and leaves no run folder."""
-    env = {**os.environ, "PROGRESS_BAR": "false"}
-    proc = subprocess.run(
-        [sys.executable, "-X", "importtime", "run.py", override, f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_py([override, f"hydra.run.dir={tmp_path / 'run'}"], python=["-X", "importtime"], timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
     assert lines == [lines[0]] and lines[0].startswith(message), lines

@@ -14,6 +14,7 @@ from experiments.data.datasets import DatasetError, DatasetNotFoundError
 from experiments.record import read_record
 from experiments.training.pipeline import run
 from tests.conftest import PROJECT_ROOT, job_config
+from tests.helpers.cli import run_py
 
 
 def _cfg(overrides):
@@ -118,11 +119,8 @@ def test_bad_input_fails_before_any_work(tmp_path, overrides, error, pattern):
     assert not list((tmp_path / "cache").rglob("*.png")) if (tmp_path / "cache").exists() else True
 
 
-def _run_py(*args, cwd=PROJECT_ROOT, timeout=600):
-    env = {**os.environ, "PROGRESS_BAR": "false", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run(
-        [sys.executable, "run.py", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
+def _run_py(*args, timeout=600):
+    return run_py(args, timeout=timeout)
 
 
 def test_a_run_logged_to_a_file_talks(tmp_path):

@@ -7,47 +7,27 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from experiments.analysis.report import build_report
-from tests.conftest import PROJECT_ROOT
-
-
-def _env(cache: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "PROGRESS_BAR": "false",
-        "EXPANSION_CACHE": str(cache),
-        "HYDRA_FULL_ERROR": "0",
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-    }
+from tests.helpers.cli import run_py
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "run.py",
-            "-m",
-            "dataset=digits",
-            "method=original,cutout",
-            "train.epochs=2",
-            "logger=none",
-            f"hydra.sweep.dir={root}",
-        ],
-        cwd=PROJECT_ROOT,
-        env=_env(root / "cache"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    args = [
+        "-m",
+        "dataset=digits",
+        "method=original,cutout",
+        "train.epochs=2",
+        "logger=none",
+        f"hydra.sweep.dir={root}",
+    ]
+    proc = run_py(args, cache=root / "cache", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root
 
@@ -63,14 +43,7 @@ def test_report_command_writes_every_promised_file(sweep):
     quality = cutout["quality"]
     assert quality["feature_extractor"].startswith("classifier(small_cnn")
     assert quality["seconds"] < 30 and (next(sweep.glob("*_cutout_*")) / "expansion_grid.png").is_file()
-    proc = subprocess.run(
-        [sys.executable, "-m", "experiments.analysis.report", str(sweep)],
-        cwd=PROJECT_ROOT,
-        env=_env(sweep / "cache"),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_py([str(sweep)], module="experiments.analysis.report", cache=sweep / "cache", timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = sweep / "report" / "report.md"
     printed = [Path(line.strip()).resolve() for line in proc.stdout.splitlines() if line.startswith("  ")]

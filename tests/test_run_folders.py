@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,23 +17,17 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.conftest import PROJECT_ROOT, job_config
+from tests.helpers.cli import run_py, user_env
 
 FAST = ["train.epochs=1", "quality.enabled=false", "logger=none", "train.compare_original=false"]
 
 
 def _env(tmp_path):
-    return {**os.environ, "PROGRESS_BAR": "false", "HYDRA_FULL_ERROR": "0", "EXPANSION_CACHE": str(tmp_path / "cache")}
+    return user_env(tmp_path / "cache")
 
 
 def _run_py(tmp_path, *args, timeout=600):
-    return subprocess.run(
-        [sys.executable, "run.py", *args],
-        cwd=PROJECT_ROOT,
-        env=_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_py(args, cache=tmp_path / "cache", timeout=timeout)
 
 
 def _snapshot(folder: Path, but: tuple[str, ...] = ()) -> dict[str, tuple]:
