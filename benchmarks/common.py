@@ -126,6 +126,25 @@ def parse_for_device(p: argparse.ArgumentParser, argv: list[str] | None, **defau
     return args
 
 
+def print_header(
+    title: str,
+    what: str,
+    device: torch.device,
+    params: dict[str, int],
+    build_seconds: float,
+    expected: dict[str, int] | None = None,
+) -> None:
+    """The first lines of a generation benchmark's table: what was built, on which machine, its parameter
+    counts (beside the released models' where ``expected`` gives them) and how long building took."""
+    print(f"{title} throughput ({what})")
+    print(f"  machine: {machine(device)}")
+    counts = [
+        f"{k} {v / 1e6:.1f}M" + (f" (expected {expected[k] / 1e6:.1f}M)" if expected and k in expected else "")
+        for k, v in params.items()
+    ]
+    print(f"  parameters: {', '.join(counts)}; built in {build_seconds:.1f} s")
+
+
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """The options every generation benchmark shares: repeats, where the seeds come from, the GPU
     peak for MFU and the JSON report."""

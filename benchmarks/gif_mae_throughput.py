@@ -118,13 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.tiny
         else "real ViT-MAE-Large + CLIP ViT-B/32 sizes, random weights"
     )
-    print(f"GIF-MAE throughput ({what})")
-    print(f"  machine: {common.machine(device)}")
-    counts = [
-        f"{k} {v / 1e6:.1f}M" + ("" if args.tiny else f" (expected {EXPECTED_PARAMS[k] / 1e6:.1f}M)")
-        for k, v in params.items()
-    ]
-    print(f"  parameters: {', '.join(counts)}; built in {build_s:.1f} s")
+    common.print_header("GIF-MAE", what, device, params, build_s, None if args.tiny else EXPECTED_PARAMS)
     print(
         f"  seeds: {args.dataset} {tuple(images.shape)} uint8 -> {cfg.image_size} px, {tokens} x {cfg.hidden_size} "
         f"tokens, mask ratio {args.mask_ratio}, k={args.ratio}, {args.seeds_per_pass} seeds, {args.repeats} timed "

@@ -44,8 +44,8 @@ from benchmarks.common import (
     add_run_arguments,
     generation_parser,
     load_seeds,
-    machine,
     parse_for_device,
+    print_header,
     result_line,
     time_expand_calls,
     write_report,
@@ -188,13 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.tiny
         else "real SD v1.5 + CLIP ViT-B/32 sizes, random weights"
     )
-    print(f"GIF-SD throughput ({what})")
-    print(f"  machine: {machine(device)}")
-    counts = [
-        f"{k} {v / 1e6:.1f}M" + ("" if args.tiny else f" (expected {EXPECTED_PARAMS[k] / 1e6:.1f}M)")
-        for k, v in params.items()
-    ]
-    print(f"  parameters: {', '.join(counts)}; built in {build_s:.1f} s")
+    print_header("GIF-SD", what, device, params, build_s, None if args.tiny else EXPECTED_PARAMS)
     print(f"  UNet attention: {', '.join(attention)}; channels_last {args.channels_last}; torch.compile {args.compile}")
     print(
         f"  seeds: {args.dataset} {tuple(images.shape)} uint8 -> {args.resolution} px, {args.steps} DDIM steps x "

@@ -119,9 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.tiny
         else "real SD 2.1 unCLIP-small + CLIP ViT-B/32 guide sizes, random weights"
     )
-    print(f"GIF-unCLIP throughput ({what})")
-    print(f"  machine: {common.machine(device)}")
-    print(f"  parameters: {', '.join(f'{k} {v / 1e6:.1f}M' for k, v in params.items())}; built in {build_s:.1f} s")
+    common.print_header("GIF-unCLIP", what, device, params, build_s)
     print(
         f"  seeds: {args.dataset} {tuple(images.shape)} -> {res} px, k={args.ratio}, {args.seeds_per_pass} seeds, "
         f"score path {args.score_path} ({args.score_steps if args.score_path == 'cheap' else args.steps} steps), "
