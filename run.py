@@ -56,17 +56,22 @@ def main(cfg: DictConfig) -> None:
 
 
 def _check_light_settings(cfg: DictConfig, job_dir: Path) -> None:
-    """A bad training, classifier or thread setting: one line, exit 2, and no run folder (Hydra made it empty)."""
+    """A bad training, classifier or thread setting, or a dataset.path that is not there: one line, exit 2,
+    and no run folder (Hydra made it empty)."""
     from expansion.errors import ExpansionError
+    from experiments.data.dataset_paths import missing_path
     from experiments.training.settings import core_settings
 
     try:
         core_settings(cfg)
+        problem = missing_path(cfg.dataset)
     except ExpansionError as exc:
+        problem = str(exc)
+    if problem:
         _detach_file_logs()  # a run refused before any work leaves no folder and no log
         with contextlib.suppress(OSError):
             job_dir.rmdir()  # only when empty
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -22,8 +22,14 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.checkouts import checkout_parser, checkouts
 
-#: bad command lines: a misspelt setting, a misspelt method, a bad value, a bad thread count
-BAD = (["method.ratoi=2"], ["method=cutot"], ["train.epochs=-1"], ["threads=0"])
+#: bad command lines: a misspelt setting, a misspelt method, a bad value, a bad thread count, a missing folder
+BAD = (
+    ["method.ratoi=2"],
+    ["method=cutot"],
+    ["train.epochs=-1"],
+    ["threads=0"],
+    ["dataset=imagefolder", "dataset.path=/nonexistent/my_set"],
+)
 
 
 def seconds(command: list[str], cwd: Path) -> tuple[float, str]:

@@ -50,17 +50,25 @@ def test_valid_command_lines_pass(args):
 
 
 @pytest.mark.parametrize(
-    "override, message",
+    "overrides, message",
     [
-        ("method.ratoi=2", "error: method.ratoi: method (method=randaugment) has no setting 'ratoi'"),
-        ("train.epochs=-1", "error: train: epochs must be an integer >= 1, got -1"),
-        ("threads=0", "error: threads=0 is not a thread count"),
+        (["method.ratoi=2"], "error: method.ratoi: method (method=randaugment) has no setting 'ratoi'"),
+        (["train.epochs=-1"], "error: train: epochs must be an integer >= 1, got -1"),
+        (["threads=0"], "error: threads=0 is not a thread count"),
+        (
+            ["dataset=imagefolder", "dataset.path=/nonexistent/my_set"],
+            "error: dataset 'my_set': expected /nonexistent/my_set but it is missing. Point dataset.path at a folder",
+        ),
+        (
+            ["dataset=npz", "dataset.path=/nonexistent/retina.npz"],
+            "error: dataset 'retina': expected /nonexistent/retina.npz but it is missing. Point dataset.path at a .npz",
+        ),
     ],
 )
-def test_a_bad_override_is_one_line_before_torch_is_imported(tmp_path, override, message):
+def test_a_bad_override_is_one_line_before_torch_is_imported(tmp_path, overrides, message):
     """run.py answers a bad name or value without importing torch (seconds, not the heavy imports), exit 2,
     and leaves no run folder."""
-    proc = run_py([override, f"hydra.run.dir={tmp_path / 'run'}"], python=["-X", "importtime"], timeout=120)
+    proc = run_py([*overrides, f"hydra.run.dir={tmp_path / 'run'}"], python=["-X", "importtime"], timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
     assert lines == [lines[0]] and lines[0].startswith(message), lines

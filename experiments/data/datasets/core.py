@@ -32,7 +32,9 @@ class DatasetNotFoundError(DatasetError):
 
 
 def missing_dataset(name: str, expected: Path | str, how: str) -> DatasetNotFoundError:
-    return DatasetNotFoundError(f"dataset {name!r}: expected {expected} but it is missing. {how}")
+    from ..dataset_paths import missing_message
+
+    return DatasetNotFoundError(missing_message(name, expected, how))
 
 
 def resize_square(image: torch.Tensor, size: int | None) -> torch.Tensor:

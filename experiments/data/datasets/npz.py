@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..dataset_paths import PATH_HINTS
 from . import RawSplits, register_loader
 from .core import DatasetError, TensorImageSet, missing_dataset
 
@@ -109,7 +110,7 @@ def load_npz(cfg: Mapping[str, Any]) -> RawSplits:
     if cfg.get("path") is None:
         raise DatasetError("dataset.path must be set to the .npz file (e.g. dataset.path=/data/retina.npz)")
     path = Path(str(cfg["path"])).expanduser()
-    how = "Point dataset.path at a .npz with train_images, train_labels, test_images, test_labels (+ val_*)."
+    how = PATH_HINTS["npz"]
     names = cfg.get("class_names")
     if names is not None and (isinstance(names, str) or len(set(map(str, names))) != len(names)):
         raise DatasetError(f"dataset.class_names must be a list of distinct names, got {names!r}")

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..dataset_paths import PATH_HINTS
 from . import RawSplits, register_loader
 from .core import (
     DatasetError,
@@ -166,11 +167,7 @@ def load_imagefolder(cfg: Mapping[str, Any]) -> RawSplits:
     names are the class folders' names, sorted."""
     root = Path(str(cfg["path"])).expanduser()
     if not root.is_dir():
-        raise missing_dataset(
-            cfg["name"],
-            root,
-            "Point dataset.path at a folder of class folders (<class>/*.jpg), or with train/<class>/ and test/<class>/.",
-        )
+        raise missing_dataset(cfg["name"], root, PATH_HINTS["imagefolder"])
     channels = int(cfg.get("channels", 3))
     size = cfg.get("image_size")
     if (root / "test").is_dir() and not (root / "train").is_dir():
