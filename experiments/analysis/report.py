@@ -431,20 +431,19 @@ def build_report(
             figures.append((f"{spec.get('title', table)}: accuracy vs expansion ratio", path))
     written += [p for _, p in figures]
 
-    # one grid per cell (the first seed's run), copied beside the report
+    # one grid per cell, i.e. per experiment and column (its first seed's run), copied beside the report
     grid_files: list[tuple[str, Path]] = []
-    by_cell: dict[tuple[str, ...], list[RunRecord]] = defaultdict(list)
-    for run in sorted(runs, key=lambda r: (r.seed, str(r.path))):
-        name = _run_name(run, root)
-        if name in grids:
-            key = (run.table or "adhoc", run.method, str(run.ratio), run.dataset, str(run.classifier))
-            by_cell[key].append(run)
     (out / "grids").mkdir(exist_ok=True)
-    for key, group in sorted(by_cell.items()):
-        name = _run_name(group[0], root)
+    for cell in cells:
+        run = next((r for r in cell.runs if _run_name(r, root) in grids), None)
+        if run is None:
+            continue
+        name = _run_name(run, root)
         dest = out / "grids" / f"{name}.png"
         shutil.copyfile(grids[name], dest)
-        grid_files.append((f"{key[1]} x{key[2]} on {key[3]} ({key[4]}), seed {group[0].seed}: {name}", dest))
+        grid_files.append(
+            (f"{cell.row} x{cell.ratio} on {cell.column} ({cell.classifier}), seed {run.seed}: {name}", dest)
+        )
     written += [p for _, p in grid_files]
 
     # report.md
@@ -482,7 +481,7 @@ def build_report(
         text.append("\n".join(f"- {name}: {note}" for name, note in sorted(notes.items())) + "\n")
     text.append("## Expansion grids\n")
     if grid_files:
-        text.append("One run per method and dataset: each row is a seed image (left) followed by its k expansions.\n")
+        text.append("One run per table cell: each row is a seed image (left) followed by its k expansions.\n")
         for caption, path in grid_files:
             text.append(f"**{caption}**\n\n![{caption}]({_rel(path, out)})\n")
     else:
