@@ -44,6 +44,10 @@ _TINY_UNET = dict(
     attention_head_dim=8,
     norm_num_groups=8,
 )
+#: the tiny ViT trunk of stable unCLIP's image encoder and of the MAE
+_TINY_VIT = dict(
+    hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+)
 _TINY_TEXT = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32)
 _REAL_UNET = dict(
     sample_size=64,
@@ -75,23 +79,10 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         "sd_text": _TINY_TEXT,
         "unclip_unet": {**_TINY_UNET, "class_embed_type": "projection", "projection_class_embeddings_input_dim": 32},
         "unclip_text": _TINY_TEXT,
-        "unclip_vision": dict(
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-            projection_dim=16,
-        ),
+        "unclip_vision": {**_TINY_VIT, "projection_dim": 16},
         "unclip_scheduler": SD_V1_SCHEDULER,
         "mae": dict(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=37,
+            **_TINY_VIT,
             decoder_hidden_size=32,
             decoder_num_hidden_layers=1,
             decoder_num_attention_heads=4,

@@ -152,7 +152,7 @@ def _text(value: Any) -> str:
     return canonical_json(value)
 
 
-def experiment_settings(run: RunRecord) -> dict[str, str]:
+def experiment_of(run: RunRecord) -> dict[str, str]:
     """What a results row holds fixed, as display strings: the run's recorded settings (its config identity
     less the seed, ``experiments.training.identity.experiment_settings``) and its data (``data``: the
     data fingerprint). A record written before settings were recorded: the fields of the record that
@@ -212,7 +212,7 @@ def _varying(experiments: dict[str, dict[str, str]], groups: Iterable[list[str]]
 
 def build_cells(runs: Iterable[RunRecord], paper: dict[str, Any]) -> list[Cell]:
     """The cells of every table: a row is one experiment (runs whose settings and data differ only in
-    the seed, :func:`experiment_settings`), never two; where one method label holds several experiments,
+    the seed, :func:`experiment_of`), never two; where one method label holds several experiments,
     the settings that differ become part of the row (``Cell.settings``). ``n`` counts distinct seeds; a
     repeated seed is kept once (``Cell.repeats``)."""
     by_table: dict[str, list[RunRecord]] = defaultdict(list)
@@ -235,7 +235,7 @@ def build_cells(runs: Iterable[RunRecord], paper: dict[str, Any]) -> list[Cell]:
         experiments: dict[str, dict[str, str]] = {}
         members: dict[str, list[RunRecord]] = defaultdict(list)
         for run in table_runs:
-            settings = experiment_settings(run)
+            settings = experiment_of(run)
             key = experiment_key(settings)
             experiments[key] = settings
             members[key].append(run)
@@ -651,8 +651,11 @@ def _difference_fields(cell: Cell, cells: list[Cell]) -> list[str]:
     if original is None:
         return ["", "", "", why]
     d = difference(cell, original)
-    number = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
-    return [number(d.mean), number(d.low), number(d.high), d.kind or d.why]
+    return [_fmt_number(d.mean), _fmt_number(d.low), _fmt_number(d.high), d.kind or d.why]
+
+
+def _fmt_number(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
 
 
 def _fmt_quality(value: float | None) -> str:

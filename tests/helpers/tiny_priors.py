@@ -42,15 +42,7 @@ def save_tiny_karlo(tmp_dir: Path, seed: int = 0) -> Path:
         parts = {
             "text_encoder": clip_text_encoder(ARCHITECTURES["tiny"]["sd_text"], tok, with_projection=True),
             "image_encoder": CLIPVisionModelWithProjection(
-                CLIPVisionConfig(
-                    hidden_size=d,
-                    intermediate_size=37,
-                    num_hidden_layers=2,
-                    num_attention_heads=4,
-                    image_size=32,
-                    patch_size=8,
-                    projection_dim=d,
-                )
+                CLIPVisionConfig(**{**ARCHITECTURES["tiny"]["unclip_vision"], "projection_dim": d})
             ),
             "text_proj": _text_proj_class()(clip_embeddings_dim=d, time_embed_dim=d * 4, cross_attention_dim=d),
             "decoder": UNet2DConditionModel(
