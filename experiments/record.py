@@ -24,6 +24,11 @@ RECORD_FILE = "metrics.json"
 RECORD_VERSION = 1
 #: the accuracies a record carries, each a percentage of the test set
 ACCURACIES = ("test_acc_final", "test_acc_best_val", "test_acc_best_test")
+#: the final epoch's class-balance-aware scores (MedMNIST reports ACC and AUC): balanced accuracy (the mean of
+#: the per-class recalls, percent) and the macro one-vs-rest ROC AUC of the softmax scores (percent)
+BALANCED_SCORES = ("test_balanced_acc_final", "test_auc_final")
+#: every score a table can be made of
+SCORES = ACCURACIES + BALANCED_SCORES
 
 
 class RecordError(ValueError):
@@ -40,6 +45,9 @@ class TrainingResult:
     best_val_epoch: int | None = None
     test_acc_best_test: float | None = None  # the official scripts' selection on the test set (optimistic)
     test_acc_per_epoch: list[float] | None = None
+    test_balanced_acc_final: float | None = None
+    test_auc_final: float | None = None
+    test_per_class_acc_final: list[float] | None = None  # recall of each class (percent), class-index order
     epochs: int | None = None
     optimizer_steps: int | None = None
     optimizer_budget: dict[str, Any] | None = None
@@ -52,8 +60,8 @@ class TrainingResult:
     resumed_from: dict[str, Any] | None = None
 
     def accuracy(self, metric: str) -> float | None:
-        if metric not in ACCURACIES:
-            raise RecordError(f"metric must be one of {ACCURACIES}, got {metric!r}")
+        if metric not in SCORES:
+            raise RecordError(f"metric must be one of {SCORES}, got {metric!r}")
         return getattr(self, metric)
 
     @property

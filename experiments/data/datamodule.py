@@ -4,6 +4,7 @@ uint8 tensors at the dataset's resolution, concatenated and sampled uniformly.""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -87,6 +88,7 @@ class ExpansionDataModule(L.LightningDataModule):
         num_workers: int = 0,
         include_original: bool = True,
         test_every_epoch: bool = False,
+        online_augment: Any = None,
     ):
         super().__init__()
         check_recipe(recipe)
@@ -117,6 +119,7 @@ class ExpansionDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.test_every_epoch = test_every_epoch
+        self.online_augment = online_augment  # an Expander applied to every training batch (train.online_augment)
 
     @property
     def num_train(self) -> int:
@@ -157,5 +160,16 @@ class ExpansionDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch
         if self.trainer is not None and self.trainer.training:
+            if self.online_augment is not None:
+                images = online_augment_batch(self.online_augment, images, labels)
             return augment_batch(images, self.recipe, self.input_size), labels
         return normalize(prepare_eval(images, self.recipe, self.input_size)), labels
+
+
+def online_augment_batch(expander: Any, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One expansion of each image of a uint8 training batch (``train.online_augment``): the expander's
+    per-image seeds are drawn from torch's global generator, which the job's seed fixes, so a run is
+    repeatable and every step sees fresh draws."""
+    seeds = torch.randint(0, 2**31 - 1, (images.shape[0], 1), dtype=torch.int64)
+    out = expander.expand(images, labels, seeds).images
+    return out[:, 0].to(images.device)

@@ -14,7 +14,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC
 
 from expansion.probe import SmallConvNet
 
@@ -87,6 +87,11 @@ class ImageClassifier(L.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.test_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.epoch_test_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        # the class-balance-aware scores of a test pass (read from test_scores after trainer.test)
+        self.test_balanced_acc = MulticlassAccuracy(num_classes, average="macro", validate_args=False)
+        self.test_per_class_acc = MulticlassAccuracy(num_classes, average="none", validate_args=False)
+        self.test_auc = MulticlassAUROC(num_classes, average="macro", validate_args=False)
+        self.test_scores: dict[str, Any] = {}
         self.val_history: list[float] = []
         self.test_history: list[float] = []
 
@@ -131,8 +136,23 @@ class ImageClassifier(L.LightningModule):
 
     def test_step(self, batch, batch_idx):
         x, y = batch
-        self.test_acc(self(x), y)
+        logits = self(x)
+        self.test_acc(logits, y)
         self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
+        scores = logits.float().softmax(dim=-1)
+        for metric in (self.test_balanced_acc, self.test_per_class_acc, self.test_auc):
+            metric.update(scores, y)
+
+    def on_test_epoch_end(self) -> None:
+        """Balanced accuracy (mean per-class recall), per-class recall and macro one-vs-rest ROC AUC of the
+        pass, in percent (MedMNIST's ACC and AUC pair; for two classes the AUC is the binary one)."""
+        self.test_scores = {
+            "balanced_acc": 100.0 * float(self.test_balanced_acc.compute()),
+            "per_class_acc": [round(100.0 * float(v), 4) for v in self.test_per_class_acc.compute()],
+            "auc": 100.0 * float(self.test_auc.compute()),
+        }
+        for metric in (self.test_balanced_acc, self.test_per_class_acc, self.test_auc):
+            metric.reset()
 
     def configure_optimizers(self):
         hp = self.hparams

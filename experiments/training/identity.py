@@ -36,6 +36,9 @@ RUN_ONLY_KEYS = (
     "logger",
     "skip_done",
 )
+#: settings added after config hashes were published, left out of the config hash at this value (the
+#: job it names is the job from before the setting existed), so earlier sweeps' jobs keep their hash
+HASHED_WHEN_SET = {"train": {"online_augment": "none"}}
 #: method config keys the framework reads (the rest builds the method's settings class); ``tiny``: the
 #: contract suite's cheap settings of the method (tests/test_contract.py), no part of any job
 FRAMEWORK_METHOD_KEYS = ("name", "paper_name", "batch_size", "num_workers", "trainer", "tiny")
@@ -127,6 +130,8 @@ def config_identity(container: dict[str, Any]) -> dict[str, Any]:
             continue
         if section == "method":
             value = {k: v for k, v in value.items() if k != "tiny"}
+        unset = HASHED_WHEN_SET.get(section, {})
+        value = {k: v for k, v in value.items() if k not in unset or v != unset[k]}
         for settings_class in section_settings(section, value.get("_target_") if section == "method" else None):
             value = without_speed_only(value, settings_class)
         out[section] = value

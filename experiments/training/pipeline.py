@@ -95,7 +95,17 @@ def build_datamodule(
         num_workers=t.num_workers,
         include_original=include_original,
         test_every_epoch=t.test_every_epoch,
+        online_augment=online_augmenter(t.online_augment),
     )
+
+
+def online_augmenter(name: str):
+    """The offline baseline ``name`` at its configured defaults, one image per seed (None for none)."""
+    if name == "none":
+        return None
+    from experiments.presets import create_expander
+
+    return create_expander(name, ratio=1)
 
 
 def build_classifier(job: Job, data: DatasetSplits, epochs: int | None = None) -> ImageClassifier:
@@ -194,6 +204,7 @@ def train_and_evaluate(
     # only when every validation also tested (a run resumed with test_every_epoch switched on did not)
     test_history = list(model.test_history) if model.test_history and len(model.test_history) == len(history) else None
     final = trainer.test(model, datamodule=datamodule, verbose=False)[0]["test/acc"]
+    final_scores = dict(model.test_scores)
     best = trainer.test(
         model, datamodule=datamodule, ckpt_path=checkpoint.best_model_path, verbose=False, weights_only=True
     )[0]["test/acc"]
@@ -207,6 +218,9 @@ def train_and_evaluate(
         best_val_epoch=best_epoch,
         test_acc_best_test=100.0 * max(test_history) if test_history else None,
         test_acc_per_epoch=[round(100.0 * a, 4) for a in test_history] if test_history else None,
+        test_balanced_acc_final=final_scores.get("balanced_acc"),
+        test_auc_final=final_scores.get("auc"),
+        test_per_class_acc_final=final_scores.get("per_class_acc"),
         epochs=epochs,
         optimizer_steps=trainer.global_step,
         optimizer_budget=budget.as_dict(),

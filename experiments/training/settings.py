@@ -10,6 +10,9 @@ from typing import Any
 from expansion.errors import ExpansionError
 from expansion.settings import check_ranges, field_signature, keyed_when_set, speed_only
 
+#: the offline baselines that ``train.online_augment`` can also apply on the fly (conf/method/<name>.yaml)
+ONLINE_AUGMENTS = ("randaugment", "cutout", "gridmask")
+
 
 @dataclass(frozen=True)
 class TrainSettings:
@@ -23,7 +26,10 @@ class TrainSettings:
     ``epochs``: the job trains exactly that many optimizer steps (see :func:`optimizer_budget`). Speed only: ``eval_batch_size``, ``num_workers``,
     ``compile`` (false, true or a torch.compile backend), ``test_every_epoch`` (also test after every
     epoch, for the official scripts' selection, the best test epoch: a reported column, never a
-    selection rule of ours; it does not change the training)."""
+    selection rule of ours; it does not change the training). ``online_augment`` (none or one of
+    :data:`ONLINE_AUGMENTS`): the offline baseline of that name, at its default settings, applied on the
+    fly to every training image of every batch (one fresh draw per image and step, from the job's seed)
+    before the dataset's recipe augmentation: the reference an offline expansion must beat."""
 
     epochs: int
     batch_size: int
@@ -40,6 +46,7 @@ class TrainSettings:
     test_every_epoch: bool = speed_only(MISSING)
     steps: int | None = keyed_when_set(None)  # keyed only when set: earlier checkpoints still resume
     steps_matched_to_ratio: int | None = keyed_when_set(None)
+    online_augment: str = keyed_when_set("none")
 
     def __post_init__(self) -> None:
         check_ranges(
@@ -60,6 +67,11 @@ class TrainSettings:
                     self.steps_matched_to_ratio is None or _is_count(self.steps_matched_to_ratio),
                     "steps_matched_to_ratio",
                     "null or an integer >= 1 (a method.ratio)",
+                ),
+                (
+                    self.online_augment in ("none", *ONLINE_AUGMENTS),
+                    "online_augment",
+                    f"one of none, {', '.join(ONLINE_AUGMENTS)}",
                 ),
                 (
                     self.steps is None or self.steps_matched_to_ratio is None,
