@@ -130,6 +130,7 @@ class ExpansionResult:
     seconds: float
     fit_seconds: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    fit_key: str | None = None  # the cached fit the expander uses (shared by methods of one fit signature)
 
 
 def fit_expander(expander: Expander, train: Any, dataset_identity: Mapping[str, Any], fit_dir: Path | str) -> float:
@@ -224,10 +225,13 @@ def expand_dataset(
     store = ExpansionStore.at(store_dir, dataset_identity, expander.signature(), seed)
     start = time.perf_counter()
     digests = verify == "digests"
+    fitted = fit_key(dataset_identity, expander.fit_signature())[0] if expander.needs_fit else None
     if store.is_complete() and not store.check(digests=digests):
         log.info("expansion store %s is complete: reusing it", store.root)
         store.remove_obsolete_chunks()
-        return ExpansionResult(store.load(), store, 0, True, time.perf_counter() - start, info={"verified": verify})
+        return ExpansionResult(
+            store.load(), store, 0, True, time.perf_counter() - start, info={"verified": verify}, fit_key=fitted
+        )
 
     run = _Generation(
         expander, train, dataset_identity, context, fit_dir, seed, batch_size, num_workers, trainer_kwargs, callbacks
@@ -238,7 +242,7 @@ def expand_dataset(
         if store.is_complete():  # damaged, or another job finished it while we waited for the lock
             damaged = store.check(digests=digests)
             if not damaged:
-                return ExpansionResult(store.load(), store, 0, True, time.perf_counter() - start)
+                return ExpansionResult(store.load(), store, 0, True, time.perf_counter() - start, fit_key=fitted)
             if not is_writer:
                 raise ExpansionError(f"store {store.root} is damaged; repair it with one process (rank 0) first")
             log.warning(
@@ -259,6 +263,7 @@ def expand_dataset(
                 time.perf_counter() - start,
                 fit_seconds,
                 info={"repaired": sorted(writer.replacements)},
+                fit_key=fitted,
             )
         try:
             fit_seconds = run.setup()
@@ -293,6 +298,7 @@ def expand_dataset(
         time.perf_counter() - start,
         fit_seconds,
         info={"pending_at_start": len(pending), "signature": canonical_json(expander.signature())},
+        fit_key=fitted,
     )
 
 

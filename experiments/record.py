@@ -82,6 +82,7 @@ class ExpansionRecord:
     seconds: float = 0.0
     fit_seconds: float = 0.0
     cpu_seconds: float | None = None
+    fit_key: str | None = None  # the cached fit used (methods of one fit signature share it and its cost)
 
 
 @dataclass(frozen=True)

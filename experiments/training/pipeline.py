@@ -374,6 +374,7 @@ def _run_job(cfg: DictConfig, job: Job, run_dir: Path, total_start: float) -> Ru
             seconds=round(result.seconds, 3),
             fit_seconds=round(result.fit_seconds, 3),
             cpu_seconds=round(expansion_cpu_seconds, 3),
+            fit_key=result.fit_key,
         )
         log.info(
             "expansion: %d images (%d generated now) in %.1fs",
