@@ -10,7 +10,7 @@ PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 m
 
 .PHONY: help install run configs list test test-fast test-slow test-gpu test-all lint sweep-digits benchmark-cpu benchmark-training \
         benchmark-generation-cpu benchmark-gpu benchmark-gpu-quick benchmark-cost wheelhouse wheelhouse-check report \
-        export clean-cache slurm-up slurm-down test-slurm worth
+        export clean-cache slurm-up slurm-down test-slurm worth worth-docs
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-25s %s\n", $$1, $$2}'
@@ -109,6 +109,9 @@ report:  ## tables, figures, expansion grids and settings of a sweep: make repor
 worth:  ## what a generated image is worth, every method, both protocols, with cost: make worth DIR=<sweep folder>
 	@test -n "$(DIR)" || { echo "usage: make worth DIR=<sweep folder, e.g. multirun/worth_cpu>"; exit 2; }
 	$(PYTHON) -m experiments.analysis.worth $(DIR)
+
+worth-docs:  ## regenerate docs/worth_cpu.md and its figures from the committed per-run table docs/worth_cpu_runs.csv
+	$(PYTHON) -m experiments.analysis.worth docs/worth_cpu_runs.csv --out docs --stem worth_cpu
 
 clean-cache:  ## delete expansion stores and fitted generators (.cache/)
 	rm -rf .cache

@@ -120,10 +120,7 @@ def t_interval(units: Sequence[float], unit: str, level: float = 0.95) -> Interv
     se = float(values.std(ddof=1)) / np.sqrt(len(values))
     df = len(values) - 1
     half = float(stats.t.ppf(0.5 + level / 2, df)) * se
-    if se == 0.0:
-        p = 1.0 if mean == 0.0 else 0.0
-    else:
-        p = float(2 * stats.t.sf(abs(mean) / se, df))
+    p = (1.0 if mean == 0.0 else 0.0) if se == 0.0 else float(2 * stats.t.sf(abs(mean) / se, df))
     return Interval(mean, mean - half, mean + half, p, unit, len(values), level)
 
 
