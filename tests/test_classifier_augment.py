@@ -6,6 +6,7 @@ import itertools
 import math
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -121,3 +122,91 @@ def test_datamodule_concatenates_expanded_images(shared_data):
     dm = ExpansionDataModule(data, extra, [1] * 7, recipe="medical", input_size=28, batch_size=4)
     assert dm.num_train == 17
     assert dm.train_set.labels[-7:].tolist() == [1] * 7
+
+
+class _AlwaysClassZero(torch.nn.Module):
+    """A collapsed classifier: every image gets the same scores, class 0 first."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.scores = torch.nn.Parameter(torch.arange(num_classes, 0, -1, dtype=torch.float32))
+
+    def forward(self, x):
+        return self.scores.expand(x.shape[0], -1)
+
+
+def _tested(model, dm) -> float:
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    return trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"]
+
+
+def test_balanced_accuracy_and_auc_see_a_collapsed_classifier():
+    """MedMNIST's pair: a classifier that always answers one class keeps that class's share as accuracy,
+    but its balanced accuracy is 1 / K and its AUC 50 %; a trained one's scores agree with scikit-learn's."""
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    data = build_dataset(compose(["dataset=digits"]).dataset)
+    dm = ExpansionDataModule(data, None, None, recipe="digits", input_size=8, batch_size=32)
+    model = ImageClassifier("small_cnn", 10, 1, 8, lr=0.05, epochs=3)
+    model.net = _AlwaysClassZero(10)
+    accuracy = _tested(model, dm)
+    labels = np.asarray(data.test.labels)
+    assert accuracy == pytest.approx(float(np.mean(labels == 0)), abs=1e-6)
+    assert model.test_scores["balanced_acc"] == pytest.approx(10.0, abs=1e-4)
+    assert model.test_scores["per_class_acc"] == [100.0] + [0.0] * 9
+    assert model.test_scores["auc"] == pytest.approx(50.0, abs=1e-4)
+
+    trained = ImageClassifier("small_cnn", 10, 1, 8, lr=0.05, epochs=3)
+    L.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    ).fit(trained, datamodule=dm)
+    _tested(trained, dm)
+    trained.eval()
+    with torch.no_grad():
+        batches = [(trained(x), y) for x, y in (dm.on_after_batch_transfer(b, 0) for b in dm.test_dataloader())]
+    scores = torch.cat([s for s, _ in batches]).softmax(-1).numpy()
+    truth = torch.cat([y for _, y in batches]).numpy()
+    assert trained.test_scores["balanced_acc"] == pytest.approx(
+        100 * balanced_accuracy_score(truth, scores.argmax(1)), abs=1e-3
+    )
+    assert trained.test_scores["auc"] == pytest.approx(100 * roc_auc_score(truth, scores, multi_class="ovr"), abs=1e-3)
+    assert trained.test_scores["balanced_acc"] == pytest.approx(np.mean(trained.test_scores["per_class_acc"]), abs=1e-3)
+
+
+def test_online_augmentation_draws_fresh_repeatable_images():
+    from experiments.data.datamodule import online_augment_batch
+    from experiments.training.pipeline import online_augmenter
+
+    assert online_augmenter("none") is None
+    expander = online_augmenter("randaugment")
+    images = torch.randint(0, 256, (6, 1, 16, 16), dtype=torch.uint8)
+    labels = torch.arange(6)
+    torch.manual_seed(3)
+    first, second = online_augment_batch(expander, images, labels), online_augment_batch(expander, images, labels)
+    torch.manual_seed(3)
+    again = online_augment_batch(expander, images, labels)
+    assert first.shape == images.shape and first.dtype == torch.uint8
+    assert torch.equal(first, again) and not torch.equal(first, second) and not torch.equal(first, images)
+
+
+def test_online_augment_is_checked_and_keeps_earlier_hashes():
+    from experiments.training.identity import config_identity
+    from experiments.training.settings import ONLINE_AUGMENTS, TrainSettings
+
+    base = dict(epochs=2, batch_size=4, lr=0.1, momentum=0.9, weight_decay=0.0, warmup_epochs=0)
+    base |= dict(label_smoothing=0.0, include_original=True, eval_batch_size=8, num_workers=0, compile=False)
+    base |= dict(compare_original=False, test_every_epoch=False)
+    assert ONLINE_AUGMENTS == ("randaugment", "cutout", "gridmask")
+    with pytest.raises(Exception, match="online_augment"):
+        TrainSettings(**base, online_augment="autoaugment")
+    # a job from before the setting (no key) and the same job with online_augment: none hash alike
+    before = {"train": dict(base), "seed": 0}
+    now = {"train": {**base, "online_augment": "none"}, "seed": 0}
+    assert config_identity(now) == config_identity(before)
+    assert config_identity({"train": {**base, "online_augment": "cutout"}, "seed": 0}) != config_identity(before)
