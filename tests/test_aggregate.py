@@ -42,6 +42,24 @@ def test_mean_std_paper_and_difference(tmp_path):
     assert md.index("| original") < md.index("| cutout")
 
 
+def test_balanced_accuracy_and_auc_tables_only_where_runs_have_them(tmp_path):
+    for i, (acc, balanced, auc) in enumerate([(70.0, 50.0, 60.0), (72.0, 54.0, 64.0)]):
+        extra = {"test_balanced_acc_final": balanced, "test_auc_final": auc}
+        _write(tmp_path, i, dataset="breastmnist", method="cutout", test_acc_final=acc, **extra)
+    _write(tmp_path, 2, dataset="breastmnist", method="original", ratio=0, test_acc_final=60.0)  # an older record
+    csv_path, md_path = aggregate(tmp_path)
+    rows = {r["row"]: r for r in csv.DictReader(csv_path.open())}
+    assert float(rows["cutout"]["balanced_acc_mean"]) == pytest.approx(52.0)
+    assert float(rows["cutout"]["auc_std"]) == pytest.approx(2.828, abs=1e-3)
+    assert rows["original"]["auc_mean"] == "" and rows["original"]["final_mean"] == "60.000"
+    md = md_path.read_text()
+    assert "**final-epoch balanced accuracy (mean per-class recall)**" in md and "| cutout | 52.0 ± 2.8 [2]" in md
+    assert "**final-epoch AUC" in md
+    shutil.rmtree(tmp_path)
+    _write(tmp_path, 0, dataset="breastmnist", method="cutout", test_acc_final=70.0)
+    assert "balanced accuracy" not in aggregate(tmp_path)[1].read_text()
+
+
 def test_ratio_rows_and_classifier_columns(tmp_path):
     for i, (ratio, acc) in enumerate([(5, 30.0), (10, 31.0)]):
         _write(tmp_path, i, table="efficiency", dataset="cars", method="cutout", ratio=ratio, test_acc_final=acc)

@@ -26,12 +26,12 @@ import yaml
 
 from expansion.files import canonical_json, content_key
 from experiments.jobs import FAILURE_FILE, find_failures
-from experiments.record import ACCURACIES, RunRecord, load_records
+from experiments.record import BALANCED_SCORES, SCORES, RunRecord, load_records
 
 log = logging.getLogger(__name__)
 
 PAPER_NUMBERS_FILE = Path(__file__).with_name("paper_numbers.yaml")
-METRICS = ACCURACIES
+METRICS = SCORES
 #: each accuracy's table heading; the last is the official scripts' selection (runs with
 #: ``train.test_every_epoch=true``), shown only when runs have it and never used for a claim
 METRIC_LABELS = {
@@ -41,6 +41,8 @@ METRIC_LABELS = {
         "as the paper selects (optimistic): the best test accuracy over the epochs, the official scripts' "
         "selection, like for like with the paper's numbers; it selects on the test set, so it is never our claim"
     ),
+    "test_balanced_acc_final": "final-epoch balanced accuracy (mean per-class recall)",
+    "test_auc_final": "final-epoch AUC (macro one-vs-rest; MedMNIST's pair with accuracy)",
 }
 
 
@@ -410,7 +412,7 @@ def render_markdown(cells: list[Cell], paper: dict[str, Any], root: Path | None 
         head = "| method | " + "".join(f"{n} | " for n in names)
         rule = "|---" * (len(names) + 1)
         for metric, label in METRIC_LABELS.items():
-            if metric == "test_acc_best_test" and not any(c.values[metric] for c in tcells):
+            if metric in ("test_acc_best_test", *BALANCED_SCORES) and not any(c.values[metric] for c in tcells):
                 continue
             legend = (
                 "paper; ours − paper" if any(c.paper is not None for c in tcells) else "no paper numbers in this table"
@@ -594,6 +596,10 @@ def write_csv(cells: list[Cell], path: Path) -> None:
                 "best_val_std",
                 "best_test_mean",
                 "best_test_std",
+                "balanced_acc_mean",
+                "balanced_acc_std",
+                "auc_mean",
+                "auc_std",
                 "paper",
                 "final_minus_paper",
                 "seeds",
@@ -615,6 +621,9 @@ def write_csv(cells: list[Cell], path: Path) -> None:
             best_test = ["", ""]  # runs without train.test_every_epoch
             if c.values["test_acc_best_test"]:
                 best_test = [f"{v:.3f}" for v in c.stats("test_acc_best_test")[:2]]
+            balanced = [
+                f"{v:.3f}" for m in BALANCED_SCORES for v in (c.stats(m)[:2] if c.values[m] else (math.nan, math.nan))
+            ]
             writer.writerow(
                 [
                     c.table,
@@ -630,6 +639,7 @@ def write_csv(cells: list[Cell], path: Path) -> None:
                     f"{bm:.3f}",
                     f"{bs:.3f}",
                     *best_test,
+                    *(v if v != "nan" else "" for v in balanced),
                     "" if c.paper is None else c.paper,
                     "" if c.paper is None else f"{fm - c.paper:.3f}",
                     " ".join(map(str, c.seeds)),
