@@ -54,19 +54,17 @@ def test_cosine_schedule_is_one_schedule_from_lr_to_zero():
     assert group["momentum"] == 0.9 and group["weight_decay"] == 1e-4
 
 
+def _quiet_trainer(**kwargs) -> L.Trainer:
+    """A CPU Trainer without logs, checkpoints, progress bar or sanity checks."""
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    return L.Trainer(accelerator="cpu", num_sanity_val_steps=0, **quiet, **kwargs)
+
+
 def test_training_on_real_digits_learns():
     data = build_dataset(compose(["dataset=digits"]).dataset)
     dm = ExpansionDataModule(data, None, None, recipe="digits", input_size=8, batch_size=32)
     model = ImageClassifier("small_cnn", 10, 1, 8, lr=0.05, epochs=8)
-    trainer = L.Trainer(
-        max_epochs=8,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = _quiet_trainer(max_epochs=8)
     before = trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"]
     trainer.fit(model, datamodule=dm)
     after = trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"]
@@ -136,8 +134,7 @@ class _AlwaysClassZero(torch.nn.Module):
 
 
 def _tested(model, dm) -> float:
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-    return trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"]
+    return _quiet_trainer().test(model, datamodule=dm, verbose=False)[0]["test/acc"]
 
 
 def test_balanced_accuracy_and_auc_see_a_collapsed_classifier():
@@ -157,15 +154,7 @@ def test_balanced_accuracy_and_auc_see_a_collapsed_classifier():
     assert model.test_scores["auc"] == pytest.approx(50.0, abs=1e-4)
 
     trained = ImageClassifier("small_cnn", 10, 1, 8, lr=0.05, epochs=3)
-    L.Trainer(
-        max_epochs=3,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    ).fit(trained, datamodule=dm)
+    _quiet_trainer(max_epochs=3).fit(trained, datamodule=dm)
     _tested(trained, dm)
     trained.eval()
     with torch.no_grad():

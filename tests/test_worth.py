@@ -239,16 +239,8 @@ def _toy_sweep(
                     name = f"real_{extra}_r{ratio}_d{split}_s{seed}"
                     if not (root / name).exists():
                         acc = _real_accuracy(extra, steps_offset) + shift
-                        _write(
-                            root,
-                            name,
-                            extra=extra,
-                            seed=seed,
-                            split=split,
-                            accuracy=acc,
-                            steps=_steps(N_BASE * (1 + ratio)),
-                            budget=True,
-                        )
+                        budget = {"steps": _steps(N_BASE * (1 + ratio)), "budget": True}
+                        _write(root, name, extra=extra, seed=seed, split=split, accuracy=acc, **budget)
             for ratio in ratios:
                 for e in expansions:
                     acc = _real_accuracy(equivalent(ratio), method_offset) + shift
@@ -263,19 +255,11 @@ def _toy_sweep(
                         "fit_seconds": 2.0 if first and fit_key else 0.0,
                         "fit_key": fit_key or None,
                     }
-                    _write(
-                        root,
-                        f"{method}_r{ratio}_d{split}_e{e}_s{seed}",
-                        method=method,
-                        ratio=ratio,
-                        seed=seed,
-                        split=split,
-                        expansion_seed=e,
-                        accuracy=acc,
-                        steps=_steps(N_BASE * (1 + ratio)),
-                        expansion=expansion,
-                        environment={"device_name": "test device", "device": device, "cpu_threads": 1},
-                    )
+                    design = {"method": method, "ratio": ratio, "seed": seed, "split": split, "expansion_seed": e}
+                    machine = {"device_name": "test device", "device": device, "cpu_threads": 1}
+                    name = f"{method}_r{ratio}_d{split}_e{e}_s{seed}"
+                    steps = _steps(N_BASE * (1 + ratio))
+                    _write(root, name, accuracy=acc, steps=steps, expansion=expansion, environment=machine, **design)
 
 
 def _points(result, method="gen"):
