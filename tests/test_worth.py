@@ -392,6 +392,16 @@ def test_worth_fits_only_what_the_data_identify(tmp_path):
     assert "need at least three" in worth.analyse(two, metric="test_acc_final")["fits"]["toy|20|gen|epochs"]["error"]
 
 
+def test_c1_is_read_only_across_three_base_sizes():
+    fits = {f"toy|{n}|gen|steps": {"factor": C1 ** (n / K), "c2": C2, "c2_bounded": True} for n in (10, 20, 40)}
+    fits["toy|20|other|steps"] = {"factor": 2.0, "c2": C2, "c2_bounded": True}
+    fits["toy|10|other|steps"] = {"factor": 1.5, "c2": C2, "c2_bounded": True}
+    fits["toy|40|other|steps"] = {"factor": 2.5, "c2": 9.0, "c2_bounded": False}  # c2 unidentified: not used
+    c1 = worth.c1_across_base_sizes(fits, K)
+    assert set(c1) == {"toy|gen|steps"}
+    assert c1["toy|gen|steps"]["c1"] == pytest.approx(C1) and c1["toy|gen|steps"]["base_sizes"] == [10, 20, 40]
+
+
 def test_worth_shares_a_fit_between_the_methods_that_use_it(tmp_path):
     _toy_sweep(tmp_path, ratios=(5,), method="ae_a", fit_key="ae")
     _toy_sweep(tmp_path, ratios=(5,), method="ae_b", fit_key="ae", splits=(0, 1, 2))
