@@ -444,6 +444,8 @@ def _fit(points: list[dict[str, Any]], n_base: int, k: float, rng: np.random.Gen
             continue
         c2s.append(fit.c2)
         factors.append(fit.factor(n_base))
+    if not c2s:
+        return {"error": "no refit of the redrawn equivalents converged", "points_used": len(usable)}
     lo_c2, hi_c2 = (float(v) for v in np.percentile(c2s, [2.5, 97.5]))
     lo_bound, hi_bound = (math.exp(b) for b in LOG_C2_BOUNDS)
     bounded = lo_c2 > lo_bound * 1.001 and hi_c2 < hi_bound / 1.001 and not best.at_bound
