@@ -295,6 +295,11 @@ def test_worth_recovers_known_equivalents_and_exchange_rate(tmp_path):
     text = worth.render_markdown(result)
     assert f"| gen | 5 | {_steps(N_BASE * 6)} | " in text and "c2 = 2.5 [2.5, 2.5]" in text
     assert "c1 is not read" in text  # one base size
+    # the original's every score, where a collapse to one class shows (balanced accuracy here: acc - 5)
+    assert (
+        "The original (no extra image), every score: equal epochs: accuracy 50.3, balanced accuracy 45.3, AUC 55.3;"
+        in text
+    )
 
 
 def test_worth_intervals_come_from_base_draws_and_widen_when_they_disagree(tmp_path):

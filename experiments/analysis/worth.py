@@ -747,12 +747,27 @@ def render_markdown(result: dict[str, Any]) -> str:
         lines += [f"## {dataset}, n_base = {n_base} per class: {SCORE_LABELS[score]} (`{score}`)", "", "Real arm:", ""]
         mine = [c for c in result["real_arm"] if (c["dataset"], c["n_base"]) == (dataset, n_base)]
         budgets = sorted({c["steps"] for c in mine if c["steps"] is not None})
-        lines.append("| extra real per class | equal epochs | " + " | ".join(f"{s} steps" for s in budgets) + " |")
+        lines.append(
+            "| " + " | ".join(["extra real per class", "equal epochs", *(f"{s} steps" for s in budgets)]) + " |"
+        )
         lines.append("|---|---|" + "---|" * len(budgets))
         for x in sorted({c["added_per_class"] for c in mine}):
             cells = {c["steps"]: c for c in mine if c["added_per_class"] == x}
             row = [_score(cells[s]) if s in cells else "-" for s in [None, *budgets]]
             lines.append(f"| {x} | " + " | ".join(row) + " |")
+        originals = sorted((c for c in mine if c["added_per_class"] == 0), key=lambda c: c["steps"] or 0)
+        if originals:
+            lines += [
+                "",
+                "The original (no extra image), every score: "
+                + "; ".join(
+                    ("equal epochs" if c["steps"] is None else f"{c['steps']} steps")
+                    + ": "
+                    + ", ".join(f"{SCORE_LABELS[k]} {v:.1f}" for k, v in c["other_scores"].items())
+                    for c in originals
+                )
+                + ".",
+            ]
         refs = [r for r in result["references"] if (r["dataset"], r["n_base"]) == (dataset, n_base)]
         if refs:
             lines += ["", "Online reference (the original images, augmented on the fly):", ""]
