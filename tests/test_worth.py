@@ -411,12 +411,21 @@ def test_worth_shares_a_fit_between_the_methods_that_use_it(tmp_path):
     _toy_sweep(tmp_path, ratios=(5,), method="ae_a", fit_key="ae")
     _toy_sweep(tmp_path, ratios=(5,), method="ae_b", fit_key="ae", splits=(0, 1, 2))
     costs = worth.analyse(tmp_path, metric="test_acc_final")["costs"]
-    # 6 stores per method, each made by a job that also fitted (2 s, charged 1 s to each method)
-    fits = 2.0 * 6 * 2
+    # 6 stores per method, each made by a job that also fitted: 2 wall s at the job's 20 CPU s / 25 wall s,
+    # 1.6 CPU s; the 12 fits of one fit key are charged half to each method
+    fit_cpu = 2.0 * 20.0 / 25.0
     for method, other in (("ae_a", "ae_b"), ("ae_b", "ae_a")):
         cost = costs[f"toy|20|{method}"]
-        assert cost["fit_seconds"] == pytest.approx(fits / 2) and cost["fit_shared_with"] == [other]
-        assert cost["cpu_seconds"] == pytest.approx(6 * (20.0 - 2.0) + fits / 2)
+        assert cost["fit_cpu_seconds"] == pytest.approx(12 * fit_cpu / 2) and cost["fit_shared_with"] == [other]
+        assert cost["cpu_seconds"] == pytest.approx(6 * (20.0 - fit_cpu) + 12 * fit_cpu / 2)
+        assert cost["wall_seconds"] == pytest.approx(6 * (25.0 - 2.0) + 12 * 2.0 / 2)
+    alone = worth.analyse(
+        tmp_path / "alone"
+        if _toy_sweep(tmp_path / "alone", ratios=(5,), method="ae_a", fit_key="ae") is None
+        else None,
+        metric="test_acc_final",
+    )
+    assert alone["costs"]["toy|20|ae_a"]["cpu_seconds"] == pytest.approx(6 * 20.0)  # one user: charged whole
 
 
 def test_worth_per_gpu_hour_only_for_images_generated_on_a_gpu(tmp_path):

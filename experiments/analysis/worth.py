@@ -355,38 +355,54 @@ def _cell(runs: list[WorthRun], metric: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- cost
 
 
+def fit_cpu_seconds(run: WorthRun) -> float:
+    """The CPU seconds of a job's fit: its wall seconds at the CPU-to-wall ratio of the job's whole expansion
+    (the record times the fit on the wall clock only; on a loaded machine a fit waits too)."""
+    if not run.fit_seconds or run.expansion_wall_seconds <= 0:
+        return 0.0
+    return run.fit_seconds * run.expansion_cpu_seconds / run.expansion_wall_seconds
+
+
 def generation_cost(runs: Iterable[WorthRun]) -> dict[tuple[str, int, str], dict[str, Any]]:
     """``(dataset, n_base, method) -> cost``: CPU seconds of making the method's stores (each store once:
-    the seeds share it), the fits taken out and charged back in equal parts to every method that uses the
-    same fit (one ``fit_key``), over the images generated."""
+    the seeds share it), the fits (:func:`fit_cpu_seconds`) taken out and charged back in equal parts to every
+    method that uses the same fit (one ``fit_key``), over the images generated."""
     runs = [r for r in runs if r.arm == "synthetic"]
     fit_users: dict[str, set] = defaultdict(set)
-    fit_seconds: dict[str, float] = defaultdict(float)
+    fit_cpu: dict[str, float] = defaultdict(float)
+    fit_wall: dict[str, float] = defaultdict(float)
     for r in runs:
         if r.fit_key:
             fit_users[r.fit_key].add((r.dataset, r.n_base, r.method))
-            fit_seconds[r.fit_key] += r.fit_seconds
+            fit_cpu[r.fit_key] += fit_cpu_seconds(r)
+            fit_wall[r.fit_key] += r.fit_seconds
     totals: dict[tuple, dict[str, Any]] = defaultdict(
-        lambda: {"cpu_seconds": 0.0, "wall_seconds": 0.0, "fit_seconds": 0.0, "images": 0, "stores": 0, "gpu": set()}
+        lambda: {
+            "cpu_seconds": 0.0,
+            "wall_seconds": 0.0,
+            "fit_cpu_seconds": 0.0,
+            "images": 0,
+            "stores": 0,
+            "gpu": set(),
+        }
     )
     for r in runs:
         if not (r.generated_images or r.fit_seconds):
             continue
         t = totals[(r.dataset, r.n_base, r.method)]
-        shared = bool(r.fit_key)
-        t["cpu_seconds"] += r.expansion_cpu_seconds - (r.fit_seconds if shared else 0.0)
-        t["wall_seconds"] += r.expansion_wall_seconds - (r.fit_seconds if shared else 0.0)
-        t["fit_seconds"] += 0.0 if shared else r.fit_seconds
+        own_fit = fit_cpu_seconds(r)
+        t["cpu_seconds"] += r.expansion_cpu_seconds - (own_fit if r.fit_key else 0.0)
+        t["wall_seconds"] += r.expansion_wall_seconds - (r.fit_seconds if r.fit_key else 0.0)
+        t["fit_cpu_seconds"] += 0.0 if r.fit_key else own_fit
         t["images"] += r.generated_images
         t["stores"] += 1 if r.generated_images else 0
         t["gpu"].add(r.generated_on_gpu)
     for key, users in fit_users.items():
         for user in users:
-            share = fit_seconds[key] / len(users)
-            t = totals[user]
-            t["cpu_seconds"] += share
-            t["wall_seconds"] += share
-            t["fit_seconds"] += share
+            share = fit_cpu[key] / len(users)
+            totals[user]["cpu_seconds"] += share
+            totals[user]["fit_cpu_seconds"] += share
+            totals[user]["wall_seconds"] += fit_wall[key] / len(users)
     out = {}
     for key, t in totals.items():
         images = t["images"]
@@ -835,7 +851,7 @@ def render_markdown(result: dict[str, Any]) -> str:
             "",
         ]
     cost_rows = [
-        f"| {key.replace('|', ' | ')} | {c['images']} | {c['stores']} | {c['cpu_seconds']:.1f} | {c['fit_seconds']:.1f} | "
+        f"| {key.replace('|', ' | ')} | {c['images']} | {c['stores']} | {c['cpu_seconds']:.1f} | {c['fit_cpu_seconds']:.1f} | "
         f"{', '.join(c['fit_shared_with']) or '-'} | {_fmt(c['cpu_seconds_per_image'])} |"
         for key, c in result["costs"].items()
     ]
@@ -843,7 +859,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         lines += [
             "## Generation cost",
             "",
-            "| dataset | n_base | method | images generated | stores | CPU s (fits included) | of which fits (s) | fit shared with | CPU s / image |",
+            "| dataset | n_base | method | images generated | stores | CPU s (fits included) | of which fits (CPU s) | fit shared with | CPU s / image |",
             "|---|---|---|---|---|---|---|---|---|",
             *cost_rows,
             "",
