@@ -419,13 +419,9 @@ def test_worth_shares_a_fit_between_the_methods_that_use_it(tmp_path):
         assert cost["fit_cpu_seconds"] == pytest.approx(12 * fit_cpu / 2) and cost["fit_shared_with"] == [other]
         assert cost["cpu_seconds"] == pytest.approx(6 * (20.0 - fit_cpu) + 12 * fit_cpu / 2)
         assert cost["wall_seconds"] == pytest.approx(6 * (25.0 - 2.0) + 12 * 2.0 / 2)
-    alone = worth.analyse(
-        tmp_path / "alone"
-        if _toy_sweep(tmp_path / "alone", ratios=(5,), method="ae_a", fit_key="ae") is None
-        else None,
-        metric="test_acc_final",
-    )
-    assert alone["costs"]["toy|20|ae_a"]["cpu_seconds"] == pytest.approx(6 * 20.0)  # one user: charged whole
+    _toy_sweep(tmp_path / "alone", ratios=(5,), method="ae_a", fit_key="ae")
+    alone = worth.analyse(tmp_path / "alone", metric="test_acc_final")["costs"]["toy|20|ae_a"]
+    assert alone["cpu_seconds"] == pytest.approx(6 * 20.0)  # one user: charged the whole fit
 
 
 def test_worth_per_gpu_hour_only_for_images_generated_on_a_gpu(tmp_path):
