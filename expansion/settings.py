@@ -40,10 +40,17 @@ def is_speed_only(f: Field) -> bool:
     return bool(f.metadata.get(_SPEED_ONLY))
 
 
-def keyed_when_set(default: Any = None) -> Any:
+def keyed_when_set(default: Any = None, *, default_factory: Any = MISSING) -> Any:
     """A setting added after stores were keyed: left out of the store key at its ``default`` (which
-    reproduces the output from before it existed), so those stores are still found."""
+    reproduces the output from before it existed), so those stores are still found; nested settings give
+    their class as ``default_factory``."""
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata={_KEYED_WHEN_SET: True})
     return field(default=default, metadata={_KEYED_WHEN_SET: True})
+
+
+def _default_of(f: Field) -> Any:
+    return f.default_factory() if f.default_factory is not MISSING else f.default
 
 
 def fidelity_quirk(paper: Any, official: Any, *, keyed_at_paper: bool = False) -> Any:
@@ -178,7 +185,8 @@ def field_signature(settings: Any) -> dict[str, Any]:
     return {
         f.name: _jsonable(getattr(settings, f.name))
         for f in fields(settings)
-        if not is_speed_only(f) and not (f.metadata.get(_KEYED_WHEN_SET) and getattr(settings, f.name) == f.default)
+        if not is_speed_only(f)
+        and not (f.metadata.get(_KEYED_WHEN_SET) and getattr(settings, f.name) == _default_of(f))
     }
 
 

@@ -128,6 +128,11 @@ class ExpandedSet:
         return np.asarray([r["label"] for r in self.rows], dtype=np.int64)
 
     @property
+    def parents(self) -> np.ndarray:
+        """Each image's seed: its index among the training images the store was expanded from."""
+        return np.asarray([r["parent"] for r in self.rows], dtype=np.int64)
+
+    @property
     def paths(self) -> list[Path]:
         return [self.root / "images" / r["file"] for r in self.rows]
 

@@ -199,3 +199,132 @@ def test_online_augment_is_checked_and_keeps_earlier_hashes():
     now = {"train": {**base, "online_augment": "none"}, "seed": 0}
     assert config_identity(now) == config_identity(before)
     assert config_identity({"train": {**base, "online_augment": "cutout"}, "seed": 0}) != config_identity(before)
+
+
+# --------------------------------------------------------------------------- how generated images enter training
+
+
+def _marked_expansion(data, per_image: int = 2, shift_labels: bool = False):
+    """``per_image`` generated images per real image, each a constant image whose value names it (1 + its index),
+    so a batch tells which generated image it holds; labels are the parent's (or the next class)."""
+    n = len(data.train)
+    parents = np.repeat(np.arange(n), per_image)
+    images = torch.arange(1, len(parents) + 1, dtype=torch.uint8)[:, None, None, None].expand(-1, 1, 8, 8).clone()
+    labels = np.asarray(data.train.labels)[parents]
+    return images, (labels + 1) % 10 if shift_labels else labels, parents
+
+
+def _generated_index(image: torch.Tensor) -> int | None:
+    """The generated image a training image is (its constant value - 1), None for a real image."""
+    return int(image.max()) - 1 if int(image.min()) == int(image.max()) > 0 else None
+
+
+def _epochs(dm, epochs: int, seed: int = 0):
+    """What the classifier saw over ``epochs`` seeded epochs: (position, image, label) of every draw, in order."""
+    torch.manual_seed(seed)
+    seen = []
+    for _ in range(epochs):
+        images, labels = dm.train_set.__getitems__(list(range(len(dm.train_set))))
+        seen += list(zip(range(len(labels)), images, labels.tolist()))
+    return seen
+
+
+def _modes_datamodule(mode: str, p: float = 0.5, shift_labels: bool = False):
+    from experiments.training.settings import SyntheticSettings
+
+    data = build_dataset(compose(["dataset=digits", "dataset.train_per_class=5"]).dataset)
+    images, labels, parents = _marked_expansion(data, shift_labels=shift_labels)
+    dm = ExpansionDataModule(
+        data,
+        images,
+        labels,
+        recipe="digits",
+        input_size=8,
+        batch_size=10,
+        synthetic=SyntheticSettings(mode=mode, p=p),
+        expanded_parents=parents,
+    )
+    return data, dm, parents
+
+
+def test_concatenation_shows_every_real_and_generated_image_once_per_epoch():
+    data, dm, parents = _modes_datamodule("concat")
+    assert dm.num_train == 3 * len(data.train)
+    torch.manual_seed(0)
+    seen = [_generated_index(img) for images, _ in dm.train_dataloader() for img in images]
+    assert sorted(i for i in seen if i is not None) == list(range(len(parents)))
+    assert sum(i is None for i in seen) == len(data.train)
+
+
+def test_local_replacement_swaps_a_real_image_for_one_of_its_own_expansions():
+    data, dm, parents = _modes_datamodule("local_replacement", p=0.5)
+    assert dm.num_train == len(data.train)  # an epoch is one pass over the real images: the original's steps
+    seen = _epochs(dm, 20)
+    real_labels = np.asarray(data.train.labels)
+    replaced = [(i, _generated_index(img), y) for i, img, y in seen if _generated_index(img) is not None]
+    assert 440 <= len(replaced) <= 560  # p = 0.5 of 1,000 draws (3 binomial sds)
+    assert all(parents[j] == i and y == real_labels[i] for i, j, y in replaced)  # its own, with its label
+    assert {j for _, j, _ in replaced} == set(range(len(parents)))  # both expansions of every image drawn
+    first, again = _epochs(dm, 1, seed=5), _epochs(dm, 1, seed=5)
+    assert all(torch.equal(a[1], b[1]) and a[2] == b[2] for a, b in zip(first, again))  # repeatable per seed
+    assert not any(
+        _generated_index(img) is not None for _, img, _ in _epochs(_modes_datamodule("local_replacement", p=0.0)[1], 3)
+    )
+
+
+def test_global_replacement_draws_any_generated_image_with_its_label():
+    data, dm, parents = _modes_datamodule("global_replacement", p=0.5, shift_labels=True)
+    seen = _epochs(dm, 20)
+    real_labels = np.asarray(data.train.labels)
+    replaced = [(i, _generated_index(img), y) for i, img, y in seen if _generated_index(img) is not None]
+    assert 440 <= len(replaced) <= 560
+    assert all(y == (real_labels[parents[j]] + 1) % 10 for _, j, y in replaced)  # the generated image's label
+    assert sum(parents[j] != i for i, j, _ in replaced) > 0.9 * len(replaced)  # from the whole pool
+    real = [(i, y) for i, img, y in seen if _generated_index(img) is None]
+    assert all(y == real_labels[i] for i, y in real)
+    everything = _epochs(_modes_datamodule("global_replacement", p=1.0)[1], 1)
+    assert all(_generated_index(img) is not None for _, img, _ in everything)
+
+
+@pytest.mark.parametrize("mode", ["concat", "local_replacement", "global_replacement"])
+def test_a_step_budget_is_exact_in_every_synthetic_mode(tmp_path, mode):
+    from experiments.training.pipeline import run
+    from tests.conftest import job_config
+
+    cfg = job_config(
+        ["dataset=digits", "method=cutout", "method.ratio=2", "train.epochs=2", "train.steps=20"]
+        + ["quality.enabled=false", "train.compare_original=false", f"train.synthetic.mode={mode}"]
+    )
+    record = run(cfg, tmp_path / "run")
+    assert record.training.optimizer_steps == 20
+    expected = 3 * record.sizes["train"] if mode == "concat" else record.sizes["train"]
+    assert record.training.num_train_images == expected
+
+
+def test_synthetic_modes_are_checked_and_keep_earlier_hashes():
+    from experiments.training.identity import config_identity
+    from experiments.training.settings import SyntheticSettings
+
+    with pytest.raises(Exception, match="mode"):
+        SyntheticSettings(mode="replace_all")
+    with pytest.raises(Exception, match="p"):
+        SyntheticSettings(mode="local_replacement", p=1.5)
+    before = {"train": {"epochs": 2}, "seed": 0}
+    default = {"train": {"epochs": 2, "synthetic": {"mode": "concat", "p": 0.5}}, "seed": 0}
+    local = {"train": {"epochs": 2, "synthetic": {"mode": "local_replacement", "p": 0.5}}, "seed": 0}
+    assert config_identity(default) == config_identity(before) != config_identity(local)
+
+
+def test_a_budget_that_ends_inside_the_first_epoch_still_validates_once(tmp_path):
+    """7 steps of a 9-step epoch: Lightning stops mid-epoch before any validation; the final weights are
+    validated once and are the best-val candidate (this crashed with 'found no path for the best weights')."""
+    from experiments.training.pipeline import run
+    from tests.conftest import job_config
+
+    cfg = job_config(
+        ["dataset=digits", "method=cutout", "method.ratio=2", "train.epochs=2", "train.steps=7"]
+        + ["quality.enabled=false", "train.compare_original=false"]
+    )
+    t = run(cfg, tmp_path / "run").training
+    assert t.optimizer_steps == 7 and len(t.val_acc_per_epoch) == 1
+    assert t.test_acc_best_val == t.test_acc_final and t.best_val_epoch == t.epochs - 1

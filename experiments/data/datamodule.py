@@ -42,6 +42,53 @@ class TensorImages(Dataset):
         return self.images[index], self.labels[index]
 
 
+class ReplacingImages(Dataset):
+    """The real training images, each draw replaced with probability ``p`` by a generated image
+    (``train.synthetic``): ``local`` picks one of the drawn image's own expansions (``parents[j]`` is the index
+    of generated image j's seed among the real images; a real image without expansions is never replaced),
+    otherwise any generated image, with its own label. The draws come from torch's global generator, which the
+    job's seed fixes (the loader works in the main process or in seeded workers)."""
+
+    def __init__(
+        self,
+        real: TensorImages,
+        generated: TensorImages,
+        parents: np.ndarray | torch.Tensor,
+        *,
+        local: bool,
+        p: float,
+    ):
+        self.real, self.generated, self.local, self.p = real, generated, bool(local), float(p)
+        parents = torch.as_tensor(np.asarray(parents), dtype=torch.long)
+        if len(parents) != len(generated):
+            raise DatasetError(f"{len(generated)} generated images but {len(parents)} parent indices")
+        if len(parents) and (int(parents.min()) < 0 or int(parents.max()) >= len(real)):
+            raise DatasetError(f"a generated image's parent index is outside the {len(real)} real images")
+        # the generated images of real image i: order[start[i] : start[i] + count[i]]
+        self.order = torch.argsort(parents, stable=True)
+        self.count = torch.bincount(parents, minlength=len(real))
+        self.start = torch.cumsum(self.count, 0) - self.count
+
+    def __len__(self) -> int:
+        return len(self.real)
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        images, labels = self.real.images[index].clone(), self.real.labels[index].clone()
+        replace = torch.rand(len(index)) < self.p
+        if self.local:
+            count = self.count[index]
+            replace &= count > 0
+            pick = self.start[index] + (torch.rand(len(index)) * count).long().clamp_max((count - 1).clamp_min(0))
+            chosen = self.order[pick.clamp(0, max(len(self.order) - 1, 0))]
+        else:
+            chosen = torch.randint(0, max(len(self.generated), 1), (len(index),))
+        if replace.any():
+            images[replace] = self.generated.images[chosen[replace]]
+            labels[replace] = self.generated.labels[chosen[replace]]
+        return images, labels
+
+
 def whole_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Collate function for :meth:`TensorImages.__getitems__`: the batch is already stacked."""
     return batch
@@ -89,6 +136,8 @@ class ExpansionDataModule(L.LightningDataModule):
         include_original: bool = True,
         test_every_epoch: bool = False,
         online_augment: Any = None,
+        synthetic: Any = None,
+        expanded_parents: np.ndarray | None = None,
     ):
         super().__init__()
         check_recipe(recipe)
@@ -107,12 +156,25 @@ class ExpansionDataModule(L.LightningDataModule):
             real.append(data.extra_train)
         parts = [shrink_to(split.to_tensor(), size) for split in real]
         labels = [torch.as_tensor(split.labels, dtype=torch.long) for split in real]
+        generated = None
         if expanded_images is not None:
             # expanded images take the side of the original images as stored here
             side = shrink_to(data.train.to_tensor()[:1], size).shape[-1]
-            parts.append(resize_to(expanded_images, side))
-            labels.append(torch.as_tensor(np.asarray(expanded_labels), dtype=torch.long))
-        self.train_set = TensorImages(torch.cat(parts), torch.cat(labels))
+            generated = TensorImages(resize_to(expanded_images, side), np.asarray(expanded_labels))
+        if synthetic is not None and synthetic.replaces:
+            if generated is None or expanded_parents is None:
+                raise DatasetError(
+                    f"train.synthetic.mode={synthetic.mode} replaces real images by generated ones: it needs an "
+                    "expansion method and the store's parent indices"
+                )
+            real_set = TensorImages(torch.cat(parts), torch.cat(labels))
+            local = synthetic.mode == "local_replacement"
+            self.train_set = ReplacingImages(real_set, generated, expanded_parents, local=local, p=synthetic.p)
+        else:
+            if generated is not None:
+                parts.append(generated.images)
+                labels.append(generated.labels)
+            self.train_set = TensorImages(torch.cat(parts), torch.cat(labels))
         self.val_set = TensorImages(shrink_to(data.val.to_tensor(), size), data.val.labels)
         self.test_set = TensorImages(shrink_to(data.test.to_tensor(), size), data.test.labels)
         self.batch_size = batch_size

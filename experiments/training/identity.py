@@ -38,7 +38,7 @@ RUN_ONLY_KEYS = (
 )
 #: settings added after config hashes were published, left out of the config hash at this value (the
 #: job it names is the job from before the setting existed), so earlier sweeps' jobs keep their hash
-HASHED_WHEN_SET = {"train": {"online_augment": "none"}}
+HASHED_WHEN_SET = {"train": {"online_augment": "none", "synthetic": {"mode": "concat", "p": 0.5}}}
 #: method config keys the framework reads (the rest builds the method's settings class); ``tiny``: the
 #: contract suite's cheap settings of the method (tests/test_contract.py), no part of any job
 FRAMEWORK_METHOD_KEYS = ("name", "paper_name", "batch_size", "num_workers", "trainer", "tiny")

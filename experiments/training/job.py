@@ -101,6 +101,11 @@ class Job:
                 "train.include_original=false trains on generated images only, but method=original "
                 "generates none; pick an expansion method"
             )
+        if expander is None and imported is None and train.synthetic.replaces:
+            raise ExpansionError(
+                f"train.synthetic.mode={train.synthetic.mode} replaces real images by generated ones, but "
+                f"method={cfg.method.name} generates none; pick an expansion method or mode=concat"
+            )
         check_accelerator(trainer)
         generation_trainer = {k: v for k, v in trainer.items() if k not in TRAINING_ONLY_TRAINER_KEYS}
         generation_trainer["precision"] = "32-true"

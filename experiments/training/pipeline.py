@@ -81,7 +81,12 @@ def classifier_input_size(job: Job, data: DatasetSplits) -> int:
 
 
 def build_datamodule(
-    job: Job, data: DatasetSplits, expanded_images, expanded_labels, include_original: bool = True
+    job: Job,
+    data: DatasetSplits,
+    expanded_images,
+    expanded_labels,
+    include_original: bool = True,
+    expanded_parents=None,
 ) -> ExpansionDataModule:
     t = job.train
     return ExpansionDataModule(
@@ -96,6 +101,8 @@ def build_datamodule(
         include_original=include_original,
         test_every_epoch=t.test_every_epoch,
         online_augment=online_augmenter(t.online_augment),
+        synthetic=t.synthetic if expanded_images is not None else None,
+        expanded_parents=expanded_parents,
     )
 
 
@@ -138,12 +145,13 @@ def train_and_evaluate(
     include_original: bool = True,
     store_key: str | None = None,
     what: str = "training",
+    expanded_parents=None,
 ) -> TrainingResult:
     """Train on original (+ expanded) images, or on the expanded images alone; report final-epoch
     test accuracy and test accuracy at the best validation epoch (never selecting on test). With
     ``train.test_every_epoch`` also the official scripts' selection, the best test accuracy over the
     epochs (``test_acc_best_test``: optimistic, reported beside the others, never used to select)."""
-    datamodule = build_datamodule(job, data, expanded_images, expanded_labels, include_original)
+    datamodule = build_datamodule(job, data, expanded_images, expanded_labels, include_original, expanded_parents)
     budget = optimizer_budget(job.train, datamodule.num_train, len(data.train))
     model = build_classifier(job, data, budget.epochs)
     checkpoints = run_dir / "checkpoints"
@@ -199,16 +207,24 @@ def train_and_evaluate(
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume[0] if resume else None, weights_only=True)
     train_seconds = time.perf_counter() - start
     (checkpoints / PREEMPTED_CHECKPOINT).unlink(missing_ok=True)  # superseded by last.ckpt
+    validated_at_end = not checkpoint.best_model_path
+    if validated_at_end:
+        # a step budget that ends inside the first validation interval stops mid-epoch, before any validation:
+        # the final weights are validated once and are the best-val candidate (the only one)
+        trainer.validate(model, datamodule=datamodule, verbose=False)
     history = list(model.val_history)
     # taken before testing the best checkpoint, whose loading restores the histories up to its epoch;
     # only when every validation also tested (a run resumed with test_every_epoch switched on did not)
     test_history = list(model.test_history) if model.test_history and len(model.test_history) == len(history) else None
     final = trainer.test(model, datamodule=datamodule, verbose=False)[0]["test/acc"]
     final_scores = dict(model.test_scores)
-    best = trainer.test(
-        model, datamodule=datamodule, ckpt_path=checkpoint.best_model_path, verbose=False, weights_only=True
-    )[0]["test/acc"]
-    best_epoch = (int(np.argmax(history)) + 1) * budget.val_every - 1 if history else -1
+    if validated_at_end:
+        best, best_epoch = final, epochs - 1
+    else:
+        best = trainer.test(
+            model, datamodule=datamodule, ckpt_path=checkpoint.best_model_path, verbose=False, weights_only=True
+        )[0]["test/acc"]
+        best_epoch = (int(np.argmax(history)) + 1) * budget.val_every - 1 if history else -1
     steps_now = trainer.global_step - (resume[1]["global_step"] if resume else 0)
     epochs_now = epochs * steps_now / max(trainer.global_step, 1)
     return TrainingResult(
@@ -355,7 +371,7 @@ def _run_job(cfg: DictConfig, job: Job, run_dir: Path, total_start: float) -> Ru
         num_classes=data.num_classes,
         sizes=data.sizes(),
     )
-    expanded_images = expanded_labels = store_key = None
+    expanded_images = expanded_labels = expanded_parents = store_key = None
     if ratio is not None:
         cpu_start = time.process_time()  # every thread of this process: the generation's CPU cost (not a lock's wait)
         result = imported or run_expansion(job, data)
@@ -365,6 +381,7 @@ def _run_job(cfg: DictConfig, job: Job, run_dir: Path, total_start: float) -> Ru
             result.expanded, data.channels, data.image_size, tensor_dir=job.labels["tensor_dir"]
         )
         expanded_labels = result.expanded.labels
+        expanded_parents = result.expanded.parents
         facts["expansion"] = ExpansionRecord(
             store=str(result.store.root),
             key=result.store.key,
@@ -422,6 +439,7 @@ def _run_job(cfg: DictConfig, job: Job, run_dir: Path, total_start: float) -> Ru
         logger,
         include_original,
         store_key=store_key,
+        expanded_parents=expanded_parents,
     )
     if ratio is not None and compare_original(job.train.compare_original):
         PREEMPTION.stop_if_requested()

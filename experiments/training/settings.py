@@ -12,6 +12,36 @@ from expansion.settings import check_ranges, field_signature, keyed_when_set, sp
 
 #: the offline baselines that ``train.online_augment`` can also apply on the fly (conf/method/<name>.yaml)
 ONLINE_AUGMENTS = ("randaugment", "cutout", "gridmask")
+#: how generated images enter training (``train.synthetic.mode``)
+SYNTHETIC_MODES = ("concat", "local_replacement", "global_replacement")
+
+
+@dataclass(frozen=True)
+class SyntheticSettings:
+    """How generated images enter training (``train.synthetic``). ``concat``: the generated images join the real
+    ones, every image once per epoch (the GIF papers). ``local_replacement``: each real image a batch draws is
+    replaced, with probability ``p``, by one of its own expansions drawn uniformly (DA-Fusion's
+    ``synthetic_probability``). ``global_replacement``: with probability ``p`` by a generated image drawn
+    uniformly from the whole generated set, with that image's label (Diff-Mix's and DiffDA-Eval's few-shot
+    default). In the replacement modes an epoch is one pass over the real images, so a run trains the steps of
+    the real set (compute-matched to the original by construction); draws come from the job's seeded generator.
+    Generated images alone: ``train.include_original=false``."""
+
+    mode: str = "concat"
+    p: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_ranges(
+            self,
+            [
+                (self.mode in SYNTHETIC_MODES, "mode", f"one of {', '.join(SYNTHETIC_MODES)}"),
+                (0.0 <= self.p <= 1.0, "p", "in [0, 1]"),
+            ],
+        )
+
+    @property
+    def replaces(self) -> bool:
+        return self.mode != "concat"
 
 
 @dataclass(frozen=True)
@@ -47,6 +77,7 @@ class TrainSettings:
     steps: int | None = keyed_when_set(None)  # keyed only when set: earlier checkpoints still resume
     steps_matched_to_ratio: int | None = keyed_when_set(None)
     online_augment: str = keyed_when_set("none")
+    synthetic: SyntheticSettings = keyed_when_set(default_factory=SyntheticSettings)
 
     def __post_init__(self) -> None:
         check_ranges(
@@ -72,6 +103,11 @@ class TrainSettings:
                     self.online_augment in ("none", *ONLINE_AUGMENTS),
                     "online_augment",
                     f"one of none, {', '.join(ONLINE_AUGMENTS)}",
+                ),
+                (
+                    self.include_original or not self.synthetic.replaces,
+                    "synthetic.mode",
+                    "concat when train.include_original=false (a replacement mode replaces real images)",
                 ),
                 (
                     self.steps is None or self.steps_matched_to_ratio is None,
