@@ -174,9 +174,9 @@ def test_every_training_setting_changes_the_training_signature_and_the_config_ha
     settings = getattr(job, section)
     wrong = []
     for path, f in _leaves(settings):
-        value = _changed(getattr(settings, path))
+        value = _changed(_get(settings, path), path)
         edited = _edit(settings, path, value)
-        changed = _identities(job, _set_in(container, section, path, value), **{section: edited})
+        changed = _identities(job, _set_in(container, section, path, value, settings), **{section: edited})
         expected, why = _expected(section, path, f, TRAINING)
         if _which_changed(before, changed) != expected:
             wrong.append(f"{path}: {sorted(_which_changed(before, changed))}, expected {sorted(expected)} ({why})")
