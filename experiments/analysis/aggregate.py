@@ -622,7 +622,7 @@ def write_csv(cells: list[Cell], path: Path) -> None:
             if c.values["test_acc_best_test"]:
                 best_test = [f"{v:.3f}" for v in c.stats("test_acc_best_test")[:2]]
             balanced = [
-                f"{v:.3f}" for m in BALANCED_SCORES for v in (c.stats(m)[:2] if c.values[m] else (math.nan, math.nan))
+                x for m in BALANCED_SCORES for x in ([f"{v:.3f}" for v in c.stats(m)[:2]] if c.values[m] else ["", ""])
             ]
             writer.writerow(
                 [
@@ -639,7 +639,7 @@ def write_csv(cells: list[Cell], path: Path) -> None:
                     f"{bm:.3f}",
                     f"{bs:.3f}",
                     *best_test,
-                    *(v if v != "nan" else "" for v in balanced),
+                    *balanced,
                     "" if c.paper is None else c.paper,
                     "" if c.paper is None else f"{fm - c.paper:.3f}",
                     " ".join(map(str, c.seeds)),

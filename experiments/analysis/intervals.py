@@ -91,7 +91,7 @@ def unit_means(values: Mapping[Key, float], unit: str) -> list[float]:
     """The mean of ``values`` within each level of ``unit`` (everything nested in it averaged, equal weight
     per nested level: a base draw's mean is the mean of its expansion seeds' means)."""
     depth = FACTORS.index(unit) + 1
-    return [_nested_mean(group) for group in _groups(values, depth).values()]
+    return [nested_mean(group) for group in _groups(values, depth).values()]
 
 
 def _groups(values: Mapping[Key, float], depth: int) -> dict[tuple, dict[Key, float]]:
@@ -101,7 +101,7 @@ def _groups(values: Mapping[Key, float], depth: int) -> dict[tuple, dict[Key, fl
     return groups
 
 
-def _nested_mean(values: Mapping[Key, float]) -> float:
+def nested_mean(values: Mapping[Key, float]) -> float:
     """Mean over the expansion seeds of the mean over classifier seeds (balanced or not)."""
     by_expansion: dict = defaultdict(list)
     for key, value in values.items():

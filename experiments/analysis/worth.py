@@ -67,7 +67,16 @@ from .equivalence import (
     isotonic,
 )
 from .equivalence import load_runs as load_arm_runs
-from .intervals import CORRECTIONS, Interval, adjust, interval, paired_differences, resampling_unit
+from .intervals import (
+    CORRECTIONS,
+    FACTORS,
+    Interval,
+    adjust,
+    interval,
+    nested_mean,
+    paired_differences,
+    resampling_unit,
+)
 
 PROTOCOLS = ("epochs", "steps")
 PROTOCOL_LABELS = {
@@ -147,9 +156,8 @@ def runs_from_records(root: Path | str) -> tuple[list[WorthRun], dict[str, int]]
     for r in found:
         m, t = r.record, r.record.training
         if t.optimizer_steps is None:
-            skipped["no optimizer_steps recorded (a run from before train.steps)"] = (
-                skipped.get("no optimizer_steps recorded (a run from before train.steps)", 0) + 1
-            )
+            why = "no optimizer_steps recorded (a run from before train.steps)"
+            skipped[why] = skipped.get(why, 0) + 1
             continue
         online = str(_setting(m, "train.online_augment", "none"))
         arm = "synthetic" if r.ratio else ("online" if online != "none" else "real")
@@ -184,6 +192,7 @@ def runs_from_records(root: Path | str) -> tuple[list[WorthRun], dict[str, int]]
     return runs, skipped
 
 
+ARMS = ("real", "online", "synthetic")
 RUN_COLUMNS = [f.name for f in dataclasses.fields(WorthRun) if f.name != "scores"] + list(SCORES)
 
 
@@ -230,6 +239,8 @@ def runs_from_csv(path: Path | str) -> list[WorthRun]:
                 values["scores"] = {s: (float(row[s]) if row[s] != "" else None) for s in SCORES}
             except ValueError as exc:
                 raise WorthError(f"{path}, line {line}: {exc}") from None
+            if values["arm"] not in ARMS:
+                raise WorthError(f"{path}, line {line}: arm {values['arm']!r} is not one of {', '.join(ARMS)}")
             runs.append(WorthRun(**values))
     if not runs:
         raise WorthError(f"{path} holds no run")
@@ -274,14 +285,13 @@ def read_equivalent(values: Mapping, curve: Mapping[int, Mapping]) -> dict[str, 
     if not values:
         return {"status": "no_real_origin", "equivalent": None, "interval": None}
     unit = resampling_unit(values)
-    depth = ("split", "expansion", "seed").index(unit) + 1
-    groups: dict[tuple, list[float]] = defaultdict(list)
+    depth = FACTORS.index(unit) + 1
+    groups: dict[tuple, dict] = defaultdict(dict)
     for k, v in values.items():
-        groups[k[:depth]].append(v)
+        groups[k[:depth]][k] = v
     per_unit, statuses = {}, []
-    for prefix, _group in groups.items():
-        members = {k: v for k, v in values.items() if k[:depth] == prefix}
-        value = _mean_over_expansions(members)
+    for prefix, members in groups.items():
+        value = nested_mean(members)
 
         def match(k, prefix=prefix):
             return k[0] == prefix[0] and (unit != "seed" or k[2] == prefix[2])
@@ -309,13 +319,6 @@ def read_equivalent(values: Mapping, curve: Mapping[int, Mapping]) -> dict[str, 
         "interval": _clipped(ci),
         "units_beyond_real_range": statuses.count("beyond_real_range"),
     }
-
-
-def _mean_over_expansions(values: Mapping) -> float:
-    by_expansion: dict = defaultdict(list)
-    for k, v in values.items():
-        by_expansion[k[:2]].append(v)
-    return statistics.fmean(statistics.fmean(v) for v in by_expansion.values())
 
 
 def _clipped(ci: Interval) -> dict[str, Any]:

@@ -60,6 +60,8 @@ class ReplacingImages(Dataset):
     ):
         self.real, self.generated, self.local, self.p = real, generated, bool(local), float(p)
         parents = torch.as_tensor(np.asarray(parents), dtype=torch.long)
+        if not len(generated):
+            raise DatasetError("a replacement mode (train.synthetic.mode) needs generated images; the store is empty")
         if len(parents) != len(generated):
             raise DatasetError(f"{len(generated)} generated images but {len(parents)} parent indices")
         if len(parents) and (int(parents.min()) < 0 or int(parents.max()) >= len(real)):
@@ -79,10 +81,11 @@ class ReplacingImages(Dataset):
         if self.local:
             count = self.count[index]
             replace &= count > 0
-            pick = self.start[index] + (torch.rand(len(index)) * count).long().clamp_max((count - 1).clamp_min(0))
-            chosen = self.order[pick.clamp(0, max(len(self.order) - 1, 0))]
+            # uniform among the image's own expansions (an image without any keeps its own slot: not replaced)
+            offset = torch.minimum((torch.rand(len(index)) * count).long(), (count - 1).clamp_min(0))
+            chosen = self.order[(self.start[index] + offset).clamp_max(len(self.order) - 1)]
         else:
-            chosen = torch.randint(0, max(len(self.generated), 1), (len(index),))
+            chosen = torch.randint(0, len(self.generated), (len(index),))
         if replace.any():
             images[replace] = self.generated.images[chosen[replace]]
             labels[replace] = self.generated.labels[chosen[replace]]

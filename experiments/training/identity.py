@@ -36,9 +36,9 @@ RUN_ONLY_KEYS = (
     "logger",
     "skip_done",
 )
-#: settings added after config hashes were published, left out of the config hash at this value (the
-#: job it names is the job from before the setting existed), so earlier sweeps' jobs keep their hash
-HASHED_WHEN_SET = {"train": {"online_augment": "none", "synthetic": {"mode": "concat", "p": 0.5}}}
+#: settings added after config hashes were published, left out of the config hash at their settings class's
+#: default (the job it names is the job from before the setting existed), so earlier sweeps' jobs keep their hash
+HASHED_WHEN_SET = {"train": ("online_augment", "synthetic")}
 #: method config keys the framework reads (the rest builds the method's settings class); ``tiny``: the
 #: contract suite's cheap settings of the method (tests/test_contract.py), no part of any job
 FRAMEWORK_METHOD_KEYS = ("name", "paper_name", "batch_size", "num_workers", "trainer", "tiny")
@@ -98,6 +98,18 @@ def section_settings(section: str, method_target: str | None = None) -> list[typ
     return []
 
 
+def _defaults(section: str, names: tuple[str, ...]) -> dict[str, Any]:
+    """The defaults of ``names`` in the section's settings classes, as a config writes them (nested settings
+    as mappings)."""
+    out = {}
+    for settings_class in section_settings(section) if names else []:
+        for f in dataclasses.fields(settings_class):
+            if f.name in names:
+                default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                out[f.name] = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default
+    return out
+
+
 def without_speed_only(mapping: dict[str, Any], settings_class: type) -> dict[str, Any]:
     """``mapping`` (a config section of ``settings_class``) less its speed-only fields, nested settings too."""
     hints = typing.get_type_hints(settings_class)
@@ -130,7 +142,7 @@ def config_identity(container: dict[str, Any]) -> dict[str, Any]:
             continue
         if section == "method":
             value = {k: v for k, v in value.items() if k != "tiny"}
-        unset = HASHED_WHEN_SET.get(section, {})
+        unset = _defaults(section, HASHED_WHEN_SET.get(section, ()))
         value = {k: v for k, v in value.items() if k not in unset or v != unset[k]}
         for settings_class in section_settings(section, value.get("_target_") if section == "method" else None):
             value = without_speed_only(value, settings_class)
