@@ -28,7 +28,8 @@ Contract
 Capabilities the engine reads (class attributes, or properties where a setting decides):
 ``needs_fit`` (there is a fit stage), ``needs_grad`` (``expand`` differentiates, so generation
 runs under ``no_grad`` instead of ``inference_mode``), ``wants_parents`` (``expand`` takes
-``parents``). How many seeds go into one ``expand`` call is the engine's business
+``parents``), ``emits_soft_labels`` (its manifest rows carry ``soft_target`` and ``soft_weight``, which
+``train.synthetic.soft_labels`` trains on). How many seeds go into one ``expand`` call is the engine's business
 (``method.batch_size`` in the config), never the method's.
 """
 
@@ -157,6 +158,7 @@ class Expander(nn.Module, abc.ABC):
     needs_fit: ClassVar[bool] = False
     needs_grad: ClassVar[bool] = False
     wants_parents: ClassVar[bool] = False
+    emits_soft_labels: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -113,6 +113,10 @@ def complete_meta(
     }
 
 
+#: the manifest fields of a soft label: the second class and its weight
+SOFT_FIELDS = frozenset({"soft_target", "soft_weight"})
+
+
 @dataclass
 class ExpandedSet:
     """A finished store, read back: the manifest rows and the image folder."""
@@ -135,6 +139,35 @@ class ExpandedSet:
     @property
     def paths(self) -> list[Path]:
         return [self.root / "images" / r["file"] for r in self.rows]
+
+    @property
+    def has_soft_labels(self) -> bool:
+        """Whether every row carries a soft label (``soft_target``, ``soft_weight``: a method such as Diff-Mix's)."""
+        return bool(self.rows) and all(r.keys() >= SOFT_FIELDS for r in self.rows)
+
+    def soft_labels(self, num_classes: int) -> np.ndarray:
+        """Dense targets float32 ``[N, K]``: ``(1 - w) onehot(label) + w onehot(soft_target)``, built additively as
+        Diff-Mix's ``base.py`` does (so a row whose ``soft_target`` is its own label gets 1.0 there). A store
+        without the fields, a target outside the K classes or a weight outside [0, 1] is one error line."""
+        if not self.has_soft_labels:
+            raise ExpansionError(
+                f"expansion store {self.root} has no soft labels (manifest fields {sorted(SOFT_FIELDS)}): "
+                "train.synthetic.soft_labels=true needs a method that emits them"
+            )
+        labels = self.labels
+        target = np.asarray([r["soft_target"] for r in self.rows], dtype=np.int64)
+        weight = np.asarray([r["soft_weight"] for r in self.rows], dtype=np.float64)
+        if (labels < 0).any() or (labels >= num_classes).any() or (target < 0).any() or (target >= num_classes).any():
+            raise ExpansionError(
+                f"expansion store {self.root}: a label or soft_target is outside the {num_classes} classes"
+            )
+        if not np.isfinite(weight).all() or (weight < 0).any() or (weight > 1).any():
+            raise ExpansionError(f"expansion store {self.root}: a soft_weight is outside [0, 1]")
+        dense = np.zeros((len(self.rows), num_classes), dtype=np.float64)
+        rows = np.arange(len(self.rows))
+        np.add.at(dense, (rows, labels), 1.0 - weight)
+        np.add.at(dense, (rows, target), weight)
+        return dense.astype(np.float32)
 
 
 class ExpansionStore:

@@ -310,7 +310,7 @@ def test_synthetic_modes_are_checked_and_keep_earlier_hashes():
     with pytest.raises(Exception, match="p"):
         SyntheticSettings(mode="local_replacement", p=1.5)
     before = {"train": {"epochs": 2}, "seed": 0}
-    default = {"train": {"epochs": 2, "synthetic": {"mode": "concat", "p": 0.5}}, "seed": 0}
+    default = {"train": {"epochs": 2, "synthetic": {"mode": "concat", "p": 0.5, "soft_labels": False}}, "seed": 0}
     local = {"train": {"epochs": 2, "synthetic": {"mode": "local_replacement", "p": 0.5}}, "seed": 0}
     assert config_identity(default) == config_identity(before) != config_identity(local)
 
@@ -328,3 +328,67 @@ def test_a_budget_that_ends_inside_the_first_epoch_still_validates_once(tmp_path
     t = run(cfg, tmp_path / "run").training
     assert t.optimizer_steps == 7 and len(t.val_acc_per_epoch) == 1
     assert t.test_acc_best_val == t.test_acc_final and t.best_val_epoch == t.epochs - 1
+
+
+def test_soft_labels_are_built_additively_and_checked(tmp_path):
+    from expansion.store import ExpandedSet, ExpansionError
+
+    rows = [
+        {"label": 0, "parent": 0, "soft_target": 2, "soft_weight": 0.3},
+        {"label": 1, "parent": 1, "soft_target": 1, "soft_weight": 0.4},  # a same-class draw: 1.0, as Diff-Mix's code
+    ]
+    dense = ExpandedSet(tmp_path, rows).soft_labels(3)
+    np.testing.assert_allclose(dense, [[0.7, 0.0, 0.3], [0.0, 1.0, 0.0]], atol=1e-7)
+    for bad, match in (({"soft_weight": 1.5}, "soft_weight"), ({"soft_target": 3}, "soft_target")):
+        with pytest.raises(ExpansionError, match=match):
+            ExpandedSet(tmp_path, [{**rows[0], **bad}]).soft_labels(3)
+    with pytest.raises(ExpansionError, match="no soft labels"):
+        ExpandedSet(tmp_path, [{"label": 0, "parent": 0}]).soft_labels(3)
+
+
+@pytest.mark.parametrize("mode", ["concat", "global_replacement"])
+def test_soft_labels_reach_the_classifier_as_dense_targets(mode):
+    """Real images train on one-hot targets, generated ones on their dense target; the loss is the cross-entropy
+    over dense targets with the same label smoothing."""
+    from experiments.training.settings import SyntheticSettings
+
+    data = build_dataset(compose(["dataset=digits", "dataset.train_per_class=5"]).dataset)
+    images, labels, parents = _marked_expansion(data)
+    dense = np.zeros((len(labels), 10), dtype=np.float32)
+    dense[np.arange(len(labels)), labels] = 0.75
+    dense[np.arange(len(labels)), (labels + 3) % 10] += 0.25
+    dm = ExpansionDataModule(
+        data,
+        images,
+        dense,
+        recipe="digits",
+        input_size=8,
+        batch_size=10,
+        synthetic=SyntheticSettings(mode=mode, p=0.5, soft_labels=True),
+        expanded_parents=parents,
+    )
+    seen = _epochs(dm, 3)
+    real_labels = np.asarray(data.train.labels)
+    generated = [(j, np.asarray(y)) for _, img, y in seen if (j := _generated_index(img)) is not None]
+    real = [(i, np.asarray(y)) for i, img, y in seen if _generated_index(img) is None]
+    assert generated and real
+    assert all(np.allclose(y, dense[j]) for j, y in generated)
+    assert all(np.array_equal(y, np.eye(10)[real_labels[i]]) for i, y in real)  # a real image's position is its index
+    model = ImageClassifier(
+        "small_cnn", 10, 1, 8, lr=0.1, momentum=0.9, weight_decay=0.0, epochs=1, label_smoothing=0.1
+    )
+    x, y = torch.randn(4, 1, 8, 8), torch.as_tensor(dense[:4])
+    model.log = lambda *a, **k: None
+    loss = model.training_step((x, y), 0)
+    smoothed = y * 0.9 + 0.1 / 10
+    expected = -(smoothed * torch.log_softmax(model(x), 1)).sum(1).mean()
+    assert torch.allclose(loss, expected, atol=1e-6)
+
+
+def test_soft_labels_need_a_method_that_emits_them():
+    from expansion.errors import ExpansionError
+    from experiments.training.job import Job
+
+    cfg = compose(["dataset=digits", "method=cutout", "train.synthetic.soft_labels=true"])
+    with pytest.raises(ExpansionError, match="emits none"):
+        Job.from_config(cfg)

@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from expansion.store import ExpandedSet
@@ -20,12 +21,14 @@ from .tensor_cache import TensorCache, store_source
 
 
 class TensorImages(Dataset):
-    """uint8 images ``[N, C, H, W]`` + labels, in memory. A DataLoader over it fetches each
-    batch with one index operation and needs ``collate_fn=whole_batch``."""
+    """uint8 images ``[N, C, H, W]`` + labels (int64 ``[N]``, or dense float32 targets ``[N, K]``), in memory.
+    A DataLoader over it fetches each batch with one index operation and needs ``collate_fn=whole_batch``."""
 
     def __init__(self, images: torch.Tensor, labels: np.ndarray | torch.Tensor):
         self.images = images
-        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        labels = np.asarray(labels)
+        dense = labels.ndim == 2
+        self.labels = torch.as_tensor(labels, dtype=torch.float32 if dense else torch.long)
         if len(self.images) != len(self.labels):
             raise DatasetError(f"{len(self.images)} images but {len(self.labels)} labels")
 
@@ -60,6 +63,8 @@ class ReplacingImages(Dataset):
     ):
         self.real, self.generated, self.local, self.p = real, generated, bool(local), float(p)
         parents = torch.as_tensor(np.asarray(parents), dtype=torch.long)
+        if real.labels.ndim != generated.labels.ndim:
+            raise DatasetError("real and generated targets differ in kind (class indices vs dense targets)")
         if not len(generated):
             raise DatasetError("a replacement mode (train.synthetic.mode) needs generated images; the store is empty")
         if len(parents) != len(generated):
@@ -164,6 +169,8 @@ class ExpansionDataModule(L.LightningDataModule):
             # expanded images take the side of the original images as stored here
             side = shrink_to(data.train.to_tensor()[:1], size).shape[-1]
             generated = TensorImages(resize_to(expanded_images, side), np.asarray(expanded_labels))
+            if generated.labels.ndim == 2:  # dense targets (train.synthetic.soft_labels): the real ones one-hot
+                labels = [F.one_hot(y, data.num_classes).float() for y in labels]
         if synthetic is not None and synthetic.replaces:
             if generated is None or expanded_parents is None:
                 raise DatasetError(
@@ -234,7 +241,9 @@ class ExpansionDataModule(L.LightningDataModule):
 def online_augment_batch(expander: Any, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """One expansion of each image of a uint8 training batch (``train.online_augment``): the expander's
     per-image seeds are drawn from torch's global generator, which the job's seed fixes, so a run is
-    repeatable and every step sees fresh draws."""
+    repeatable and every step sees fresh draws (dense targets: the expander sees their top class)."""
     seeds = torch.randint(0, 2**31 - 1, (images.shape[0], 1), dtype=torch.int64)
+    if labels.ndim == 2:
+        labels = labels.argmax(1)
     out = expander.expand(images, labels, seeds).images
     return out[:, 0].to(images.device)

@@ -103,8 +103,9 @@ class ImageClassifier(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         logits = self(x)
+        # dense targets (train.synthetic.soft_labels): the cross-entropy over them, smoothed the same way
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
-        self.train_acc(logits.detach(), y)
+        self.train_acc(logits.detach(), y.argmax(1) if y.ndim == 2 else y)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss

@@ -106,6 +106,11 @@ class Job:
                 f"train.synthetic.mode={train.synthetic.mode} replaces real images by generated ones, but "
                 f"method={cfg.method.name} generates none; pick an expansion method or mode=concat"
             )
+        if train.synthetic.soft_labels and imported is None and not getattr(expander, "emits_soft_labels", False):
+            raise ExpansionError(
+                f"train.synthetic.soft_labels=true trains on soft labels, but method={cfg.method.name} emits none; "
+                "set it false (an imported store is checked when it loads)"
+            )
         check_accelerator(trainer)
         generation_trainer = {k: v for k, v in trainer.items() if k not in TRAINING_ONLY_TRAINER_KEYS}
         generation_trainer["precision"] = "32-true"

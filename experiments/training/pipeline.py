@@ -380,7 +380,9 @@ def _run_job(cfg: DictConfig, job: Job, run_dir: Path, total_start: float) -> Ru
         expanded_images = load_expanded_images(
             result.expanded, data.channels, data.image_size, tensor_dir=job.labels["tensor_dir"]
         )
-        expanded_labels = result.expanded.labels
+        expanded_labels = (
+            result.expanded.soft_labels(data.num_classes) if job.train.synthetic.soft_labels else result.expanded.labels
+        )
         expanded_parents = result.expanded.parents
         facts["expansion"] = ExpansionRecord(
             store=str(result.store.root),

@@ -25,10 +25,14 @@ class SyntheticSettings:
     uniformly from the whole generated set, with that image's label (Diff-Mix's and DiffDA-Eval's few-shot
     default). In the replacement modes an epoch is one pass over the real images, so a run trains the steps of
     the real set (compute-matched to the original by construction); draws come from the job's seeded generator.
-    Generated images alone: ``train.include_original=false``."""
+    Generated images alone: ``train.include_original=false``. ``soft_labels``: a generated image is trained on its
+    store's dense target (``(1 - w) onehot(label) + w onehot(soft_target)``, a method's manifest fields) with the
+    cross-entropy over dense targets (``train.label_smoothing`` applies to them too: DiffDA-Eval's loss); real
+    images keep their one-hot targets. A store without the fields is an error."""
 
     mode: str = "concat"
     p: float = 0.5
+    soft_labels: bool = False
 
     def __post_init__(self) -> None:
         check_ranges(
