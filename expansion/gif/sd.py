@@ -53,10 +53,11 @@ import torch.nn.functional as F
 from ..base import ExpansionContext, ExpansionError, ImageSet, train_tensors
 from ..seeding import derive, image_seeds, per_image_rand
 from ..settings import check_ranges, fidelity_quirk, keyed_when_set, signature_of, speed_only
+from ..stable_diffusion import StableDiffusionParts, load_sd_components, sd_weights
 from ..weights import Weights, unavailable_error
 from .dreambooth import DreamBoothSettings
 from .guides import to_rgb
-from .loading import check_dtype, pretrained_source, resolve_dtype
+from .loading import check_dtype, pretrained_source
 from .template import Encoding, GifExpander, GifSettings
 
 DOMAINS = ("an image of", "a real-world photo of", "a cartoon image of", "an oil painting of", "a sketch of")
@@ -166,10 +167,6 @@ class SDSettings(GifSettings):
         return out
 
 
-def sd_weights(model_id: str, revision: str | None = None) -> Weights:
-    return Weights("Stable Diffusion", model_id, "method.model_id", revision, hub_files=("model_index.json",))
-
-
 def vae_weights(vae_id: str) -> Weights:
     return Weights("the VAE", vae_id, "method.vae_id", hub_files=("config.json",))
 
@@ -189,33 +186,6 @@ def compvis_ddim(config: Mapping[str, Any]):
         steps_offset=1,
         timestep_spacing="leading",
     )
-
-
-def load_sd_components(
-    model_id: str, revision: str | None = None, local_files_only: bool | None = None
-) -> dict[str, Any]:
-    """VAE, UNet, text encoder, tokenizer and DDIM scheduler of an SD 1.x/2.x model
-    (hub id or local diffusers folder). A missing model is an error that says how to get it."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    source, kwargs = pretrained_source(
-        "Stable Diffusion",
-        model_id,
-        revision,
-        local_files_only,
-        ("set method.model_id to a diffusers folder (vae/, unet/, text_encoder/, tokenizer/, scheduler/) or a hub id"),
-    )
-    try:
-        return {
-            "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs),
-            "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs),
-            "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs),
-            "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs),
-            "scheduler": DDIMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs),
-        }
-    except (OSError, ValueError) as exc:
-        raise unavailable_error(sd_weights(model_id, revision), exc, "in diffusers layout") from exc
 
 
 def rotate_flip(x: torch.Tensor, seeds: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
@@ -253,7 +223,7 @@ def official_pass_noise_seeds(shape: tuple[int, int], group_size: int | None) ->
     return image_seeds(OFFICIAL_PASS_SEED, [0], k)[0][position].expand(b, k)
 
 
-class GifSD(GifExpander):
+class GifSD(StableDiffusionParts, GifExpander):
     name = "gif_sd"
     settings_class = SDSettings
 
@@ -288,27 +258,9 @@ class GifSD(GifExpander):
             components["vae"] = load_vae(s.vae_id, s.local_files_only)
         self.set_components(components)
 
-    def set_components(self, comps: Mapping[str, Any]) -> None:
-        """Use already-built SD components (vae, unet, text_encoder, tokenizer, scheduler); e.g.
-        benchmarks with random weights at the real architecture sizes."""
-        for key in ("vae", "unet", "text_encoder"):
-            comps[key].eval().requires_grad_(False)
-            self.add_module(key, comps[key])
-        self.tokenizer, self.scheduler_config = comps["tokenizer"], comps["scheduler"].config
-        self._placed_on = None
-
     def scheduler(self):
         """A fresh DDIM sampler (:func:`compvis_ddim`) on the model's noise schedule."""
         return compvis_ddim(self.scheduler_config)
-
-    def place(self, device: torch.device) -> None:
-        if getattr(self, "unet", None) is None:
-            raise ExpansionError(f"{self.name}: no Stable Diffusion loaded (prepare() or set_components() not run)")
-        self.unet_dtype = resolve_dtype(self.settings.dtype, device, cuda_auto="float16")
-        self.vae_dtype = resolve_dtype(self.settings.vae_dtype, device)
-        self.unet.to(dtype=self.unet_dtype)
-        self.text_encoder.to(dtype=self.unet_dtype)
-        self.vae.to(dtype=self.vae_dtype)  # diffusers' default attention processor is PyTorch SDPA
 
     # -- fit: DreamBooth and/or the probe guide -------------------------------------------------
     def fit(self, train: ImageSet, artifact_dir: Path) -> None:
@@ -440,16 +392,6 @@ class GifSD(GifExpander):
             z0, fields={"prompt": prompts, "strength": [s.strength] * n, "guidance_scale": [s.guidance_scale] * n}
         )
 
-    def _encode_text(self, prompts: list[str], device: torch.device) -> torch.Tensor:
-        ids = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(device)
-        return self.text_encoder(ids)[0]
-
     def img2img(self, x: torch.Tensor, prompts: list[str], seeds: torch.Tensor) -> torch.Tensor:
         """Encode, noise (:meth:`noised_start`), DDIM back with classifier-free guidance; returns z0 (fp32).
         Unguided with ``unguided_noise: reseeded_per_pass`` the noise depends on the position in the pass only."""
@@ -459,35 +401,18 @@ class GifSD(GifExpander):
         if not s.guided and s.unguided_noise == "reseeded_per_pass":
             noise_seeds = official_pass_noise_seeds(tuple(seeds.shape), s.group_size)
         flat_seeds = noise_seeds.reshape(-1)
-        posterior = self.vae.encode(x.to(self.vae_dtype)).latent_dist
-        eps_vae = per_image_rand(derive(flat_seeds, "vae"), posterior.mean.shape[1:], normal=True, device=device)
-        z = (posterior.mean.float() + posterior.std.float() * eps_vae) * self.vae.config.scaling_factor
+        z = self.vae_latents(x, flat_seeds)
         noise = per_image_rand(derive(flat_seeds, "noise"), z.shape[1:], normal=True, device=device)
         scheduler, latents, timesteps = self.noised_start(z, noise)
         if len(timesteps) == 0:
             return z
         return self.denoise(scheduler, latents, timesteps, self.conditioning(prompts, device))
 
-    def conditioning(self, prompts: list[str], device: torch.device) -> torch.Tensor:
-        """The prompts' text states, after those of the empty prompt when ``guidance_scale != 1``."""
-        cond = self._encode_text(prompts, device)
-        if self.settings.guidance_scale != 1.0:
-            uncond = self._encode_text([""], device).expand(len(prompts), -1, -1)
-            cond = torch.cat([uncond, cond])
-        return cond
-
     def denoise(self, scheduler, latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """DDIM (eta 0) from ``latents`` over ``timesteps`` under classifier-free guidance
         ``eps = eps_u + s (eps_c - eps_u)``; returns z0 (fp32)."""
-        s = self.settings
-        use_cfg = s.guidance_scale != 1.0
         for t in timesteps:
-            model_in = torch.cat([latents, latents]) if use_cfg else latents
-            eps = self.unet(model_in.to(self.unet_dtype), t, encoder_hidden_states=cond).sample.float()
-            if use_cfg:
-                eps_u, eps_c = eps.chunk(2)
-                eps = eps_u + s.guidance_scale * (eps_c - eps_u)
-            latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample
+            latents = scheduler.step(self.guided_eps(latents, t, cond, scheduler), t, latents, eta=0.0).prev_sample
         return latents.float()
 
     def noised_start(self, z: torch.Tensor, noise: torch.Tensor):
@@ -509,9 +434,7 @@ class GifSD(GifExpander):
     # -- decode -------------------------------------------------------------------------------
     def decode(self, z: torch.Tensor, inputs: Mapping[str, torch.Tensor], *, final: bool) -> torch.Tensor:
         """SD latent -> images in [0, 1] (the VAE decoder)."""
-        scale = self.vae.config.scaling_factor
-        x = self.vae.decode((z / scale).to(self.vae_dtype)).sample.float()
-        return ((x + 1) / 2).clamp(0, 1)
+        return self.decode_latents(z)
 
 
 def load_vae(vae_id: str, local_files_only: bool | None = None):

@@ -27,8 +27,6 @@ from ..base import (
     ExpansionError,
     ExpansionOutput,
     ImageSet,
-    resize,
-    to_uint8,
     train_tensors,
 )
 from ..guidance import (
@@ -40,7 +38,6 @@ from ..guidance import (
     project_linf,
     sample_groups,
 )
-from ..probe import LUMA
 from ..seeding import derive, per_image_rand
 from ..settings import check_fidelity, fidelity_quirk, field_signature, speed_only
 from ..weights import Weights
@@ -316,12 +313,8 @@ class GifExpander(Expander):
             self._placed_on = str(device)
 
     def stored_images(self, images01: torch.Tensor, b: int, k: int) -> torch.Tensor:
-        """Decoded images in [0, 1] ``[B*k, C, H, W]`` -> uint8 ``[B, k, C', S, S]``: resized to
-        ``output_size`` (antialiased bilinear) and, RGB for a 1-channel dataset, turned into luma."""
-        size = self.settings.output_size
-        if size:
-            images01 = resize(images01, size)
-        if self.context.channels == 1 and images01.shape[1] == 3:
-            images01 = (images01 * LUMA.to(images01.device)).sum(1, keepdim=True)
-        out = to_uint8(images01)
-        return out.reshape(b, k, *out.shape[1:]).cpu()
+        """Decoded images in [0, 1] ``[B*k, C, H, W]`` -> uint8 ``[B, k, C', S, S]`` at ``output_size``
+        (:func:`~expansion.stable_diffusion.stored_images`)."""
+        from ..stable_diffusion import stored_images
+
+        return stored_images(images01, b, k, self.settings.output_size, self.context.channels)
