@@ -142,6 +142,14 @@ class ExpansionContext:
     #: training images left out by the few-shot choice (an ImageSet or None): unlabelled data a
     #: generator may pretrain on; never validation or test images
     auxiliary: ImageSet | None = None
+    #: the fewest training images of any class (a few-shot method's shot count; None = not known)
+    shots_per_class: int | None = None
+
+
+def fewest_per_class(labels: np.ndarray | torch.Tensor) -> int:
+    """The fewest images of any class present in ``labels`` (the shot count of a few-shot split)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64))
+    return int(counts[counts > 0].min()) if counts.size else 0
 
 
 @dataclass(frozen=True)

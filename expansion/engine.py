@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
-from .base import Expander, ExpansionContext, ExpansionError, ExpansionOutput
+from .base import Expander, ExpansionContext, ExpansionError, ExpansionOutput, fewest_per_class
 from .files import TMP_MARK, atomic_write_text, canonical_json
 from .progress import ProgressLog
 from .seeding import image_seeds
@@ -340,6 +340,7 @@ class _Generation:
                 class_names=list(identity.get("class_names", [])),
                 channels=int(getattr(self.train, "channels", 3)),
                 image_size=identity.get("image_size"),
+                shots_per_class=fewest_per_class(self.train.labels),
             )
         )
         if not self.expander.needs_fit:

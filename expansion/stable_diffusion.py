@@ -176,11 +176,10 @@ class StableDiffusionParts:
 @dataclass(frozen=True)
 class SDSampler:
     """The settings of the field's SD methods: the model (hub id or diffusers folder), the sampler
-    (``scheduler``, ``num_inference_steps``, ``guidance_scale``), the square ``resolution``, the prompt
-    template (``{class}``: the class name; ``super_class`` adds ", a type of {super}"), the UNet/text
+    (``scheduler``, ``num_inference_steps``, ``guidance_scale``), the square ``resolution``, the UNet/text
     encoder ``dtype`` (auto: float16 on GPU) and the VAE's, and the stored ``output_size`` (None = the
     decoder's). Defaults: Diff-Mix's ``real-gen`` and DiffDA-Eval's generation (SD v1.5, DPM-Solver++ 25
-    steps, CFG 7.5, 512 px, "a photo of a {class}")."""
+    steps, CFG 7.5, 512 px)."""
 
     model_id: str = "runwayml/stable-diffusion-v1-5"
     revision: str | None = None
@@ -188,8 +187,6 @@ class SDSampler:
     num_inference_steps: int = 25
     guidance_scale: float = 7.5
     resolution: int = 512
-    prompt: str = "a photo of a {class}"
-    super_class: str | None = keyed_when_set()
     dtype: str = "auto"
     vae_dtype: str = "float32"
     output_size: int | None = 256
@@ -207,17 +204,29 @@ class SDSampler:
                 (self.num_inference_steps >= 1, "num_inference_steps", ">= 1"),
                 (self.resolution >= 8 and self.resolution % 8 == 0, "resolution", "a multiple of 8"),
                 (self.guidance_scale >= 1.0, "guidance_scale", ">= 1"),
-                ("{class}" in self.prompt, "prompt", "a template with {class}"),
                 (self.output_size is None or self.output_size >= 1, "output_size", ">= 1 or null"),
             ],
         )
+
+
+@dataclass(frozen=True)
+class ClassPromptSampler(SDSampler):
+    """:class:`SDSampler` with a class prompt: the template ``prompt`` (``{class}``: the class name) and an
+    optional ``super_class`` (adds ", a type of {super_class}"); DiffDA-Eval's "a photo of a {class}"."""
+
+    prompt: str = "a photo of a {class}"
+    super_class: str | None = keyed_when_set()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_ranges(self, [("{class}" in self.prompt, "prompt", "a template with {class}")])
 
 
 class StableDiffusionExpander(StableDiffusionParts, Expander):
     """Base of the field's SD methods: loads the model named by ``model_id`` in :meth:`prepare` and gives
     txt2img/img2img from per-image seeds. Subclasses implement :meth:`expand`."""
 
-    settings_class: ClassVar[type] = SDSampler
+    settings_class: ClassVar[type] = ClassPromptSampler
     #: the UNet's input channels the method needs (InstructPix2Pix: 8)
     unet_in_channels: ClassVar[int] = 4
 
@@ -244,6 +253,12 @@ class StableDiffusionExpander(StableDiffusionParts, Expander):
                 prompt = f"{prompt}, a type of {s.super_class}"
             out += [prompt] * k
         return out
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        """One image's latent ``(C, R/f, R/f)`` at ``resolution`` (f: the VAE's downsampling)."""
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        side = self.settings.resolution // factor
+        return (int(self.vae.config.latent_channels), side, side)
 
     def seed_pixels(self, images: torch.Tensor, k: int) -> torch.Tensor:
         """uint8 seeds ``[B, C, H, W]`` -> ``[-1, 1]`` RGB at ``resolution`` (bicubic, aspect not kept, as

@@ -25,7 +25,7 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from omegaconf import DictConfig
 
 from expansion import progress
-from expansion.base import Expander, ExpansionContext, ExpansionError
+from expansion.base import Expander, ExpansionContext, ExpansionError, fewest_per_class
 from expansion.engine import ExpansionResult, expand_dataset
 from experiments.data.datamodule import ExpansionDataModule, load_expanded_images
 from experiments.data.datasets import DatasetSplits, build_dataset
@@ -55,6 +55,7 @@ def run_expansion(job: Job, data: DatasetSplits, expander: Expander | None = Non
         image_size=data.image_size,
         prompt_prefix=job.labels["prompt_prefix"],
         auxiliary=data.unused_train,
+        shots_per_class=fewest_per_class(data.train.labels),
     )
     return expand_dataset(
         expander,
