@@ -224,8 +224,9 @@ def clip_text_encoder(config: dict[str, Any], tokenizer, with_projection: bool =
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(text_config)
 
 
-def build_sd(size: str, tmp_dir: Path | str, seed: int = 0) -> dict[str, Any]:
-    """``{"vae", "unet", "text_encoder", "tokenizer", "scheduler"}`` of SD v1 (eval mode, no gradients)."""
+def build_sd(size: str, tmp_dir: Path | str, seed: int = 0, unet_in_channels: int = 4) -> dict[str, Any]:
+    """``{"vae", "unet", "text_encoder", "tokenizer", "scheduler"}`` of SD v1 (eval mode, no gradients);
+    ``unet_in_channels`` 8 is InstructPix2Pix's UNet (timbrooks/instruct-pix2pix: SD v1.5 with 4 more inputs)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
     config = _config(size)
@@ -233,7 +234,7 @@ def build_sd(size: str, tmp_dir: Path | str, seed: int = 0) -> dict[str, Any]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = AutoencoderKL(**config["sd_vae"])
-        unet = UNet2DConditionModel(**config["sd_unet"])
+        unet = UNet2DConditionModel(**{**config["sd_unet"], "in_channels": unet_in_channels})
         text_encoder = clip_text_encoder(config["sd_text"], tokenizer)
     for module in (vae, unet, text_encoder):
         module.eval().requires_grad_(False)
@@ -241,14 +242,14 @@ def build_sd(size: str, tmp_dir: Path | str, seed: int = 0) -> dict[str, Any]:
     return {"vae": vae, "unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
 
 
-def save_sd(size: str, tmp_dir: Path | str, seed: int = 0) -> Path:
-    """:func:`build_sd` written as a StableDiffusionPipeline folder (``<tmp_dir>/<size>_sd``), so that the real
-    loading path (``from_pretrained``) runs offline."""
+def save_sd(size: str, tmp_dir: Path | str, seed: int = 0, unet_in_channels: int = 4) -> Path:
+    """:func:`build_sd` written as a StableDiffusionPipeline folder (``<tmp_dir>/<size>_sd``, InstructPix2Pix's:
+    ``<size>_ip2p``), so that the real loading path (``from_pretrained``) runs offline."""
     from diffusers import StableDiffusionPipeline
 
-    parts = build_sd(size, tmp_dir, seed)
+    parts = build_sd(size, tmp_dir, seed, unet_in_channels)
     pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    out = Path(tmp_dir) / f"{size}_sd"
+    out = Path(tmp_dir) / (f"{size}_sd" if unet_in_channels == 4 else f"{size}_ip2p")
     pipe.save_pretrained(str(out), safe_serialization=True)
     return out
 

@@ -71,6 +71,7 @@ def weights(tmp_path_factory):
     build_mae("tiny", seed=1).save_pretrained(root / "mae")
     return {
         "sd": save_sd("tiny", root),
+        "ip2p": save_sd("tiny", root, unet_in_channels=8),
         "clip": _Spec(save_tiny_clip(root / "clip")),
         "mae": root / "mae",
         "unclip": save_stable_unclip("tiny", root),
