@@ -116,6 +116,10 @@ def from_mapping(cls: type, values: Mapping[str, Any] | Any | None, what: str) -
     if "fidelity" in known:
         fidelity = values.get("fidelity", known["fidelity"].default)
         values = apply_fidelity(cls, values, check_fidelity(fidelity, f"{what}: fidelity"))
+    for name, value in values.items():  # a nested mapping starts from the field's own default, not its class's
+        default = _default_of(known[name]) if known[name].default_factory is not MISSING else None
+        if isinstance(value, Mapping) and is_dataclass(default):
+            values[name] = {f.name: getattr(default, f.name) for f in fields(default) if f.init} | dict(value)
     hints = typing.get_type_hints(cls)
     kwargs = {name: _coerce(hints[name], value, f"{what}.{name}") for name, value in values.items()}
     try:

@@ -92,6 +92,17 @@ def hybrid_mask(size: int, blend_width: int, vertical: torch.Tensor) -> torch.Te
     return torch.where(vertical.view(-1, 1, 1, 1), rows, cols).to(torch.float32)
 
 
+def half_concat(original: torch.Tensor, edited: torch.Tensor, vertical: torch.Tensor, blend_width: int) -> torch.Tensor:
+    """The hybrid ``(1 - mask) original + mask edit`` (:func:`hybrid_mask`): the original first."""
+    mask = hybrid_mask(original.shape[-1], blend_width, vertical).to(original.device)
+    return (1 - mask) * original + mask * edited
+
+
+def fractal_blend(hybrid: torch.Tensor, fractal: torch.Tensor, weight: float) -> torch.Tensor:
+    """``(1 - lambda) hybrid + lambda fractal`` (``utils.py:14-22``)."""
+    return ((1 - weight) * hybrid + weight * fractal).clamp(0, 1)
+
+
 def is_black_image(images01: torch.Tensor) -> torch.Tensor:
     """The official ``is_black_image`` as coded (``utils.py:53-56``), per image: more than 90 % of the grey levels
     (PIL's L) at 255 and no other level above 10 %: it flags white images."""
@@ -236,11 +247,9 @@ class DiffuseMix(StableDiffusionExpander):
             )
         # 3. hybrid
         vertical = per_image_rand(derive(flat.cpu(), "concat"), (1,), device=torch.device("cpu")).reshape(-1) < 0.5
-        mask = hybrid_mask(s.resolution, s.blend_width, vertical).to(edited.device)
-        hybrid = (1 - mask) * original + mask * edited
+        hybrid = half_concat(original, edited, vertical, s.blend_width)
         # 4. fractal blend
-        fractal = self.fractals_for(flat).to(hybrid.device)
-        blended = ((1 - s.fractal_weight) * hybrid + s.fractal_weight * fractal).clamp(0, 1)
+        blended = fractal_blend(hybrid, self.fractals_for(flat).to(hybrid.device), s.fractal_weight)
         # 5. store
         fields: dict[str, Any] = {
             "prompt": prompts,

@@ -80,7 +80,7 @@ class DistDiffSettings(ClassPromptSampler):
                 (self.guidance_period >= 1, "guidance_period", ">= 1"),
                 (self.epsilon >= 0, "epsilon", ">= 0"),
                 (self.num_local >= 1, "num_local", ">= 1"),
-                (self.guide.kind == "probe", "guide.kind", "probe"),
+                (self.guide.kind == "probe", "guide", "a probe guide (guide.kind: probe)"),
                 (self.sample_features in ("normalized", "raw"), "sample_features", "normalized or raw"),
                 (self.guide_input in ("unit", "signed"), "guide_input", "unit or signed"),
             ],
@@ -159,28 +159,29 @@ class DistDiff(StableDiffusionExpander):
         f = self.guide.probe.embed(x)
         return F.normalize(f, dim=1) if self.settings.sample_features == "normalized" else f
 
-    def transform_guidance(self, latents, scheduler, guide_timesteps, cond, labels, flat):
-        """alpha, beta per latent channel; P look-ahead steps; one step of -rho grad; the projected latents."""
+    def lookahead_energy(self, x, scheduler, guide_timesteps, cond, labels) -> torch.Tensor:
+        """Per image: the P look-ahead DDIM steps from ``x``, each predicted x0 decoded and embedded by the guide,
+        the prototype energy averaged over the steps (differentiable in ``x``)."""
         s = self.settings
-        shape = (latents.shape[1], 1, 1)
-        alpha = per_image_rand(derive(flat, "alpha"), shape, device=latents.device).requires_grad_(True)
-        beta = per_image_rand(derive(flat, "beta"), shape, normal=True, device=latents.device).requires_grad_(True)
-        x = latents * (1 + alpha) + beta
-        energy = torch.zeros(len(latents), device=latents.device)
+        energy = torch.zeros(len(x), device=x.device)
         for t in guide_timesteps:
             out = scheduler.step(self.guided_eps(x, t, cond, scheduler), t, x, eta=0.0)
             x, x0 = out.prev_sample, out.pred_original_sample
             decoded = self.vae.decode((x0 / self.vae.config.scaling_factor).to(self.vae_dtype)).sample.float()
             features = self.guide_features(decoded)
-            energy = energy + prototype_energy(
-                features,
-                labels,
-                self.global_protos.to(features.device),
-                self.local_protos.to(features.device),
-                s.global_weight,
-                s.local_weight,
-            )
-        energy = energy / s.guidance_period
+            protos = self.global_protos.to(features.device), self.local_protos.to(features.device)
+            energy = energy + prototype_energy(features, labels, *protos, s.global_weight, s.local_weight)
+        return energy / s.guidance_period
+
+    def transform_guidance(self, latents, scheduler, guide_timesteps, cond, labels, flat):
+        """alpha, beta per latent channel drawn from each image's seed; one step ``-rho grad`` of the look-ahead
+        energy of ``z (1 + alpha) + beta``; the moved latents projected onto the L-inf ball of radius epsilon around
+        z. Returns them and the energy before the step."""
+        s = self.settings
+        shape = (latents.shape[1], 1, 1)
+        alpha = per_image_rand(derive(flat, "alpha"), shape, device=latents.device).requires_grad_(True)
+        beta = per_image_rand(derive(flat, "beta"), shape, normal=True, device=latents.device).requires_grad_(True)
+        energy = self.lookahead_energy(latents * (1 + alpha) + beta, scheduler, guide_timesteps, cond, labels)
         grad_alpha, grad_beta = torch.autograd.grad(energy.sum(), [alpha, beta])
         with torch.no_grad():
             moved = latents * (1 + alpha - s.rho * grad_alpha) + (beta - s.rho * grad_beta)

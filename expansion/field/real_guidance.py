@@ -58,7 +58,7 @@ class RealGuidanceSettings(ClassPromptSampler):
             [
                 (self.strength is None or 0.0 < self.strength <= 1.0, "strength", "in (0, 1] or null"),
                 (self.filter_candidates >= 1, "filter_candidates", ">= 1"),
-                (self.filter_guide.kind == "clip", "filter_guide.kind", "clip"),
+                (self.filter_guide.kind == "clip", "filter_guide", "a CLIP guide (filter_guide.kind: clip)"),
             ],
         )
 
