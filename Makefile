@@ -52,6 +52,9 @@ test-all:  ## every test, whatever its marker
 sweep-digits:  ## original vs the three baselines on digits, 3 seeds, into results.md
 	$(PYTHON) run.py -m experiment=digits_baselines
 
+rehearse:  ## real-size rehearsal on the CPU: each SD method (GIF-SD and the field's) makes one image at SD v1.x sizes, random weights
+	$(PYTHON) -m benchmarks.rehearse
+
 benchmark-cpu:  ## the recorded CPU benchmark: BreastMNIST 28 px, small CNN, 4 methods x 3 seeds
 	$(PYTHON) run.py -m experiment=medical_cpu
 

@@ -31,7 +31,7 @@ EXCEPTIONS: dict[tuple[str, str], tuple[frozenset, str]] = {
     ("classifier", "name"): (CONFIG, "a label: the architecture is `arch`"),
     **{
         (m, "fidelity"): (CONFIG, "a preset: each quirk it sets is keyed on its own")
-        for m in ("gif_sd", "sd_img2img", "gif_mae", "gif_unclip", "gif_ae", "gif_ae_unguided")
+        for m in ("gif_sd", "sd_img2img", "gif_mae", "gif_unclip", "gif_ae", "gif_ae_unguided", "distdiff")
     },
 }
 #: the guidance of an unguided GIF changes nothing (the prior samples alone), nor the guide of another kind
@@ -51,6 +51,8 @@ def _exception(owner: str, path: str, expansion) -> tuple[frozenset, str] | None
         own = ("guide.kind", *kind_fields.get(guide.kind, ()))
         if not path.startswith(own):
             return CONFIG, f"a setting of another guide kind than {guide.kind}"
+    if owner == "real_guidance" and path.startswith(("filter_guide.", "filter_candidates")):
+        return CONFIG, "the CLIP filter is off (clip_filter: false): its guide and candidates are not used"
     if owner in ("gif_sd",) and path == "unguided_noise":
         return CONFIG, "guided: the unguided noise rule is not used"
     return None

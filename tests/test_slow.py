@@ -29,3 +29,13 @@ def test_mnist_few_shot_with_cutout_expansion_learns(tmp_path, shared_data):
         tmp_path,
     )
     assert metrics.training.test_acc_final > 60.0 and metrics.original.test_acc_final > 40.0
+
+
+@pytest.mark.parametrize("name", ["sd_txt2img", "real_guidance", "diffusemix", "distdiff"])
+def test_the_field_methods_rehearse_at_real_sd_sizes(name):
+    """One image at SD v1.x sizes (random weights, one denoising step) through each field method: the shapes and
+    dtypes a GPU run will see (benchmarks/rehearse.py; `make rehearse` for all methods with figures)."""
+    from benchmarks.rehearse import rehearse_one
+
+    result = rehearse_one(name, 1)
+    assert result["unet_calls"] >= 1 and result["peak_rss_gib"] < 20
