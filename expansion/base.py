@@ -191,6 +191,16 @@ class Expander(nn.Module, abc.ABC):
     def fit(self, train: ImageSet, artifact_dir: Path) -> None:
         """Train or fine-tune on the training split; cache into ``artifact_dir`` (only if ``needs_fit``)."""
 
+    def place(self, device: torch.device) -> None:
+        """Move and cast the method's networks for ``device`` (called once per device by :meth:`_place`)."""
+
+    def _place(self, device: torch.device) -> None:
+        """:meth:`place` the first time ``expand`` runs on ``device`` (loading new networks resets
+        ``_placed_on`` to None)."""
+        if getattr(self, "_placed_on", None) != str(device):
+            self.place(device)
+            self._placed_on = str(device)
+
     @abc.abstractmethod
     def expand(self, images: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor) -> ExpansionOutput:
         """Map B seeds to ``[B, k]`` new images; see the module docstring."""

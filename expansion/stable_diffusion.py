@@ -126,11 +126,6 @@ class StableDiffusionParts:
         self.text_encoder.to(dtype=self.unet_dtype)
         self.vae.to(dtype=self.vae_dtype)  # diffusers' default attention processor is PyTorch SDPA
 
-    def _place(self, device: torch.device) -> None:
-        if getattr(self, "_placed_on", None) != str(device):
-            self.place(device)
-            self._placed_on = str(device)
-
     def _encode_text(self, prompts: list[str], device: torch.device) -> torch.Tensor:
         ids = self.tokenizer(
             prompts,

@@ -155,8 +155,13 @@ class ExpandedSet:
                 "train.synthetic.soft_labels=true needs a method that emits them"
             )
         labels = self.labels
-        target = np.asarray([r["soft_target"] for r in self.rows], dtype=np.int64)
-        weight = np.asarray([r["soft_weight"] for r in self.rows], dtype=np.float64)
+        try:
+            target = np.asarray([r["soft_target"] for r in self.rows], dtype=np.int64)
+            weight = np.asarray([r["soft_weight"] for r in self.rows], dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ExpansionError(
+                f"expansion store {self.root}: a soft_target or soft_weight is not a number ({exc}); {REBUILD}"
+            ) from exc
         if (labels < 0).any() or (labels >= num_classes).any() or (target < 0).any() or (target >= num_classes).any():
             raise ExpansionError(
                 f"expansion store {self.root}: a label or soft_target is outside the {num_classes} classes"

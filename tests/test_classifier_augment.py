@@ -339,7 +339,11 @@ def test_soft_labels_are_built_additively_and_checked(tmp_path):
     ]
     dense = ExpandedSet(tmp_path, rows).soft_labels(3)
     np.testing.assert_allclose(dense, [[0.7, 0.0, 0.3], [0.0, 1.0, 0.0]], atol=1e-7)
-    for bad, match in (({"soft_weight": 1.5}, "soft_weight"), ({"soft_target": 3}, "soft_target")):
+    for bad, match in (
+        ({"soft_weight": 1.5}, "soft_weight"),
+        ({"soft_target": 3}, "soft_target"),
+        ({"soft_target": "dog"}, "not a number"),
+    ):
         with pytest.raises(ExpansionError, match=match):
             ExpandedSet(tmp_path, [{**rows[0], **bad}]).soft_labels(3)
     with pytest.raises(ExpansionError, match="no soft labels"):

@@ -130,6 +130,31 @@ def test_diffusemix_every_prompt_for_every_image_and_edits_per_seed(tiny_sd, tmp
         check_unet_inputs(tiny_sd["unet"], 8, "tiny")
 
 
+def test_diffusemix_fractal_folder_is_checked_and_keys_the_store(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "fractals"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(folder / f"f{i}.png")
+    exp = DiffuseMix(ratio=2, resolution=16, blend_width=4, fractal_dir=str(folder))
+    assert exp.load_fractals().shape == (2, 3, 16, 16)
+    before = exp.signature()["fractal_sha256"]
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(folder / "f1.png")
+    assert exp.signature()["fractal_sha256"] != before  # new fractals in the same folder: a new store
+    outside = tmp_path / "secret.png"
+    Image.new("RGB", (8, 8)).save(outside)
+    (folder / "link.png").symlink_to(outside)
+    with pytest.raises(ExpansionError, match="link.png is not a file inside"):
+        exp.load_fractals()
+    (folder / "link.png").unlink()
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    with pytest.raises(ExpansionError, match="broken.jpg is not a readable image"):
+        exp.load_fractals()
+    with pytest.raises(ExpansionError, match="is not a folder"):
+        DiffuseMix(ratio=2, fractal_dir=str(tmp_path / "missing")).load_fractals()
+
+
 # ------------------------------------------------------------------------------------------------------ distdiff
 
 

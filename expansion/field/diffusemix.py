@@ -17,9 +17,12 @@ Fractals: ``fractal_dir`` (a user folder, e.g. the authors' Drive set), else pro
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -135,6 +138,32 @@ def julia_fractals(seeds: torch.Tensor, size: int) -> torch.Tensor:
     return (0.5 + 0.5 * torch.cos(2 * math.pi * value * 3 + phase)).clamp(0, 1)
 
 
+def fractal_files(fractal_dir: str) -> list[Path]:
+    """The .png/.jpg/.jpeg files of a fractal folder, sorted; a missing or empty folder, or a file that resolves
+    outside it (a link), is an error naming it."""
+    folder = Path(str(fractal_dir)).expanduser()
+    if not folder.is_dir():
+        raise ExpansionError(f"method.fractal_dir={folder} is not a folder; set it to the fractal folder or null")
+    root = folder.resolve()
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    for path in files:
+        if not path.resolve().is_relative_to(root) or not path.resolve().is_file():
+            raise ExpansionError(f"method.fractal_dir: {path} is not a file inside {folder}")
+    if not files:
+        raise ExpansionError(
+            f"method.fractal_dir={folder} holds no .png/.jpg images; set it to the fractal folder or null"
+        )
+    return files
+
+
+def folder_digest(files: list[Path]) -> str:
+    """sha256 over the files' names and bytes, in order."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 class DiffuseMix(StableDiffusionExpander):
     name = "diffusemix"
     settings_class = DiffuseMixSettings
@@ -147,28 +176,29 @@ class DiffuseMix(StableDiffusionExpander):
         super().prepare(context)
 
     def load_fractals(self) -> torch.Tensor:
-        """The user's fractal images (png/jpg/jpeg, as the official loader) in [0, 1] at ``resolution``."""
-        from pathlib import Path
+        """The user's fractal images (png/jpg/jpeg, as the official loader) in [0, 1] at ``resolution``; an
+        unreadable file is an error naming it."""
+        from PIL import Image, UnidentifiedImageError
 
-        from PIL import Image
-
-        folder = Path(self.settings.fractal_dir).expanduser()
-        files = (
-            sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-            if folder.is_dir()
-            else []
-        )
-        if not files:
-            raise ExpansionError(
-                f"method.fractal_dir={folder} holds no .png/.jpg images; set it to the fractal folder or null"
-            )
         size = self.settings.resolution
         images = []
-        for path in files:
-            with Image.open(path) as image:
-                array = np.asarray(image.convert("RGB").resize((size, size)), dtype=np.float32) / 255.0
+        for path in fractal_files(self.settings.fractal_dir):
+            try:
+                with Image.open(path) as image:
+                    array = np.asarray(image.convert("RGB").resize((size, size)), dtype=np.float32) / 255.0
+            except (OSError, UnidentifiedImageError) as exc:
+                raise ExpansionError(f"method.fractal_dir: {path} is not a readable image ({exc})") from exc
             images.append(torch.from_numpy(array).permute(2, 0, 1))
         return torch.stack(images)
+
+    def signature(self) -> dict[str, Any]:
+        """The settings, and with ``fractal_dir`` the digest of its images (new fractals in the same folder
+        make a new store); a folder that cannot be listed keeps its path only (``prepare`` then names it)."""
+        out = super().signature()
+        if self.settings.fractal_dir:
+            with contextlib.suppress(ExpansionError):
+                out["fractal_sha256"] = folder_digest(fractal_files(self.settings.fractal_dir))
+        return out
 
     def prompts_for(self, seeds: torch.Tensor) -> list[str]:
         """Output j's style prompt: ``every``: prompt j mod len(prompts); ``sampled``: one drawn from its seed."""

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..base import ExpansionOutput, ImageSet, train_tensors
+from ..base import ExpansionError, ExpansionOutput, ImageSet, train_tensors
 from ..gif.guides import GuideSpec, ProbeGuide
 from ..seeding import derive, per_image_rand
 from ..settings import check_fidelity, check_ranges, fidelity_quirk, field_signature
@@ -103,7 +103,7 @@ def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     for c in range(num_classes):
         members = f[labels == c]
         if len(members) == 0:
-            raise ValueError(f"class {c} has no training image: no prototype")
+            raise ExpansionError(f"distdiff: class {c} has no training image, so it has no prototype")
         global_protos.append(members.mean(0))
         n_clusters = min(k, len(members))
         if n_clusters > 1:

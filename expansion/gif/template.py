@@ -40,6 +40,7 @@ from ..guidance import (
 )
 from ..seeding import derive, per_image_rand
 from ..settings import check_fidelity, fidelity_quirk, field_signature, speed_only
+from ..stable_diffusion import stored_images
 from ..weights import Weights
 from .guides import ClipGuide, Guide, GuideSpec, ProbeGuide, clip_weights
 
@@ -137,9 +138,6 @@ class GifExpander(Expander):
     @abc.abstractmethod
     def load_prior(self) -> None:
         """Load the prior's weights (``prepare`` calls it; a missing weight is an error naming it)."""
-
-    def place(self, device: torch.device) -> None:
-        """Move and cast the prior's networks for ``device`` (called once per device)."""
 
     @abc.abstractmethod
     def encode(self, images: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor) -> Encoding:
@@ -307,14 +305,7 @@ class GifExpander(Expander):
         out = self.guide(self.decode(z, inputs, final=False))
         return criteria(seed_probs, out.probs, out.embeddings, groups, self.settings.guidance)
 
-    def _place(self, device: torch.device) -> None:
-        if self._placed_on != str(device):
-            self.place(device)
-            self._placed_on = str(device)
-
     def stored_images(self, images01: torch.Tensor, b: int, k: int) -> torch.Tensor:
         """Decoded images in [0, 1] ``[B*k, C, H, W]`` -> uint8 ``[B, k, C', S, S]`` at ``output_size``
         (:func:`~expansion.stable_diffusion.stored_images`)."""
-        from ..stable_diffusion import stored_images
-
         return stored_images(images01, b, k, self.settings.output_size, self.context.channels)

@@ -106,7 +106,7 @@ class Job:
                 f"train.synthetic.mode={train.synthetic.mode} replaces real images by generated ones, but "
                 f"method={cfg.method.name} generates none; pick an expansion method or mode=concat"
             )
-        if train.synthetic.soft_labels and imported is None and not getattr(expander, "emits_soft_labels", False):
+        if train.synthetic.soft_labels and imported is None and (expander is None or not expander.emits_soft_labels):
             raise ExpansionError(
                 f"train.synthetic.soft_labels=true trains on soft labels, but method={cfg.method.name} emits none; "
                 "set it false (an imported store is checked when it loads)"
