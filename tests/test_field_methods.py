@@ -270,3 +270,22 @@ def test_each_field_method_runs_through_the_pipeline_on_a_tiny_prior(name, tmp_p
 
 class _Attrs(dict):
     __getattr__ = dict.__getitem__
+
+
+def test_distdiff_gradient_checkpointing_is_speed_only(tmp_path):
+    """Checkpointing the UNet and VAE decoder in the guidance's backward pass (the official
+    --gradient_checkpointing) saves memory and changes no number."""
+    z, flat, labels = torch.randn(2, 4, 8, 8), torch.tensor([3, 4]), torch.tensor([0, 1])
+    moved = {}
+    for on in (True, False):
+        parts = build_sd("tiny", tmp_path / str(on))
+        exp = _distdiff(parts, gradient_checkpointing=on)
+        exp._place(torch.device("cpu"))
+        assert exp.unet.is_gradient_checkpointing == on
+        scheduler = exp.scheduler()
+        scheduler.set_timesteps(10)
+        cond = exp.conditioning(["a photo of a cat.", "a photo of a dog."], torch.device("cpu"))
+        with torch.enable_grad():
+            moved[on], _ = exp.transform_guidance(z, scheduler, scheduler.timesteps[6:8], cond, labels, flat)
+    assert torch.allclose(moved[True], moved[False], atol=1e-5)
+    assert "gradient_checkpointing" not in exp.signature()

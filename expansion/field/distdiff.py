@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from ..base import ExpansionError, ExpansionOutput, ImageSet, train_tensors
 from ..gif.guides import GuideSpec, ProbeGuide
 from ..seeding import derive, per_image_rand
-from ..settings import check_fidelity, check_ranges, fidelity_quirk, field_signature
+from ..settings import check_fidelity, check_ranges, fidelity_quirk, field_signature, speed_only
 from ..stable_diffusion import ClassPromptSampler, StableDiffusionExpander
 
 
@@ -44,7 +44,9 @@ class DistDiffSettings(ClassPromptSampler):
     """``expand_diff.sh``'s settings: SD v1.4, DDIM 50 steps, CFG 7.5, ``strength`` 0.5, ``guidance_step`` M = 20
     (steps remaining when the guidance runs), ``guidance_period`` P = 2, ``rho`` 10, ``epsilon`` 0.2 (absolute, on
     the scaled latent), ``num_local`` K = 3, the energy's ``global_weight`` and ``local_weight`` (1, 1); ``guide``:
-    the probe CNN trained on the seeds; ``fidelity`` and its quirks (module doc)."""
+    the probe CNN trained on the seeds; ``fidelity`` and its quirks (module doc); ``gradient_checkpointing``
+    (speed/memory only): recompute the UNet's and the VAE decoder's activations in the guidance's backward pass,
+    as the official script's ``--gradient_checkpointing``."""
 
     fidelity: str = "paper"
     model_id: str = "CompVis/stable-diffusion-v1-4"
@@ -62,6 +64,7 @@ class DistDiffSettings(ClassPromptSampler):
     guide: GuideSpec = field(default_factory=lambda: GuideSpec(kind="probe", epochs=30))
     sample_features: str = fidelity_quirk("normalized", "raw")
     guide_input: str = fidelity_quirk("unit", "signed")
+    gradient_checkpointing: bool = speed_only(True)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -158,6 +161,12 @@ class DistDiff(StableDiffusionExpander):
         x = (decoded_signed + 1) / 2 if self.settings.guide_input == "unit" else decoded_signed
         f = self.guide.probe.embed(x)
         return F.normalize(f, dim=1) if self.settings.sample_features == "normalized" else f
+
+    def place(self, device: torch.device) -> None:
+        super().place(device)
+        if self.settings.gradient_checkpointing:  # diffusers checkpoints only while gradients are on: the guidance
+            self.unet.enable_gradient_checkpointing()
+            self.vae.enable_gradient_checkpointing()
 
     def lookahead_energy(self, x, scheduler, guide_timesteps, cond, labels) -> torch.Tensor:
         """Per image: the P look-ahead DDIM steps from ``x``, each predicted x0 decoded and embedded by the guide,
